@@ -1,0 +1,50 @@
+"""The ``imagine`` command: the composition root that wires settings, storage and engine.
+
+Each sub-module adds its sub-commands with a ``register(subparsers)`` function
+whose parsers set ``handler`` to a callable taking the parsed arguments and
+returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from storage.errors import ImagineError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bot.cli import db
+
+    parser = argparse.ArgumentParser(
+        prog="imagine",
+        description="Imagine: a self-hosted image generation bot for Discord.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    db.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.handler(args)
+    except ImagineError as exc:
+        print(f"imagine: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imagine: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

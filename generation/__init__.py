@@ -1,0 +1,1 @@
+"""The GPU side: pipelines, txt2img / img2img / upscale, styles, previews, metadata."""

@@ -1,0 +1,116 @@
+"""Content-addressed blob store: images and LoRA files, keyed by their sha256.
+
+The contract is :class:`BlobStore`; :class:`LocalBlobStore` keeps blobs in a
+folder, writing each one to a temporary file, fsyncing it and renaming it into
+place, so a crash never leaves a half-written blob under a real key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from storage.errors import BlobNotFound, ConfigError
+
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+
+
+def blob_key(data: bytes) -> str:
+    """The key a blob is stored under: its sha256, as 64 lowercase hex digits."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_key(key: str) -> str:
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"{key!r} is not a blob key (64 lowercase hex digits)")
+    return key
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    async def put(self, data: bytes) -> str:
+        """Store ``data``; returns its key. Storing the same bytes twice is harmless."""
+        ...
+
+    async def get(self, key: str) -> bytes:
+        """The bytes under ``key``; :class:`BlobNotFound` if there are none."""
+        ...
+
+    async def exists(self, key: str) -> bool: ...
+
+    async def delete(self, key: str) -> None:
+        """Remove the blob; deleting a missing key is not an error."""
+        ...
+
+
+class LocalBlobStore:
+    """Blobs as files ``<root>/ab/cd/abcd…`` on a local (or mounted) folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path_for(self, key: str) -> Path:
+        check_key(key)
+        return self.root / key[:2] / key[2:4] / key
+
+    def ensure_writable(self) -> None:
+        from storage.database import ensure_writable_dir
+
+        ensure_writable_dir(self.root, "IMAGINE_BLOB_DIR")
+
+    async def put(self, data: bytes) -> str:
+        key = blob_key(data)
+        await asyncio.to_thread(self._write, key, data)
+        return key
+
+    async def get(self, key: str) -> bytes:
+        try:
+            return await asyncio.to_thread(self.path_for(key).read_bytes)
+        except FileNotFoundError:
+            raise BlobNotFound(f"No blob is stored under {key}.") from None
+
+    async def exists(self, key: str) -> bool:
+        return await asyncio.to_thread(self.path_for(key).is_file)
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self.path_for(key).unlink, missing_ok=True)
+
+    def _write(self, key: str, data: bytes) -> None:
+        final = self.path_for(key)
+        if final.is_file():
+            return
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"Cannot create {final.parent} ({exc.strerror}); "
+                "set IMAGINE_BLOB_DIR to a folder you can write to."
+            ) from None
+        fd, temporary = tempfile.mkstemp(dir=final.parent, prefix=".tmp-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, final)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,195 @@
+"""Engines, sessions, and turning database failures into sentences.
+
+One :class:`Database` per process. SQLite runs in WAL mode with full
+synchronous commits and foreign keys on; PostgreSQL goes through asyncpg.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from storage.errors import ConfigError, DatabaseUnavailable
+from storage.settings import Settings
+
+URL_EXAMPLES = (
+    "sqlite+aiosqlite:///path/to/imagine.db or postgresql+asyncpg://user:password@host:5432/imagine"
+)
+_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+}
+
+
+def parse_database_url(raw: str) -> URL:
+    """Validate a database URL and pick the async driver for its database.
+
+    ``postgresql://`` and ``sqlite://`` are accepted and mapped to asyncpg and
+    aiosqlite, the only drivers Imagine runs on.
+    """
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise ConfigError(
+            f"IMAGINE_DATABASE_URL {raw!r} is not a database URL; use {URL_EXAMPLES}."
+        ) from None
+    driver = _DRIVERS.get(url.drivername)
+    if driver is None:
+        raise ConfigError(
+            f"IMAGINE_DATABASE_URL uses {url.drivername!r}, which Imagine does not support; "
+            f"use {URL_EXAMPLES}."
+        )
+    url = url.set(drivername=driver)
+    if driver.startswith("sqlite"):
+        if not url.database or url.database == ":memory:":
+            raise ConfigError(
+                "IMAGINE_DATABASE_URL must name a SQLite file (an in-memory database "
+                "would lose every image's record); use sqlite+aiosqlite:///path/to/imagine.db."
+            )
+    elif not url.database:
+        raise ConfigError(
+            "IMAGINE_DATABASE_URL names no database; add it after the host, "
+            "as in postgresql+asyncpg://user@host:5432/imagine."
+        )
+    return url
+
+
+def describe_url(url: URL) -> str:
+    """The URL with any password hidden, for messages and logs."""
+    return url.render_as_string(hide_password=True)
+
+
+def ensure_writable_dir(path: Path, setting: str) -> Path:
+    """Create ``path`` if needed and prove a file can be written there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            f"The folder {path} is not writable ({reason}); "
+            f"set {setting} to a folder you can write to."
+        ) from None
+    return path
+
+
+def _enable_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit that returned is on disk, even if the process is killed next.
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def create_engine(url: URL, **kwargs: Any) -> AsyncEngine:
+    if url.get_backend_name() == "sqlite":
+        engine = create_async_engine(url, **kwargs)
+        event.listen(engine.sync_engine, "connect", _enable_sqlite_pragmas)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_async_engine(url, **kwargs)
+
+
+def explain_connection_error(url: URL, exc: BaseException) -> DatabaseUnavailable:
+    """Turn a driver's connection failure into one sentence saying what to fix."""
+    where = describe_url(url)
+    root: BaseException = exc
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        root = exc.orig
+    root = getattr(root, "__cause__", None) or root
+    name = type(root).__name__
+    if url.get_backend_name() == "sqlite":
+        return DatabaseUnavailable(
+            f"Cannot open the SQLite database {url.database} ({root}); "
+            "check that its folder exists and is writable, or set IMAGINE_DATA_DIR."
+        )
+    host = f"{url.host or 'localhost'}:{url.port or 5432}"
+    if name == "InvalidCatalogNameError":
+        return DatabaseUnavailable(
+            f"The PostgreSQL server at {host} has no database {url.database!r}; "
+            f"create it (createdb -h {url.host or 'localhost'} {url.database}) "
+            "or fix IMAGINE_DATABASE_URL."
+        )
+    if name in {"InvalidPasswordError", "InvalidAuthorizationSpecificationError"}:
+        return DatabaseUnavailable(
+            f"PostgreSQL at {host} refused the login for user {url.username!r} ({root}); "
+            "fix the user or password in IMAGINE_DATABASE_URL."
+        )
+    if isinstance(root, socket.gaierror):
+        return DatabaseUnavailable(
+            f"The database host {url.host!r} in IMAGINE_DATABASE_URL cannot be resolved; "
+            "fix the host name."
+        )
+    if isinstance(root, (ConnectionRefusedError, TimeoutError)) or (
+        isinstance(root, OSError) and root.errno in {errno.ECONNREFUSED, errno.EHOSTUNREACH}
+    ):
+        return DatabaseUnavailable(
+            f"Cannot reach PostgreSQL at {host} ({root.__class__.__name__}); "
+            "start the server or fix the host and port in IMAGINE_DATABASE_URL."
+        )
+    return DatabaseUnavailable(
+        f"Cannot use the database {where} ({name}: {root}); check IMAGINE_DATABASE_URL."
+    )
+
+
+class Database:
+    """The engine and session factory of one process."""
+
+    def __init__(self, url: URL, **engine_kwargs: Any) -> None:
+        self.url = url
+        self.engine = create_engine(url, **engine_kwargs)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **engine_kwargs: Any) -> Database:
+        url = parse_database_url(settings.resolved_database_url)
+        if url.get_backend_name() == "sqlite" and url.database:
+            ensure_writable_dir(Path(url.database).expanduser().parent, "IMAGINE_DATA_DIR")
+        return cls(url, **engine_kwargs)
+
+    @property
+    def backend(self) -> str:
+        return self.url.get_backend_name()
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A session inside one transaction: committed on success, rolled back on error."""
+        async with self.sessions() as session, session.begin():
+            yield session
+
+    async def check(self) -> None:
+        """Connect once, raising :class:`DatabaseUnavailable` with a sentence if that fails."""
+        try:
+            async with self.engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        except (OSError, OperationalError, DBAPIError) as exc:
+            raise explain_connection_error(self.url, exc) from None
+        except Exception as exc:  # asyncpg raises its own classes before SQLAlchemy wraps them
+            if type(exc).__module__.startswith("asyncpg"):
+                raise explain_connection_error(self.url, exc) from None
+            raise
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,230 @@
+"""Creating generations, reading them back, and moving them through their lifecycle.
+
+Functions take an :class:`AsyncSession` so that callers decide the transaction
+(a submission writes the row and its job in one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
+
+from storage.errors import IllegalTransition, NotFound
+from storage.models import (
+    Generation,
+    GenerationKind,
+    GenerationStatus,
+    GenerationStyle,
+    Image,
+    User,
+    utcnow,
+)
+from storage.recipe import Recipe
+
+S = GenerationStatus
+
+# Which status each status may move to. running → queued is a re-queue after
+# a worker died; failed and cancelled are final, like succeeded.
+ALLOWED_TRANSITIONS: dict[GenerationStatus, frozenset[GenerationStatus]] = {
+    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.FAILED}),
+    S.RUNNING: frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED, S.QUEUED}),
+    S.SUCCEEDED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where in Discord a generation was asked for, so its result can be delivered."""
+
+    guild_id: int | None = None
+    channel_id: int | None = None
+    message_id: int | None = None
+    interaction_token: str | None = None
+    interaction_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class NewImage:
+    index: int
+    seed: int
+    width: int
+    height: int
+    blob_key: str
+    sha256: str
+
+
+async def ensure_user(session: AsyncSession, user_id: int) -> User:
+    user = await session.get(User, user_id)
+    if user is None:
+        user = User(id=user_id, settings={})
+        session.add(user)
+        await session.flush()
+    return user
+
+
+async def create_generation(
+    session: AsyncSession,
+    *,
+    kind: GenerationKind,
+    recipe: Recipe,
+    requester_id: int,
+    origin: Origin | None = None,
+    parent_image_id: int | None = None,
+    priority: int = 0,
+) -> Generation:
+    """Insert a queued generation (and its requester, if new); returns it with its id."""
+    await ensure_user(session, requester_id)
+    origin = origin or Origin()
+    generation = Generation(
+        kind=kind,
+        recipe=recipe,
+        requester_id=requester_id,
+        parent_image_id=parent_image_id,
+        guild_id=origin.guild_id,
+        channel_id=origin.channel_id,
+        message_id=origin.message_id,
+        interaction_token=origin.interaction_token,
+        interaction_at=origin.interaction_at,
+        status=S.QUEUED,
+        priority=priority,
+        attempts=0,
+        queued_at=utcnow(),
+        styles=[GenerationStyle(style_name=s.name, weight=s.weight) for s in recipe.styles],
+        images=[],
+    )
+    session.add(generation)
+    await session.flush()
+    return generation
+
+
+async def get_generation(session: AsyncSession, generation_id: int) -> Generation:
+    """The generation with its images; :class:`NotFound` with a sentence if absent."""
+    generation = await session.scalar(
+        select(Generation)
+        .where(Generation.id == generation_id)
+        .options(selectinload(Generation.images), selectinload(Generation.styles))
+        .execution_options(populate_existing=True)
+    )
+    if generation is None:
+        raise NotFound(f"There is no generation {generation_id}; check the id.")
+    return generation
+
+
+async def get_image(session: AsyncSession, image_id: int) -> Image:
+    image = await session.get(Image, image_id)
+    if image is None:
+        raise NotFound(f"There is no image {image_id}; check the id.")
+    return image
+
+
+async def transition(
+    session: AsyncSession,
+    generation_id: int,
+    target: GenerationStatus,
+    *,
+    worker_name: str | None = None,
+    error: str | None = None,
+) -> Generation:
+    """Move a generation to ``target``, or raise :class:`IllegalTransition`.
+
+    The move is one conditional UPDATE, so two workers racing for the same row
+    cannot both win: the loser sees the winner's status and gets the exception.
+    """
+    sources = [s for s, targets in ALLOWED_TRANSITIONS.items() if target in targets]
+    now = utcnow()
+    values: dict[str, object] = {"status": target}
+    if target is S.RUNNING:
+        values |= {
+            "started_at": now,
+            "attempts": Generation.attempts + 1,
+            "worker_name": worker_name,
+            "finished_at": None,
+        }
+    elif target is S.QUEUED:
+        values |= {"worker_name": None, "started_at": None}
+    else:
+        values["finished_at"] = now
+    if error is not None:
+        values["error"] = error
+    result = await session.execute(
+        update(Generation)
+        .where(Generation.id == generation_id, Generation.status.in_(sources))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        current = await session.scalar(
+            select(Generation.status).where(Generation.id == generation_id)
+        )
+        if current is None:
+            raise NotFound(f"There is no generation {generation_id}; check the id.")
+        raise IllegalTransition(generation_id, current.value, target.value)
+    return await get_generation(session, generation_id)
+
+
+async def add_images(
+    session: AsyncSession, generation_id: int, images: Iterable[NewImage]
+) -> list[Image]:
+    rows = [
+        Image(
+            generation_id=generation_id,
+            index=image.index,
+            seed=image.seed,
+            width=image.width,
+            height=image.height,
+            blob_key=image.blob_key,
+            sha256=image.sha256,
+            created_at=utcnow(),
+        )
+        for image in images
+    ]
+    session.add_all(rows)
+    await session.flush()
+    return rows
+
+
+async def mark_delivered(session: AsyncSession, generation_id: int) -> bool:
+    """Set ``delivered_at`` once; ``False`` when it was already delivered."""
+    result = await session.execute(
+        update(Generation)
+        .where(Generation.id == generation_id, Generation.delivered_at.is_(None))
+        .values(delivered_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+async def recent_generations(
+    session: AsyncSession,
+    requester_id: int,
+    *,
+    limit: int = 10,
+    statuses: Sequence[GenerationStatus] | None = None,
+) -> list[Generation]:
+    """A user's newest generations first."""
+    query = (
+        select(Generation)
+        .where(Generation.requester_id == requester_id)
+        .options(selectinload(Generation.images))
+        .order_by(Generation.queued_at.desc(), Generation.id.desc())
+        .limit(limit)
+    )
+    if statuses is not None:
+        query = query.where(Generation.status.in_(list(statuses)))
+    return list(await session.scalars(query))
+
+
+async def count_by_status(session: AsyncSession, requester_id: int) -> dict[GenerationStatus, int]:
+    rows = await session.execute(
+        select(Generation.status, func.count())
+        .where(Generation.requester_id == requester_id)
+        .group_by(Generation.status)
+    )
+    return {status: count for status, count in rows.all()}

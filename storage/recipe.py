@@ -1,0 +1,70 @@
+"""The one schema of "everything needed to reproduce a generation"."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SEED = 2**32 - 1
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+class StyleRef(BaseModel):
+    """One style applied to a generation, with the weight it was applied at."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    weight: float = Field(ge=-4.0, le=4.0)
+    sha256: str | None = Field(
+        default=None, description="Hash of the LoRA file, filled in when the style is applied."
+    )
+
+
+class Recipe(BaseModel):
+    """A generation's full recipe: same recipe, same hardware, same pixels.
+
+    Image *i* of a generation uses seed ``seed + i`` (modulo 2**32) on its own
+    CPU ``torch.Generator``, so it can be regenerated alone.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(min_length=1, description="Hub id, local folder, checkpoint file or 'tiny'.")
+    model_hash: str | None = Field(default=None, description="Hash identifying the weights used.")
+    model_family: str | None = Field(default=None, description="sd15, sd2, sdxl, sd3, flux, ...")
+    prompt: str
+    negative_prompt: str = ""
+    seed: Seed
+    width: int = Field(ge=64, le=4096, multiple_of=8)
+    height: int = Field(ge=64, le=4096, multiple_of=8)
+    aspect_ratio: str | None = Field(default=None, description="The --ar the user asked for.")
+    steps: int = Field(ge=1, le=200)
+    guidance: float = Field(ge=0.0, le=50.0)
+    sampler: str = Field(default="default", min_length=1)
+    count: int = Field(default=4, ge=1, le=16, description="Images the generation produces.")
+    styles: tuple[StyleRef, ...] = ()
+    strength: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="img2img strength for variations and upscales."
+    )
+    source_image_id: int | None = Field(
+        default=None, description="The image a variation or upscale starts from."
+    )
+    scale: int | None = Field(default=None, ge=2, le=4, description="Upscale factor.")
+    dtype: str | None = None
+    versions: dict[str, str] = Field(
+        default_factory=dict, description="Library versions the generation ran with."
+    )
+
+    def seed_for(self, index: int) -> int:
+        """The seed of image ``index`` of this generation."""
+        return (self.seed + index) % (MAX_SEED + 1)
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Recipe:
+        return cls.model_validate_json(text)

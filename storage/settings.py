@@ -1,0 +1,149 @@
+"""Configuration: ``IMAGINE_*`` environment variables over an optional TOML file.
+
+Defaults give the embedded mode: a SQLite database and an image folder under
+one data directory. Setting ``IMAGINE_DATABASE_URL`` to a PostgreSQL URL
+switches to the scaled mode.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from storage.errors import ConfigError
+
+CONFIG_FILE_ENV = "IMAGINE_CONFIG"
+DEFAULT_CONFIG_FILE = "imagine.toml"
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("imagine", appauthor=False))
+
+
+def config_file_path() -> Path | None:
+    """The TOML file to read: ``$IMAGINE_CONFIG``, else ``./imagine.toml`` if it exists."""
+    named = os.environ.get(CONFIG_FILE_ENV)
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"{CONFIG_FILE_ENV} names {path}, which is not a file; "
+                "create it or unset the variable."
+            )
+        return path
+    local = Path(DEFAULT_CONFIG_FILE)
+    return local if local.is_file() else None
+
+
+class Settings(BaseSettings):
+    """Every knob Imagine reads. Environment names are ``IMAGINE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="IMAGINE_",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Folder for the SQLite database and the image store in embedded mode.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description=(
+            "SQLAlchemy URL of the database. Empty: SQLite at <data_dir>/imagine.db. "
+            "postgresql+asyncpg://user:password@host:5432/name switches to the scaled mode."
+        ),
+    )
+    blob_dir: Path | None = Field(
+        default=None,
+        description="Folder for image and LoRA files. Empty: <data_dir>/blobs.",
+    )
+    model: str = Field(
+        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        description=(
+            "Base model: a Hugging Face hub id, a local diffusers folder, a single "
+            ".safetensors checkpoint, or 'tiny' for the offline test model."
+        ),
+    )
+    device: str = Field(default="auto", description="Torch device: auto, cuda, cuda:N, mps or cpu.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="Weights dtype: auto picks bf16/fp16 on GPUs, fp32 on CPU."
+    )
+    styles_dir: Path | None = Field(
+        default=None, description="Folder of style TOML files. Empty: <data_dir>/styles."
+    )
+    discord_token: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("IMAGINE_DISCORD_TOKEN", "DISCORD_TOKEN", "discord_token"),
+        description="The Discord bot token (DISCORD_TOKEN is read too).",
+        repr=False,
+    )
+    max_running_per_user: int = Field(
+        default=1, ge=1, description="Jobs one user may have running at once."
+    )
+    max_queued_per_user: int = Field(
+        default=10, ge=1, description="Jobs one user may have waiting at once."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = config_file_path()
+        if toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    @field_validator("database_url")
+    @classmethod
+    def _blank_is_default(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'imagine.db'}"
+
+    @property
+    def resolved_blob_dir(self) -> Path:
+        return self.blob_dir if self.blob_dir is not None else self.data_dir / "blobs"
+
+    @property
+    def resolved_styles_dir(self) -> Path:
+        return self.styles_dir if self.styles_dir is not None else self.data_dir / "styles"
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning validation errors into one actionable sentence."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "settings"
+        env_name = f"IMAGINE_{field.upper()}"
+        raise ConfigError(
+            f"The setting {field} ({env_name}) is invalid: {first['msg']}; "
+            "fix it in the environment or the TOML file."
+        ) from None

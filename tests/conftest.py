@@ -1,0 +1,117 @@
+"""Shared fixtures: a fresh, migrated database on SQLite and on PostgreSQL.
+
+PostgreSQL is the server at ``IMAGINE_TEST_POSTGRES_URL`` (default
+127.0.0.1:5432, user postgres). Each test gets its own new database, dropped
+afterwards. Without a reachable server the PostgreSQL half is skipped, except
+under CI (``CI=true``), where it must run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import URL, make_url
+
+from storage.database import Database, parse_database_url
+
+POSTGRES_URL = os.environ.get(
+    "IMAGINE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+)
+HOW_TO_ENABLE = (
+    "start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` "
+    "or point IMAGINE_TEST_POSTGRES_URL at a server where the user may create databases"
+)
+
+
+def _asyncpg_dsn(url: URL) -> str:
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _probe(url: URL) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(_asyncpg_dsn(url), timeout=5)
+    await connection.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> URL:
+    url = parse_database_url(POSTGRES_URL)
+    try:
+        # Run on a thread of its own: this fixture may be first asked for inside a running loop.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, _probe(url)).result()
+    except Exception as exc:
+        reason = f"PostgreSQL is not reachable at {url.host}:{url.port} ({exc!r}); {HOW_TO_ENABLE}."
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(f"CI must run the PostgreSQL tests: {reason}")
+        pytest.skip(reason)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+async def database_url(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[URL]:
+    """The URL of a new, empty database on ``backend``."""
+    if backend == "sqlite":
+        yield make_url(f"sqlite+aiosqlite:///{tmp_path / 'imagine.db'}")
+        return
+    import asyncpg
+
+    admin: URL = request.getfixturevalue("postgres_admin_url")
+    name = f"imagine_test_{uuid.uuid4().hex[:12]}"
+    connection = await asyncpg.connect(_asyncpg_dsn(admin))
+    try:
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+    try:
+        yield admin.set(database=name)
+    finally:
+        connection = await asyncpg.connect(_asyncpg_dsn(admin))
+        try:
+            await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await connection.close()
+
+
+@pytest.fixture
+async def empty_database(database_url: URL) -> AsyncIterator[Database]:
+    database = Database(database_url)
+    try:
+        yield database
+    finally:
+        await database.dispose()
+
+
+@pytest.fixture
+async def database(empty_database: Database) -> Database:
+    """A database migrated to head."""
+    from migrations import runner
+
+    await runner.upgrade(empty_database)
+    return empty_database
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """No IMAGINE_* variables from the outside; the data folder in tmp_path."""
+    for name in list(os.environ):
+        if name.startswith("IMAGINE_") or name == "DISCORD_TOKEN":
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    data_dir = tmp_path / "data"
+    monkeypatch.setenv("IMAGINE_DATA_DIR", str(data_dir))
+    yield data_dir

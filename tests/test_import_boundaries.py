@@ -1,0 +1,20 @@
+"""``import bot`` and ``import storage`` must not pull in torch or diffusers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+CHECK = (
+    "import sys, bot, bot.cli, storage, storage.models, storage.database, storage.gallery, "
+    "storage.generations, storage.blobs, migrations.runner; "
+    "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules]; "
+    "print(','.join(heavy))"
+)
+
+
+def test_bot_and_storage_do_not_import_torch() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == ""

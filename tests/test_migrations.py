@@ -1,0 +1,52 @@
+"""The migration history: up and down on both databases, and in step with the models."""
+
+from __future__ import annotations
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
+
+from migrations import runner
+from storage.database import Database
+from storage.models import Base
+
+TABLES = {"users", "guilds", "generations", "generation_styles", "images", "styles", "likes"}
+
+
+def _tables(connection: Connection) -> set[str]:
+    return set(inspect(connection).get_table_names()) - {"alembic_version"}
+
+
+def _differences(connection: Connection) -> list[object]:
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return list(compare_metadata(context, Base.metadata))
+
+
+async def test_upgrade_from_empty_to_head_and_back_to_base(empty_database: Database) -> None:
+    assert (await runner.state(empty_database)).current is None
+
+    await runner.upgrade(empty_database)
+    state = await runner.state(empty_database)
+    assert state.is_current and state.current == runner.head_revision()
+    async with empty_database.engine.connect() as connection:
+        assert await connection.run_sync(_tables) == TABLES
+
+    await runner.downgrade(empty_database, "base")
+    assert (await runner.state(empty_database)).current is None
+    async with empty_database.engine.connect() as connection:
+        assert await connection.run_sync(_tables) == set()
+
+    await runner.upgrade(empty_database)
+    assert (await runner.state(empty_database)).is_current
+
+
+async def test_models_and_migration_history_agree(database: Database) -> None:
+    async with database.engine.connect() as connection:
+        differences = await connection.run_sync(_differences)
+    assert differences == [], f"run `alembic revision --autogenerate`: {differences}"
+
+
+async def test_state_describes_what_to_do(empty_database: Database) -> None:
+    described = (await runner.state(empty_database)).describe()
+    assert "run `imagine db upgrade`" in described

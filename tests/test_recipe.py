@@ -1,0 +1,73 @@
+"""The Recipe schema round-trips through JSON (and the database column) losslessly."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from storage.recipe import MAX_SEED, Recipe, StyleRef
+
+sizes = st.integers(min_value=8, max_value=512).map(lambda n: n * 8)
+finite = {"allow_nan": False, "allow_infinity": False}
+recipes = st.builds(
+    Recipe,
+    model=st.text(min_size=1, max_size=40),
+    model_hash=st.none() | st.text(max_size=20),
+    model_family=st.none() | st.sampled_from(["sd15", "sdxl"]),
+    prompt=st.text(max_size=200),
+    negative_prompt=st.text(max_size=100),
+    seed=st.integers(min_value=0, max_value=MAX_SEED),
+    width=sizes,
+    height=sizes,
+    aspect_ratio=st.none() | st.just("3:2"),
+    steps=st.integers(min_value=1, max_value=200),
+    guidance=st.floats(min_value=0, max_value=50, **finite),
+    sampler=st.text(min_size=1, max_size=20),
+    count=st.integers(min_value=1, max_value=16),
+    styles=st.lists(
+        st.builds(
+            StyleRef,
+            name=st.text(min_size=1, max_size=64),
+            weight=st.floats(min_value=-4, max_value=4, **finite),
+            sha256=st.none() | st.text(max_size=64),
+        ),
+        max_size=3,
+    ).map(tuple),
+    strength=st.none() | st.floats(min_value=0.001, max_value=1, **finite),
+    source_image_id=st.none() | st.integers(min_value=1, max_value=2**62),
+    scale=st.none() | st.integers(min_value=2, max_value=4),
+    versions=st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=3),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(recipes)
+def test_recipe_round_trips_through_json(recipe: Recipe) -> None:
+    assert Recipe.from_json(recipe.to_json()) == recipe
+
+
+def test_seed_for_wraps_at_the_top_of_the_range() -> None:
+    recipe = Recipe(model="m", prompt="p", seed=MAX_SEED, width=64, height=64, steps=1, guidance=1)
+    assert [recipe.seed_for(i) for i in range(3)] == [MAX_SEED, 0, 1]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("seed", -1), ("seed", MAX_SEED + 1), ("width", 100), ("steps", 0), ("strength", 0.0)],
+)
+def test_out_of_range_values_are_refused(field: str, value: object) -> None:
+    values = {"model": "m", "prompt": "p", "seed": 1, "width": 64, "height": 64, "steps": 1}
+    values["guidance"] = 1.0
+    values[field] = value
+    with pytest.raises(ValidationError, match=field):
+        Recipe.model_validate(values)
+
+
+def test_unknown_fields_are_refused() -> None:
+    with pytest.raises(ValidationError):
+        Recipe.model_validate_json(
+            '{"model":"m","prompt":"p","seed":1,"width":64,"height":64,"steps":1,'
+            '"guidance":1,"colour":"red"}'
+        )
