@@ -30,8 +30,8 @@ FAMILIES: dict[str, ModelFamily] = {
         ModelFamily("sd3", 1024, 28, 7.0, 16),
         ModelFamily("flux", 1024, 28, 3.5, 16),
         # The tiny random-weight test models: small enough to run on a CPU in a second.
-        ModelFamily("tiny-sd", 64, 4, 5.0, 4),
-        ModelFamily("tiny-sdxl", 64, 4, 5.0, 4),
+        ModelFamily("tiny-sd", 96, 4, 5.0, 4),
+        ModelFamily("tiny-sdxl", 96, 4, 5.0, 4),
     )
 }
 
@@ -44,3 +44,30 @@ def get_family(name: str) -> ModelFamily:
         from storage.errors import ConfigError
 
         raise ConfigError(f"Unknown model family {name!r}; known families: {known}.") from None
+
+
+def guess_family(model: str) -> ModelFamily:
+    """The family a model name most likely belongs to, without loading it.
+
+    The engine checks the guess against the loaded weights; the bot uses it to
+    size ``--ar`` before any GPU work.
+    """
+    name = model.lower().replace("_", "-")
+    if name in {"tiny", "tiny-sd"}:
+        return FAMILIES["tiny-sd"]
+    if name == "tiny-sdxl":
+        return FAMILIES["tiny-sdxl"]
+    if "flux" in name:
+        return FAMILIES["flux"]
+    if "stable-diffusion-3" in name or "sd3" in name:
+        return FAMILIES["sd3"]
+    if "xl" in name or "pony" in name or "illustrious" in name:
+        return FAMILIES["sdxl"]
+    if "stable-diffusion-2" in name or "sd2" in name:
+        return FAMILIES["sd2"]
+    return FAMILIES["sd15"]
+
+
+def configured_family(model: str, setting: str = "auto") -> ModelFamily:
+    """The family named by ``IMAGINE_MODEL_FAMILY``, or the guess from the model name."""
+    return guess_family(model) if setting == "auto" else get_family(setting)

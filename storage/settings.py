@@ -89,6 +89,25 @@ class Settings(BaseSettings):
         description="The Discord bot token (DISCORD_TOKEN is read too).",
         repr=False,
     )
+    model_family: str = Field(
+        default="auto",
+        description="Base model family (sd15, sd2, sdxl, ...); auto guesses it from the name.",
+    )
+    allow_downloads: bool = Field(
+        default=True,
+        description="Download a hub model missing from the local cache (off: offline only).",
+    )
+    lora_cache_size: int = Field(
+        default=8, ge=1, description="Style LoRAs kept loaded on the GPU at once."
+    )
+    preview_every: int = Field(
+        default=5, ge=1, description="Steps between two progress preview images."
+    )
+    upscale_tile: int = Field(
+        default=0,
+        ge=0,
+        description="Tile side for the upscale detail pass; 0: twice the model's native side.",
+    )
     max_running_per_user: int = Field(
         default=1, ge=1, description="Jobs one user may have running at once."
     )

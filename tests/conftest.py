@@ -14,11 +14,16 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from sqlalchemy.engine import URL, make_url
 
 from storage.database import Database, parse_database_url
+from storage.settings import Settings
+
+if TYPE_CHECKING:
+    from generation.engine import Engine
 
 POSTGRES_URL = os.environ.get(
     "IMAGINE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
@@ -115,3 +120,18 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]
     data_dir = tmp_path / "data"
     monkeypatch.setenv("IMAGINE_DATA_DIR", str(data_dir))
     yield data_dir
+
+
+@pytest.fixture(scope="session")
+def engine_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings for the tiny offline model, with a styles folder of its own."""
+    data_dir = tmp_path_factory.mktemp("engine-data")
+    (data_dir / "styles").mkdir()
+    return Settings(data_dir=data_dir, model="tiny", device="cpu", preview_every=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(engine_settings: Settings) -> Engine:
+    from generation.engine import Engine
+
+    return Engine.from_settings(engine_settings)

@@ -1,0 +1,248 @@
+"""Engine overhead against bare diffusers, and the cost of switching styles.
+
+Prints ratios measured in one run on one model, never absolute targets:
+
+  (a) engine 4-image grid / bare ``pipe(...)`` call with the same settings  (target <= 1.05)
+  (b) job alternating two resident styles / job staying on one style        (target <= 1.05)
+
+Runs are interleaved and summarised by their median. ``--arch sd15-full`` or
+``sdxl-full`` builds the full-size architectures at random weights (configs in
+code, no downloads) for GPU runs and also prints images per second at batch 1, 2, 4.
+
+    python bench/engine_overhead.py                      # tiny model, CPU
+    python bench/engine_overhead.py --arch sdxl-full     # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from generation.engine import Engine
+from generation.loading import LoadedModel, load_model
+from generation.styles import StyleRegistry
+from generation.tiny import build_tiny_lora
+from storage.recipe import Recipe, StyleRef
+from storage.settings import Settings
+
+SD15_UNET = {
+    "sample_size": 64,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    "up_block_types": (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "layers_per_block": 2,
+}
+SDXL_UNET = {
+    "sample_size": 128,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "layers_per_block": 2,
+}
+VAE = {
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+}
+
+
+def save_full_size(arch: str, folder: Path) -> Path:
+    """Random-weight SD 1.5 or SDXL with the real shapes, saved as a diffusers folder."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from generation.tiny import _tokenizer
+
+    torch.manual_seed(0)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+
+    def text(hidden: int, layers: int, heads: int, projection: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=600,
+            hidden_size=hidden,
+            intermediate_size=hidden * 4,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            projection_dim=projection,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+
+    vae = AutoencoderKL(**VAE)
+    if arch == "sd15-full":
+        pipe = StableDiffusionPipeline(
+            unet=UNet2DConditionModel(**SD15_UNET),
+            vae=vae,
+            text_encoder=CLIPTextModel(text(768, 12, 12, 768)),
+            tokenizer=_tokenizer(),
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    else:
+        pipe = StableDiffusionXLPipeline(
+            unet=UNet2DConditionModel(**SDXL_UNET),
+            vae=vae,
+            text_encoder=CLIPTextModel(text(768, 12, 12, 768)),
+            tokenizer=_tokenizer(),
+            text_encoder_2=CLIPTextModelWithProjection(text(1280, 32, 20, 1280)),
+            tokenizer_2=_tokenizer(),
+            scheduler=scheduler,
+        )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():  # warm-up
+        run()
+    for _ in range(repeats):
+        for name, run in runs.items():
+            samples[name].extend(median_seconds(run, 1))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=["tiny", "sd15-full", "sdxl-full"], default="tiny")
+    parser.add_argument("--model", help="a model to load instead of --arch")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="imagine-bench-"))
+    model = args.model
+    if model is None and args.arch != "tiny":
+        model = str(save_full_size(args.arch, work / args.arch))
+    settings = Settings(data_dir=work, model=model or "tiny", styles_dir=work / "styles")
+    loaded: LoadedModel = load_model(settings)
+    family = loaded.family
+    side = (
+        family.native_side if args.arch == "tiny" else (512 if args.arch == "sd15-full" else 1024)
+    )
+    steps = args.steps or (4 if args.arch == "tiny" else 20)
+
+    styles_dir = work / "styles"
+    styles_dir.mkdir()
+    for seed, name in enumerate(("first", "second"), start=1):
+        build_tiny_lora(loaded.pipe.unet, styles_dir / f"{name}.safetensors", seed=seed)
+        (styles_dir / f"{name}.toml").write_text(
+            f'name = "{name}"\nlora = "{name}.safetensors"\nbase_model_family = "{family.name}"\n'
+        )
+    engine = Engine(loaded, styles=StyleRegistry.from_folder(styles_dir))
+    recipe = Recipe(
+        model=settings.model,
+        prompt="a lighthouse at dusk",
+        seed=7,
+        width=side,
+        height=side,
+        steps=steps,
+        guidance=family.default_guidance,
+    )
+    print(
+        f"model {settings.model} ({family.name}) on {loaded.device} {loaded.dtype}, "
+        f"{side}x{side}, {steps} steps, median of {args.repeats}",
+        flush=True,
+    )
+
+    def bare(count: int = 4) -> object:
+        generators = [torch.Generator("cpu").manual_seed(recipe.seed_for(i)) for i in range(count)]
+        return loaded.pipe(
+            prompt=recipe.prompt,
+            num_images_per_prompt=count,
+            num_inference_steps=steps,
+            guidance_scale=recipe.guidance,
+            width=side,
+            height=side,
+            generator=generators,
+        )
+
+    grid = interleaved({"bare": bare, "engine": lambda: engine.txt2img(recipe)}, args.repeats)
+    ratio_a = grid["engine"] / grid["bare"]
+    print(
+        f"(a) grid of 4: engine {grid['engine']:.3f}s / bare diffusers {grid['bare']:.3f}s "
+        f"= {ratio_a:.3f} (target <= 1.05)"
+    )
+
+    one = recipe.model_copy(update={"count": 1})
+    first = one.model_copy(update={"styles": (StyleRef(name="first", weight=0.8),)})
+    second = one.model_copy(update={"styles": (StyleRef(name="second", weight=0.8),)})
+    engine.txt2img(first)
+    engine.txt2img(second)  # both resident from here on
+
+    def staying() -> None:
+        engine.txt2img(first)
+        engine.txt2img(first)
+
+    def switching() -> None:
+        engine.txt2img(first)
+        engine.txt2img(second)
+
+    switch = interleaved({"stay": staying, "switch": switching}, args.repeats)
+    ratio_b = switch["switch"] / switch["stay"]
+    print(
+        f"(b) two jobs switching styles {switch['switch']:.3f}s / staying on one "
+        f"{switch['stay']:.3f}s = {ratio_b:.3f} (target <= 1.05)"
+    )
+
+    if args.arch != "tiny" or args.model:
+        for batch in (1, 2, 4):
+            seconds = statistics.median(median_seconds(lambda b=batch: bare(b), 3))
+            print(f"batch {batch}: {batch / seconds:.2f} images/s ({seconds:.3f}s per call)")
+    return 0 if ratio_a <= 1.05 and ratio_b <= 1.05 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""The engine: a resident diffusers pipeline turning recipes into images.
+
+One straight function per generation kind (txt2img, img2img, upscale). The
+img2img pipeline comes from ``from_pipe``: it shares every weight with the
+text-to-image one. Image *i* of a call gets its own CPU generator seeded
+``recipe.seed_for(i)``, so it can be regenerated alone.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoPipelineForImage2Image,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LCMScheduler,
+    UniPCMultistepScheduler,
+)
+from PIL import Image
+
+from generation.loading import LoadedModel, Pipeline, load_model
+from generation.lora import LoraSet
+from generation.metadata import encode_png
+from generation.previews import latent_preview, preview_bytes, supports_preview
+from generation.styles import StyleRegistry, StyleSpec
+from storage.errors import ImagineError
+from storage.families import ModelFamily
+from storage.recipe import Recipe
+from storage.settings import Settings
+
+SUBTLE_VARIATION_STRENGTH = 0.35
+STRONG_VARIATION_STRENGTH = 0.7
+UPSCALE_STRENGTH = 0.3
+UPSCALE_OVERLAP = 0.125  # of the tile side
+
+# Sampler names of the prompt language → (scheduler class, config overrides).
+SCHEDULERS: dict[str, tuple[type[Any], dict[str, Any]]] = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "dpm_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    "ddim": (DDIMScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "lcm": (LCMScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+}
+
+
+class GenerationCancelled(ImagineError):
+    """The run was cancelled from outside."""
+
+    def __init__(self) -> None:
+        super().__init__("The generation was cancelled.")
+
+
+class CancelToken:
+    """Set from any thread; the engine stops at the end of the current step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total: int
+    preview: bytes | None = None  # JPEG of the first image, every few steps
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    index: int
+    seed: int
+    image: Image.Image
+    png: bytes
+    recipe: Recipe  # this image alone: its own seed, count 1
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for package in ("imagine", "diffusers", "torch", "transformers", "peft"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+class Engine:
+    """One resident model on one device. Not thread-safe: one job at a time."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        styles: StyleRegistry | None = None,
+        lora_cache_size: int = 8,
+        preview_every: int = 5,
+        upscale_tile: int = 0,
+    ) -> None:
+        self.loaded = loaded
+        self.pipe: Pipeline = loaded.pipe
+        self.img2img_pipe: Pipeline = AutoPipelineForImage2Image.from_pipe(self.pipe)
+        self.img2img_pipe.set_progress_bar_config(disable=True)
+        self.styles = styles or StyleRegistry()
+        self.loras = LoraSet(self.pipe, lora_cache_size)
+        self.preview_every = preview_every
+        self.upscale_tile = upscale_tile or 2 * loaded.family.native_side
+        self._default_scheduler = self.pipe.scheduler
+        self._versions = library_versions()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, model: str | None = None) -> Engine:
+        return cls(
+            load_model(settings, model),
+            styles=StyleRegistry.from_folder(settings.resolved_styles_dir),
+            lora_cache_size=settings.lora_cache_size,
+            preview_every=settings.preview_every,
+            upscale_tile=settings.upscale_tile,
+        )
+
+    @property
+    def family(self) -> ModelFamily:
+        return self.loaded.family
+
+    @property
+    def model_id(self) -> str:
+        return self.loaded.source.model
+
+    @property
+    def model_hash(self) -> str:
+        return self.loaded.model_hash
+
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
+
+    def complete_recipe(self, recipe: Recipe) -> Recipe:
+        """The recipe with what only the engine knows: hashes, family, dtype, versions."""
+        styles = tuple(
+            ref.model_copy(update={"sha256": self.styles.get(ref.name).sha256})
+            for ref in recipe.styles
+        )
+        return recipe.model_copy(
+            update={
+                "model_hash": self.model_hash,
+                "model_family": self.family.name,
+                "dtype": str(self.loaded.dtype).removeprefix("torch."),
+                "versions": self._versions,
+                "styles": styles,
+            }
+        )
+
+    def txt2img(
+        self,
+        recipe: Recipe,
+        *,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> list[GeneratedImage]:
+        """``recipe.count`` images in one batched call."""
+        size = {"width": recipe.width, "height": recipe.height}
+        return self._run(self.pipe, recipe, size, progress, cancel)
+
+    def img2img(
+        self,
+        recipe: Recipe,
+        source: Image.Image,
+        *,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> list[GeneratedImage]:
+        """Variations of ``source`` at ``recipe.strength``, in one batched call."""
+        if recipe.strength is None:
+            raise ImagineError("A variation needs a strength between 0 and 1.")
+        image = source.convert("RGB").resize(
+            (recipe.width, recipe.height), Image.Resampling.LANCZOS
+        )
+        extra = {"image": image, "strength": recipe.strength}
+        return self._run(self.img2img_pipe, _at_least_one_step(recipe), extra, progress, cancel)
+
+    def upscale(
+        self,
+        recipe: Recipe,
+        source: Image.Image,
+        *,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> GeneratedImage:
+        """``source`` at ``recipe.scale`` × its size: Lanczos resize, then a tiled detail pass."""
+        scale = recipe.scale or 2
+        target = (source.width * scale, source.height * scale)
+        resized = source.convert("RGB").resize(target, Image.Resampling.LANCZOS)
+        strength = recipe.strength or UPSCALE_STRENGTH
+        recipe = _at_least_one_step(
+            recipe.model_copy(
+                update={"count": 1, "strength": strength, "width": target[0], "height": target[1]}
+            )
+        )
+        tiles = list(_tiles(target, self.upscale_tile))
+        canvas = np.zeros((target[1], target[0], 3), dtype=np.float64)
+        weight = np.zeros((target[1], target[0], 1), dtype=np.float64)
+        overlap = max(8, int(self.upscale_tile * UPSCALE_OVERLAP))
+        for number, (left, top, right, bottom) in enumerate(tiles):
+            tile = resized.crop((left, top, right, bottom))
+            tile_recipe = recipe.model_copy(update={"width": right - left, "height": bottom - top})
+
+            def tile_progress(p: Progress, number: int = number) -> None:
+                if progress is not None:
+                    total = p.total * len(tiles)
+                    progress(Progress(number * p.total + p.step, total, p.preview))
+
+            (detailed,) = self._run(
+                self.img2img_pipe,
+                tile_recipe,
+                {"image": tile, "strength": strength},
+                tile_progress,
+                cancel,
+                encode=False,
+            )
+            mask = _feather(
+                (right - left, bottom - top), overlap, (left, top, right, bottom), target
+            )
+            pixels = np.asarray(detailed.image.convert("RGB"), dtype=np.float64)
+            canvas[top:bottom, left:right] += pixels * mask
+            weight[top:bottom, left:right] += mask
+        blended = np.clip(np.rint(canvas / np.maximum(weight, 1e-8)), 0, 255).astype(np.uint8)
+        image = Image.fromarray(blended, "RGB")
+        final = self.complete_recipe(recipe)
+        return GeneratedImage(0, recipe.seed, image, encode_png(image, final), final)
+
+    def _run(
+        self,
+        pipe: Pipeline,
+        recipe: Recipe,
+        extra: dict[str, Any],
+        progress: ProgressCallback | None,
+        cancel: CancelToken | None,
+        *,
+        encode: bool = True,
+    ) -> list[GeneratedImage]:
+        if cancel is not None and cancel.cancelled:
+            raise GenerationCancelled()
+        prompt, negative = self._apply_styles(recipe)
+        scheduler_name = self._use_scheduler(pipe, recipe.sampler)
+        generators = [
+            torch.Generator("cpu").manual_seed(recipe.seed_for(i)) for i in range(recipe.count)
+        ]
+        result = pipe(
+            prompt=prompt,
+            negative_prompt=negative or None,
+            num_images_per_prompt=recipe.count,
+            num_inference_steps=recipe.steps,
+            guidance_scale=recipe.guidance,
+            generator=generators,
+            callback_on_step_end=self._step_callback(progress, cancel),
+            callback_on_step_end_tensor_inputs=["latents"],
+            **extra,
+        )
+        final = self.complete_recipe(recipe)
+        images = []
+        for index, image in enumerate(result.images):
+            own = final.model_copy(update={"seed": recipe.seed_for(index), "count": 1})
+            png = encode_png(image, own, scheduler_name) if encode else b""
+            images.append(GeneratedImage(index, own.seed, image, png, own))
+        return images
+
+    def _apply_styles(self, recipe: Recipe) -> tuple[str, str]:
+        prompt, negative = recipe.prompt, recipe.negative_prompt
+        active: list[tuple[StyleSpec, float]] = []
+        for ref in recipe.styles:
+            style = self.styles.get(ref.name)
+            prompt, negative = style.apply_to_prompt(prompt, negative)
+            active.append((style, ref.weight))
+        self.loras.activate(active)
+        return prompt, negative
+
+    def _use_scheduler(self, pipe: Pipeline, sampler: str) -> str:
+        if sampler == "default":
+            scheduler = self._default_scheduler
+        else:
+            try:
+                cls, overrides = SCHEDULERS[sampler]
+            except KeyError:
+                known = ", ".join(["default", *SCHEDULERS])
+                raise ImagineError(f"Unknown sampler {sampler!r}; use one of {known}.") from None
+            scheduler = cls.from_config(self._default_scheduler.config, **overrides)
+        pipe.scheduler = scheduler
+        name: str = type(scheduler).__name__
+        return name
+
+    def _step_callback(
+        self, progress: ProgressCallback | None, cancel: CancelToken | None
+    ) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+        family = self.family.name
+        every = self.preview_every
+
+        def on_step_end(
+            pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]
+        ) -> dict[str, Any]:
+            if cancel is not None and cancel.cancelled:
+                raise GenerationCancelled()
+            if progress is not None:
+                total = int(getattr(pipe, "num_timesteps", 0) or step + 1)
+                done = step + 1
+                preview = None
+                if supports_preview(family) and (done % every == 0) and done < total:
+                    preview = preview_bytes(latent_preview(tensors["latents"][0], family))
+                progress(Progress(done, total, preview))
+            return tensors
+
+        return on_step_end
+
+
+def _at_least_one_step(recipe: Recipe) -> Recipe:
+    # img2img runs int(steps * strength) steps; zero would return the input unchanged.
+    strength = recipe.strength or 1.0
+    if int(recipe.steps * strength) >= 1:
+        return recipe
+    return recipe.model_copy(update={"steps": math.ceil(1 / strength)})
+
+
+def _tiles(size: tuple[int, int], tile: int) -> Sequence[tuple[int, int, int, int]]:
+    """Tiles of at most ``tile`` pixels (multiples of 8) covering ``size`` with overlap."""
+    width, height = size
+    overlap = max(8, int(tile * UPSCALE_OVERLAP) // 8 * 8)
+
+    def starts(length: int) -> list[int]:
+        if length <= tile:
+            return [0]
+        stride = tile - overlap
+        positions = list(range(0, length - tile, stride))
+        positions.append(length - tile)
+        return positions
+
+    tile_w, tile_h = min(tile, width), min(tile, height)
+    return [
+        (left, top, left + tile_w, top + tile_h) for top in starts(height) for left in starts(width)
+    ]
+
+
+def _feather(
+    tile_size: tuple[int, int],
+    overlap: int,
+    box: tuple[int, int, int, int],
+    canvas: tuple[int, int],
+) -> np.ndarray[Any, np.dtype[np.float64]]:
+    """Blend weights ramping up over ``overlap`` pixels on edges shared with other tiles."""
+    width, height = tile_size
+    left, top, right, bottom = box
+
+    def ramp(length: int, fade_start: bool, fade_end: bool) -> np.ndarray[Any, Any]:
+        weights = np.ones(length)
+        span = min(overlap, length // 2)
+        edge = (np.arange(span) + 1) / (span + 1)
+        if fade_start:
+            weights[:span] = edge
+        if fade_end:
+            weights[length - span :] = edge[::-1]
+        return weights
+
+    horizontal = ramp(width, left > 0, right < canvas[0])
+    vertical = ramp(height, top > 0, bottom < canvas[1])
+    return np.outer(vertical, horizontal)[:, :, None]

@@ -1,0 +1,120 @@
+"""Running one generation job: claim it, run the engine, store images, record the outcome.
+
+Used by the embedded worker, the ``imagine`` local commands and (later) the
+scaled workers. The engine runs on a thread so the event loop stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from PIL import Image as PILImage
+
+from generation.engine import CancelToken, Engine, GeneratedImage, GenerationCancelled, Progress
+from storage.blobs import BlobStore
+from storage.database import Database
+from storage.errors import ImagineError
+from storage.generations import NewImage, add_images, get_generation, transition
+from storage.models import Generation, GenerationKind, GenerationStatus
+
+log = logging.getLogger(__name__)
+
+S = GenerationStatus
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    generation: Generation
+    images: list[GeneratedImage]
+    seconds: float
+
+
+async def _source_image(database: Database, blobs: BlobStore, image_id: int) -> PILImage.Image:
+    from storage.generations import get_image
+
+    async with database.session() as session:
+        image = await get_image(session, image_id)
+    data = await blobs.get(image.blob_key)
+    return PILImage.open(io.BytesIO(data)).convert("RGB")
+
+
+def _run_engine(
+    engine: Engine,
+    generation: Generation,
+    source: PILImage.Image | None,
+    progress: ProgressCallback | None,
+    cancel: CancelToken | None,
+) -> list[GeneratedImage]:
+    recipe = generation.recipe
+    if generation.kind is GenerationKind.UPSCALE:
+        assert source is not None
+        return [engine.upscale(recipe, source, progress=progress, cancel=cancel)]
+    if source is not None:
+        return engine.img2img(recipe, source, progress=progress, cancel=cancel)
+    return engine.txt2img(recipe, progress=progress, cancel=cancel)
+
+
+async def run_generation(
+    database: Database,
+    blobs: BlobStore,
+    engine: Engine,
+    generation_id: int,
+    *,
+    worker_name: str,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> JobOutcome:
+    """Run a queued generation to its end: succeeded, failed or cancelled.
+
+    Raises :class:`~storage.errors.IllegalTransition` if the generation is not
+    queued (another worker took it, or it was cancelled).
+    """
+    started = time.perf_counter()
+    async with database.session() as session:
+        generation = await transition(session, generation_id, S.RUNNING, worker_name=worker_name)
+    try:
+        source = None
+        if generation.recipe.source_image_id is not None:
+            source = await _source_image(database, blobs, generation.recipe.source_image_id)
+        images = await asyncio.to_thread(_run_engine, engine, generation, source, progress, cancel)
+        keys = [await blobs.put(image.png) for image in images]
+    except GenerationCancelled:
+        async with database.session() as session:
+            generation = await transition(session, generation_id, S.CANCELLED)
+        return JobOutcome(generation, [], time.perf_counter() - started)
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
+        log.exception("generation %s failed", generation_id)
+        async with database.session() as session:
+            generation = await transition(session, generation_id, S.FAILED, error=message)
+        return JobOutcome(generation, [], time.perf_counter() - started)
+
+    async with database.session() as session:
+        stored = await get_generation(session, generation_id)
+        stored.recipe = engine.complete_recipe(stored.recipe)
+        await add_images(
+            session,
+            generation_id,
+            [
+                NewImage(
+                    index=image.index,
+                    seed=image.seed,
+                    width=image.width,
+                    height=image.height,
+                    blob_key=key,
+                    sha256=key,
+                )
+                for image, key in zip(images, keys, strict=True)
+            ],
+        )
+        await session.flush()
+        generation = await transition(session, generation_id, S.SUCCEEDED)
+    seconds = time.perf_counter() - started
+    log.info("generation %s succeeded in %.2fs on %s", generation_id, seconds, worker_name)
+    return JobOutcome(generation, images, seconds)

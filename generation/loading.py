@@ -1,0 +1,242 @@
+"""Finding and loading a base model: hub id, local diffusers folder, or single checkpoint.
+
+Everything goes through diffusers' AutoPipeline classes (or the family's
+``from_single_file``) so that SD 1.x/2.x, SDXL and the tiny test models share
+one path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoPipelineForText2Image,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+
+from generation.tiny import TINY_MODELS, ensure_tiny_model
+from storage.errors import ConfigError, ImagineError
+from storage.families import FAMILIES, ModelFamily
+from storage.settings import Settings
+
+# Only what a pipeline needs: skips root-level single-file checkpoints and other formats.
+_HUB_FILES = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
+
+
+# diffusers pipelines are assembled dynamically; their static types do not line up.
+Pipeline = Any
+
+
+class ModelNotFound(ImagineError):
+    """The configured model is neither on disk nor obtainable."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    model: str  # as configured
+    kind: str  # tiny | folder | single_file | hub
+    path: Path
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    pipe: Pipeline
+    source: ModelSource
+    family: ModelFamily
+    model_hash: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting != "auto":
+        try:
+            device = torch.device(setting)
+        except RuntimeError:
+            raise ConfigError(
+                f"IMAGINE_DEVICE {setting!r} is not a torch device; use auto, cuda, cuda:N, "
+                "mps or cpu."
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"IMAGINE_DEVICE is {setting!r} but this machine has no usable CUDA GPU; "
+                "set it to auto or cpu."
+            )
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting != "auto":
+        dtype: torch.dtype = getattr(torch, setting)
+        return dtype
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def _hub_cache() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return str(HF_HUB_CACHE)
+
+
+def _not_found(model: str, looked: str, reason: str) -> ModelNotFound:
+    return ModelNotFound(
+        f"The model {model!r} was not found ({reason}); looked in {looked}. Download it on a "
+        f"connected machine with `hf download {model}`, or set IMAGINE_MODEL to a local "
+        "diffusers folder or .safetensors checkpoint, or try Imagine offline with --model tiny."
+    )
+
+
+def resolve_source(model: str, settings: Settings) -> ModelSource:
+    """Where the weights of ``model`` are on this machine (fetching hub models if allowed)."""
+    if model in TINY_MODELS:
+        return ModelSource(model, "tiny", ensure_tiny_model(model, settings.data_dir / "models"))
+    path = Path(model).expanduser()
+    looks_like_path = model.startswith((".", "/", "~")) or path.suffix in {".safetensors", ".ckpt"}
+    if path.exists() or looks_like_path:
+        if path.suffix in {".ckpt", ".pt", ".bin", ".pth"}:
+            raise ConfigError(
+                f"{path} is a pickle checkpoint, which can run arbitrary code when loaded; "
+                "convert it to .safetensors or use a diffusers folder."
+            )
+        if path.is_file() and path.suffix == ".safetensors":
+            return ModelSource(model, "single_file", path)
+        if (path / "model_index.json").is_file():
+            return ModelSource(model, "folder", path)
+        raise _not_found(
+            model, str(path), "no .safetensors file or diffusers folder (model_index.json) there"
+        )
+    return ModelSource(model, "hub", _snapshot(model, settings))
+
+
+def _snapshot(repo_id: str, settings: Settings) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True))
+    except HFValidationError:
+        raise _not_found(repo_id, "the local disk", "it is not a path or a hub id") from None
+    except Exception as offline:
+        if not settings.allow_downloads:
+            raise _not_found(
+                repo_id, _hub_cache(), f"not in the cache and downloads are off: {offline}"
+            ) from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+    except Exception as exc:
+        raise _not_found(
+            repo_id, f"{_hub_cache()} and the Hugging Face hub", type(exc).__name__
+        ) from None
+
+
+def detect_family(pipe: Pipeline, source: ModelSource) -> ModelFamily:
+    if source.kind == "tiny":
+        return FAMILIES["tiny-sdxl" if source.model == "tiny-sdxl" else "tiny-sd"]
+    name = type(pipe).__name__
+    if "Flux" in name:
+        return FAMILIES["flux"]
+    if "StableDiffusion3" in name:
+        return FAMILIES["sd3"]
+    if "XL" in name:
+        return FAMILIES["sdxl"]
+    cross_attention = getattr(getattr(pipe, "unet", None), "config", {}).get("cross_attention_dim")
+    return FAMILIES["sd2" if cross_attention == 1024 else "sd15"]
+
+
+def _single_file_class(path: Path) -> Any:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+    if any(key.startswith("conditioner.embedders.1") for key in keys):
+        return StableDiffusionXLPipeline
+    if any(key.startswith(("model.diffusion_model.", "cond_stage_model.")) for key in keys):
+        return StableDiffusionPipeline
+    raise ConfigError(
+        f"{path} is not a Stable Diffusion 1.x/2.x or SDXL checkpoint that Imagine can read; "
+        "use a diffusers folder or hub id for other models."
+    )
+
+
+def model_hash(source: ModelSource, cache_dir: Path) -> str:
+    """sha256 (first 10 hex digits, as A1111 shows) of the denoiser's weights.
+
+    Hashing gigabytes takes seconds, so hashes are cached by path, size and mtime.
+    """
+    if source.kind == "single_file":
+        files = [source.path]
+    else:
+        denoiser = next(
+            (
+                source.path / part
+                for part in ("unet", "transformer")
+                if (source.path / part).is_dir()
+            ),
+            source.path,
+        )
+        files = sorted(denoiser.glob("*.safetensors")) or sorted(denoiser.glob("*.bin"))
+    cache_file = cache_dir / "model-hashes.json"
+    try:
+        cache: dict[str, str] = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    fingerprint = ";".join(
+        f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files
+    )
+    if fingerprint in cache:
+        return cache[fingerprint]
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    value = digest.hexdigest()[:10]
+    cache[fingerprint] = value
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        temporary = cache_file.with_suffix(f".tmp-{os.getpid()}")
+        temporary.write_text(json.dumps(cache, indent=1))
+        temporary.replace(cache_file)
+    except OSError:
+        pass  # a read-only cache only costs the hashing time next start
+    return value
+
+
+def load_model(settings: Settings, model: str | None = None) -> LoadedModel:
+    """Load the configured base model onto the chosen device, ready to run."""
+    source = resolve_source(model or settings.model, settings)
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if source.kind == "single_file":
+        pipe_class = _single_file_class(source.path)
+        pipe = pipe_class.from_single_file(str(source.path), **kwargs)
+    else:
+        pipe = AutoPipelineForText2Image.from_pretrained(str(source.path), **kwargs)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    family = detect_family(pipe, source)
+    return LoadedModel(
+        pipe=pipe,
+        source=source,
+        family=family,
+        model_hash=model_hash(source, settings.data_dir / "cache"),
+        device=device,
+        dtype=dtype,
+    )

@@ -1,0 +1,71 @@
+"""Images that carry their recipe: an A1111 ``parameters`` chunk and our JSON chunk.
+
+The ``parameters`` text is what AUTOMATIC1111, Civitai and most tools read;
+the ``imagine`` chunk holds the full :class:`Recipe` as JSON.
+"""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from storage.errors import ImagineError
+from storage.recipe import Recipe
+
+RECIPE_CHUNK = "imagine"
+
+
+def a1111_parameters(recipe: Recipe, scheduler: str | None = None) -> str:
+    """The recipe in AUTOMATIC1111's ``parameters`` format."""
+    fields = [
+        f"Steps: {recipe.steps}",
+        f"Sampler: {scheduler or recipe.sampler}",
+        f"CFG scale: {recipe.guidance:g}",
+        f"Seed: {recipe.seed}",
+        f"Size: {recipe.width}x{recipe.height}",
+    ]
+    if recipe.model_hash:
+        fields.append(f"Model hash: {recipe.model_hash}")
+    fields.append(f"Model: {recipe.model}")
+    if recipe.strength is not None:
+        fields.append(f"Denoising strength: {recipe.strength:g}")
+    if recipe.styles:
+        hashes = ", ".join(f"{s.name}: {(s.sha256 or '')[:12]}" for s in recipe.styles)
+        fields.append(f'Lora hashes: "{hashes}"')
+    if "imagine" in recipe.versions:
+        fields.append(f"Version: imagine {recipe.versions['imagine']}")
+    prompt = recipe.prompt
+    for style in recipe.styles:
+        prompt += f" <lora:{style.name}:{style.weight:g}>"
+    lines = [prompt]
+    if recipe.negative_prompt:
+        lines.append(f"Negative prompt: {recipe.negative_prompt}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def encode_png(image: Image.Image, recipe: Recipe, scheduler: str | None = None) -> bytes:
+    """PNG bytes with the recipe embedded; the same pixels and recipe give the same bytes."""
+    info = PngInfo()
+    info.add_itxt("parameters", a1111_parameters(recipe, scheduler))
+    info.add_itxt(RECIPE_CHUNK, recipe.to_json())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=6)
+    return buffer.getvalue()
+
+
+def read_recipe(data: bytes) -> Recipe:
+    """The recipe embedded in a PNG made by Imagine."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            text = image.info.get(RECIPE_CHUNK)
+    except OSError:
+        raise ImagineError("That file is not an image Imagine can read.") from None
+    if not isinstance(text, str):
+        raise ImagineError(
+            "That image carries no Imagine recipe (Discord's media proxy strips it; "
+            "use the original file)."
+        )
+    return Recipe.from_json(text)

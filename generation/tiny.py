@@ -1,0 +1,196 @@
+"""Tiny random-weight pipelines and LoRAs, built in code, for tests and offline use.
+
+A tiny pipeline is saved with ``save_pretrained`` and then loaded back through
+the same code as any local diffusers folder, so tests exercise the real
+loading path. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers import pre_tokenizers
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+
+TINY_MODELS = {"tiny": "sd", "tiny-sd": "sd", "tiny-sdxl": "sdxl"}
+_SEED = 0
+
+
+def _tokenizer() -> CLIPTokenizer:
+    # Byte-level alphabet, each symbol also as a word end: any text tokenizes, no merges needed.
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    tokens = specials + alphabet + [symbol + "</w>" for symbol in alphabet]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def _text_config(projection: bool) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=600,
+        projection_dim=32 if projection else 512,
+        hidden_act="gelu",
+    )
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+
+
+def _scheduler() -> EulerDiscreteScheduler:
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+
+
+def build_tiny_sd() -> StableDiffusionPipeline:
+    torch.manual_seed(_SEED)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
+    )
+    vae = _vae()
+    text_encoder = CLIPTextModel(_text_config(projection=False))
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_tokenizer(),
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_sdxl() -> StableDiffusionXLPipeline:
+    torch.manual_seed(_SEED)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled text
+        cross_attention_dim=64,
+        norm_num_groups=32,
+    )
+    vae = _vae()
+    return StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=CLIPTextModel(_text_config(projection=True)),
+        tokenizer=_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True)),
+        tokenizer_2=_tokenizer(),
+        scheduler=_scheduler(),
+        force_zeros_for_empty_prompt=False,
+    )
+
+
+def save_tiny_model(kind: str, folder: Path) -> Path:
+    """Build the tiny ``kind`` ("sd" or "sdxl") pipeline and save it as a diffusers folder."""
+    pipe: Any = build_tiny_sdxl() if kind == "sdxl" else build_tiny_sd()
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def ensure_tiny_model(name: str, models_dir: Path) -> Path:
+    """The folder of the tiny model ``name``, building it on first use."""
+    folder = models_dir / ("tiny-sd" if name == "tiny" else name)
+    if (folder / "model_index.json").is_file():
+        return folder
+    # Built aside and renamed into place, so a half-built folder is never loaded.
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    save_tiny_model(TINY_MODELS[name], partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        partial.rename(folder)
+    except OSError:  # another process finished first
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def build_tiny_lora(
+    unet: Any, path: Path, *, seed: int = 1, rank: int = 4, scale: float = 0.5
+) -> Path:
+    """Save a random LoRA for ``unet`` as a diffusers-format ``.safetensors`` file.
+
+    ``lora_B`` is random (not zero, as a fresh adapter would be) so the LoRA
+    visibly changes images.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        init_lora_weights=False,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+    )
+    adapter = f"tiny_lora_{seed}"
+    torch.manual_seed(seed)
+    unet.add_adapter(config, adapter_name=adapter)
+    try:
+        state = get_peft_model_state_dict(unet, adapter_name=adapter)
+        state = {key: value * scale for key, value in state.items()}
+        unet_state = convert_state_dict_to_diffusers(state)
+        StableDiffusionPipeline.save_lora_weights(
+            save_directory=path.parent,
+            unet_lora_layers=unet_state,
+            weight_name=path.name,
+            safe_serialization=True,
+        )
+    finally:
+        unet.delete_adapters(adapter)
+    return path
