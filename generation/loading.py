@@ -218,8 +218,22 @@ def model_hash(source: ModelSource, cache_dir: Path) -> str:
     return value
 
 
+def quiet_libraries() -> None:
+    """Silence library progress bars and advice; Imagine reports progress itself."""
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+
+
 def load_model(settings: Settings, model: str | None = None) -> LoadedModel:
     """Load the configured base model onto the chosen device, ready to run."""
+    quiet_libraries()
     source = resolve_source(model or settings.model, settings)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)

@@ -16,7 +16,7 @@ from storage.errors import ImagineError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bot.cli import db
+    from bot.cli import db, local
 
     parser = argparse.ArgumentParser(
         prog="imagine",
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     db.register(commands)
+    local.register(commands)
     return parser
 
 

@@ -1,0 +1,304 @@
+"""Local commands that run the whole path without Discord, in embedded mode.
+
+``imagine generate | upscale | vary | reroll | show | styles``. The engine is
+imported only when a command needs it, so ``imagine show`` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bot.runtime import Runtime, open_runtime
+from storage.errors import ImagineError
+from storage.families import configured_family
+from storage.generations import create_generation, get_generation, get_image
+from storage.models import Generation, GenerationKind, GenerationStatus
+from storage.recipe import MAX_SEED, Recipe
+from storage.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from generation.engine import Engine, Progress
+
+LOCAL_USER_ID = 0  # the requester of generations made from the command line
+
+
+def register(commands: Any) -> None:
+    generate = _running_command(
+        commands, "generate", "generate a grid from a prompt with --flags, without Discord"
+    )
+    generate.add_argument("prompt", help='e.g. "a red bicycle on a beach --ar 3:2 --seed 42"')
+    generate.set_defaults(handler=_generate)
+
+    upscale = _running_command(commands, "upscale", "upscale one image 2x")
+    upscale.add_argument("image_id", type=int)
+    upscale.set_defaults(handler=_upscale)
+
+    vary = _running_command(commands, "vary", "four variations of one image")
+    vary.add_argument("image_id", type=int)
+    strength = vary.add_mutually_exclusive_group()
+    strength.add_argument("--subtle", dest="strong", action="store_false", default=False)
+    strength.add_argument("--strong", dest="strong", action="store_true")
+    vary.set_defaults(handler=_vary)
+
+    reroll = _running_command(commands, "reroll", "run a generation's recipe with a new seed")
+    reroll.add_argument("generation_id", type=int)
+    reroll.set_defaults(handler=_reroll)
+
+    show = commands.add_parser("show", help="show a generation's recipe, status and images")
+    show.add_argument("generation_id", type=int)
+    show.set_defaults(handler=_show)
+
+    styles = commands.add_parser("styles", help="list the styles in the styles folder")
+    styles.set_defaults(handler=_styles)
+
+
+def _running_command(commands: Any, name: str, help: str) -> argparse.ArgumentParser:
+    """A sub-command that runs the engine: it takes --model and --out."""
+    parser: argparse.ArgumentParser = commands.add_parser(name, help=help)
+    parser.add_argument(
+        "--model", help="model to use instead of IMAGINE_MODEL ('tiny' runs offline on a CPU)"
+    )
+    parser.add_argument("--out", type=Path, help="write the image here (default: data folder)")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    model = getattr(args, "model", None)
+    return load_settings(model=model) if model else load_settings()
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, label: str, width: int = 30) -> None:
+        self.label = label
+        self.width = width
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, progress: Progress) -> None:
+        done = int(self.width * progress.step / max(progress.total, 1))
+        bar = "#" * done + "-" * (self.width - done)
+        line = f"{self.label} [{bar}] {progress.step}/{progress.total}"
+        if self.tty:
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+        elif progress.step == progress.total:
+            print(line, file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        if self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+def _load_engine(settings: Settings) -> Engine:
+    # transformers warns about optional image backends at import; nothing to act on here.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from generation.engine import Engine
+
+    started = time.perf_counter()
+    print(f"loading {settings.model} ...", file=sys.stderr, flush=True)
+    engine = Engine.from_settings(settings)
+    print(
+        f"loaded {engine.model_id} ({engine.family.name}) on {engine.device} "
+        f"in {time.perf_counter() - started:.1f}s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return engine
+
+
+async def _run(runtime: Runtime, engine: Engine, generation: Generation, out: Path | None) -> Path:
+    from generation.grid import compose_grid
+    from generation.jobs import run_generation
+
+    bar = ProgressBar(f"generation {generation.id}")
+    outcome = await run_generation(
+        runtime.database,
+        runtime.blobs,
+        engine,
+        generation.id,
+        worker_name="cli",
+        progress=bar,
+    )
+    bar.finish()
+    if outcome.generation.status is not GenerationStatus.SUCCEEDED:
+        raise ImagineError(
+            f"Generation {generation.id} {outcome.generation.status.value}: "
+            f"{outcome.generation.error or 'no reason recorded'}"
+        )
+    if out is None:
+        out = runtime.settings.data_dir / "outputs" / f"generation-{generation.id}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(outcome.images) == 1:
+        out.write_bytes(outcome.images[0].png)
+    else:
+        out.write_bytes(compose_grid(outcome.images, outcome.generation.recipe))
+    print(
+        f"generation {generation.id}: {len(outcome.images)} image(s) in "
+        f"{outcome.seconds:.2f}s, image ids "
+        + ", ".join(str(image.id) for image in outcome.generation.images)
+    )
+    print(out)
+    return out
+
+
+async def _submit_and_run(
+    settings: Settings,
+    kind: GenerationKind,
+    recipes: list[Recipe],
+    out: Path | None,
+    parent_image_id: int | None = None,
+) -> int:
+    runtime = await open_runtime(settings)
+    try:
+        engine = _load_engine(settings)
+        for number, recipe in enumerate(recipes):
+            async with runtime.database.session() as session:
+                generation = await create_generation(
+                    session,
+                    kind=kind,
+                    recipe=recipe,
+                    requester_id=LOCAL_USER_ID,
+                    parent_image_id=parent_image_id,
+                )
+            target = out
+            if out is not None and len(recipes) > 1:
+                target = out.with_name(f"{out.stem}-{number + 1}{out.suffix}")
+            await _run(runtime, engine, generation, target)
+    finally:
+        await runtime.close()
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from bot.prompt import PromptDefaults, parse_prompt
+    from generation.styles import StyleRegistry
+
+    settings = _settings(args)
+    registry = StyleRegistry.from_folder(settings.resolved_styles_dir)
+    family = configured_family(settings.model, settings.model_family)
+    defaults = PromptDefaults(model=settings.model, family=family)
+    recipes = parse_prompt(args.prompt, defaults, known_styles=registry.names())
+    return asyncio.run(_submit_and_run(settings, GenerationKind.IMAGINE, recipes, args.out))
+
+
+async def _parent(settings: Settings, image_id: int) -> tuple[Recipe, int, int, int]:
+    runtime = await open_runtime(settings)
+    try:
+        async with runtime.database.session() as session:
+            image = await get_image(session, image_id)
+            generation = await get_generation(session, image.generation_id)
+            return generation.recipe, image.seed, image.width, image.height
+    finally:
+        await runtime.close()
+
+
+def _new_seed() -> int:
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+def _upscale(args: argparse.Namespace) -> int:
+    from generation.engine import UPSCALE_STRENGTH
+
+    settings = _settings(args)
+    parent, seed, width, height = asyncio.run(_parent(settings, args.image_id))
+    recipe = parent.model_copy(
+        update={
+            "seed": seed,
+            "count": 1,
+            "width": width * 2,
+            "height": height * 2,
+            "scale": 2,
+            "strength": UPSCALE_STRENGTH,
+            "source_image_id": args.image_id,
+        }
+    )
+    return asyncio.run(
+        _submit_and_run(settings, GenerationKind.UPSCALE, [recipe], args.out, args.image_id)
+    )
+
+
+def _vary(args: argparse.Namespace) -> int:
+    from generation.engine import STRONG_VARIATION_STRENGTH, SUBTLE_VARIATION_STRENGTH
+
+    settings = _settings(args)
+    parent, _seed, width, height = asyncio.run(_parent(settings, args.image_id))
+    strength = STRONG_VARIATION_STRENGTH if args.strong else SUBTLE_VARIATION_STRENGTH
+    recipe = parent.model_copy(
+        update={
+            "seed": _new_seed(),
+            "count": 4,
+            "width": width,
+            "height": height,
+            "strength": strength,
+            "source_image_id": args.image_id,
+            "scale": None,
+        }
+    )
+    return asyncio.run(
+        _submit_and_run(settings, GenerationKind.VARIATION, [recipe], args.out, args.image_id)
+    )
+
+
+def _reroll(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def parent_recipe() -> Recipe:
+        runtime = await open_runtime(settings)
+        try:
+            async with runtime.database.session() as session:
+                return (await get_generation(session, args.generation_id)).recipe
+        finally:
+            await runtime.close()
+
+    recipe = asyncio.run(parent_recipe()).model_copy(update={"seed": _new_seed()})
+    return asyncio.run(_submit_and_run(settings, GenerationKind.REROLL, [recipe], args.out))
+
+
+def _show(args: argparse.Namespace) -> int:
+    from bot.prompt import format_recipe
+
+    async def show() -> int:
+        runtime = await open_runtime(load_settings())
+        try:
+            async with runtime.database.session() as session:
+                generation = await get_generation(session, args.generation_id)
+        finally:
+            await runtime.close()
+        recipe = generation.recipe
+        print(f"generation {generation.id}: {generation.kind.value}, {generation.status.value}")
+        if generation.error:
+            print(f"error: {generation.error}")
+        print(f"prompt: {format_recipe(recipe)}")
+        print(f"model: {recipe.model} (hash {recipe.model_hash or 'unknown'})")
+        print(f"size: {recipe.width}x{recipe.height}, steps {recipe.steps}, cfg {recipe.guidance}")
+        for image in generation.images:
+            path = runtime.blobs.path_for(image.blob_key)
+            print(f"image {image.id}: #{image.index + 1} seed {image.seed} {path}")
+        print(f"recipe: {recipe.to_json()}")
+        return 0
+
+    return asyncio.run(show())
+
+
+def _styles(args: argparse.Namespace) -> int:
+    from generation.styles import StyleRegistry
+
+    settings = load_settings()
+    registry = StyleRegistry.from_folder(settings.resolved_styles_dir)
+    for problem in registry.problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    names = registry.names()
+    if not names:
+        print(f"no styles in {settings.resolved_styles_dir}; add one TOML file per style there")
+        return 0
+    for name in names:
+        style = registry.get(name)
+        print(f"{name}: {style.description} (weight {style.default_weight}, {style.family})")
+    return 0

@@ -1,0 +1,400 @@
+"""The prompt language: what people type after ``/imagine``, turned into recipes.
+
+    a lighthouse at dusk --ar 3:2 --seed 7 --no people, boats --style watercolor:0.8
+
+Grammar, in order of application:
+
+1. ``—`` (the em dash phones make of ``--``) is read as ``--``.
+2. ``{a, b}`` permutations expand the whole text into one text per option
+   (nesting allowed; braces must balance; prompts cannot hold literal braces).
+3. In each text, a ``--name`` that starts a word opens a flag; its value runs to
+   the next flag. ``--`` inside a word (``foo--bar``) is plain text. The text
+   before the first flag is the prompt, with white space collapsed.
+4. ``--repeat N`` runs the text N times with new seeds (``seed + k * count``
+   when ``--seed`` is given). At most :data:`MAX_GENERATIONS` in all.
+
+:func:`format_recipe` writes a recipe back as text that parses to the same recipe.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import secrets
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+
+from storage.errors import ImagineError
+from storage.families import ModelFamily
+from storage.recipe import MAX_SEED, Recipe, StyleRef
+
+MAX_GENERATIONS = 10
+MAX_PROMPT_LENGTH = 1500
+MAX_GROUPS = 20
+MAX_RATIO = 4.0
+MAX_SIDE_UNITS = 100
+SAMPLERS: tuple[str, ...] = (
+    "default",
+    "euler",
+    "euler_a",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpm_sde",
+    "ddim",
+    "unipc",
+    "lcm",
+    "heun",
+)
+FLAGS: tuple[str, ...] = (
+    "ar",
+    "seed",
+    "no",
+    "steps",
+    "cfg",
+    "guidance",
+    "sampler",
+    "style",
+    "repeat",
+)
+_ALIASES = {"guidance": "cfg", "aspect": "ar"}
+_FLAG = re.compile(r"(?<!\S)--(\S*)")
+_STYLE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_RATIO = re.compile(r"^(\d{1,3}):(\d{1,3})$")
+_WHOLE = re.compile(r"^\d{1,10}$")
+
+
+class PromptError(ImagineError):
+    """Text that is not a valid prompt; the message says what to change."""
+
+    def __init__(self, message: str, *, flag: str = "", value: str = "", allowed: str = "") -> None:
+        super().__init__(message)
+        self.flag = flag
+        self.value = value
+        self.allowed = allowed
+
+
+@dataclass(frozen=True)
+class PromptDefaults:
+    model: str
+    family: ModelFamily
+    count: int = 4
+    sampler: str = "default"
+    style_weights: Mapping[str, float] = field(default_factory=dict)
+
+
+def _shown(value: str) -> str:
+    return value if len(value) <= 40 else value[:37] + "..."
+
+
+def _refuse(flag: str, value: str, allowed: str) -> PromptError:
+    if not value:
+        message = f"--{flag} needs a value: {allowed}."
+    else:
+        message = f"--{flag} {_shown(value)} is not allowed: {allowed}."
+    return PromptError(message, flag=f"--{flag}", value=value, allowed=allowed)
+
+
+# -- permutations ---------------------------------------------------------------------------
+
+
+def _unbalanced(text: str) -> PromptError:
+    return PromptError(
+        "A { or } has no partner; write permutations as {red, blue} "
+        "(prompts cannot contain other braces).",
+        flag="{}",
+        value=_shown(text),
+        allowed="balanced {a, b} groups",
+    )
+
+
+def _first_group(text: str) -> tuple[int, int, list[str]] | None:
+    """(start, end, options) of the first outermost ``{...}``, options split on top-level commas."""
+    start = text.find("{")
+    stray = text.find("}")
+    if start < 0:
+        if stray >= 0:
+            raise _unbalanced(text)
+        return None
+    if 0 <= stray < start:
+        raise _unbalanced(text)
+    depth, options, piece = 0, [], start + 1
+    for index in range(start, len(text)):
+        char = text[index]
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                options.append(text[piece:index])
+                return start, index + 1, options
+        elif char == "," and depth == 1:
+            options.append(text[piece:index])
+            piece = index + 1
+    raise _unbalanced(text)
+
+
+def _expand(text: str) -> list[str]:
+    """Every text that ``{a, b}`` permutations make of ``text``, in reading order."""
+    group = _first_group(text)
+    if group is None:
+        return [text]
+    start, end, options = group
+    head, tail = text[:start], text[end:]
+    expanded: list[str] = []
+    for option in options:
+        expanded.extend(_expand(head + option.strip() + tail))
+        if len(expanded) > MAX_GENERATIONS:
+            raise _too_many(len(expanded))
+    return expanded
+
+
+def _too_many(count: int) -> PromptError:
+    allowed = f"at most {MAX_GENERATIONS} generations from one prompt"
+    return PromptError(
+        f"This prompt makes {count} or more generations with its {{}} permutations and "
+        f"--repeat; {allowed}.",
+        flag="--repeat",
+        value=str(count),
+        allowed=allowed,
+    )
+
+
+# -- flags -----------------------------------------------------------------------------------
+
+
+def _split(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """The prompt and the (flag, value) pairs of one permutation."""
+    matches = list(_FLAG.finditer(text))
+    prompt = text[: matches[0].start()] if matches else text
+    flags = []
+    for index, match in enumerate(matches):
+        end = matches[index + 1].start() if index + 1 < len(matches) else len(text)
+        name, equals, inline = match.group(1).partition("=")
+        value = (inline + text[match.end() : end]) if equals else text[match.end() : end]
+        flags.append((name.lower(), " ".join(value.split())))
+    return " ".join(prompt.split()), flags
+
+
+def _whole(flag: str, value: str, low: int, high: int) -> int:
+    allowed = f"a whole number from {low} to {high}"
+    if not _WHOLE.fullmatch(value) or not low <= int(value) <= high:
+        raise _refuse(flag, value, allowed)
+    return int(value)
+
+
+def _number(flag: str, value: str, low: float, high: float) -> float:
+    allowed = f"a number from {low:g} to {high:g}"
+    try:
+        number = float(value)
+    except ValueError:
+        raise _refuse(flag, value, allowed) from None
+    if not math.isfinite(number) or not low <= number <= high:
+        raise _refuse(flag, value, allowed)
+    return number
+
+
+def _ratio(value: str) -> tuple[int, int]:
+    allowed = (
+        f"W:H with whole numbers from 1 to {MAX_SIDE_UNITS} and a ratio between "
+        f"1:{MAX_RATIO:g} and {MAX_RATIO:g}:1 (for example --ar 3:2)"
+    )
+    match = _RATIO.fullmatch(value)
+    if match is None:
+        raise _refuse("ar", value, allowed)
+    width, height = int(match.group(1)), int(match.group(2))
+    if not (1 <= width <= MAX_SIDE_UNITS and 1 <= height <= MAX_SIDE_UNITS):
+        raise _refuse("ar", value, allowed)
+    if not 1 / MAX_RATIO <= width / height <= MAX_RATIO:
+        raise _refuse("ar", value, allowed)
+    divisor = math.gcd(width, height)
+    return width // divisor, height // divisor
+
+
+def size_for(ratio: tuple[int, int] | None, family: ModelFamily) -> tuple[int, int]:
+    """Width and height near the family's pixel budget, multiples of 8, for a ratio."""
+    if ratio is None:
+        return family.native_side, family.native_side
+    aspect = ratio[0] / ratio[1]
+    width = math.sqrt(family.pixel_budget * aspect)
+    height = width / aspect
+
+    def snap(side: float) -> int:
+        return min(4096, max(64, 8 * round(side / 8)))
+
+    return snap(width), snap(height)
+
+
+def _style(value: str, defaults: PromptDefaults, known: Collection[str] | None) -> StyleRef:
+    allowed = "a style name, optionally :weight from -2 to 2 (for example --style watercolor:0.8)"
+    name, colon, weight_text = value.partition(":")
+    if not _STYLE_NAME.fullmatch(name):
+        raise _refuse("style", value, allowed)
+    if known is not None and name not in known:
+        close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
+        hint = ("did you mean " + " or ".join(close) + "?") if close else "see /styles."
+        raise PromptError(
+            f"There is no style {name!r}; {hint}",
+            flag="--style",
+            value=value,
+            allowed="one of the server's styles",
+        )
+    if colon:
+        try:
+            weight = _number("style", weight_text, -2.0, 2.0)
+        except PromptError:
+            raise _refuse("style", value, allowed) from None
+    else:
+        weight = defaults.style_weights.get(name, 1.0)
+    return StyleRef(name=name, weight=weight)
+
+
+def _unknown_flag(name: str) -> PromptError:
+    known = ", ".join(f"--{flag}" for flag in FLAGS)
+    close = difflib.get_close_matches(name, [*FLAGS, *_ALIASES], n=1)
+    hint = f" Did you mean --{close[0]}?" if close else ""
+    shown = f"--{_shown(name)}" if name else "--"
+    return PromptError(
+        f"{shown} is not a flag Imagine knows; the flags are {known}.{hint}",
+        flag=shown,
+        value="",
+        allowed=known,
+    )
+
+
+def _parse_one(
+    text: str,
+    defaults: PromptDefaults,
+    random_seed: Callable[[], int],
+    known_styles: Collection[str] | None,
+) -> list[Recipe]:
+    prompt, flags = _split(text)
+    values: dict[str, object] = {}
+    styles: list[StyleRef] = []
+    for raw_name, value in flags:
+        name = _ALIASES.get(raw_name, raw_name)
+        if name not in FLAGS:
+            raise _unknown_flag(raw_name)
+        if name == "style":
+            ref = _style(value, defaults, known_styles)
+            if any(style.name == ref.name for style in styles):
+                raise PromptError(
+                    f"The style {ref.name} is given twice; give each style once.",
+                    flag="--style",
+                    value=value,
+                    allowed="each style once",
+                )
+            styles.append(ref)
+            continue
+        if name in values:
+            raise PromptError(
+                f"--{raw_name} is given twice; keep one.",
+                flag=f"--{raw_name}",
+                value=value,
+                allowed="each flag once",
+            )
+        if name == "ar":
+            values[name] = _ratio(value)
+        elif name == "seed":
+            values[name] = _whole("seed", value, 0, MAX_SEED)
+        elif name == "no":
+            items = [" ".join(item.split()) for item in value.split(",")]
+            negative = ", ".join(item for item in items if item)
+            if not negative:
+                raise _refuse("no", value, "what to leave out, for example --no people, text")
+            values[name] = negative
+        elif name == "steps":
+            values[name] = _whole("steps", value, 1, 150)
+        elif name == "cfg":
+            values[name] = _number(raw_name, value, 0.0, 30.0)
+        elif name == "sampler":
+            if value.lower() not in SAMPLERS:
+                raise _refuse("sampler", value, "one of " + ", ".join(SAMPLERS))
+            values[name] = value.lower()
+        elif name == "repeat":
+            values[name] = _whole("repeat", value, 1, MAX_GENERATIONS)
+    if not prompt:
+        raise PromptError(
+            "Write what to imagine before the flags, for example: a lighthouse at dusk --ar 3:2.",
+            flag="prompt",
+            value="",
+            allowed="a description of the picture",
+        )
+    if len(prompt) > MAX_PROMPT_LENGTH:
+        raise PromptError(
+            f"The prompt is {len(prompt)} characters long; shorten it to at most "
+            f"{MAX_PROMPT_LENGTH}.",
+            flag="prompt",
+            value=_shown(prompt),
+            allowed=f"at most {MAX_PROMPT_LENGTH} characters",
+        )
+    ratio = values.get("ar")
+    assert ratio is None or isinstance(ratio, tuple)
+    width, height = size_for(ratio, defaults.family)
+    repeat = int(values.get("repeat", 1))  # type: ignore[call-overload]
+    seed = values.get("seed")
+    recipes = []
+    for k in range(repeat):
+        if seed is None:
+            this_seed = random_seed()
+        else:
+            this_seed = (int(seed) + k * defaults.count) % (MAX_SEED + 1)  # type: ignore[call-overload]
+        recipes.append(
+            Recipe(
+                model=defaults.model,
+                model_family=defaults.family.name,
+                prompt=prompt,
+                negative_prompt=str(values.get("no", "")),
+                seed=this_seed,
+                width=width,
+                height=height,
+                aspect_ratio=f"{ratio[0]}:{ratio[1]}" if ratio else None,
+                steps=int(values.get("steps", defaults.family.default_steps)),  # type: ignore[call-overload]
+                guidance=float(values.get("cfg", defaults.family.default_guidance)),  # type: ignore[arg-type]
+                sampler=str(values.get("sampler", defaults.sampler)),
+                count=defaults.count,
+                styles=tuple(styles),
+            )
+        )
+    return recipes
+
+
+def parse_prompt(
+    text: str,
+    defaults: PromptDefaults,
+    *,
+    random_seed: Callable[[], int] | None = None,
+    known_styles: Collection[str] | None = None,
+) -> list[Recipe]:
+    """One recipe per generation the text asks for; :class:`PromptError` if it is invalid."""
+    draw = random_seed or (lambda: secrets.randbelow(MAX_SEED + 1))
+    recipes: list[Recipe] = []
+    text = text.replace("—", "--")
+    if text.count("{") > MAX_GROUPS:
+        raise PromptError(
+            f"The prompt has {text.count('{')} {{}} groups; use at most {MAX_GROUPS}.",
+            flag="{}",
+            value=str(text.count("{")),
+            allowed=f"at most {MAX_GROUPS} groups",
+        )
+    for variant in _expand(text):
+        recipes.extend(_parse_one(variant, defaults, draw, known_styles))
+        if len(recipes) > MAX_GENERATIONS:
+            raise _too_many(len(recipes))
+    return recipes
+
+
+def format_recipe(recipe: Recipe) -> str:
+    """The recipe as prompt text; parsing it gives the same recipe back."""
+    parts = [recipe.prompt]
+    if recipe.aspect_ratio:
+        parts.append(f"--ar {recipe.aspect_ratio}")
+    parts.append(f"--seed {recipe.seed}")
+    if recipe.negative_prompt:
+        parts.append(f"--no {recipe.negative_prompt}")
+    parts.append(f"--steps {recipe.steps}")
+    parts.append(f"--cfg {recipe.guidance!r}")
+    if recipe.sampler != "default":
+        parts.append(f"--sampler {recipe.sampler}")
+    parts.extend(f"--style {style.name}:{style.weight!r}" for style in recipe.styles)
+    return " ".join(parts)

@@ -1,0 +1,120 @@
+"""The local commands: from a prompt to a grid PNG on disk, without Discord."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+IMAGINE = Path(sys.executable).parent / "imagine"
+PROMPT = "a red bicycle on a beach --ar 3:2 --seed 42"
+
+
+def run_imagine(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGINE_")}
+    env |= {"IMAGINE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [str(IMAGINE), *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    return result
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("imagine-data")
+
+
+@pytest.fixture(scope="module")
+def first_grid(data_dir: Path) -> Path:
+    result = run_imagine("generate", PROMPT, "--model", "tiny", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    path = Path(result.stdout.strip().splitlines()[-1])
+    assert path.is_file()
+    return path
+
+
+def test_generate_writes_a_grid_whose_metadata_holds_the_recipe(first_grid: Path) -> None:
+    from generation.metadata import read_recipe
+
+    recipe = read_recipe(first_grid.read_bytes())
+    assert recipe.prompt == "a red bicycle on a beach"
+    assert recipe.seed == 42
+    assert recipe.aspect_ratio == "3:2"
+    assert recipe.width > recipe.height
+    assert recipe.model_hash
+    with Image.open(first_grid) as grid:
+        assert "parameters" in grid.info
+        assert "Seed: 42" in grid.info["parameters"]
+        assert grid.size == (recipe.width * 2, recipe.height * 2)
+
+
+def test_generating_twice_gives_identical_pixels(first_grid: Path, data_dir: Path) -> None:
+    second = run_imagine(
+        "generate",
+        PROMPT,
+        "--model",
+        "tiny",
+        "--out",
+        str(data_dir / "again.png"),
+        data_dir=data_dir,
+    )
+    assert second.returncode == 0, second.stderr
+    with Image.open(first_grid) as a, Image.open(data_dir / "again.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _ids(stdout: str) -> tuple[int, list[int]]:
+    line = next(line for line in stdout.splitlines() if line.startswith("generation "))
+    generation_id = int(line.split()[1].rstrip(":"))
+    image_ids = [int(part) for part in line.split("image ids ")[1].split(", ")]
+    return generation_id, image_ids
+
+
+def test_upscale_vary_reroll_and_show(first_grid: Path, data_dir: Path) -> None:
+    made = run_imagine("generate", "a lighthouse --seed 3", "--model", "tiny", data_dir=data_dir)
+    assert made.returncode == 0, made.stderr
+    generation_id, image_ids = _ids(made.stdout)
+    assert len(image_ids) == 4
+
+    upscaled = run_imagine("upscale", str(image_ids[1]), "--model", "tiny", data_dir=data_dir)
+    assert upscaled.returncode == 0, upscaled.stderr
+    with Image.open(upscaled.stdout.strip().splitlines()[-1]) as big:
+        assert big.size == (192, 192)  # the tiny family is 96x96
+
+    for flag in ("--subtle", "--strong"):
+        varied = run_imagine("vary", str(image_ids[2]), flag, "--model", "tiny", data_dir=data_dir)
+        assert varied.returncode == 0, varied.stderr
+        assert len(_ids(varied.stdout)[1]) == 4
+
+    rerolled = run_imagine("reroll", str(generation_id), "--model", "tiny", data_dir=data_dir)
+    assert rerolled.returncode == 0, rerolled.stderr
+    reroll_id = _ids(rerolled.stdout)[0]
+
+    shown = run_imagine("show", str(reroll_id), data_dir=data_dir)
+    assert shown.returncode == 0, shown.stderr
+    assert "reroll, succeeded" in shown.stdout
+    assert "a lighthouse" in shown.stdout
+    assert "--seed 3" not in shown.stdout  # a reroll has a new seed
+
+
+def test_bad_flag_is_one_sentence(data_dir: Path) -> None:
+    result = run_imagine("generate", "a cat --ar 0:1", "--model", "tiny", data_dir=data_dir)
+    assert result.returncode == 2
+    assert "--ar" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_show_unknown_generation_says_so(data_dir: Path) -> None:
+    result = run_imagine("show", "999999", data_dir=data_dir)
+    assert result.returncode == 2
+    assert "no generation 999999" in result.stderr
+
+
+def test_styles_lists_an_empty_folder_helpfully(data_dir: Path) -> None:
+    result = run_imagine("styles", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    assert "no styles in" in result.stdout

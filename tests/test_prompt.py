@@ -1,0 +1,221 @@
+"""The prompt language: flags, permutations, errors that say what to change, round trips."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bot.prompt import (
+    MAX_GENERATIONS,
+    SAMPLERS,
+    PromptDefaults,
+    PromptError,
+    format_recipe,
+    parse_prompt,
+    size_for,
+)
+from storage.families import FAMILIES
+from storage.recipe import StyleRef
+
+SD15 = PromptDefaults(model="sd", family=FAMILIES["sd15"], style_weights={"watercolor": 0.8})
+STYLES = ["watercolor", "inkwash", "pixel-art"]
+
+
+def fixed_seeds() -> itertools.count[int]:
+    return itertools.count(1000)
+
+
+def parse(text: str, defaults: PromptDefaults = SD15, **kwargs: object) -> list:
+    seeds = fixed_seeds()
+    return parse_prompt(text, defaults, random_seed=lambda: next(seeds), **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_plain_prompt_gets_the_family_defaults_and_a_random_seed() -> None:
+    (recipe,) = parse("  a   lighthouse\nat dusk ")
+    assert recipe.prompt == "a lighthouse at dusk"
+    assert (recipe.width, recipe.height) == (512, 512)
+    assert recipe.aspect_ratio is None
+    assert recipe.seed == 1000
+    assert recipe.steps == 30 and recipe.guidance == 7.0
+    assert recipe.count == 4 and recipe.model == "sd" and recipe.model_family == "sd15"
+
+
+def test_every_flag() -> None:
+    (recipe,) = parse(
+        "a cat --ar 3:2 --seed 7 --no people,  text ,, --steps 20 --cfg 4.5 "
+        "--sampler Euler_A --style watercolor --style inkwash:-0.5",
+        known_styles=STYLES,
+    )
+    assert recipe.prompt == "a cat"
+    assert recipe.aspect_ratio == "3:2" and recipe.width > recipe.height
+    assert recipe.seed == 7
+    assert recipe.negative_prompt == "people, text"
+    assert recipe.steps == 20 and recipe.guidance == 4.5
+    assert recipe.sampler == "euler_a"
+    assert recipe.styles == (
+        StyleRef(name="watercolor", weight=0.8),
+        StyleRef(name="inkwash", weight=-0.5),
+    )
+
+
+def test_guidance_alias_equals_form_em_dash_and_case() -> None:
+    (a,) = parse("a cat --guidance 3 —SEED=5 --AR 16:9")
+    assert a.guidance == 3.0 and a.seed == 5 and a.aspect_ratio == "16:9"
+
+
+def test_ratios_are_reduced_and_sized_to_the_pixel_budget() -> None:
+    (recipe,) = parse("x --ar 6:4")
+    assert recipe.aspect_ratio == "3:2"
+    assert (recipe.width, recipe.height) == (624, 416)
+    (xl,) = parse("x --ar 1:1", PromptDefaults(model="xl", family=FAMILIES["sdxl"]))
+    assert (xl.width, xl.height) == (1024, 1024)
+
+
+def test_dashes_inside_words_are_text() -> None:
+    (recipe,) = parse("a state-of-the-art--robot --seed 1")
+    assert recipe.prompt == "a state-of-the-art--robot"
+
+
+def test_permutations_expand_into_several_generations() -> None:
+    recipes = parse("a {red, blue} {car, bike} --seed 3")
+    assert [r.prompt for r in recipes] == ["a red car", "a red bike", "a blue car", "a blue bike"]
+    assert {r.seed for r in recipes} == {3}
+    nested = parse("a {big {red, green}, small} dog --seed 1")
+    assert [r.prompt for r in nested] == ["a big red dog", "a big green dog", "a small dog"]
+    in_flags = parse("a dog --ar {1:1, 2:1} --seed 1")
+    assert [r.aspect_ratio for r in in_flags] == ["1:1", "2:1"]
+
+
+def test_repeat_gives_new_seeds() -> None:
+    explicit = parse("a dog --seed 10 --repeat 3")
+    assert [r.seed for r in explicit] == [10, 14, 18]
+    random = parse("a dog --repeat 3")
+    assert [r.seed for r in random] == [1000, 1001, 1002]
+
+
+def test_too_many_generations_are_refused() -> None:
+    with pytest.raises(PromptError, match=f"at most {MAX_GENERATIONS} generations"):
+        parse("a {1,2,3,4} {4,5,6} dog")
+    with pytest.raises(PromptError, match="at most 10"):
+        parse("a {cat, dog} --repeat 6")
+
+
+@pytest.mark.parametrize(
+    ("text", "flag", "value", "allowed"),
+    [
+        ("a --ar 0:1", "--ar", "0:1", "W:H"),
+        ("a --ar 5:1", "--ar", "5:1", "between 1:4 and 4:1"),
+        ("a --ar wide", "--ar", "wide", "for example --ar 3:2"),
+        ("a --seed -1", "--seed", "-1", "from 0 to 4294967295"),
+        ("a --seed 4294967296", "--seed", "4294967296", "from 0 to 4294967295"),
+        ("a --steps 0", "--steps", "0", "from 1 to 150"),
+        ("a --cfg nan", "--cfg", "nan", "from 0 to 30"),
+        ("a --cfg 31", "--cfg", "31", "from 0 to 30"),
+        ("a --sampler warp", "--sampler", "warp", "euler_a"),
+        ("a --style bad name", "--style", "bad name", "style name"),
+        ("a --style ok:9", "--style", "ok:9", "from -2 to 2"),
+        ("a --repeat 11", "--repeat", "11", "from 1 to 10"),
+        ("a --no ,", "--no", ",", "what to leave out"),
+    ],
+)
+def test_errors_name_the_flag_the_value_and_what_is_allowed(
+    text: str, flag: str, value: str, allowed: str
+) -> None:
+    with pytest.raises(PromptError) as refused:
+        parse(text)
+    error = refused.value
+    assert (error.flag, error.value) == (flag, value)
+    assert allowed in error.allowed
+    message = str(error)
+    assert flag in message and value in message and allowed in message
+
+
+def test_missing_values_unknown_flags_and_repeats() -> None:
+    with pytest.raises(PromptError, match="--seed needs a value: a whole number"):
+        parse("a cat --seed")
+    with pytest.raises(PromptError, match=r"--chaos is not a flag.*--ar, --seed"):
+        parse("a cat --chaos 50")
+    with pytest.raises(PromptError, match="Did you mean --seed"):
+        parse("a cat --seeds 5")
+    with pytest.raises(PromptError, match="--seed is given twice"):
+        parse("a cat --seed 1 --seed 2")
+    with pytest.raises(PromptError, match="watercolor is given twice"):
+        parse("a cat --style watercolor --style watercolor:0.5")
+    with pytest.raises(PromptError, match="Write what to imagine"):
+        parse("   --ar 3:2")
+    with pytest.raises(PromptError, match="has no partner"):
+        parse("a {cat")
+    with pytest.raises(PromptError, match="has no partner"):
+        parse("a cat}")
+    with pytest.raises(PromptError, match="at most 20"):
+        parse("a" + "{b}" * 500)
+
+
+def test_unknown_style_suggests_the_closest() -> None:
+    with pytest.raises(PromptError, match="did you mean watercolor"):
+        parse("a cat --style watercolour", known_styles=STYLES)
+    (anything,) = parse("a cat --style anything")  # no registry given: not checked here
+    assert anything.styles[0].name == "anything"
+
+
+def test_sizes_are_multiples_of_8_near_the_budget_for_every_ratio() -> None:
+    for family in ("sd15", "sd2", "sdxl", "tiny-sd"):
+        budget = FAMILIES[family].pixel_budget
+        for width in range(1, 101):
+            for height in range(max(1, (width + 3) // 4), min(100, width * 4) + 1):
+                w, h = size_for((width, height), FAMILIES[family])
+                assert w % 8 == 0 and h % 8 == 0
+                assert abs(w * h - budget) / budget < 0.1 or family == "tiny-sd"
+
+
+flag_values = {
+    "ar": st.sampled_from(["1:1", "3:2", "2:3", "16:9", "4:1", "7:5", "0:1", "x"]),
+    "seed": st.integers(min_value=-5, max_value=2**32 + 5).map(str),
+    "no": st.text(max_size=20),
+    "steps": st.integers(min_value=-1, max_value=160).map(str),
+    "cfg": st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    "guidance": st.floats(min_value=0, max_value=30).map(repr),
+    "sampler": st.sampled_from([*SAMPLERS, "nope"]),
+    "style": st.sampled_from(["watercolor", "inkwash:0.5", "pixel-art:-2.0", "x:3", "bad name"]),
+    "repeat": st.integers(min_value=0, max_value=4).map(str),
+    "chaos": st.just("5"),
+}
+realistic = st.builds(
+    lambda prompt, flags, dash: prompt + "".join(f" {dash}{name} {value}" for name, value in flags),
+    st.text(min_size=0, max_size=40),
+    st.lists(
+        st.sampled_from(sorted(flag_values)).flatmap(
+            lambda name: st.tuples(st.just(name), flag_values[name])
+        ),
+        max_size=5,
+    ),
+    st.sampled_from(["--", "—"]),
+)
+texts = st.one_of(st.text(max_size=80), realistic)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts)
+def test_any_text_parses_or_raises_only_prompt_error(text: str) -> None:
+    try:
+        recipes = parse(text)
+    except PromptError as error:
+        assert str(error).endswith((".", "?"))
+        return
+    assert 1 <= len(recipes) <= MAX_GENERATIONS
+    for recipe in recipes:
+        assert recipe.prompt and recipe.prompt == recipe.prompt.strip()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts)
+def test_formatting_a_parsed_recipe_parses_back_to_the_same_recipe(text: str) -> None:
+    try:
+        recipes = parse(text)
+    except PromptError:
+        return
+    for recipe in recipes:
+        assert parse(format_recipe(recipe)) == [recipe]
