@@ -29,7 +29,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from generation.loading import LoadedModel, Pipeline, load_model
+from generation.loading import LoadedModel, Pipeline, load_model, load_upscaler
 from generation.lora import LoraSet
 from generation.metadata import encode_png
 from generation.previews import latent_preview, preview_bytes, supports_preview
@@ -127,6 +127,7 @@ class Engine:
         lora_cache_size: int = 8,
         preview_every: int = 5,
         upscale_tile: int = 0,
+        upscaler: Pipeline | None = None,
     ) -> None:
         self.loaded = loaded
         self.pipe: Pipeline = loaded.pipe
@@ -136,17 +137,23 @@ class Engine:
         self.loras = LoraSet(self.pipe, lora_cache_size)
         self.preview_every = preview_every
         self.upscale_tile = upscale_tile or 2 * loaded.family.native_side
+        self.upscaler = upscaler
         self._default_scheduler = self.pipe.scheduler
         self._versions = library_versions()
 
     @classmethod
     def from_settings(cls, settings: Settings, model: str | None = None) -> Engine:
+        loaded = load_model(settings, model)
+        upscaler = None
+        if settings.upscaler:
+            upscaler = load_upscaler(settings, loaded.device, loaded.dtype)
         return cls(
-            load_model(settings, model),
+            loaded,
             styles=StyleRegistry.from_folder(settings.resolved_styles_dir),
             lora_cache_size=settings.lora_cache_size,
             preview_every=settings.preview_every,
             upscale_tile=settings.upscale_tile,
+            upscaler=upscaler,
         )
 
     @property
@@ -217,9 +224,15 @@ class Engine:
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> GeneratedImage:
-        """``source`` at ``recipe.scale`` × its size: Lanczos resize, then a tiled detail pass."""
+        """``source`` at ``recipe.scale`` × its size.
+
+        With a dedicated upscaler its output is fitted to the exact size; otherwise a
+        Lanczos resize gets a tiled img2img detail pass from the loaded model.
+        """
         scale = recipe.scale or 2
         target = (source.width * scale, source.height * scale)
+        if self.upscaler is not None:
+            return self._dedicated_upscale(recipe, source, target, progress, cancel)
         resized = source.convert("RGB").resize(target, Image.Resampling.LANCZOS)
         strength = recipe.strength or UPSCALE_STRENGTH
         recipe = _at_least_one_step(
@@ -319,10 +332,50 @@ class Engine:
         name: str = type(scheduler).__name__
         return name
 
+    def _dedicated_upscale(
+        self,
+        recipe: Recipe,
+        source: Image.Image,
+        target: tuple[int, int],
+        progress: ProgressCallback | None,
+        cancel: CancelToken | None,
+    ) -> GeneratedImage:
+        if cancel is not None and cancel.cancelled:
+            raise GenerationCancelled()
+        prompt, negative = recipe.prompt, recipe.negative_prompt
+        for ref in recipe.styles:  # their words, not their LoRAs: those fit the base model
+            prompt, negative = self.styles.get(ref.name).apply_to_prompt(prompt, negative)
+        on_step = self._step_callback(progress, cancel, total=recipe.steps, previews=False)
+        upscaler = self.upscaler
+        assert upscaler is not None
+        result = upscaler(
+            prompt=prompt,
+            negative_prompt=negative or None,
+            image=source.convert("RGB"),
+            num_inference_steps=recipe.steps,
+            guidance_scale=recipe.guidance,
+            generator=torch.Generator("cpu").manual_seed(recipe.seed),
+            callback=lambda step, t, latents: on_step(upscaler, step, t, {"latents": latents}),
+        )
+        image = result.images[0]
+        if image.size != target:  # e.g. the x4 upscaler asked for 2x
+            image = image.resize(target, Image.Resampling.LANCZOS)
+        final = self.complete_recipe(
+            recipe.model_copy(update={"count": 1, "width": target[0], "height": target[1]})
+        )
+        scheduler = type(upscaler.scheduler).__name__
+        return GeneratedImage(0, recipe.seed, image, encode_png(image, final, scheduler), final)
+
     def _step_callback(
-        self, progress: ProgressCallback | None, cancel: CancelToken | None
+        self,
+        progress: ProgressCallback | None,
+        cancel: CancelToken | None,
+        *,
+        total: int | None = None,
+        previews: bool = True,
     ) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
-        family = self.family.name
+        family = self.family.name if previews else ""
+        fixed_total = total
         every = self.preview_every
 
         def on_step_end(
@@ -331,7 +384,7 @@ class Engine:
             if cancel is not None and cancel.cancelled:
                 raise GenerationCancelled()
             if progress is not None:
-                total = int(getattr(pipe, "num_timesteps", 0) or step + 1)
+                total = fixed_total or int(getattr(pipe, "num_timesteps", 0) or step + 1)
                 done = step + 1
                 preview = None
                 if supports_preview(family) and (done % every == 0) and done < total:

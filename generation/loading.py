@@ -231,6 +231,28 @@ def quiet_libraries() -> None:
     hub_utils.disable_progress_bars()
 
 
+def load_upscaler(settings: Settings, device: torch.device, dtype: torch.dtype) -> Pipeline:
+    """The dedicated upscaler named by ``IMAGINE_UPSCALER``."""
+    from diffusers import DiffusionPipeline
+
+    assert settings.upscaler is not None
+    source = resolve_source(settings.upscaler, settings)
+    if source.kind == "single_file":
+        raise ConfigError(
+            f"IMAGINE_UPSCALER {settings.upscaler!r} is a single file; "
+            "an upscaler must be a diffusers folder or hub id."
+        )
+    pipe = DiffusionPipeline.from_pretrained(str(source.path), dtype=dtype)
+    if "Upscale" not in type(pipe).__name__:
+        raise ConfigError(
+            f"IMAGINE_UPSCALER {settings.upscaler!r} is a {type(pipe).__name__}, not an "
+            "upscaling pipeline; use e.g. stabilityai/stable-diffusion-x4-upscaler."
+        )
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def load_model(settings: Settings, model: str | None = None) -> LoadedModel:
     """Load the configured base model onto the chosen device, ready to run."""
     quiet_libraries()

@@ -15,8 +15,11 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
+    StableDiffusionUpscalePipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -28,7 +31,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
-TINY_MODELS = {"tiny": "sd", "tiny-sd": "sd", "tiny-sdxl": "sdxl"}
+TINY_MODELS = {"tiny": "sd", "tiny-sd": "sd", "tiny-sdxl": "sdxl", "tiny-upscaler": "upscaler"}
 _SEED = 0
 
 
@@ -137,9 +140,48 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
     )
 
 
+def build_tiny_upscaler() -> StableDiffusionUpscalePipeline:
+    """A tiny stand-in for stable-diffusion-x4-upscaler: 4x output, same components."""
+    torch.manual_seed(_SEED)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=7,  # 4 latent + 3 low-resolution image channels
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        only_cross_attention=(True, True, False),
+        num_class_embeds=100,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=32,
+    )
+    return StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(_text_config(projection=False)),
+        tokenizer=_tokenizer(),
+        unet=unet,
+        low_res_scheduler=DDPMScheduler(),
+        scheduler=DDIMScheduler(prediction_type="v_prediction"),
+        max_noise_level=99,
+    )
+
+
 def save_tiny_model(kind: str, folder: Path) -> Path:
-    """Build the tiny ``kind`` ("sd" or "sdxl") pipeline and save it as a diffusers folder."""
-    pipe: Any = build_tiny_sdxl() if kind == "sdxl" else build_tiny_sd()
+    """Build the tiny ``kind`` (sd, sdxl or upscaler) pipeline and save it as a diffusers folder."""
+    builders = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "upscaler": build_tiny_upscaler}
+    pipe: Any = builders[kind]()
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -97,6 +97,13 @@ class Settings(BaseSettings):
         default=True,
         description="Download a hub model missing from the local cache (off: offline only).",
     )
+    upscaler: str | None = Field(
+        default=None,
+        description=(
+            "Dedicated upscaler pipeline (hub id or folder, e.g. "
+            "stabilityai/stable-diffusion-x4-upscaler); empty: a detail pass with the base model."
+        ),
+    )
     lora_cache_size: int = Field(
         default=8, ge=1, description="Style LoRAs kept loaded on the GPU at once."
     )

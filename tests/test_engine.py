@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def test_each_png_carries_its_own_recipe(tiny_engine: Engine) -> None:
     assert embedded.model_hash == tiny_engine.model_hash
     assert embedded.model_family == "tiny-sd"
     assert {"diffusers", "torch"} <= set(embedded.versions)
-    with Image.open(__import__("io").BytesIO(images[3].png)) as png:
+    with Image.open(io.BytesIO(images[3].png)) as png:
         parameters = png.info["parameters"]
     assert parameters.startswith("a red bicycle on a beach\nNegative prompt: blurry\n")
     assert "Seed: 45" in parameters and "Sampler: EulerAncestralDiscreteScheduler" in parameters
@@ -105,7 +106,7 @@ def test_grid_image_is_two_by_two_and_carries_the_generation_recipe(tiny_engine:
     generation = recipe(width=96, height=64)
     images = tiny_engine.txt2img(generation)
     grid = compose_grid(images, generation)
-    with Image.open(__import__("io").BytesIO(grid)) as image:
+    with Image.open(io.BytesIO(grid)) as image:
         assert image.size == (192, 128)
         assert np.array_equal(pixels(image.crop((96, 64, 192, 128))), pixels(images[3].image))
     assert read_recipe(grid) == generation
@@ -225,7 +226,7 @@ def test_progress_reports_every_step_with_previews_every_k(tiny_engine: Engine) 
     assert with_preview == [2, 4]  # preview_every=2, none on the last step
     preview = events[1].preview
     assert preview is not None
-    with Image.open(__import__("io").BytesIO(preview)) as image:
+    with Image.open(io.BytesIO(preview)) as image:
         assert image.format == "JPEG" and max(image.size) <= 256
 
 
@@ -262,3 +263,25 @@ def test_tiny_sdxl_runs_through_the_same_code(engine_settings: Settings) -> None
     assert len(images) == 4
     assert engine.img2img_pipe.unet is engine.pipe.unet
     assert Path(engine.loaded.source.path, "model_index.json").is_file()
+
+
+def test_a_dedicated_upscaler_gives_exactly_twice_the_size(
+    engine_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    settings = engine_settings.model_copy(update={"upscaler": "tiny-upscaler"})
+    engine = Engine.from_settings(settings)
+    assert type(engine.upscaler).__name__ == "StableDiffusionUpscalePipeline"
+    source = engine.txt2img(recipe(count=1, width=96, height=64))[0].image
+    events: list[Progress] = []
+    upscaled = engine.upscale(recipe(width=96, height=64, scale=2), source, progress=events.append)
+    assert upscaled.image.size == (192, 128)  # the x4 stand-in's output fitted to 2x
+    assert [e.step for e in events] == [1, 2, 3, 4] and events[-1].total == 4
+    assert "Sampler: DDIMScheduler" in Image.open(io.BytesIO(upscaled.png)).info["parameters"]
+
+
+def test_an_upscaler_setting_that_is_no_upscaler_is_refused(engine_settings: Settings) -> None:
+    from storage.errors import ConfigError
+
+    settings = engine_settings.model_copy(update={"upscaler": "tiny"})
+    with pytest.raises(ConfigError, match="not an upscaling pipeline"):
+        Engine.from_settings(settings)

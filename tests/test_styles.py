@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from generation.engine import Engine
 from generation.metadata import read_recipe
@@ -186,7 +188,7 @@ def test_the_recipe_records_each_style_with_its_weight_and_hash(
     embedded = read_recipe(image.png)
     expected_hash = StyleRegistry.from_folder(styles_dir).get("neon").sha256
     assert embedded.styles == (StyleRef(name="neon", weight=0.7, sha256=expected_hash),)
-    with __import__("PIL.Image").Image.open(__import__("io").BytesIO(image.png)) as png:
+    with Image.open(io.BytesIO(image.png)) as png:
         assert "<lora:neon:0.7>" in png.info["parameters"]
         assert f"neon: {expected_hash[:12]}" in png.info["parameters"]
 
