@@ -70,14 +70,30 @@ async def run_generation(
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> JobOutcome:
-    """Run a queued generation to its end: succeeded, failed or cancelled.
+    """Claim a queued generation and run it to its end: succeeded, failed or cancelled.
 
     Raises :class:`~storage.errors.IllegalTransition` if the generation is not
     queued (another worker took it, or it was cancelled).
     """
-    started = time.perf_counter()
     async with database.session() as session:
         generation = await transition(session, generation_id, S.RUNNING, worker_name=worker_name)
+    return await execute_generation(
+        database, blobs, engine, generation, progress=progress, cancel=cancel
+    )
+
+
+async def execute_generation(
+    database: Database,
+    blobs: BlobStore,
+    engine: Engine,
+    generation: Generation,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> JobOutcome:
+    """Run a generation this worker has claimed (status running) and record the outcome."""
+    started = time.perf_counter()
+    generation_id = generation.id
     try:
         source = None
         if generation.recipe.source_image_id is not None:
@@ -115,6 +131,4 @@ async def run_generation(
         )
         await session.flush()
         generation = await transition(session, generation_id, S.SUCCEEDED)
-    seconds = time.perf_counter() - started
-    log.info("generation %s succeeded in %.2fs on %s", generation_id, seconds, worker_name)
-    return JobOutcome(generation, images, seconds)
+    return JobOutcome(generation, images, time.perf_counter() - started)

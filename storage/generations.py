@@ -85,6 +85,7 @@ async def create_generation(
     generation = Generation(
         kind=kind,
         recipe=recipe,
+        model=recipe.model,
         requester_id=requester_id,
         parent_image_id=parent_image_id,
         guild_id=origin.guild_id,
@@ -228,3 +229,32 @@ async def count_by_status(session: AsyncSession, requester_id: int) -> dict[Gene
         .group_by(Generation.status)
     )
     return {status: count for status, count in rows.all()}
+
+
+async def request_cancel(session: AsyncSession, generation_id: int) -> Generation:
+    """Cancel a generation: a queued one at once, a running one by flagging it for its worker.
+
+    A finished generation is returned unchanged.
+    """
+    generation = await get_generation(session, generation_id)
+    if generation.status is S.QUEUED:
+        try:
+            return await transition(session, generation_id, S.CANCELLED)
+        except IllegalTransition:  # a worker claimed it meanwhile: flag it below
+            generation = await get_generation(session, generation_id)
+    if generation.status is S.RUNNING:
+        await session.execute(
+            update(Generation)
+            .where(Generation.id == generation_id, Generation.cancel_requested_at.is_(None))
+            .values(cancel_requested_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        generation = await get_generation(session, generation_id)
+    return generation
+
+
+async def cancel_requested(session: AsyncSession, generation_id: int) -> bool:
+    requested = await session.scalar(
+        select(Generation.cancel_requested_at).where(Generation.id == generation_id)
+    )
+    return requested is not None

@@ -175,6 +175,8 @@ class Generation(Base):
     interaction_token: Mapped[str | None] = mapped_column(Text)
     interaction_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     recipe: Mapped[Recipe] = mapped_column(RecipeType)
+    # The base model the job needs: workers only claim jobs for the model they hold.
+    model: Mapped[str] = mapped_column(String(512), default="", index=True)
     status: Mapped[GenerationStatus] = mapped_column(
         _enum(GenerationStatus, "generation_status"), default=GenerationStatus.QUEUED
     )
@@ -186,6 +188,7 @@ class Generation(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     images: Mapped[list[Image]] = relationship(
         back_populates="generation",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +120,38 @@ def test_styles_lists_an_empty_folder_helpfully(data_dir: Path) -> None:
     result = run_imagine("styles", data_dir=data_dir)
     assert result.returncode == 0, result.stderr
     assert "no styles in" in result.stdout
+
+
+def test_no_wait_status_cancel_and_a_worker_process(data_dir: Path) -> None:
+    queued = run_imagine(
+        "generate", "a fox {red, blue}", "--no-wait", "--model", "tiny", data_dir=data_dir
+    )
+    assert queued.returncode == 0, queued.stderr
+    first, second = (int(line) for line in queued.stdout.split())
+    status = run_imagine("status", str(second), data_dir=data_dir)
+    assert "queued, #2 in line" in status.stdout
+    cancelled = run_imagine("cancel", str(second), data_dir=data_dir)
+    assert f"generation {second}: cancelled" in cancelled.stdout
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGINE_")}
+    env |= {"IMAGINE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    worker = subprocess.Popen(
+        [str(IMAGINE), "worker", "--model", "tiny", "--name", "test-worker"],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if "succeeded" in run_imagine("status", str(first), data_dir=data_dir).stdout:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the worker did not run the queued generation")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=60)
+    assert worker.returncode == 0, stderr
+    assert f"generation {first} succeeded in" in stderr and "on test-worker" in stderr
+    assert run_imagine("status", str(second), data_dir=data_dir).stdout.endswith("cancelled\n")

@@ -50,3 +50,33 @@ async def test_models_and_migration_history_agree(database: Database) -> None:
 async def test_state_describes_what_to_do(empty_database: Database) -> None:
     described = (await runner.state(empty_database)).describe()
     assert "run `imagine db upgrade`" in described
+
+
+async def test_0002_fills_in_the_model_of_existing_jobs(empty_database: Database) -> None:
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    now = datetime(2026, 11, 22, tzinfo=UTC)
+    await runner.upgrade(empty_database, "0001")
+    recipe = (
+        '{"model": "old/model", "prompt": "p", "seed": 1, "width": 64, "height": 64, '
+        '"steps": 1, "guidance": 1.0}'
+    )
+    async with empty_database.session() as session:
+        await session.execute(
+            text("INSERT INTO users (id, settings, created_at) VALUES (1, '{}', :now)"),
+            {"now": now},
+        )
+        await session.execute(
+            text(
+                "INSERT INTO generations (kind, requester_id, recipe, status, priority, attempts,"
+                " queued_at) VALUES ('imagine', 1, :recipe, 'queued', 0, 0, :now)"
+            ),
+            {"recipe": recipe, "now": now},
+        )
+    await runner.upgrade(empty_database)
+    async with empty_database.session() as session:
+        assert (await session.execute(text("SELECT model FROM generations"))).scalar() == (
+            "old/model"
+        )

@@ -16,7 +16,7 @@ from storage.errors import ImagineError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bot.cli import db, local
+    from bot.cli import db, local, queue
 
     parser = argparse.ArgumentParser(
         prog="imagine",
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     db.register(commands)
     local.register(commands)
+    queue.register(commands)
     return parser
 
 

@@ -34,6 +34,11 @@ def register(commands: Any) -> None:
         commands, "generate", "generate a grid from a prompt with --flags, without Discord"
     )
     generate.add_argument("prompt", help='e.g. "a red bicycle on a beach --ar 3:2 --seed 42"')
+    generate.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="only queue it (a running bot or `imagine worker` runs it); print its id",
+    )
     generate.set_defaults(handler=_generate)
 
     upscale = _running_command(commands, "upscale", "upscale one image 2x")
@@ -185,7 +190,24 @@ def _generate(args: argparse.Namespace) -> int:
     family = configured_family(settings.model, settings.model_family)
     defaults = PromptDefaults(model=settings.model, family=family)
     recipes = parse_prompt(args.prompt, defaults, known_styles=registry.names())
+    if args.no_wait:
+        return asyncio.run(_submit_only(settings, recipes))
     return asyncio.run(_submit_and_run(settings, GenerationKind.IMAGINE, recipes, args.out))
+
+
+async def _submit_only(settings: Settings, recipes: list[Recipe]) -> int:
+    from bot.cli.queue import make_queue
+    from storage.queue import Submission
+
+    runtime = await open_runtime(settings)
+    try:
+        queue = make_queue(runtime)
+        for recipe in recipes:
+            submission = Submission(GenerationKind.IMAGINE, recipe, LOCAL_USER_ID)
+            print((await queue.submit(submission)).id)
+    finally:
+        await runtime.close()
+    return 0
 
 
 async def _parent(settings: Settings, image_id: int) -> tuple[Recipe, int, int, int]:

@@ -1,0 +1,143 @@
+"""The embedded worker: claims jobs from an :class:`EmbeddedQueue` and runs them here.
+
+One job at a time on one engine; the engine runs on a thread, so the event loop
+(and the Discord bot beside it) stays responsive. Rows left running by a
+previous process are re-queued at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from generation.engine import CancelToken, Engine, Progress
+from generation.jobs import JobOutcome, execute_generation
+from storage.blobs import BlobStore
+from storage.generations import cancel_requested
+from storage.models import Generation, GenerationStatus
+from storage.queue import (
+    EmbeddedQueue,
+    JobCancelled,
+    JobFailed,
+    JobProgress,
+    JobStarted,
+    JobSucceeded,
+)
+from storage.scheduling import claim_next, requeue_orphans
+
+log = logging.getLogger(__name__)
+S = GenerationStatus
+IDLE_POLL_SECONDS = 1.0
+CANCEL_POLL_SECONDS = 0.5
+
+
+class EmbeddedWorker:
+    def __init__(
+        self,
+        queue: EmbeddedQueue,
+        blobs: BlobStore,
+        engine: Engine,
+        *,
+        name: str = "embedded",
+        max_attempts: int = 3,
+    ) -> None:
+        self.queue = queue
+        self.blobs = blobs
+        self.engine = engine
+        self.name = name
+        self.max_attempts = max_attempts
+
+    async def recover(self) -> list[int]:
+        async with self.queue.database.session() as session:
+            orphans = await requeue_orphans(session, self.max_attempts)
+        if orphans:
+            log.warning("re-queued %d generation(s) left running: %s", len(orphans), orphans)
+        return orphans
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run jobs until ``stop`` is set; the job in hand is finished first."""
+        await self.recover()
+        while not stop.is_set():
+            outcome = await self.run_one()
+            if outcome is None:
+                self.queue.wakeup.clear()
+                waiters = [asyncio.ensure_future(e.wait()) for e in (stop, self.queue.wakeup)]
+                await asyncio.wait(
+                    waiters, timeout=IDLE_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
+                )
+                for waiter in waiters:
+                    waiter.cancel()
+
+    async def run_one(self) -> JobOutcome | None:
+        """Claim and run the next job in the fair order; ``None`` when none can run."""
+        async with self.queue.database.session() as session:
+            generation = await claim_next(
+                session, self.name, self.queue.limits, self.engine.model_id
+            )
+        if generation is None:
+            return None
+        generation_id = generation.id
+        self.queue.publish(JobStarted(generation_id=generation_id, worker_name=self.name))
+        token = CancelToken()
+        self.queue.on_cancel(generation_id, token.cancel)
+        watcher = asyncio.create_task(self._watch_for_cancel(generation_id, token))
+        try:
+            outcome = await execute_generation(
+                self.queue.database,
+                self.blobs,
+                self.engine,
+                generation,
+                progress=self._progress_publisher(generation_id),
+                cancel=token,
+            )
+        finally:
+            watcher.cancel()
+            self.queue.on_cancel(generation_id, None)
+        finished = outcome.generation
+        if finished.status is S.SUCCEEDED:
+            image_ids = [image.id for image in finished.images]
+            self.queue.publish(JobSucceeded(generation_id=generation_id, image_ids=image_ids))
+        elif finished.status is S.CANCELLED:
+            self.queue.publish(JobCancelled(generation_id=generation_id))
+        else:
+            self.queue.publish(
+                JobFailed(generation_id=generation_id, error=finished.error or "unknown error")
+            )
+        log.info(
+            "generation %s %s in %.2fs (queued %.2fs before) on %s",
+            generation_id,
+            finished.status.value,
+            outcome.seconds,
+            _waited(finished),
+            self.name,
+        )
+        return outcome
+
+    async def _watch_for_cancel(self, generation_id: int, token: CancelToken) -> None:
+        """Another process (``imagine cancel``) flags the row; stop the run when it does."""
+        while not token.cancelled:
+            await asyncio.sleep(CANCEL_POLL_SECONDS)
+            async with self.queue.database.session() as session:
+                if await cancel_requested(session, generation_id):
+                    token.cancel()
+
+    def _progress_publisher(self, generation_id: int) -> Callable[[Progress], None]:
+        loop = asyncio.get_running_loop()
+
+        def publish(progress: Progress) -> None:  # called on the engine's thread
+            event = JobProgress(
+                generation_id=generation_id,
+                step=progress.step,
+                total=progress.total,
+                preview=progress.preview,
+            )
+            loop.call_soon_threadsafe(self.queue.publish, event)
+
+        return publish
+
+
+def _waited(generation: Generation) -> float:
+    if generation.started_at is None:
+        return 0.0
+    return (generation.started_at - generation.queued_at).total_seconds()

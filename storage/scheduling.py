@@ -1,0 +1,181 @@
+"""Fair claiming: which queued generation runs next, and where a generation stands.
+
+The order is round-robin across users: each user's queued jobs are numbered
+1, 2, 3... (their *turn*); lower turns go first, and between equal turns the
+user who started a job least recently goes first. So if user A queues ten jobs
+and then user B one, B's job runs second. Users at their running limit are
+skipped. The same order gives positions and waits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.errors import IllegalTransition, ImagineError
+from storage.generations import get_generation, transition
+from storage.models import Generation, GenerationStatus, Guild
+
+S = GenerationStatus
+DEFAULT_JOB_SECONDS = 10.0
+RECENT_JOBS = 20
+
+
+class QueueFull(ImagineError):
+    """A user asked for more jobs than their limits allow."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_running_per_user: int
+    max_queued_per_user: int
+
+
+@dataclass(frozen=True)
+class QueuePosition:
+    generation_id: int
+    status: GenerationStatus
+    position: int  # 1 runs next; 0 when the generation is not waiting
+    estimated_wait_seconds: float
+
+
+def fair_order(max_running: int | None = None, model: str | None = None) -> Select[int]:
+    """Ids of queued generations in the order they should run."""
+    turn = (
+        func.row_number()
+        .over(
+            partition_by=Generation.requester_id,
+            order_by=(Generation.priority.desc(), Generation.queued_at, Generation.id),
+        )
+        .label("turn")
+    )
+    waiting = select(
+        Generation.id,
+        Generation.requester_id,
+        Generation.priority,
+        Generation.queued_at,
+        turn,
+    ).where(Generation.status == S.QUEUED)
+    if model is not None:
+        waiting = waiting.where(Generation.model == model)
+    queued = waiting.subquery("queued")
+    earlier = Generation.__table__.alias("earlier")
+    last_start = (
+        select(func.max(earlier.c.started_at))
+        .where(earlier.c.requester_id == queued.c.requester_id)
+        .scalar_subquery()
+    )
+    query = select(queued.c.id).order_by(
+        queued.c.turn,
+        last_start.is_not(None),  # users who never ran anything first
+        last_start,
+        queued.c.priority.desc(),
+        queued.c.queued_at,
+        queued.c.id,
+    )
+    if max_running is not None:
+        busy = (
+            select(Generation.requester_id)
+            .where(Generation.status == S.RUNNING)
+            .group_by(Generation.requester_id)
+            .having(func.count() >= max_running)
+        )
+        query = query.where(queued.c.requester_id.not_in(busy))
+    return query
+
+
+async def claim_next(
+    session: AsyncSession, worker_name: str, limits: Limits, model: str | None = None
+) -> Generation | None:
+    """Move the fairest runnable queued generation to running; ``None`` if there is none.
+
+    With ``model``, only jobs for that base model are considered (a queue per model).
+
+    A generation another worker took first is skipped, so racing workers never
+    run the same job.
+    """
+    candidates = list(
+        await session.scalars(fair_order(limits.max_running_per_user, model).limit(5))
+    )
+    for generation_id in candidates:
+        try:
+            return await transition(session, generation_id, S.RUNNING, worker_name=worker_name)
+        except IllegalTransition:
+            continue
+    return None
+
+
+async def check_limits(
+    session: AsyncSession, requester_id: int, guild_id: int | None, limits: Limits
+) -> None:
+    """Refuse a submission over the user's queued limit (a guild may lower or raise it)."""
+    max_queued = limits.max_queued_per_user
+    if guild_id is not None:
+        guild = await session.get(Guild, guild_id)
+        if guild is not None and guild.max_queued_per_user is not None:
+            max_queued = guild.max_queued_per_user
+    waiting = await session.scalar(
+        select(func.count())
+        .select_from(Generation)
+        .where(Generation.requester_id == requester_id, Generation.status == S.QUEUED)
+    )
+    if (waiting or 0) >= max_queued:
+        jobs = "job is" if waiting == 1 else "jobs are"
+        raise QueueFull(
+            f"{waiting} of your {jobs} already waiting, the most allowed here is {max_queued}; "
+            "wait for one to finish or cancel one with /cancel."
+        )
+
+
+async def recent_job_seconds(session: AsyncSession) -> float:
+    """Median-free average duration of the last finished jobs (a default when none)."""
+    rows = await session.execute(
+        select(Generation.started_at, Generation.finished_at)
+        .where(Generation.status == S.SUCCEEDED, Generation.started_at.is_not(None))
+        .order_by(Generation.finished_at.desc())
+        .limit(RECENT_JOBS)
+    )
+    durations = [
+        (finished - started).total_seconds()
+        for started, finished in rows.all()
+        if started is not None and finished is not None
+    ]
+    return sum(durations) / len(durations) if durations else DEFAULT_JOB_SECONDS
+
+
+async def position_of(session: AsyncSession, generation_id: int, workers: int = 1) -> QueuePosition:
+    """Where a generation stands: its place in the fair order and an estimated wait."""
+    generation = await get_generation(session, generation_id)
+    if generation.status is not S.QUEUED:
+        return QueuePosition(generation_id, generation.status, 0, 0.0)
+    order = list(await session.scalars(fair_order()))
+    position = order.index(generation_id) + 1
+    seconds = await recent_job_seconds(session)
+    running = await session.scalar(
+        select(func.count()).select_from(Generation).where(Generation.status == S.RUNNING)
+    )
+    workers = max(1, workers)
+    # Jobs ahead finish `workers` at a time; a running one is on average half done.
+    wait = (position - 1) * seconds / workers + (seconds / 2 if running else 0.0)
+    return QueuePosition(generation_id, S.QUEUED, position, wait)
+
+
+async def requeue_orphans(session: AsyncSession, max_attempts: int) -> list[int]:
+    """Running rows left by a dead process: back to queued, or failed after too many tries."""
+    orphans = list(
+        await session.scalars(select(Generation.id).where(Generation.status == S.RUNNING))
+    )
+    for generation_id in orphans:
+        generation = await get_generation(session, generation_id)
+        if generation.attempts >= max_attempts:
+            await transition(
+                session,
+                generation_id,
+                S.FAILED,
+                error=f"The worker stopped {generation.attempts} times while running this job.",
+            )
+        else:
+            await transition(session, generation_id, S.QUEUED)
+    return orphans
