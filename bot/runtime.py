@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from storage.blobs import LocalBlobStore
+from storage.blobs import BlobStore, DatabaseBlobStore, LocalBlobStore
 from storage.database import Database, ensure_writable_dir
 from storage.errors import ConfigError
 from storage.settings import Settings
@@ -14,10 +14,21 @@ from storage.settings import Settings
 class Runtime:
     settings: Settings
     database: Database
-    blobs: LocalBlobStore
+    blobs: BlobStore
 
     async def close(self) -> None:
         await self.database.dispose()
+
+
+def make_blob_store(settings: Settings, database: Database) -> BlobStore:
+    kind = settings.blob_store
+    if kind == "auto":
+        kind = "folder" if settings.is_embedded else "database"
+    if kind == "database":
+        return DatabaseBlobStore(database)
+    store = LocalBlobStore(settings.resolved_blob_dir)
+    store.ensure_writable()
+    return store
 
 
 async def open_runtime(settings: Settings) -> Runtime:
@@ -38,8 +49,7 @@ async def open_runtime(settings: Settings) -> Runtime:
             state = await runner.state(database)
             if not state.is_current:
                 raise ConfigError(f"The database is not at the newest schema ({state.describe()}).")
-        blobs = LocalBlobStore(settings.resolved_blob_dir)
-        blobs.ensure_writable()
+        blobs = make_blob_store(settings, database)
     except BaseException:
         await database.dispose()
         raise

@@ -13,9 +13,15 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 
 from storage.errors import BlobNotFound, ConfigError
+
+if TYPE_CHECKING:
+    from storage.database import Database
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 
@@ -114,3 +120,51 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DatabaseBlobStore:
+    """Blobs as rows of the ``blobs`` table: every worker that reaches the database can share them.
+
+    Meant for PostgreSQL (``bytea``); a row is written in one transaction, so a crash
+    leaves either the whole blob or none.
+    """
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    async def put(self, data: bytes) -> str:
+        from storage.models import Blob, utcnow
+
+        key = blob_key(data)
+        async with self.database.session() as session:
+            if await session.get(Blob, key) is None:
+                try:
+                    async with session.begin_nested():
+                        session.add(Blob(key=key, data=data, size=len(data), created_at=utcnow()))
+                except IntegrityError:  # the same bytes stored concurrently: same key, same data
+                    pass
+        return key
+
+    async def get(self, key: str) -> bytes:
+        from storage.models import Blob
+
+        check_key(key)
+        async with self.database.session() as session:
+            data = await session.scalar(select(Blob.data).where(Blob.key == key))
+        if data is None:
+            raise BlobNotFound(f"No blob is stored under {key}.")
+        return bytes(data)
+
+    async def exists(self, key: str) -> bool:
+        from storage.models import Blob
+
+        check_key(key)
+        async with self.database.session() as session:
+            return await session.scalar(select(Blob.key).where(Blob.key == key)) is not None
+
+    async def delete(self, key: str) -> None:
+        from storage.models import Blob
+
+        check_key(key)
+        async with self.database.session() as session:
+            await session.execute(delete(Blob).where(Blob.key == key))

@@ -65,6 +65,13 @@ class Settings(BaseSettings):
             "postgresql+asyncpg://user:password@host:5432/name switches to the scaled mode."
         ),
     )
+    blob_store: Literal["auto", "folder", "database"] = Field(
+        default="auto",
+        description=(
+            "Where images and LoRAs are kept: a folder, or the database (so workers on "
+            "other machines share them). auto: folder on SQLite, database on PostgreSQL."
+        ),
+    )
     blob_dir: Path | None = Field(
         default=None,
         description="Folder for image and LoRA files. Empty: <data_dir>/blobs.",

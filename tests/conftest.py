@@ -13,6 +13,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,17 +66,15 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-async def database_url(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> AsyncIterator[URL]:
-    """The URL of a new, empty database on ``backend``."""
+@asynccontextmanager
+async def new_database(backend: str, tmp_path: Path, admin: URL | None) -> AsyncIterator[URL]:
+    """A new, empty database on ``backend`` (dropped afterwards on PostgreSQL)."""
     if backend == "sqlite":
-        yield make_url(f"sqlite+aiosqlite:///{tmp_path / 'imagine.db'}")
+        yield make_url(f"sqlite+aiosqlite:///{tmp_path / f'imagine-{uuid.uuid4().hex[:8]}.db'}")
         return
     import asyncpg
 
-    admin: URL = request.getfixturevalue("postgres_admin_url")
+    assert admin is not None
     name = f"imagine_test_{uuid.uuid4().hex[:12]}"
     connection = await asyncpg.connect(_asyncpg_dsn(admin))
     try:
@@ -90,6 +89,32 @@ async def database_url(
             await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await connection.close()
+
+
+@asynccontextmanager
+async def migrated_database(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Database]:
+    from migrations import runner
+
+    admin = request.getfixturevalue("postgres_admin_url") if backend == "postgresql" else None
+    async with new_database(backend, tmp_path, admin) as url:
+        database = Database(url)
+        try:
+            await runner.upgrade(database)
+            yield database
+        finally:
+            await database.dispose()
+
+
+@pytest.fixture
+async def database_url(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[URL]:
+    """The URL of a new, empty database on ``backend``."""
+    admin = request.getfixturevalue("postgres_admin_url") if backend == "postgresql" else None
+    async with new_database(backend, tmp_path, admin) as url:
+        yield url
 
 
 @pytest.fixture

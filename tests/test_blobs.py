@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from storage.blobs import BlobStore, LocalBlobStore, blob_key
+from storage.blobs import BlobStore, DatabaseBlobStore, LocalBlobStore, blob_key
 from storage.errors import BlobNotFound, ConfigError
+from tests.conftest import migrated_database
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> LocalBlobStore:
+def local_store(tmp_path: Path) -> LocalBlobStore:
     return LocalBlobStore(tmp_path / "blobs")
 
 
-async def test_put_get_exists_delete(store: LocalBlobStore) -> None:
+@pytest.fixture(params=["local", "database-sqlite", "database-postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
+    """Every BlobStore implementation; the database one on SQLite and PostgreSQL."""
+    if request.param == "local":
+        yield LocalBlobStore(tmp_path / "blobs")
+        return
+    backend = request.param.removeprefix("database-")
+    async with migrated_database(backend, tmp_path, request) as database:
+        yield DatabaseBlobStore(database)
+
+
+async def test_put_get_exists_delete(store: BlobStore) -> None:
     assert isinstance(store, BlobStore)
     data = b"\x89PNG fake image bytes"
     key = await store.put(data)
@@ -29,28 +43,41 @@ async def test_put_get_exists_delete(store: LocalBlobStore) -> None:
     await store.delete(key)  # deleting twice is harmless
 
 
-async def test_same_bytes_same_key_stored_once(store: LocalBlobStore) -> None:
-    first = await store.put(b"same")
-    second = await store.put(b"same")
+async def test_same_bytes_same_key_stored_once(local_store: LocalBlobStore) -> None:
+    first = await local_store.put(b"same")
+    second = await local_store.put(b"same")
     assert first == second
-    files = [p for p in store.root.rglob("*") if p.is_file()]
+    files = [p for p in local_store.root.rglob("*") if p.is_file()]
     assert len(files) == 1
 
 
-async def test_missing_blob_is_not_found(store: LocalBlobStore) -> None:
+async def test_concurrent_puts_of_the_same_bytes_agree(store: BlobStore) -> None:
+    keys = await asyncio.gather(*(store.put(b"popular image") for _ in range(5)))
+    assert len(set(keys)) == 1
+    assert await store.get(keys[0]) == b"popular image"
+
+
+async def test_large_blobs_round_trip(store: BlobStore) -> None:
+    data = os.urandom(3 * 1024 * 1024)
+    assert await store.get(await store.put(data)) == data
+
+
+async def test_missing_blob_is_not_found(store: BlobStore) -> None:
     with pytest.raises(BlobNotFound, match="No blob"):
         await store.get("0" * 64)
 
 
 @pytest.mark.parametrize("key", ["../../etc/passwd", "A" * 64, "abc", "0" * 63 + "/"])
-async def test_keys_that_are_not_hashes_are_refused(store: LocalBlobStore, key: str) -> None:
+async def test_keys_that_are_not_hashes_are_refused(store: BlobStore, key: str) -> None:
     with pytest.raises(ValueError, match="not a blob key"):
         await store.get(key)
 
 
 async def test_a_failed_write_leaves_no_blob_and_no_temporary_file(
-    store: LocalBlobStore, monkeypatch: pytest.MonkeyPatch
+    local_store: LocalBlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    store = local_store
+
     def broken_fsync(fd: int) -> None:
         raise OSError(5, "Input/output error")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy.engine import URL
 
 IMAGINE = Path(sys.executable).parent / "imagine"
 PROMPT = "a red bicycle on a beach --ar 3:2 --seed 42"
@@ -155,3 +156,27 @@ def test_no_wait_status_cancel_and_a_worker_process(data_dir: Path) -> None:
     assert worker.returncode == 0, stderr
     assert f"generation {first} succeeded in" in stderr and "on test-worker" in stderr
     assert run_imagine("status", str(second), data_dir=data_dir).stdout.endswith("cancelled\n")
+
+
+def test_generate_against_the_configured_database_url(database_url: URL, tmp_path: Path) -> None:
+    """On PostgreSQL the images go to the database blob store, readable by any worker."""
+    env = {
+        "IMAGINE_DATABASE_URL": database_url.render_as_string(hide_password=False),
+        "IMAGINE_DATA_DIR": str(tmp_path),
+        "HF_HUB_OFFLINE": "1",
+    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith("IMAGINE_")}
+
+    def imagine(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(IMAGINE), *args], env=base | env, capture_output=True, text=True, timeout=300
+        )
+
+    assert imagine("db", "upgrade").returncode == 0
+    made = imagine("generate", "a lantern --seed 9", "--model", "tiny")
+    assert made.returncode == 0, made.stderr
+    generation_id, _ = _ids(made.stdout)
+    shown = imagine("show", str(generation_id))
+    assert "seed 9" in shown.stdout
+    stored_in_database = database_url.get_backend_name() == "postgresql"
+    assert (tmp_path / "blobs").exists() is not stored_in_database

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot.runtime import Runtime, open_runtime
+from storage.blobs import LocalBlobStore
 from storage.errors import ImagineError
 from storage.families import configured_family
 from storage.generations import create_generation, get_generation, get_image
@@ -301,8 +302,11 @@ def _show(args: argparse.Namespace) -> int:
         print(f"model: {recipe.model} (hash {recipe.model_hash or 'unknown'})")
         print(f"size: {recipe.width}x{recipe.height}, steps {recipe.steps}, cfg {recipe.guidance}")
         for image in generation.images:
-            path = runtime.blobs.path_for(image.blob_key)
-            print(f"image {image.id}: #{image.index + 1} seed {image.seed} {path}")
+            blobs = runtime.blobs
+            where = blobs.path_for(image.blob_key) if isinstance(blobs, LocalBlobStore) else ""
+            print(
+                f"image {image.id}: #{image.index + 1} seed {image.seed} {where or image.blob_key}"
+            )
         print(f"recipe: {recipe.to_json()}")
         return 0
 
