@@ -11,7 +11,16 @@ from migrations import runner
 from storage.database import Database
 from storage.models import Base
 
-TABLES = {"users", "guilds", "generations", "generation_styles", "images", "styles", "likes"}
+TABLES = {
+    "users",
+    "guilds",
+    "generations",
+    "generation_styles",
+    "images",
+    "styles",
+    "likes",
+    "blobs",
+}
 
 
 def _tables(connection: Connection) -> set[str]:
