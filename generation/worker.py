@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 
 from generation.engine import CancelToken, Engine, Progress
 from generation.jobs import JobOutcome, execute_generation
@@ -24,7 +25,7 @@ from storage.queue import (
     JobStarted,
     JobSucceeded,
 )
-from storage.scheduling import claim_next, requeue_orphans
+from storage.scheduling import claim_next, heartbeat, requeue_orphans
 
 log = logging.getLogger(__name__)
 S = GenerationStatus
@@ -41,23 +42,56 @@ class EmbeddedWorker:
         *,
         name: str = "embedded",
         max_attempts: int = 3,
+        heartbeat_seconds: float = 5.0,
+        stale_seconds: float = 30.0,
     ) -> None:
         self.queue = queue
         self.blobs = blobs
         self.engine = engine
         self.name = name
         self.max_attempts = max_attempts
+        self.heartbeat_seconds = heartbeat_seconds
+        self.stale_after = timedelta(seconds=stale_seconds)
 
-    async def recover(self) -> list[int]:
+    async def beat(self) -> None:
         async with self.queue.database.session() as session:
-            orphans = await requeue_orphans(session, self.max_attempts)
+            await heartbeat(session, self.name, self.engine.model_id)
+
+    async def recover(self, *, at_start: bool = True) -> list[int]:
+        """Re-queue jobs of dead workers (at start: also this worker's own, from before)."""
+        async with self.queue.database.session() as session:
+            orphans = await requeue_orphans(
+                session,
+                self.max_attempts,
+                stale_after=self.stale_after,
+                own_name=self.name if at_start else None,
+            )
         if orphans:
-            log.warning("re-queued %d generation(s) left running: %s", len(orphans), orphans)
+            log.warning("re-queued %d generation(s) of stopped workers: %s", len(orphans), orphans)
+            self.queue.wakeup.set()
         return orphans
+
+    async def _keep_alive(self) -> None:
+        """Heartbeats, and a sweep for jobs of workers that went quiet."""
+        beats = 0
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds)
+            await self.beat()
+            beats += 1
+            if beats % 2 == 0:
+                await self.recover(at_start=False)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run jobs until ``stop`` is set; the job in hand is finished first."""
+        await self.beat()
         await self.recover()
+        keep_alive = asyncio.create_task(self._keep_alive())
+        try:
+            await self._loop(stop)
+        finally:
+            keep_alive.cancel()
+
+    async def _loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             outcome = await self.run_one()
             if outcome is None:

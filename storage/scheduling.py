@@ -10,17 +10,19 @@ skipped. The same order gives positions and waits.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.errors import IllegalTransition, ImagineError
 from storage.generations import get_generation, transition
-from storage.models import Generation, GenerationStatus, Guild
+from storage.models import Generation, GenerationStatus, Guild, Worker, utcnow
 
 S = GenerationStatus
 DEFAULT_JOB_SECONDS = 10.0
 RECENT_JOBS = 20
+STALE_WORKER = timedelta(seconds=30)  # six missed heartbeats
 
 
 class QueueFull(ImagineError):
@@ -162,20 +164,56 @@ async def position_of(session: AsyncSession, generation_id: int, workers: int = 
     return QueuePosition(generation_id, S.QUEUED, position, wait)
 
 
-async def requeue_orphans(session: AsyncSession, max_attempts: int) -> list[int]:
-    """Running rows left by a dead process: back to queued, or failed after too many tries."""
+async def heartbeat(session: AsyncSession, name: str, model: str) -> None:
+    """Record that worker ``name`` is alive (creating its row on the first beat)."""
+    worker = await session.get(Worker, name)
+    now = utcnow()
+    if worker is None:
+        session.add(Worker(name=name, model=model, started_at=now, heartbeat_at=now))
+    else:
+        worker.heartbeat_at = now
+        worker.model = model
+    await session.flush()
+
+
+async def requeue_orphans(
+    session: AsyncSession,
+    max_attempts: int,
+    *,
+    stale_after: timedelta = STALE_WORKER,
+    own_name: str | None = None,
+) -> list[int]:
+    """Running rows whose worker is gone: back to queued, or failed after too many tries.
+
+    A worker is gone when its last heartbeat is older than ``stale_after`` (or it
+    never beat). Rows of ``own_name`` are orphans too: that is a restart under the
+    same name, and this process holds no job yet.
+    """
+    alive = select(Worker.name).where(Worker.heartbeat_at >= utcnow() - stale_after)
+    if own_name is not None:
+        alive = alive.where(Worker.name != own_name)
     orphans = list(
-        await session.scalars(select(Generation.id).where(Generation.status == S.RUNNING))
+        await session.scalars(
+            select(Generation.id).where(
+                Generation.status == S.RUNNING,
+                or_(Generation.worker_name.is_(None), Generation.worker_name.not_in(alive)),
+            )
+        )
     )
     for generation_id in orphans:
         generation = await get_generation(session, generation_id)
-        if generation.attempts >= max_attempts:
-            await transition(
-                session,
-                generation_id,
-                S.FAILED,
-                error=f"The worker stopped {generation.attempts} times while running this job.",
-            )
-        else:
-            await transition(session, generation_id, S.QUEUED)
+        try:
+            if generation.attempts >= max_attempts:
+                await transition(
+                    session,
+                    generation_id,
+                    S.FAILED,
+                    error=(
+                        f"The worker stopped {generation.attempts} times while running this job."
+                    ),
+                )
+            else:
+                await transition(session, generation_id, S.QUEUED)
+        except IllegalTransition:  # it finished meanwhile
+            continue
     return orphans

@@ -122,6 +122,14 @@ class Settings(BaseSettings):
         ge=0,
         description="Tile side for the upscale detail pass; 0: twice the model's native side.",
     )
+    worker_heartbeat_seconds: float = Field(
+        default=5.0, gt=0, description="Seconds between two heartbeats of a worker."
+    )
+    worker_stale_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A worker silent this long is taken for dead and its job runs elsewhere.",
+    )
     max_running_per_user: int = Field(
         default=1, ge=1, description="Jobs one user may have running at once."
     )

@@ -20,6 +20,7 @@ TABLES = {
     "styles",
     "likes",
     "blobs",
+    "workers",
 }
 
 

@@ -94,7 +94,14 @@ def _worker(args: argparse.Namespace) -> int:
         runtime = await open_runtime(settings)
         try:
             engine = _load_engine(settings)
-            worker = EmbeddedWorker(make_queue(runtime), runtime.blobs, engine, name=name)
+            worker = EmbeddedWorker(
+                make_queue(runtime),
+                runtime.blobs,
+                engine,
+                name=name,
+                heartbeat_seconds=settings.worker_heartbeat_seconds,
+                stale_seconds=settings.worker_stale_seconds,
+            )
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,131 @@
+"""Real `imagine worker` processes on PostgreSQL: a worker killed mid-job loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.engine import URL
+
+from storage.database import Database
+from storage.generations import get_generation, mark_delivered
+from storage.models import Generation, GenerationKind, GenerationStatus
+from storage.queue import EmbeddedQueue, Submission
+from storage.recipe import Recipe
+from storage.scheduling import Limits, heartbeat, requeue_orphans
+from tests.conftest import migrated_database
+
+S = GenerationStatus
+IMAGINE = Path(sys.executable).parent / "imagine"
+
+
+def start_worker(url: URL, name: str, data_dir: Path) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGINE_")}
+    env |= {
+        "IMAGINE_DATABASE_URL": url.render_as_string(hide_password=False),
+        "IMAGINE_DATA_DIR": str(data_dir),
+        "IMAGINE_MODEL": "tiny",
+        "IMAGINE_WORKER_HEARTBEAT_SECONDS": "0.5",
+        "IMAGINE_WORKER_STALE_SECONDS": "3",
+        "HF_HUB_OFFLINE": "1",
+    }
+    return subprocess.Popen(
+        [str(IMAGINE), "worker", "--name", name],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def statuses(database: Database) -> dict[int, tuple[GenerationStatus, str | None]]:
+    async with database.session() as session:
+        rows = await session.execute(
+            select(Generation.id, Generation.status, Generation.worker_name)
+        )
+        return {row.id: (row.status, row.worker_name) for row in rows}
+
+
+async def test_a_sigkilled_worker_s_job_runs_again_elsewhere_exactly_once(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    async with migrated_database("postgresql", tmp_path, request) as database:
+        queue = EmbeddedQueue(database, Limits(max_running_per_user=1, max_queued_per_user=10))
+        recipe = Recipe(
+            model="tiny",
+            prompt="a lighthouse",
+            seed=3,
+            width=96,
+            height=96,
+            steps=80,
+            guidance=5.0,
+            count=2,
+        )
+        jobs = [
+            (await queue.submit(Submission(GenerationKind.IMAGINE, recipe, user))).id
+            for user in (1, 2, 3, 4)
+        ]
+        doomed = start_worker(database.url, "doomed", tmp_path)
+        survivor = start_worker(database.url, "survivor", tmp_path)
+        try:
+            deadline = time.monotonic() + 120
+            victim = None
+            while victim is None and time.monotonic() < deadline:
+                for generation_id, (status, worker) in (await statuses(database)).items():
+                    if status is S.RUNNING and worker == "doomed":
+                        victim = generation_id
+                await asyncio.sleep(0.1)
+            assert victim is not None, "the first worker never started a job"
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait(timeout=30)
+
+            while time.monotonic() < deadline:
+                current = await statuses(database)
+                if all(status is S.SUCCEEDED for status, _ in current.values()):
+                    break
+                await asyncio.sleep(0.25)
+            else:
+                pytest.fail(f"not every job finished: {await statuses(database)}")
+        finally:
+            for process in (doomed, survivor):
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            _, survivor_log = survivor.communicate(timeout=60)
+        assert survivor.returncode == 0, survivor_log
+        assert doomed.returncode == -signal.SIGKILL
+
+        async with database.session() as session:
+            again = await get_generation(session, victim)
+            assert again.worker_name == "survivor" and again.attempts == 2
+            for generation_id in jobs:
+                generation = await get_generation(session, generation_id)
+                assert [image.index for image in generation.images] == [0, 1]
+        for generation_id in jobs:  # a bot delivering each result gets it once
+            async with database.session() as session:
+                assert await mark_delivered(session, generation_id) is True
+            async with database.session() as session:
+                assert await mark_delivered(session, generation_id) is False
+
+
+async def test_jobs_of_live_workers_are_left_alone(database: Database) -> None:
+    queue = EmbeddedQueue(database, Limits(max_running_per_user=1, max_queued_per_user=10))
+    recipe = Recipe(model="tiny", prompt="p", seed=1, width=64, height=64, steps=1, guidance=1)
+    generation = await queue.submit(Submission(GenerationKind.IMAGINE, recipe, 1))
+    async with database.session() as session:
+        await heartbeat(session, "alive", "tiny")
+        from storage.scheduling import claim_next
+
+        await claim_next(session, "alive", queue.limits)
+    async with database.session() as session:
+        assert await requeue_orphans(session, 3) == []
+    async with database.session() as session:  # later: the worker has gone quiet
+        taken = await requeue_orphans(session, 3, stale_after=timedelta(seconds=-1))
+        assert taken == [generation.id]
