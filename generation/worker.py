@@ -14,6 +14,7 @@ from datetime import timedelta
 
 from generation.engine import CancelToken, Engine, Progress
 from generation.jobs import JobOutcome, execute_generation
+from generation.metrics import WorkerMetrics
 from storage.blobs import BlobStore
 from storage.generations import cancel_requested
 from storage.models import Generation, GenerationStatus
@@ -25,7 +26,7 @@ from storage.queue import (
     JobStarted,
     JobSucceeded,
 )
-from storage.scheduling import claim_next, heartbeat, requeue_orphans
+from storage.scheduling import claim_next, heartbeat, queue_depth, requeue_orphans
 
 log = logging.getLogger(__name__)
 S = GenerationStatus
@@ -44,6 +45,7 @@ class EmbeddedWorker:
         max_attempts: int = 3,
         heartbeat_seconds: float = 5.0,
         stale_seconds: float = 30.0,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.queue = queue
         self.blobs = blobs
@@ -52,6 +54,7 @@ class EmbeddedWorker:
         self.max_attempts = max_attempts
         self.heartbeat_seconds = heartbeat_seconds
         self.stale_after = timedelta(seconds=stale_seconds)
+        self.metrics = metrics or WorkerMetrics()
 
     async def beat(self) -> None:
         async with self.queue.database.session() as session:
@@ -77,6 +80,8 @@ class EmbeddedWorker:
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
             await self.beat()
+            async with self.queue.database.session() as session:
+                self.metrics.queue_depth.set(await queue_depth(session, self.engine.model_id))
             beats += 1
             if beats % 2 == 0:
                 await self.recover(at_start=False)
@@ -129,6 +134,7 @@ class EmbeddedWorker:
             watcher.cancel()
             self.queue.on_cancel(generation_id, None)
         finished = outcome.generation
+        self.metrics.job_finished(finished.status, outcome.seconds)
         if finished.status is S.SUCCEEDED:
             image_ids = [image.id for image in finished.images]
             self.queue.publish(JobSucceeded(generation_id=generation_id, image_ids=image_ids))

@@ -217,3 +217,10 @@ async def requeue_orphans(
         except IllegalTransition:  # it finished meanwhile
             continue
     return orphans
+
+
+async def queue_depth(session: AsyncSession, model: str | None = None) -> int:
+    query = select(func.count()).select_from(Generation).where(Generation.status == S.QUEUED)
+    if model is not None:
+        query = query.where(Generation.model == model)
+    return int(await session.scalar(query) or 0)

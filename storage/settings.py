@@ -130,6 +130,12 @@ class Settings(BaseSettings):
         gt=0,
         description="A worker silent this long is taken for dead and its job runs elsewhere.",
     )
+    metrics_port: int = Field(
+        default=9400,
+        ge=0,
+        le=65535,
+        description="Port of a worker's Prometheus metrics (/metrics); 0 turns them off.",
+    )
     max_running_per_user: int = Field(
         default=1, ge=1, description="Jobs one user may have running at once."
     )

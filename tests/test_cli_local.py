@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +137,14 @@ def test_no_wait_status_cancel_and_a_worker_process(data_dir: Path) -> None:
     assert f"generation {second}: cancelled" in cancelled.stdout
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGINE_")}
-    env |= {"IMAGINE_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env |= {
+        "IMAGINE_DATA_DIR": str(data_dir),
+        "HF_HUB_OFFLINE": "1",
+        "IMAGINE_METRICS_PORT": str(port),
+    }
     worker = subprocess.Popen(
         [str(IMAGINE), "worker", "--model", "tiny", "--name", "test-worker"],
         env=env,
@@ -150,6 +159,10 @@ def test_no_wait_status_cancel_and_a_worker_process(data_dir: Path) -> None:
             time.sleep(0.5)
         else:
             pytest.fail("the worker did not run the queued generation")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+            metrics = page.read().decode()
+        assert 'imagine_jobs_total{status="succeeded"} 1.0' in metrics
+        assert "imagine_job_seconds_count 1.0" in metrics
     finally:
         worker.send_signal(signal.SIGTERM)
         _, stderr = worker.communicate(timeout=60)

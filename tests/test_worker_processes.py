@@ -35,6 +35,7 @@ def start_worker(url: URL, name: str, data_dir: Path) -> subprocess.Popen[str]:
         "IMAGINE_MODEL": "tiny",
         "IMAGINE_WORKER_HEARTBEAT_SECONDS": "0.5",
         "IMAGINE_WORKER_STALE_SECONDS": "3",
+        "IMAGINE_METRICS_PORT": "0",
         "HF_HUB_OFFLINE": "1",
     }
     return subprocess.Popen(

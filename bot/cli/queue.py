@@ -102,12 +102,19 @@ def _worker(args: argparse.Namespace) -> int:
                 heartbeat_seconds=settings.worker_heartbeat_seconds,
                 stale_seconds=settings.worker_stale_seconds,
             )
+            if settings.metrics_port:
+                worker.metrics.serve(settings.metrics_port)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 # The job in hand finishes; then the worker exits.
                 loop.add_signal_handler(signum, stop.set)
-            logging.getLogger(__name__).info("worker %s ready on %s", name, engine.device)
+            logging.getLogger(__name__).info(
+                "worker %s ready on %s, metrics on port %s",
+                name,
+                engine.device,
+                settings.metrics_port or "(off)",
+            )
             await worker.run(stop)
         finally:
             await runtime.close()

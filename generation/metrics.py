@@ -1,0 +1,50 @@
+"""Prometheus metrics of a worker process, served on ``IMAGINE_METRICS_PORT``."""
+
+from __future__ import annotations
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from storage.errors import ConfigError
+from storage.models import GenerationStatus
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.jobs = Counter(
+            "imagine_jobs",
+            "Jobs finished by this worker, by outcome",
+            ["status"],
+            registry=self.registry,
+        )
+        self.job_seconds = Histogram(
+            "imagine_job_seconds",
+            "Time from claim to recorded outcome",
+            buckets=(0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "imagine_queue_depth", "Jobs waiting for this worker's model", registry=self.registry
+        )
+        self.gpu_memory = Gauge(
+            "imagine_gpu_memory_bytes", "GPU memory allocated by torch", registry=self.registry
+        )
+        for status in GenerationStatus:
+            if status.is_final:
+                self.jobs.labels(status=status.value)
+
+    def job_finished(self, status: GenerationStatus, seconds: float) -> None:
+        self.jobs.labels(status=status.value).inc()
+        self.job_seconds.observe(seconds)
+        if torch.cuda.is_available():
+            self.gpu_memory.set(torch.cuda.memory_allocated())
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        try:
+            start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(
+                f"Cannot serve metrics on port {port} ({exc.strerror}); set "
+                "IMAGINE_METRICS_PORT to a free port, or to 0 to turn metrics off."
+            ) from None
