@@ -81,9 +81,9 @@ def _scheduler() -> EulerDiscreteScheduler:
     )
 
 
-def build_tiny_sd() -> StableDiffusionPipeline:
-    torch.manual_seed(_SEED)
-    unet = UNet2DConditionModel(
+def _unet(**family: Any) -> UNet2DConditionModel:
+    """Two blocks, one attention level: the smallest UNet the SD pipelines accept."""
+    return UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=32,
@@ -91,6 +91,13 @@ def build_tiny_sd() -> StableDiffusionPipeline:
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **family,
+    )
+
+
+def build_tiny_sd() -> StableDiffusionPipeline:
+    torch.manual_seed(_SEED)
+    unet = _unet(
         cross_attention_dim=32,
         norm_num_groups=32,
     )
@@ -110,14 +117,7 @@ def build_tiny_sd() -> StableDiffusionPipeline:
 
 def build_tiny_sdxl() -> StableDiffusionXLPipeline:
     torch.manual_seed(_SEED)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
