@@ -9,7 +9,8 @@ delivers events in-process; the scaled (PostgreSQL) queue is to come.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Literal, Protocol
@@ -89,9 +90,16 @@ class JobQueue(Protocol):
 class EmbeddedQueue:
     """Jobs are rows in the configured database; workers live in this process."""
 
-    def __init__(self, database: Database, limits: Limits) -> None:
+    def __init__(
+        self,
+        database: Database,
+        limits: Limits,
+        forward: Callable[[JobEvent], Awaitable[None]] | None = None,
+    ) -> None:
         self.database = database
         self.limits = limits
+        self.forward = forward  # e.g. NOTIFY, so other processes hear the events too
+        self._sending: set[asyncio.Task[None]] = set()
         self.wakeup = asyncio.Event()
         self._subscribers: list[asyncio.Queue[JobEvent]] = []
         self._cancel_hooks: dict[int, Callable[[], None]] = {}
@@ -141,6 +149,17 @@ class EmbeddedQueue:
     def publish(self, event: JobEvent) -> None:
         for inbox in self._subscribers:
             inbox.put_nowait(event)
+        if self.forward is not None:
+            task = asyncio.get_running_loop().create_task(self._forward(event))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _forward(self, event: JobEvent) -> None:
+        assert self.forward is not None
+        try:
+            await self.forward(event)
+        except Exception:  # the sweep on the listening side makes up for a lost event
+            logging.getLogger(__name__).exception("could not forward %s", event.kind)
 
     def on_cancel(self, generation_id: int, hook: Callable[[], None] | None) -> None:
         """Register (or with ``None`` remove) how to stop a running generation."""

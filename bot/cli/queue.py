@@ -94,8 +94,15 @@ def _worker(args: argparse.Namespace) -> int:
         runtime = await open_runtime(settings)
         try:
             engine = _load_engine(settings)
+            queue = make_queue(runtime)
+            notifier = None
+            if not settings.is_embedded:
+                from storage.pg_events import Notifier
+
+                notifier = Notifier(runtime.database.url)
+                queue.forward = notifier.send
             worker = EmbeddedWorker(
-                make_queue(runtime),
+                queue,
                 runtime.blobs,
                 engine,
                 name=name,
@@ -116,6 +123,8 @@ def _worker(args: argparse.Namespace) -> int:
                 settings.metrics_port or "(off)",
             )
             await worker.run(stop)
+            if notifier is not None:
+                await notifier.close()
         finally:
             await runtime.close()
         return 0

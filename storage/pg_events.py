@@ -1,0 +1,137 @@
+"""Job events across processes on PostgreSQL: LISTEN/NOTIFY, plus a sweep.
+
+Workers on any machine ``NOTIFY`` each event; the bot ``LISTEN``s. A NOTIFY
+payload is limited to 8000 bytes, so progress events cross without their
+preview image (not carried across processes yet). Notifications sent while a listener is
+reconnecting are lost, so the listener also sweeps the table for finished,
+undelivered generations and replays their final event; consumers mark
+delivery with :func:`~storage.generations.mark_delivered`, which succeeds once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+
+import asyncpg
+from pydantic import TypeAdapter
+from sqlalchemy import select
+from sqlalchemy.engine import URL
+
+from storage.database import Database
+from storage.models import Generation, GenerationStatus, utcnow
+from storage.queue import JobCancelled, JobEvent, JobFailed, JobSucceeded
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "imagine_events"
+_EVENT = TypeAdapter[JobEvent](JobEvent)
+S = GenerationStatus
+
+
+def _dsn(url: URL) -> str:
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def encode(event: JobEvent) -> str:
+    payload = event.model_dump(mode="json", exclude={"preview"})
+    return json.dumps(payload, separators=(",", ":"))
+
+
+def decode(payload: str) -> JobEvent:
+    return _EVENT.validate_json(payload)
+
+
+class Notifier:
+    """The worker's side: one connection that NOTIFYs events in order."""
+
+    def __init__(self, url: URL) -> None:
+        self.url = url
+        self._connection: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def send(self, event: JobEvent) -> None:
+        async with self._lock:
+            if self._connection is None or self._connection.is_closed():
+                self._connection = await asyncpg.connect(_dsn(self.url))
+            await self._connection.execute("SELECT pg_notify($1, $2)", CHANNEL, encode(event))
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+
+async def final_events_since(database: Database, since: datetime) -> list[JobEvent]:
+    """Final events of generations that finished since ``since`` and are not delivered."""
+    async with database.session() as session:
+        rows = await session.scalars(
+            select(Generation).where(
+                Generation.status.in_([S.SUCCEEDED, S.FAILED, S.CANCELLED]),
+                Generation.finished_at >= since,
+                Generation.delivered_at.is_(None),
+            )
+        )
+        events: list[JobEvent] = []
+        for generation in rows.unique():
+            await session.refresh(generation, ["images"])
+            if generation.status is S.SUCCEEDED:
+                image_ids = [image.id for image in generation.images]
+                events.append(JobSucceeded(generation_id=generation.id, image_ids=image_ids))
+            elif generation.status is S.FAILED:
+                events.append(JobFailed(generation_id=generation.id, error=generation.error or ""))
+            else:
+                events.append(JobCancelled(generation_id=generation.id))
+    return events
+
+
+async def listen(
+    database: Database, *, sweep_seconds: float = 5.0, lookback: timedelta = timedelta(minutes=15)
+) -> AsyncIterator[JobEvent]:
+    """Every event any worker sends, reconnecting as needed; final events may repeat."""
+    inbox: asyncio.Queue[JobEvent] = asyncio.Queue()
+    swept_from = utcnow() - lookback
+
+    def on_notify(_connection: object, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            inbox.put_nowait(decode(payload))
+        except ValueError:
+            log.warning("ignored a malformed event: %.200s", payload)
+
+    async def keep_listening() -> None:
+        while True:
+            try:
+                connection = await asyncpg.connect(_dsn(database.url))
+                closed = asyncio.Event()
+                connection.add_termination_listener(lambda _c, closed=closed: closed.set())
+                try:
+                    await connection.add_listener(CHANNEL, on_notify)
+                    await closed.wait()
+                finally:
+                    await connection.close()
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("event listener lost its connection (%s); reconnecting", exc)
+                await asyncio.sleep(1)
+
+    async def keep_sweeping() -> None:
+        nonlocal swept_from
+        while True:
+            started = utcnow()
+            for event in await final_events_since(database, swept_from):
+                inbox.put_nowait(event)
+            swept_from = started - timedelta(seconds=sweep_seconds)  # overlap: no gap
+            await asyncio.sleep(sweep_seconds)
+
+    tasks = [asyncio.create_task(keep_listening()), asyncio.create_task(keep_sweeping())]
+    try:
+        while True:
+            yield await inbox.get()
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
