@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from storage.errors import ImagineError
 from storage.families import ModelFamily
-from storage.recipe import MAX_SEED, Recipe, StyleRef
+from storage.recipe import MAX_SEED, Recipe, StyleRef, unknown_style_message
 
 MAX_GENERATIONS = 10
 MAX_PROMPT_LENGTH = 1500
@@ -231,10 +231,8 @@ def _style(value: str, defaults: PromptDefaults, known: Collection[str] | None) 
     if not _STYLE_NAME.fullmatch(name):
         raise _refuse("style", value, allowed)
     if known is not None and name not in known:
-        close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
-        hint = ("did you mean " + " or ".join(close) + "?") if close else "see /styles."
         raise PromptError(
-            f"There is no style {name!r}; {hint}",
+            unknown_style_message(name, known)[0],
             flag="--style",
             value=value,
             allowed="one of the server's styles",

@@ -29,7 +29,7 @@ from typing import Any
 
 from storage.errors import ImagineError, NotFound
 from storage.families import FAMILIES
-from storage.recipe import StyleRef
+from storage.recipe import StyleRef, unknown_style_message
 
 STYLE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -40,17 +40,8 @@ class StyleError(ImagineError):
 
 class UnknownStyle(NotFound):
     def __init__(self, name: str, known: Iterable[str]) -> None:
-        known = sorted(known)
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        if close:
-            hint = "did you mean " + " or ".join(close) + "?"
-        elif known:
-            hint = (
-                "available styles: " + ", ".join(known[:10]) + (", …" if len(known) > 10 else ".")
-            )
-        else:
-            hint = "no styles are installed yet."
-        super().__init__(f"There is no style {name!r}; {hint}")
+        message, close = unknown_style_message(name, known)
+        super().__init__(message)
         self.name = name
         self.suggestions = close
 

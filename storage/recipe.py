@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -68,3 +70,16 @@ class Recipe(BaseModel):
     @classmethod
     def from_json(cls, text: str | bytes) -> Recipe:
         return cls.model_validate_json(text)
+
+
+def unknown_style_message(name: str, known: Iterable[str]) -> tuple[str, list[str]]:
+    """The sentence refusing an unknown style name, and the closest known names."""
+    names = sorted(known)
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    if close:
+        hint = "did you mean " + " or ".join(close) + "?"
+    elif names:
+        hint = "available styles: " + ", ".join(names[:10]) + (", …" if len(names) > 10 else ".")
+    else:
+        hint = "no styles are installed yet."
+    return f"There is no style {name!r}; {hint}", close
