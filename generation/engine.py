@@ -9,8 +9,10 @@ text-to-image one. Image *i* of a call gets its own CPU generator seeded
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -104,6 +106,11 @@ class GeneratedImage:
     @property
     def height(self) -> int:
         return self.image.height
+
+
+_ENCODERS = ThreadPoolExecutor(
+    max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="imagine-png"
+)
 
 
 def library_versions() -> dict[str, str]:
@@ -301,12 +308,23 @@ class Engine:
             **extra,
         )
         final = self.complete_recipe(recipe)
-        images = []
-        for index, image in enumerate(result.images):
-            own = final.model_copy(update={"seed": recipe.seed_for(index), "count": 1})
-            png = encode_png(image, own, scheduler_name) if encode else b""
-            images.append(GeneratedImage(index, own.seed, image, png, own))
-        return images
+        owns = [
+            final.model_copy(update={"seed": recipe.seed_for(index), "count": 1})
+            for index in range(len(result.images))
+        ]
+        pngs: list[bytes] = [b""] * len(owns)
+        if encode:
+            # zlib releases the GIL: a grid's PNGs encode side by side, not one after another.
+            pngs = list(
+                _ENCODERS.map(
+                    lambda pair: encode_png(pair[0], pair[1], scheduler_name),
+                    zip(result.images, owns, strict=True),
+                )
+            )
+        return [
+            GeneratedImage(index, own.seed, image, png, own)
+            for index, (image, own, png) in enumerate(zip(result.images, owns, pngs, strict=True))
+        ]
 
     def _apply_styles(self, recipe: Recipe) -> tuple[str, str]:
         prompt, negative = recipe.prompt, recipe.negative_prompt
