@@ -36,14 +36,12 @@ from generation.lora import LoraSet
 from generation.metadata import encode_png
 from generation.previews import latent_preview, preview_bytes, supports_preview
 from generation.styles import StyleRegistry, StyleSpec
+from storage.derive import UPSCALE_STRENGTH
 from storage.errors import ImagineError
 from storage.families import ModelFamily
 from storage.recipe import Recipe
 from storage.settings import Settings
 
-SUBTLE_VARIATION_STRENGTH = 0.35
-STRONG_VARIATION_STRENGTH = 0.7
-UPSCALE_STRENGTH = 0.3
 UPSCALE_OVERLAP = 0.125  # of the tile side
 
 # Sampler names of the prompt language → (scheduler class, config overrides).

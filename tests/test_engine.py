@@ -12,9 +12,6 @@ import torch
 from PIL import Image
 
 from generation.engine import (
-    STRONG_VARIATION_STRENGTH,
-    SUBTLE_VARIATION_STRENGTH,
-    UPSCALE_STRENGTH,
     CancelToken,
     Engine,
     GenerationCancelled,
@@ -23,6 +20,11 @@ from generation.engine import (
 from generation.grid import compose_grid
 from generation.metadata import read_recipe
 from generation.previews import latent_preview
+from storage.derive import (
+    STRONG_VARIATION_STRENGTH,
+    SUBTLE_VARIATION_STRENGTH,
+    UPSCALE_STRENGTH,
+)
 from storage.recipe import Recipe
 from storage.settings import Settings
 

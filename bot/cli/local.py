@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -17,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from bot.runtime import Runtime, open_runtime
 from storage.blobs import LocalBlobStore
+from storage.derive import reroll_recipe, upscale_recipe, variation_recipe
 from storage.errors import ImagineError
 from storage.families import configured_family
 from storage.generations import create_generation, get_generation, get_image
-from storage.models import Generation, GenerationKind, GenerationStatus
-from storage.recipe import MAX_SEED, Recipe
+from storage.models import Generation, GenerationKind, GenerationStatus, Image
+from storage.recipe import Recipe
 from storage.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -211,59 +211,30 @@ async def _submit_only(settings: Settings, recipes: list[Recipe]) -> int:
     return 0
 
 
-async def _parent(settings: Settings, image_id: int) -> tuple[Recipe, int, int, int]:
+async def _parent(settings: Settings, image_id: int) -> tuple[Recipe, Image]:
     runtime = await open_runtime(settings)
     try:
         async with runtime.database.session() as session:
             image = await get_image(session, image_id)
             generation = await get_generation(session, image.generation_id)
-            return generation.recipe, image.seed, image.width, image.height
+            return generation.recipe, image
     finally:
         await runtime.close()
 
 
-def _new_seed() -> int:
-    return secrets.randbelow(MAX_SEED + 1)
-
-
 def _upscale(args: argparse.Namespace) -> int:
-    from generation.engine import UPSCALE_STRENGTH
-
     settings = _settings(args)
-    parent, seed, width, height = asyncio.run(_parent(settings, args.image_id))
-    recipe = parent.model_copy(
-        update={
-            "seed": seed,
-            "count": 1,
-            "width": width * 2,
-            "height": height * 2,
-            "scale": 2,
-            "strength": UPSCALE_STRENGTH,
-            "source_image_id": args.image_id,
-        }
-    )
+    parent, image = asyncio.run(_parent(settings, args.image_id))
+    recipe = upscale_recipe(parent, image)
     return asyncio.run(
         _submit_and_run(settings, GenerationKind.UPSCALE, [recipe], args.out, args.image_id)
     )
 
 
 def _vary(args: argparse.Namespace) -> int:
-    from generation.engine import STRONG_VARIATION_STRENGTH, SUBTLE_VARIATION_STRENGTH
-
     settings = _settings(args)
-    parent, _seed, width, height = asyncio.run(_parent(settings, args.image_id))
-    strength = STRONG_VARIATION_STRENGTH if args.strong else SUBTLE_VARIATION_STRENGTH
-    recipe = parent.model_copy(
-        update={
-            "seed": _new_seed(),
-            "count": 4,
-            "width": width,
-            "height": height,
-            "strength": strength,
-            "source_image_id": args.image_id,
-            "scale": None,
-        }
-    )
+    parent, image = asyncio.run(_parent(settings, args.image_id))
+    recipe = variation_recipe(parent, image, strong=args.strong)
     return asyncio.run(
         _submit_and_run(settings, GenerationKind.VARIATION, [recipe], args.out, args.image_id)
     )
@@ -280,7 +251,7 @@ def _reroll(args: argparse.Namespace) -> int:
         finally:
             await runtime.close()
 
-    recipe = asyncio.run(parent_recipe()).model_copy(update={"seed": _new_seed()})
+    recipe = reroll_recipe(asyncio.run(parent_recipe()))
     return asyncio.run(_submit_and_run(settings, GenerationKind.REROLL, [recipe], args.out))
 
 
