@@ -153,6 +153,9 @@ async def position_of(session: AsyncSession, generation_id: int, workers: int = 
     if generation.status is not S.QUEUED:
         return QueuePosition(generation_id, generation.status, 0, 0.0)
     order = list(await session.scalars(fair_order()))
+    if generation_id not in order:  # claimed (or cancelled) since it was read
+        generation = await get_generation(session, generation_id)
+        return QueuePosition(generation_id, generation.status, 0, 0.0)
     position = order.index(generation_id) + 1
     seconds = await recent_job_seconds(session)
     running = await session.scalar(

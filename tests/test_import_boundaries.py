@@ -8,7 +8,8 @@ import sys
 CHECK = (
     "import sys, bot, bot.cli, storage, storage.models, storage.database, storage.gallery, "
     "storage.generations, storage.blobs, migrations.runner, bot.prompt, bot.runtime, "
-    "bot.cli.local, generation.styles; "
+    "bot.cli.local, generation.styles, bot.app, bot.cogs.imagine, bot.delivery, bot.views, "
+    "bot.uploads, storage.derive, generation.grid, generation.metadata; "
     "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules]; "
     "print(','.join(heavy))"
 )

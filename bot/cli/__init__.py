@@ -16,7 +16,7 @@ from storage.errors import ImagineError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bot.cli import db, local, queue
+    from bot.cli import db, discord_commands, local, queue
 
     parser = argparse.ArgumentParser(
         prog="imagine",
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.register(commands)
     local.register(commands)
     queue.register(commands)
+    discord_commands.register(commands)
     return parser
 
 

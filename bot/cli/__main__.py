@@ -1,3 +1,5 @@
+"""``python -m bot.cli``: the same as the ``imagine`` command."""
+
 import sys
 
 from bot.cli import main

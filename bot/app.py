@@ -1,0 +1,86 @@
+"""The Discord client: cogs, persistent buttons, command sync, and result delivery.
+
+:class:`ImagineBot` takes a :class:`~bot.services.Services` and knows nothing of
+how jobs run: in the embedded mode the worker runs in the same process (see
+:func:`bot.cli.discord_commands.run_bot`), in the scaled mode elsewhere.
+Community features arrive as further cogs added in :meth:`ImagineBot.setup_hook`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import discord
+from discord.ext import commands
+
+from bot.delivery import Delivery
+from bot.services import Services
+from bot.views import ButtonActions, GridButton, ImageButton, remix_submission
+
+log = logging.getLogger(__name__)
+
+
+class ImagineBot(commands.Bot):
+    def __init__(self, services: Services, *, sync_commands: bool = True) -> None:
+        intents = discord.Intents.none()
+        intents.guilds = True
+        super().__init__(
+            command_prefix=commands.when_mentioned,
+            intents=intents,
+            help_command=None,
+            allowed_mentions=discord.AllowedMentions.none(),
+        )
+        self.services = services
+        self.delivery = Delivery(self, services)
+        self.sync_commands = sync_commands
+        self.synced = 0
+        self.started = time.perf_counter()
+        self._delivering: asyncio.Task[None] | None = None
+        self.actions: ButtonActions
+
+    async def setup_hook(self) -> None:
+        from bot.cogs.imagine import ImagineCog
+
+        cog = ImagineCog(self)
+        await self.add_cog(cog)
+        self.actions = cog
+        self.add_dynamic_items(GridButton, ImageButton)
+        if self.sync_commands:
+            self.synced = len(await self.tree.sync())
+        self._delivering = asyncio.create_task(self._deliver(), name="imagine-delivery")
+
+    async def _deliver(self) -> None:
+        while True:
+            try:
+                await self.delivery.run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("the event stream broke; reconnecting in 1 s")
+                await asyncio.sleep(1)
+
+    async def on_ready(self) -> None:
+        assert self.user is not None
+        log.info(
+            "ready as %s (id %s) in %d server(s); %d commands synced; started in %.1fs",
+            self.user,
+            self.user.id,
+            len(self.guilds),
+            self.synced,
+            time.perf_counter() - self.started,
+        )
+
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        submitted = remix_submission(interaction)
+        if submitted is not None:
+            await self.actions.remix_submitted(interaction, *submitted)
+
+    async def close(self) -> None:
+        if self._delivering is not None:
+            self._delivering.cancel()
+            await asyncio.gather(self._delivering, return_exceptions=True)
+        await self.delivery.idle()
+        await super().close()

@@ -1,0 +1,184 @@
+"""``imagine bot`` and ``imagine invite``: the Discord side from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+from storage.errors import ConfigError
+from storage.families import configured_family
+from storage.settings import Settings, load_settings
+
+log = logging.getLogger("bot.cli")
+
+TOKEN_HELP = """\
+No Discord bot token is set. To get one:
+  1. Open https://discord.com/developers/applications and press "New Application".
+  2. Under "Bot", press "Reset Token" and copy the token.
+  3. export DISCORD_TOKEN=<the token>   (or IMAGINE_DISCORD_TOKEN, or discord_token in imagine.toml)
+  4. Run `imagine invite` and open the URL it prints to add the bot to your server.
+Then run `imagine bot` again."""
+
+
+def register(commands: Any) -> None:
+    bot = commands.add_parser(
+        "bot",
+        help="run the Discord bot (embedded worker with SQLite; bot only with PostgreSQL)",
+    )
+    bot.set_defaults(handler=_bot)
+    invite = commands.add_parser("invite", help="print the URL that adds the bot to a server")
+    invite.add_argument(
+        "--client-id", type=int, help="the application id (default: read from the token)"
+    )
+    invite.set_defaults(handler=_invite)
+
+
+# -- invite -----------------------------------------------------------------------------------
+
+
+def client_id_from_token(token: str) -> int | None:
+    """A bot token's first part is the bot's user id (= application id) in base64."""
+    first = token.split(".", 1)[0]
+    try:
+        decoded = base64.b64decode(first + "=" * (-len(first) % 4), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return int(decoded) if decoded.isdigit() else None
+
+
+def invite_url(client_id: int) -> str:
+    import discord
+
+    permissions = discord.Permissions(
+        view_channel=True,
+        send_messages=True,
+        embed_links=True,
+        attach_files=True,
+        read_message_history=True,
+    )
+    return discord.utils.oauth_url(
+        client_id, permissions=permissions, scopes=("bot", "applications.commands")
+    )
+
+
+def _invite(args: argparse.Namespace) -> int:
+    client_id = args.client_id
+    if client_id is None:
+        token = load_settings().discord_token
+        if not token:
+            raise ConfigError(
+                "Give --client-id (the Application ID on the application's General "
+                "Information page) or set DISCORD_TOKEN."
+            )
+        client_id = client_id_from_token(token)
+        if client_id is None:
+            raise ConfigError(
+                "DISCORD_TOKEN does not look like a bot token; copy it again from the "
+                "Bot page, or give --client-id."
+            )
+    print(invite_url(client_id))
+    return 0
+
+
+# -- bot ----------------------------------------------------------------------------------------
+
+
+def _bot(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    if not settings.discord_token:
+        raise ConfigError(TOKEN_HELP)
+    logging.getLogger("bot").setLevel(logging.INFO)
+    logging.getLogger("generation").setLevel(logging.INFO)
+    return asyncio.run(run_bot(settings))
+
+
+async def run_bot(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT: the bot, and in the embedded mode the worker beside it."""
+    import discord
+
+    from bot.app import ImagineBot
+    from bot.cli.queue import make_queue
+    from bot.runtime import open_runtime
+    from bot.services import Services
+    from generation.styles import StyleRegistry  # torch-free
+
+    assert settings.discord_token is not None
+    runtime = await open_runtime(settings)
+    registry = StyleRegistry.from_folder(settings.resolved_styles_dir)
+    for problem in registry.problems:
+        log.warning("style skipped: %s", problem)
+    queue = make_queue(runtime)
+    stop = asyncio.Event()
+    background: list[asyncio.Task[None]] = []
+    if settings.is_embedded:
+        events = queue.events
+        background.append(asyncio.create_task(_embedded_worker(settings, runtime, queue, stop)))
+    else:
+        from storage.pg_events import listen
+
+        def events() -> Any:
+            return listen(runtime.database)
+
+    services = Services(
+        settings=settings,
+        database=runtime.database,
+        blobs=runtime.blobs,
+        queue=queue,
+        styles=registry,
+        family=configured_family(settings.model, settings.model_family),
+        events=events,
+        style_weights={name: registry.get(name).default_weight for name in registry.names()},
+    )
+    bot = ImagineBot(services)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with bot:
+            running = asyncio.create_task(bot.start(settings.discord_token))
+            stopping = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if running in done:
+                running.result()  # a login failure surfaces here
+            stopping.cancel()
+            log.info("stopping: the job in hand finishes first")
+            stop.set()
+            await asyncio.gather(*background)
+    except discord.LoginFailure:
+        raise ConfigError(
+            "Discord refused the token; copy it again from the Bot page of your application."
+        ) from None
+    finally:
+        stop.set()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await runtime.close()
+    return 0
+
+
+async def _embedded_worker(
+    settings: Settings, runtime: Any, queue: Any, stop: asyncio.Event
+) -> None:
+    """Load the model off the event loop (the bot is online meanwhile), then run jobs."""
+    from bot.cli.local import _load_engine
+    from generation.worker import EmbeddedWorker
+
+    engine = await asyncio.to_thread(_load_engine, settings)
+    worker = EmbeddedWorker(
+        queue,
+        runtime.blobs,
+        engine,
+        name=f"{socket.gethostname()}-{os.getpid()}-bot",
+        heartbeat_seconds=settings.worker_heartbeat_seconds,
+        stale_seconds=settings.worker_stale_seconds,
+    )
+    log.info("embedded worker ready: %s on %s", engine.model_id, engine.device)
+    await worker.run(stop)

@@ -1,0 +1,1 @@
+"""Discord cogs: one per area of the bot (imagine, community, moderation)."""

@@ -1,0 +1,256 @@
+"""From job events to Discord messages: queued, progress with previews, the result.
+
+Each generation owns one message, recorded on its row (channel, message id,
+interaction token and when it was issued). Progress edits are throttled to one
+per ``progress_interval`` and dropped while one is in flight; the final edit
+waits for them and happens once: ``delivered_at`` is set after it, and a sweep
+at start delivers what finished while the bot was away. While the interaction
+token is fresh the message is edited through the interaction webhook; after
+``token_lifetime`` (Discord's tokens live 15 minutes) or if the webhook refuses,
+through the channel with the bot token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import discord
+
+from bot.services import Services
+from bot.uploads import Upload, fit_upload
+from bot.views import grid_view, image_view, retry_view
+from storage.gallery import like_count
+from storage.generations import get_generation, mark_delivered
+from storage.models import Generation, GenerationKind, GenerationStatus, Image, utcnow
+from storage.pg_events import final_events_since
+from storage.queue import JobEvent, JobProgress, JobStarted
+
+S = GenerationStatus
+log = logging.getLogger(__name__)
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+MAX_CONTENT = 2000
+SWEEP_LOOKBACK = timedelta(days=1)
+
+
+@dataclass
+class Rendered:
+    """A message to send or edit to: text, at most one image, buttons."""
+
+    content: str
+    upload: Upload | None = None
+    view: discord.ui.View | None = None
+
+    def files(self) -> list[discord.File]:
+        if self.upload is None:
+            return []
+        return [discord.File(io.BytesIO(self.upload.data), filename=self.upload.filename)]
+
+
+def headline(generation: Generation) -> str:
+    recipe = generation.recipe
+    prompt = recipe.prompt if len(recipe.prompt) <= 300 else recipe.prompt[:297] + "..."
+    what = {
+        GenerationKind.VARIATION: f" · variations of image {generation.parent_image_id}",
+        GenerationKind.UPSCALE: f" · upscaled {recipe.scale or 2}× from image "
+        f"{generation.parent_image_id}",
+        GenerationKind.REROLL: " · reroll",
+        GenerationKind.REMIX: " · remix",
+    }.get(generation.kind, "")
+    text = (
+        f"**{prompt}** — <@{generation.requester_id}>{what} · `--seed {recipe.seed}` · "
+        f"{recipe.width}×{recipe.height} · #{generation.id}"
+    )
+    return text[:MAX_CONTENT]
+
+
+class Delivery:
+    def __init__(self, client: discord.Client, services: Services) -> None:
+        self.client = client
+        self.services = services
+        self.upload_limits: dict[int, int] = {}  # generation id → its interaction's limit
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._last_edit: dict[int, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- the event loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Deliver what finished while away, then every event as it comes."""
+        for event in await final_events_since(self.services.database, utcnow() - SWEEP_LOOKBACK):
+            self.handle(event)
+        async for event in self.services.events():
+            self.handle(event)
+
+    def handle(self, event: JobEvent) -> None:
+        generation_id = event.generation_id
+        if isinstance(event, JobStarted | JobProgress):
+            lock = self._lock(generation_id)
+            since = time.monotonic() - self._last_edit.get(generation_id, 0.0)
+            if lock.locked() or since < self.services.progress_interval:
+                return  # coalesced: the next one shows newer progress anyway
+            self._spawn(self._progress(event))
+        else:
+            self._spawn(self._final(generation_id))
+
+    def _spawn(self, coroutine: object) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coroutine)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery failed", exc_info=task.exception())
+
+    async def idle(self) -> None:
+        """Wait until no delivery is in flight (for tests and shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _lock(self, generation_id: int) -> asyncio.Lock:
+        return self._locks.setdefault(generation_id, asyncio.Lock())
+
+    async def _load(self, generation_id: int) -> Generation:
+        async with self.services.database.session() as session:
+            return await get_generation(session, generation_id)
+
+    async def _progress(self, event: JobStarted | JobProgress) -> None:
+        async with self._lock(event.generation_id):
+            self._last_edit[event.generation_id] = time.monotonic()
+            generation = await self._load(event.generation_id)
+            if generation.status is not S.RUNNING or generation.message_id is None:
+                return
+            if isinstance(event, JobStarted):
+                rendered = Rendered(f"🎨 {headline(generation)}\nstarting…")
+            else:
+                percent = round(100 * event.step / max(event.total, 1))
+                rendered = Rendered(
+                    f"🎨 {headline(generation)}\n{percent}% ({event.step}/{event.total})"
+                )
+                if event.preview:
+                    rendered.upload = Upload(event.preview, f"preview-{generation.id}.jpg")
+            await self.edit(generation, rendered)
+
+    async def _final(self, generation_id: int) -> None:
+        async with self._lock(generation_id):
+            generation = await self._load(generation_id)
+            if generation.delivered_at is not None or generation.message_id is None:
+                return
+            rendered = await self.render(generation, self._limit(generation_id))
+            await self.edit(generation, rendered)
+            async with self.services.database.session() as session:
+                await mark_delivered(session, generation_id)
+        self._locks.pop(generation_id, None)
+        self._last_edit.pop(generation_id, None)
+        self.upload_limits.pop(generation_id, None)
+
+    async def show_queued(self, generation_id: int, upload_limit: int | None = None) -> None:
+        """Edit a just-submitted generation's message to its place in line."""
+        if upload_limit is not None:
+            self.upload_limits[generation_id] = upload_limit
+        async with self._lock(generation_id):
+            generation = await self._load(generation_id)
+            if generation.status is not S.QUEUED or generation.message_id is None:
+                return  # already running or finished: those events edit it
+            self._last_edit[generation_id] = time.monotonic()
+            await self.edit(generation, await self.queued(generation))
+
+    def _limit(self, generation_id: int) -> int:
+        return self.upload_limits.get(generation_id, DEFAULT_UPLOAD_LIMIT)
+
+    # -- what a message shows ----------------------------------------------------------------
+
+    async def queued(self, generation: Generation) -> Rendered:
+        where = await self.services.queue.position(generation.id)
+        if where.status is not S.QUEUED:
+            return Rendered(f"🎨 {headline(generation)}\nstarting…")
+        return Rendered(
+            f"⏳ {headline(generation)}\nqueued #{where.position}, "
+            f"about {max(1, round(where.estimated_wait_seconds))} s"
+        )
+
+    async def render(self, generation: Generation, limit: int) -> Rendered:
+        """The finished generation: its grid or image with buttons, or why it did not finish."""
+        if generation.status is S.FAILED:
+            reason = generation.error or "no reason was recorded"
+            return Rendered(
+                f"❌ {headline(generation)}\nfailed: {reason[:1000]}", view=retry_view(generation)
+            )
+        if generation.status is S.CANCELLED:
+            return Rendered(f"🚫 {headline(generation)}\ncancelled")
+        if generation.status is not S.SUCCEEDED:
+            return await self.queued(generation)
+        images = sorted(generation.images, key=lambda image: image.index)
+        if len(images) == 1:
+            return await self.render_image(generation, images[0], limit)
+        tiles = [await self.services.blobs.get(image.blob_key) for image in images]
+        grid = await asyncio.to_thread(_compose_grid, tiles, generation)
+        upload = await asyncio.to_thread(fit_upload, grid, f"imagine-{generation.id}", limit)
+        return Rendered(headline(generation), upload, grid_view(generation))
+
+    async def render_image(self, generation: Generation, image: Image, limit: int) -> Rendered:
+        data = await self.services.blobs.get(image.blob_key)
+        upload = await asyncio.to_thread(
+            fit_upload, data, f"imagine-{generation.id}-{image.index + 1}", limit
+        )
+        async with self.services.database.session() as session:
+            likes = await like_count(session, image.id)
+        number = (
+            f" · image {image.index + 1} of #{generation.id}" if len(generation.images) > 1 else ""
+        )
+        content = f"{headline(generation)}{number}"[:MAX_CONTENT]
+        return Rendered(content, upload, image_view(image, likes))
+
+    # -- how a message is edited -------------------------------------------------------------
+
+    def _token_fresh(self, generation: Generation) -> bool:
+        if not generation.interaction_token or generation.interaction_at is None:
+            return False
+        return utcnow() - generation.interaction_at < self.services.token_lifetime
+
+    async def edit(self, generation: Generation, rendered: Rendered) -> None:
+        assert generation.message_id is not None and generation.channel_id is not None
+        view = rendered.view
+        if self._token_fresh(generation) and self.client.application_id is not None:
+            assert generation.interaction_token is not None
+            webhook = discord.Webhook.partial(
+                self.client.application_id, generation.interaction_token, client=self.client
+            )
+            try:
+                await webhook.edit_message(
+                    generation.message_id,
+                    content=rendered.content,
+                    attachments=rendered.files(),
+                    view=view,
+                )
+                return
+            except (discord.NotFound, discord.Forbidden) as exc:
+                log.info("webhook edit refused (%s); editing through the channel", exc.status)
+            except discord.HTTPException as exc:
+                if exc.status != 401:
+                    raise
+                log.info("interaction token expired; editing through the channel")
+        channel = self.client.get_partial_messageable(generation.channel_id)
+        await channel.get_partial_message(generation.message_id).edit(
+            content=rendered.content, attachments=rendered.files(), view=view
+        )
+
+
+def _compose_grid(tiles: list[bytes], generation: Generation) -> bytes:
+    # PIL only; imported here so that ``import bot`` stays light.
+    from PIL import Image as PILImage
+
+    from generation.grid import compose_grid_image
+    from generation.metadata import encode_png
+
+    images = [PILImage.open(io.BytesIO(data)) for data in tiles]
+    try:
+        return encode_png(compose_grid_image(images), generation.recipe)
+    finally:
+        for image in images:
+            image.close()

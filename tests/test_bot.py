@@ -1,0 +1,469 @@
+"""End to end: the real discord.py client against the local fake Discord, the tiny model.
+
+Each test starts a fake Discord (gateway + REST on 127.0.0.1), the bot with an
+embedded worker running the tiny random-weight model, and acts as users do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image as PILImage
+from sqlalchemy import func, select
+from sqlalchemy.orm import selectinload
+
+from bot.app import ImagineBot
+from bot.services import Services
+from generation.engine import Engine
+from generation.metadata import read_recipe
+from generation.styles import StyleRegistry
+from generation.tiny import build_tiny_lora
+from generation.worker import EmbeddedWorker
+from storage.blobs import LocalBlobStore
+from storage.database import Database
+from storage.gallery import like_count
+from storage.generations import get_generation
+from storage.models import Generation, GenerationKind, GenerationStatus, Guild, Image
+from storage.queue import EmbeddedQueue
+from storage.scheduling import Limits
+from storage.settings import Settings
+from tests.conftest import migrated_database
+from tests.fake_discord import (
+    ALICE,
+    BOB,
+    EPHEMERAL,
+    GUILD_ID,
+    MANAGE_MESSAGES,
+    MOD,
+    FakeDiscord,
+    Interaction,
+)
+
+S = GenerationStatus
+STYLE_COUNT = 30
+
+
+@dataclass
+class Harness:
+    fake: FakeDiscord
+    database: Database
+    queue: EmbeddedQueue
+    services: Services
+    worker: EmbeddedWorker
+    bot: ImagineBot | None = None
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start_worker(self) -> None:
+        self._stop = asyncio.Event()
+        self._tasks.append(asyncio.create_task(self.worker.run(self._stop)))
+
+    async def stop_worker(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        self._tasks.clear()
+
+    async def start_bot(self) -> ImagineBot:
+        bot = ImagineBot(self.services)
+        await bot.login("fake-token")
+        connecting = asyncio.create_task(bot.connect(reconnect=False))
+        await asyncio.wait_for(bot.wait_until_ready(), 20)
+        self.bot = bot
+        self._connecting = connecting
+        return bot
+
+    async def stop_bot(self) -> None:
+        assert self.bot is not None
+        await self.bot.close()
+        await asyncio.gather(self._connecting, return_exceptions=True)
+        self.bot = None
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def imagine(self, prompt: str, **options: Any) -> Interaction:
+        return await self.fake.slash("imagine", options={"prompt": prompt, **options})
+
+    async def result(self, interaction: Interaction) -> dict[str, Any]:
+        """The interaction's message once it shows a finished generation's buttons."""
+
+        def done() -> dict[str, Any] | None:
+            message = self.fake.original(interaction)
+            if message is not None and self.fake.buttons(int(message["id"])):
+                return message
+            return None
+
+        message: dict[str, Any] = await self.fake.wait_for(done, what="a result")
+        if self.bot is not None:
+            await self.bot.delivery.idle()  # delivered_at is written after the edit
+        return message
+
+    async def press(self, message: dict[str, Any], label: str, **how: Any) -> Interaction:
+        message_id = int(message["id"])
+        return await self.fake.click(message_id, self.fake.button(message_id, label), **how)
+
+    async def generations(self) -> list[Generation]:
+        async with self.database.session() as session:
+            rows = await session.scalars(
+                select(Generation).options(selectinload(Generation.images)).order_by(Generation.id)
+            )
+            return list(rows)
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    with PILImage.open(io.BytesIO(data)) as image:
+        return image.size
+
+
+@pytest.fixture
+async def harness(
+    tmp_path: Path, tiny_engine: Engine, request: pytest.FixtureRequest
+) -> AsyncIterator[Harness]:
+    styles_dir = tmp_path / "styles"
+    styles_dir.mkdir()
+    build_tiny_lora(tiny_engine.pipe.unet, styles_dir / "lora.safetensors", seed=3)
+    for number in range(STYLE_COUNT):
+        (styles_dir / f"style-{number:02d}.toml").write_text(
+            f'name = "style-{number:02d}"\nlora = "lora.safetensors"\n'
+            f'description = "style number {number}"\nbase_model_family = "tiny-sd"\n'
+        )
+    registry = StyleRegistry.from_folder(styles_dir)
+    saved_styles = tiny_engine.styles
+    tiny_engine.styles = registry
+    fake = FakeDiscord(attachment_size_limit=getattr(request, "param", 10 * 1024 * 1024))
+    await fake.start()
+    fake.install()
+    async with migrated_database("sqlite", tmp_path, request) as database:
+        settings = Settings(data_dir=tmp_path, model="tiny", styles_dir=styles_dir)
+        queue = EmbeddedQueue(database, Limits(1, 10))
+        blobs = LocalBlobStore(tmp_path / "blobs")
+        services = Services(
+            settings=settings,
+            database=database,
+            blobs=blobs,
+            queue=queue,
+            styles=registry,
+            family=tiny_engine.family,
+            events=queue.events,
+            progress_interval=0.05,
+        )
+        worker = EmbeddedWorker(queue, blobs, tiny_engine, heartbeat_seconds=60)
+        harness = Harness(fake, database, queue, services, worker)
+        try:
+            yield harness
+        finally:
+            if harness.bot is not None:
+                await harness.stop_bot()
+            await harness.stop_worker()
+            fake.uninstall()
+            await fake.stop()
+            tiny_engine.styles = saved_styles
+
+
+@pytest.fixture
+async def running(harness: Harness) -> Harness:
+    await harness.start_worker()
+    await harness.start_bot()
+    return harness
+
+
+# -- /imagine ---------------------------------------------------------------------------------
+
+
+async def test_imagine_defers_shows_progress_and_posts_the_grid_with_buttons(
+    running: Harness,
+) -> None:
+    fake = running.fake
+    assert {"imagine", "info", "show", "queue", "cancel"} <= set(fake.command_names())
+    interaction = await running.imagine("a lighthouse at dusk --steps 6 --seed 7")
+    message = await running.result(interaction)
+
+    assert interaction.response_type == 5  # deferred first
+    assert interaction.responded_at is not None
+    assert interaction.responded_at - interaction.sent_at < 3.0
+    contents = [h["content"] for h in message["history"]]
+    assert any("starting…" in content or "queued #1" in content for content in contents)
+    assert any("% (" in content for content in contents), contents
+    previews = [
+        h
+        for h in message["history"]
+        if any(a["filename"].endswith(".jpg") for a in h["attachments"])
+    ]
+    assert previews, "no progress edit carried a preview"
+
+    [grid] = fake.attachment_bytes(int(message["id"]))
+    assert png_size(grid) == (192, 192)
+    assert read_recipe(grid).seed == 7
+    labels = [b.get("label") or b["emoji"]["name"] for b in fake.buttons(int(message["id"]))]
+    assert labels == ["U1", "U2", "U3", "U4", "🔄", "V1", "V2", "V3", "V4", "Remix"]
+    assert all(len(b["custom_id"]) <= 100 for b in fake.buttons(int(message["id"])))
+    [generation] = await running.generations()
+    assert generation.status is S.SUCCEEDED and generation.delivered_at is not None
+    assert f"#{generation.id}" in message["content"]
+
+
+async def test_a_bad_flag_gets_an_ephemeral_sentence_and_queues_nothing(running: Harness) -> None:
+    interaction = await running.imagine("a cat --ar 99:1")
+    await running.fake.wait_for(lambda: interaction.responses, what="a response")
+    [response] = interaction.responses
+    assert response["type"] == 4 and response["data"]["flags"] & EPHEMERAL
+    assert "--ar" in response["data"]["content"]
+    assert await running.generations() == []
+
+
+async def test_an_unknown_style_is_refused_with_the_closest_names(running: Harness) -> None:
+    interaction = await running.imagine("a cat", style="style-2")
+    await running.fake.wait_for(lambda: interaction.responses, what="a response")
+    content = interaction.responses[0]["data"]["content"]
+    assert interaction.responses[0]["data"]["flags"] & EPHEMERAL
+    assert "There is no style 'style-2'; did you mean style-" in content
+    assert await running.generations() == []
+
+
+async def test_style_autocomplete_reaches_more_than_25_styles(running: Harness) -> None:
+    everything = await running.fake.autocomplete("imagine", "style", "", prompt="a cat")
+    assert len(everything) == 25
+    late = await running.fake.autocomplete("imagine", "style", "style-29", prompt="a cat")
+    assert late[0]["value"] == "style-29"
+
+
+async def test_a_style_option_reaches_the_recipe(running: Harness) -> None:
+    interaction = await running.imagine("a cat --steps 2", style="style-29")
+    await running.result(interaction)
+    [generation] = await running.generations()
+    assert [style.name for style in generation.recipe.styles] == ["style-29"]
+
+
+async def test_a_banned_word_is_refused_before_queueing(running: Harness) -> None:
+    async with running.database.session() as session:
+        session.add(Guild(id=GUILD_ID, banned_words=["forbidden"]))
+    interaction = await running.imagine("a Forbidden cat")
+    followups = await running.fake.wait_for(
+        lambda: running.fake.calls_to("POST", "/webhooks/"),
+        what="a followup",
+    )
+    assert followups
+    ephemeral = [m for m in running.fake.messages.values() if m["flags"] & EPHEMERAL]
+    assert ephemeral and "forbidden" not in ephemeral[-1]["content"].lower()
+    assert running.fake.original(interaction) is None  # the public "thinking…" was deleted
+    assert await running.generations() == []
+
+
+# -- buttons ----------------------------------------------------------------------------------
+
+
+async def new_message(harness: Harness, interaction: Interaction) -> dict[str, Any]:
+    return await harness.result(interaction)
+
+
+async def test_u2_then_vary_subtle_and_upscale_and_v3(running: Harness) -> None:
+    fake = running.fake
+    grid = await running.result(await running.imagine("a boat --steps 2 --seed 11"))
+    grid_id = int(grid["id"])
+
+    single = await running.result(await fake.click(grid_id, fake.button(grid_id, "U2")))
+    [tile] = fake.attachment_bytes(int(single["id"]))
+    assert png_size(tile) == (96, 96) and read_recipe(tile).seed == 12  # seed + index
+    labels = [b["label"] for b in fake.buttons(int(single["id"]))]
+    assert labels == ["Vary (Subtle)", "Vary (Strong)", "Upscale 2×", "0", "Info", "Delete"]
+
+    subtle = await running.result(await running.press(single, "Vary (Subtle)"))
+    assert png_size(fake.attachment_bytes(int(subtle["id"]))[0]) == (192, 192)
+    upscaled = await running.result(await running.press(single, "Upscale 2×"))
+    [big] = fake.attachment_bytes(int(upscaled["id"]))
+    assert png_size(big) == (192, 192)
+    assert next(b["label"] for b in fake.buttons(int(upscaled["id"]))) == "Vary (Subtle)"
+    v3 = await running.result(await fake.click(grid_id, fake.button(grid_id, "V3")))
+    assert len(fake.buttons(int(v3["id"]))) == 10
+
+    first, subtle_row, upscale_row, v3_row = await running.generations()
+    images = sorted(first.images, key=lambda image: image.index)
+    assert subtle_row.kind is GenerationKind.VARIATION and subtle_row.recipe.strength == 0.35
+    assert subtle_row.parent_image_id == images[1].id
+    assert upscale_row.kind is GenerationKind.UPSCALE and upscale_row.recipe.scale == 2
+    assert v3_row.kind is GenerationKind.VARIATION and v3_row.recipe.strength == 0.7
+    assert v3_row.parent_image_id == images[2].id
+
+
+async def test_reroll_runs_the_same_recipe_from_new_noise(running: Harness) -> None:
+    grid = await running.result(await running.imagine("a boat --steps 2 --seed 11"))
+    rerolled = await running.result(await running.press(grid, "🔄"))
+    assert rerolled["id"] != grid["id"]
+    first, second = await running.generations()
+    assert second.kind is GenerationKind.REROLL
+    assert second.recipe.prompt == first.recipe.prompt and second.recipe.seed != first.recipe.seed
+
+
+async def test_the_remix_modal_runs_the_edited_prompt_with_the_same_seed(running: Harness) -> None:
+    fake = running.fake
+    grid = await running.result(await running.imagine("a boat --steps 2 --seed 11"))
+    click = await running.press(grid, "Remix")
+    await fake.wait_for(lambda: click.responses, what="the modal")
+    modal = click.responses[0]
+    assert modal["type"] == 9
+    text_input = modal["data"]["components"][0]["components"][0]
+    assert text_input["value"].startswith("a boat --seed 11")
+    edited = text_input["value"].replace("a boat", "a red boat")
+    submitted = await fake.submit_modal(modal["data"]["custom_id"], {"prompt": edited})
+    await running.result(submitted)
+    _, remix = await running.generations()
+    assert remix.kind is GenerationKind.REMIX
+    assert remix.recipe.prompt == "a red boat" and remix.recipe.seed == 11
+
+
+async def test_buttons_keep_working_after_the_bot_restarts(running: Harness) -> None:
+    fake = running.fake
+    grid = await running.result(await running.imagine("a boat --steps 2"))
+    await running.stop_bot()
+    await running.start_bot()
+    assert fake.identifies == 2
+    single = await running.result(await running.press(grid, "U4"))
+    rerolled = await running.result(await running.press(grid, "🔄"))
+    assert single["attachments"] and rerolled["attachments"]
+
+
+async def test_a_like_toggled_twice_leaves_the_count_where_it_started(running: Harness) -> None:
+    fake = running.fake
+    grid = await running.result(await running.imagine("a boat --steps 2"))
+    single = await running.result(await running.press(grid, "U1"))
+    single_id = int(single["id"])
+
+    async def like(by: dict[str, Any]) -> str:
+        click = await fake.click(
+            single_id, fake.button(single_id, "Info").replace("info", "like"), by=by
+        )
+        await fake.wait_for(lambda: click.responses, what="the like")
+        assert click.responses[0]["type"] == 7  # the message itself is updated
+        return str(fake.buttons(single_id)[3]["label"])
+
+    assert await like(BOB) == "1"
+    assert await like(ALICE) == "2"
+    assert await like(ALICE) == "1"
+    image_id = int(fake.button(single_id, "Info").split(":")[1])
+    async with running.database.session() as session:
+        assert await like_count(session, image_id) == 1
+
+
+async def test_info_is_ephemeral_and_reproduces_the_image(running: Harness) -> None:
+    fake = running.fake
+    grid = await running.result(await running.imagine("a boat --steps 2 --seed 5"))
+    single = await running.result(await running.press(grid, "U3"))
+    click = await running.press(single, "Info")
+    await fake.wait_for(lambda: click.responses, what="the info")
+    data = click.responses[0]["data"]
+    assert data["flags"] & EPHEMERAL and "a boat --seed 7" in data["content"]
+
+
+async def test_only_the_author_or_a_moderator_can_delete(running: Harness) -> None:
+    fake = running.fake
+    grid = await running.result(await running.imagine("a boat --steps 2"))
+    single = await running.result(await running.press(grid, "U1"))
+    single_id = int(single["id"])
+    refused = await fake.click(single_id, fake.button(single_id, "Delete"), by=BOB)
+    await fake.wait_for(lambda: refused.responses, what="the refusal")
+    assert refused.responses[0]["data"]["flags"] & EPHEMERAL
+    assert single_id in fake.messages
+    await fake.click(
+        single_id, fake.button(single_id, "Delete"), by=MOD, permissions=MANAGE_MESSAGES
+    )
+    await fake.wait_for(lambda: single_id in fake.deleted, what="the deletion")
+
+
+# -- Discord's limits -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("harness", [20_000], indirect=True)
+async def test_an_image_over_the_upload_limit_is_reencoded_to_fit(running: Harness) -> None:
+    message = await running.result(await running.imagine("a boat --steps 2"))
+    [attachment] = message["attachments"]
+    assert attachment["size"] <= 20_000
+    assert attachment["filename"].endswith((".webp", ".jpg"))
+    [generation] = await running.generations()
+    assert len(await running.services.blobs.get(generation.images[0].blob_key)) > 0
+
+
+async def test_an_expired_token_edits_the_message_with_the_bot_token(running: Harness) -> None:
+    fake = running.fake
+    await running.stop_worker()  # hold the job until the token has expired
+    interaction = await running.imagine("a boat --steps 2")
+    await fake.wait_for(lambda: interaction.responses, what="the defer")
+    await fake.wait_for(lambda: await_queued(fake, interaction), what="the queued edit")
+    fake.expire(interaction)
+    await running.start_worker()
+    message = await running.result(interaction)
+    assert message["attachments"]
+    channel_edits = fake.calls_to(
+        "PATCH", f"/channels/{message['channel_id']}/messages/{message['id']}"
+    )
+    assert channel_edits and channel_edits[-1].files
+
+
+def await_queued(fake: FakeDiscord, interaction: Interaction) -> bool:
+    message = fake.original(interaction)
+    return message is not None and "queued" in message["content"]
+
+
+async def test_an_old_token_is_not_used_at_all(running: Harness) -> None:
+    running.services.token_lifetime = timedelta(0)
+    message = await running.result(await running.imagine("a boat --steps 2"))
+    assert not running.fake.calls_to("PATCH", "/webhooks/")
+    assert running.fake.calls_to("PATCH", f"/channels/{message['channel_id']}/messages/")
+
+
+# -- /info /show /queue /cancel ---------------------------------------------------------------
+
+
+async def test_queue_and_cancel(harness: Harness) -> None:
+    await harness.start_bot()  # no worker: jobs wait
+    fake = harness.fake
+    first = await harness.imagine("a boat --steps 2")
+    await fake.wait_for(lambda: await_queued(fake, first), what="queued")
+    listing = await fake.slash("queue")
+    await fake.wait_for(lambda: listing.responses, what="the queue")
+    assert "queued #1" in listing.responses[0]["data"]["content"]
+
+    [generation] = await harness.generations()
+    others = await fake.slash("cancel", by=BOB, options={"generation": generation.id})
+    await fake.wait_for(lambda: others.responses, what="a refusal")
+    assert "someone else's" in others.responses[0]["data"]["content"]
+
+    mine = await fake.slash("cancel")
+    await fake.wait_for(lambda: mine.responses, what="the cancel")
+    assert "cancelled" in mine.responses[0]["data"]["content"]
+    await fake.wait_for(
+        lambda: "cancelled" in (fake.original(first) or {}).get("content", ""), what="the edit"
+    )
+    async with harness.database.session() as session:
+        assert (await get_generation(session, generation.id)).status is S.CANCELLED
+
+
+async def test_info_and_show(running: Harness) -> None:
+    fake = running.fake
+    await running.result(await running.imagine("a boat --steps 2 --seed 3"))
+    [generation] = await running.generations()
+    info = await fake.slash("info", options={"generation": generation.id})
+    await fake.wait_for(lambda: info.responses, what="the info")
+    assert "a boat --seed 3" in info.responses[0]["data"]["content"]
+    missing = await fake.slash("info", options={"generation": 999})
+    await fake.wait_for(lambda: missing.responses, what="the refusal")
+    assert "no generation 999" in missing.responses[0]["data"]["content"]
+
+    shown = await running.result(await fake.slash("show", options={"generation": generation.id}))
+    assert len(fake.buttons(int(shown["id"]))) == 10
+    u1 = await running.result(await running.press(shown, "U1"))
+    assert u1["attachments"]
+
+
+async def test_every_image_row_points_at_a_stored_blob(running: Harness) -> None:
+    await running.result(await running.imagine("a boat --steps 2"))
+    async with running.database.session() as session:
+        images = list(await session.scalars(select(Image)))
+        assert await session.scalar(select(func.count()).select_from(Image)) == 4
+    for image in images:
+        assert await running.services.blobs.get(image.blob_key)

@@ -1,0 +1,112 @@
+"""``imagine bot`` and ``imagine invite`` as a user runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.cli import main
+from bot.cli.discord_commands import client_id_from_token, invite_url
+from tests.fake_discord import FakeDiscord
+
+SHIM = """\
+import os
+if os.environ.get("FAKE_DISCORD_API"):
+    import yarl, discord.http, discord.gateway
+    discord.http.Route.BASE = os.environ["FAKE_DISCORD_API"]
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(os.environ["FAKE_DISCORD_GATEWAY"])
+"""
+
+
+def test_without_a_token_it_says_how_to_get_one(
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bot"]) == 2
+    err = capsys.readouterr().err
+    assert "DISCORD_TOKEN" in err and "imagine invite" in err
+    assert "discord.com/developers/applications" in err
+
+
+def test_invite_reads_the_application_id_from_the_token(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = base64.b64encode(b"123456789012345678").decode().rstrip("=")
+    monkeypatch.setenv("DISCORD_TOKEN", f"{first}.GabCde.xyz")
+    assert client_id_from_token(f"{first}.GabCde.xyz") == 123456789012345678
+    assert main(["invite"]) == 0
+    url = capsys.readouterr().out.strip()
+    assert url == invite_url(123456789012345678)
+    assert "client_id=123456789012345678" in url
+    assert "scope=bot+applications.commands" in url
+    assert "permissions=117760" in url  # view, send, embed links, attach files, read history
+
+
+def test_invite_refuses_a_token_that_is_not_one(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DISCORD_TOKEN", "not a token")
+    assert main(["invite"]) == 2
+    assert "--client-id" in capsys.readouterr().err
+
+
+async def test_imagine_bot_starts_syncs_answers_and_stops_on_sigterm(
+    clean_env: Path, tmp_path: Path
+) -> None:
+    fake = FakeDiscord()
+    await fake.start()
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SHIM)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(shim), str(Path.cwd())]),
+        "FAKE_DISCORD_API": f"{fake.base}/api/v10",
+        "FAKE_DISCORD_GATEWAY": f"ws://127.0.0.1:{fake.port}/gateway",
+        "DISCORD_TOKEN": "fake-token",
+        "IMAGINE_MODEL": "tiny",
+        "IMAGINE_DEVICE": "cpu",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot.cli",
+        "bot",
+        env=env,
+        cwd=Path(__file__).parent.parent,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    log: list[str] = []
+    try:
+
+        async def read_until(text: str) -> None:
+            assert process.stderr is not None
+            while True:
+                line = (await process.stderr.readline()).decode()
+                assert line, f"imagine bot exited before {text!r}: {''.join(log)}"
+                log.append(line)
+                if text in line:
+                    return
+
+        await asyncio.wait_for(read_until("ready as imagine"), 60)
+        assert {"imagine", "info", "show", "queue", "cancel"} <= set(fake.command_names())
+        interaction = await fake.slash("imagine", options={"prompt": "a boat --steps 2"})
+        await fake.wait_for(
+            lambda: fake.original(interaction) and fake.buttons(interaction.original_id or 0),
+            within=90,
+            what="the grid",
+        )
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0, "".join(log)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await fake.stop()
+    assert any("commands synced" in line for line in log)
