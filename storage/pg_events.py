@@ -1,8 +1,9 @@
 """Job events across processes on PostgreSQL: LISTEN/NOTIFY, plus a sweep.
 
 Workers on any machine ``NOTIFY`` each event; the bot ``LISTEN``s. A NOTIFY
-payload is limited to 8000 bytes, so progress events cross without their
-preview image (not carried across processes yet). Notifications sent while a listener is
+payload is limited to 8000 bytes, so a progress event's preview JPEG is sent
+base64-encoded when it fits, re-encoded smaller when it does not, and left out
+only when even a small one would not fit. Notifications sent while a listener is
 reconnecting are lost, so the listener also sweeps the table for finished,
 undelivered generations and replays their final event; consumers mark
 delivery with :func:`~storage.generations.mark_delivered`, which succeeds once.
@@ -11,7 +12,9 @@ delivery with :func:`~storage.generations.mark_delivered`, which succeeds once.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import io
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -24,7 +27,7 @@ from sqlalchemy.engine import URL
 
 from storage.database import Database
 from storage.models import Generation, GenerationStatus, utcnow
-from storage.queue import JobCancelled, JobEvent, JobFailed, JobSucceeded
+from storage.queue import JobCancelled, JobEvent, JobFailed, JobProgress, JobSucceeded
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +40,48 @@ def _dsn(url: URL) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+NOTIFY_LIMIT = 8000  # bytes in a NOTIFY payload, PostgreSQL's default
+
+
 def encode(event: JobEvent) -> str:
     payload = event.model_dump(mode="json", exclude={"preview"})
-    return json.dumps(payload, separators=(",", ":"))
+    wire = json.dumps(payload, separators=(",", ":"))
+    if isinstance(event, JobProgress) and event.preview:
+        room = (NOTIFY_LIMIT - len(wire) - 32) * 3 // 4  # what base64 leaves of the rest
+        preview = fit_preview(event.preview, room)
+        if preview is not None:
+            payload["preview_b64"] = base64.b64encode(preview).decode()
+            wire = json.dumps(payload, separators=(",", ":"))
+    return wire
 
 
 def decode(payload: str) -> JobEvent:
-    return _EVENT.validate_json(payload)
+    data = json.loads(payload)
+    preview = data.pop("preview_b64", None)
+    if preview is not None:
+        data["preview"] = base64.b64decode(preview)
+    return _EVENT.validate_python(data)
+
+
+def fit_preview(jpeg: bytes, limit: int) -> bytes | None:
+    """The preview itself if it has at most ``limit`` bytes, else a smaller JPEG, or None."""
+    if len(jpeg) <= limit:
+        return jpeg
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(jpeg)) as opened:
+            image = opened.convert("RGB")
+    except OSError:
+        return None
+    while min(image.size) >= 16:
+        for quality in (70, 50, 35):
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=quality)
+            if buffer.tell() <= limit:
+                return buffer.getvalue()
+        image = image.resize((image.width * 3 // 4, image.height * 3 // 4))
+    return None
 
 
 class Notifier:

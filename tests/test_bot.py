@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -31,7 +32,8 @@ from storage.database import Database
 from storage.gallery import like_count
 from storage.generations import get_generation
 from storage.models import Generation, GenerationKind, GenerationStatus, Guild, Image
-from storage.queue import EmbeddedQueue
+from storage.pg_events import Notifier, listen
+from storage.queue import EmbeddedQueue, JobEvent
 from storage.scheduling import Limits
 from storage.settings import Settings
 from tests.conftest import migrated_database
@@ -121,10 +123,17 @@ def png_size(data: bytes) -> tuple[int, int]:
         return image.size
 
 
-@pytest.fixture
-async def harness(
-    tmp_path: Path, tiny_engine: Engine, request: pytest.FixtureRequest
+@asynccontextmanager
+async def make_harness(
+    tmp_path: Path,
+    tiny_engine: Engine,
+    request: pytest.FixtureRequest,
+    *,
+    backend: str = "sqlite",
+    upload_limit: int = 10 * 1024 * 1024,
 ) -> AsyncIterator[Harness]:
+    """The bot and a worker. On PostgreSQL they share nothing but the database, as in
+    the scaled mode: events travel by NOTIFY and the listener's sweep."""
     styles_dir = tmp_path / "styles"
     styles_dir.mkdir()
     build_tiny_lora(tiny_engine.pipe.unet, styles_dir / "lora.safetensors", seed=3)
@@ -136,12 +145,22 @@ async def harness(
     registry = StyleRegistry.from_folder(styles_dir)
     saved_styles = tiny_engine.styles
     tiny_engine.styles = registry
-    fake = FakeDiscord(attachment_size_limit=getattr(request, "param", 10 * 1024 * 1024))
+    fake = FakeDiscord(attachment_size_limit=upload_limit)
     await fake.start()
     fake.install()
-    async with migrated_database("sqlite", tmp_path, request) as database:
+    notifier: Notifier | None = None
+    async with migrated_database(backend, tmp_path, request) as database:
         settings = Settings(data_dir=tmp_path, model="tiny", styles_dir=styles_dir)
         queue = EmbeddedQueue(database, Limits(1, 10))
+        worker_queue = queue
+        events: Callable[[], AsyncIterator[JobEvent]] = queue.events
+        if backend == "postgresql":
+            notifier = Notifier(database.url)
+            worker_queue = EmbeddedQueue(database, Limits(1, 10), forward=notifier.send)
+
+            def events() -> AsyncIterator[JobEvent]:
+                return listen(database, sweep_seconds=0.5)
+
         blobs = LocalBlobStore(tmp_path / "blobs")
         services = Services(
             settings=settings,
@@ -150,10 +169,10 @@ async def harness(
             queue=queue,
             styles=registry,
             family=tiny_engine.family,
-            events=queue.events,
+            events=events,
             progress_interval=0.05,
         )
-        worker = EmbeddedWorker(queue, blobs, tiny_engine, heartbeat_seconds=60)
+        worker = EmbeddedWorker(worker_queue, blobs, tiny_engine, heartbeat_seconds=60)
         harness = Harness(fake, database, queue, services, worker)
         try:
             yield harness
@@ -161,9 +180,20 @@ async def harness(
             if harness.bot is not None:
                 await harness.stop_bot()
             await harness.stop_worker()
+            if notifier is not None:
+                await notifier.close()
             fake.uninstall()
             await fake.stop()
             tiny_engine.styles = saved_styles
+
+
+@pytest.fixture
+async def harness(
+    tmp_path: Path, tiny_engine: Engine, request: pytest.FixtureRequest
+) -> AsyncIterator[Harness]:
+    limit = getattr(request, "param", 10 * 1024 * 1024)
+    async with make_harness(tmp_path, tiny_engine, request, upload_limit=limit) as harness:
+        yield harness
 
 
 @pytest.fixture
@@ -467,3 +497,23 @@ async def test_every_image_row_points_at_a_stored_blob(running: Harness) -> None
         assert await session.scalar(select(func.count()).select_from(Image)) == 4
     for image in images:
         assert await running.services.blobs.get(image.blob_key)
+
+
+async def test_the_scaled_mode_delivers_over_listen_notify(
+    tmp_path: Path, tiny_engine: Engine, request: pytest.FixtureRequest
+) -> None:
+    async with make_harness(tmp_path, tiny_engine, request, backend="postgresql") as scaled:
+        await scaled.start_worker()
+        await scaled.start_bot()
+        grid = await scaled.result(await scaled.imagine("a boat --steps 4 --seed 9"))
+        [tile] = scaled.fake.attachment_bytes(int(grid["id"]))
+        assert read_recipe(tile).seed == 9
+        contents = [h["content"] for h in grid["history"]]
+        assert any("% (" in content for content in contents), contents
+        previews = [h for h in grid["history"] if h["attachments"]]
+        assert previews, "no preview crossed from the worker to the bot"
+        single = await scaled.result(await scaled.press(grid, "U1"))
+        upscaled = await scaled.result(await scaled.press(single, "Upscale 2×"))
+        assert png_size(scaled.fake.attachment_bytes(int(upscaled["id"]))[0]) == (192, 192)
+        generations = await scaled.generations()
+        assert all(g.delivered_at is not None for g in generations)

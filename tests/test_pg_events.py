@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image as PILImage
 
 from storage.database import Database
 from storage.generations import NewImage, add_images, mark_delivered, transition
@@ -20,12 +23,37 @@ S = GenerationStatus
 RECIPE = Recipe(model="tiny", prompt="p", seed=1, width=64, height=64, steps=1, guidance=1)
 
 
-def test_events_survive_the_wire_without_their_preview() -> None:
-    event = JobProgress(generation_id=7, step=3, total=10, preview=b"\xff" * 20_000)
-    wire = encode(event)
-    assert len(wire.encode()) < 8000  # NOTIFY's payload limit
+def jpeg(side: int, seed: int = 0) -> bytes:
+    noise = np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    PILImage.fromarray(noise).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_a_small_preview_crosses_the_wire_unchanged() -> None:
+    preview = jpeg(24)
+    event = JobProgress(generation_id=7, step=3, total=10, preview=preview)
+    back = decode(encode(event))
+    assert isinstance(back, JobProgress) and (back.step, back.total) == (3, 10)
+    assert back.preview == preview
+
+
+def test_a_large_preview_is_shrunk_to_fit_notify_s_limit() -> None:
+    preview = jpeg(256)
+    assert len(preview) > 8000
+    wire = encode(JobProgress(generation_id=7, step=3, total=10, preview=preview))
+    assert len(wire.encode()) <= 8000  # NOTIFY's payload limit
     back = decode(wire)
-    assert isinstance(back, JobProgress) and (back.step, back.total, back.preview) == (3, 10, None)
+    assert isinstance(back, JobProgress) and back.preview is not None
+    with PILImage.open(io.BytesIO(back.preview)) as image:
+        assert image.format == "JPEG" and 16 <= image.width < 256
+
+
+def test_a_preview_that_is_not_an_image_is_left_out() -> None:
+    wire = encode(JobProgress(generation_id=7, step=3, total=10, preview=b"\xff" * 20_000))
+    assert len(wire.encode()) <= 8000
+    back = decode(wire)
+    assert isinstance(back, JobProgress) and back.preview is None
 
 
 async def next_event(events: object, kind: type) -> JobEvent:
