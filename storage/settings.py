@@ -182,6 +182,44 @@ class Settings(BaseSettings):
         return self.resolved_database_url.startswith("sqlite")
 
 
+_DEFAULT_SHOWN = {
+    "data_dir": "the platform's user data folder (`~/.local/share/imagine` on Linux)",
+    "database_url": "SQLite at `<data_dir>/imagine.db`",
+    "blob_dir": "`<data_dir>/blobs`",
+    "styles_dir": "`<data_dir>/styles`",
+}
+
+
+def environment_names(name: str) -> list[str]:
+    """The environment variables that set field ``name``, the main one first."""
+    field = Settings.model_fields[name]
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        names = [str(choice) for choice in alias.choices if str(choice).isupper()]
+        return sorted(names, key=lambda n: (not n.startswith("IMAGINE_"), n))
+    return [f"IMAGINE_{name.upper()}"]
+
+
+def reference_table() -> str:
+    """Every setting as a Markdown table: variable, default, meaning (README's reference)."""
+    rows = [
+        "| variable | TOML key | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        variables = " or ".join(f"`{n}`" for n in environment_names(name))
+        if name in _DEFAULT_SHOWN:
+            default = _DEFAULT_SHOWN[name]
+        elif field.default is None:
+            default = "—"
+        else:
+            value = field.default
+            default = f"`{str(value).lower() if isinstance(value, bool) else value}`"
+        meaning = (field.description or "").replace("|", "\\|")
+        rows.append(f"| {variables} | `{name}` | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read the settings, turning validation errors into one actionable sentence."""
     try:

@@ -16,7 +16,7 @@ from storage.errors import ImagineError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bot.cli import db, discord_commands, local, queue
+    from bot.cli import db, discord_commands, doctor, local, queue
 
     parser = argparse.ArgumentParser(
         prog="imagine",
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.register(commands)
     queue.register(commands)
     discord_commands.register(commands)
+    doctor.register(commands)
     return parser
 
 
