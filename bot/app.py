@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import discord
 from discord.ext import commands
@@ -39,13 +40,24 @@ class ImagineBot(commands.Bot):
         self.started = time.perf_counter()
         self._delivering: asyncio.Task[None] | None = None
         self.actions: ButtonActions
+        # Personal defaults, read before the first await of /imagine: kept in memory.
+        self.user_defaults: dict[int, dict[str, Any]] = {}
 
     async def setup_hook(self) -> None:
+        from bot.cogs.community import PolicyCog, SettingsCog
+        from bot.cogs.gallery import GalleryCog, GalleryImageButton, GalleryPageButton
         from bot.cogs.imagine import ImagineCog
+        from storage.community import all_user_defaults
 
+        async with self.services.database.session() as session:
+            self.user_defaults = await all_user_defaults(session)
         cog = ImagineCog(self)
         await self.add_cog(cog)
         self.actions = cog
+        await self.add_cog(SettingsCog(self))
+        await self.add_cog(PolicyCog(self))
+        await self.add_cog(GalleryCog(self))
+        self.add_dynamic_items(GalleryPageButton, GalleryImageButton)
         self.add_dynamic_items(GridButton, ImageButton)
         if self.sync_commands:
             self.synced = len(await self.tree.sync())

@@ -7,7 +7,7 @@ started. What a click does lives in :class:`ButtonActions`, implemented by the
 bot's cogs; the items only parse ids and hand over.
 
     gen:<generation id>:u<n> | v<n> | reroll | remix      under a grid
-    img:<image id>:subtle | strong | up | like | info | delete   under one image
+    img:<image id>:subtle | strong | up | remix | like | info | delete   under one image
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import discord
 from storage.models import Generation, Image
 
 GRID_TEMPLATE = r"gen:(?P<id>[0-9]{1,20}):(?P<action>[uv][1-9]|reroll|remix)"
-IMAGE_TEMPLATE = r"img:(?P<id>[0-9]{1,20}):(?P<action>subtle|strong|up|like|info|delete)"
+IMAGE_TEMPLATE = r"img:(?P<id>[0-9]{1,20}):(?P<action>subtle|strong|up|remix|like|info|delete)"
 REMIX_MODAL = re.compile(r"remix:(?P<id>[0-9]{1,20})")
 MAX_TILE_BUTTONS = 4  # U1-U4 and V1-V4: two rows of Discord's five
 
@@ -80,6 +80,7 @@ def _image_look(action: str, likes: int) -> dict[str, Any]:
         "subtle": {"label": "Vary (Subtle)", "emoji": "🪄", "style": grey, "row": 0},
         "strong": {"label": "Vary (Strong)", "emoji": "🪄", "style": grey, "row": 0},
         "up": {"label": "Upscale 2×", "emoji": "🔍", "style": grey, "row": 0},
+        "remix": {"label": "Remix", "emoji": "✏️", "style": grey, "row": 0},
         "like": {"label": str(likes), "emoji": "❤️", "style": discord.ButtonStyle.primary, "row": 1},
         "info": {"label": "Info", "emoji": "ℹ️", "style": grey, "row": 1},
         "delete": {"label": "Delete", "emoji": "🗑️", "style": discord.ButtonStyle.danger, "row": 1},
@@ -130,7 +131,7 @@ def retry_view(generation: Generation) -> discord.ui.View:
 
 
 def image_view(image: Image, likes: int) -> discord.ui.View:
-    actions = ("subtle", "strong", "up", "like", "info", "delete")
+    actions = ("subtle", "strong", "up", "remix", "like", "info", "delete")
     return _view([ImageButton(image.id, action, likes) for action in actions])
 
 

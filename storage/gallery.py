@@ -83,7 +83,7 @@ async def toggle_like(session: AsyncSession, user_id: int, image_id: int) -> tup
 
 
 def _gallery_query(
-    style: str | None, sort: GallerySort, since: datetime | None
+    style: str | None, sort: GallerySort, since: datetime | None, guild_id: int | None = None
 ) -> Select[Image, Any, Recipe, int]:
     likes = (
         select(Like.image_id, func.count().label("likes"))
@@ -108,6 +108,8 @@ def _gallery_query(
         )
     if since is not None:
         query = query.where(Image.created_at >= since)
+    if guild_id is not None:
+        query = query.where(Generation.guild_id == guild_id)
     if sort is GallerySort.TOP:
         query = query.order_by(like_total.desc(), Image.created_at.desc(), Image.id.desc())
     else:
@@ -123,13 +125,14 @@ async def gallery_page(
     since: datetime | None = None,
     page: int = 0,
     page_size: int = 10,
+    guild_id: int | None = None,
 ) -> GalleryPage:
     """One page of images, most liked (``top``) or newest (``new``) first."""
     if page < 0:
         raise ValueError("page must be 0 or more")
     page_size = max(1, min(page_size, MAX_PAGE_SIZE))
     rows = await session.execute(
-        _gallery_query(style, sort, since).offset(page * page_size).limit(page_size + 1)
+        _gallery_query(style, sort, since, guild_id).offset(page * page_size).limit(page_size + 1)
     )
     entries = [
         GalleryEntry(

@@ -153,6 +153,20 @@ class Guild(Base):
     )
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     updated_by: Mapped[int | None] = mapped_column(BigInteger)
+    # style name → ids of the roles that may use it; a style not listed is open to all.
+    style_roles: Mapped[dict[str, list[int]] | None] = mapped_column(JSON)
+
+
+class PolicyChange(Base):
+    """Who changed a server's policy, and what they changed, for the moderators' record."""
+
+    __tablename__ = "policy_changes"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    guild_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    change: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Generation(Base):

@@ -58,6 +58,7 @@ def fair_order(max_running: int | None = None, model: str | None = None) -> Sele
         Generation.requester_id,
         Generation.priority,
         Generation.queued_at,
+        Generation.guild_id,
         turn,
     ).where(Generation.status == S.QUEUED)
     if model is not None:
@@ -78,13 +79,20 @@ def fair_order(max_running: int | None = None, model: str | None = None) -> Sele
         queued.c.id,
     )
     if max_running is not None:
-        busy = (
-            select(Generation.requester_id)
-            .where(Generation.status == S.RUNNING)
-            .group_by(Generation.requester_id)
-            .having(func.count() >= max_running)
+        running = (
+            select(func.count())
+            .select_from(Generation)
+            .where(Generation.status == S.RUNNING, Generation.requester_id == queued.c.requester_id)
+            .scalar_subquery()
         )
-        query = query.where(queued.c.requester_id.not_in(busy))
+        # A server may set its own running limit for the jobs asked for there.
+        allowed = func.coalesce(
+            select(Guild.max_running_per_user)
+            .where(Guild.id == queued.c.guild_id)
+            .scalar_subquery(),
+            max_running,
+        )
+        query = query.where(running < allowed)
     return query
 
 

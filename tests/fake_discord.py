@@ -35,6 +35,7 @@ GUILD_ID = 900_000_000_000_000_100
 CHANNEL_ID = 900_000_000_000_000_200
 MANAGE_MESSAGES = 1 << 13
 MANAGE_GUILD = 1 << 5
+ARTISTS_ROLE = 900_000_000_000_000_300
 
 
 def user(user_id: int, name: str) -> dict[str, Any]:
@@ -156,6 +157,7 @@ class FakeDiscord:
         *,
         by: dict[str, Any] = ALICE,
         permissions: int = 0,
+        roles: tuple[int, ...] = (),
         options: dict[str, Any] | None = None,
         subcommand: str | None = None,
         resolved: dict[str, Any] | None = None,
@@ -163,7 +165,7 @@ class FakeDiscord:
         command = next((c for c in self.commands if c["name"] == name), None)
         assert command is not None, f"/{name} was not synced; synced: {self.command_names()}"
         given = [
-            {"name": key, "type": _option_type(value), "value": value}
+            {"name": key, "type": _option_type(value), "value": _option_value(value)}
             for key, value in (options or {}).items()
             if value is not None
         ]
@@ -172,7 +174,12 @@ class FakeDiscord:
         data: dict[str, Any] = {"id": command["id"], "name": name, "type": 1, "options": given}
         if resolved:
             data["resolved"] = resolved
-        return await self.interact(2, data, by=by, permissions=permissions)
+        return await self.interact(2, data, by=by, permissions=permissions, roles=roles)
+
+    def role_option(self, role_id: int = ARTISTS_ROLE) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(option value, resolved data) for a role option."""
+        role = {"id": str(role_id), "name": "artists", "permissions": "0", "position": 1}
+        return {"__role__": str(role_id)}, {"roles": {str(role_id): role}}
 
     async def autocomplete(
         self, name: str, focused: str, typed: str, *, by: dict[str, Any] = ALICE, **others: Any
@@ -217,6 +224,7 @@ class FakeDiscord:
         *,
         by: dict[str, Any],
         permissions: int = 0,
+        roles: tuple[int, ...] = (),
         message: dict[str, Any] | None = None,
     ) -> Interaction:
         interaction_id = next(self._ids)
@@ -233,7 +241,7 @@ class FakeDiscord:
             "channel": self.channel(),
             "member": {
                 "user": by,
-                "roles": [],
+                "roles": [str(role) for role in roles],
                 "flags": 0,
                 "permissions": str(permissions),
                 "joined_at": "2024-01-01T00:00:00+00:00",
@@ -365,7 +373,8 @@ class FakeDiscord:
             "member_count": 4,
             "channels": [self.channel()],
             "roles": [
-                {"id": str(GUILD_ID), "name": "@everyone", "permissions": "0", "position": 0}
+                {"id": str(GUILD_ID), "name": "@everyone", "permissions": "0", "position": 0},
+                {"id": str(ARTISTS_ROLE), "name": "artists", "permissions": "0", "position": 1},
             ],
             "members": [{"user": BOT_USER, "roles": [], "flags": 0, "joined_at": None}],
             "features": [],
@@ -661,7 +670,13 @@ class FakeDiscord:
         self.deleted.add(message_id)
 
 
+def _option_value(value: Any) -> Any:
+    return value["__role__"] if isinstance(value, dict) and "__role__" in value else value
+
+
 def _option_type(value: Any) -> int:
+    if isinstance(value, dict) and "__role__" in value:
+        return 8
     if isinstance(value, bool):
         return 5
     if isinstance(value, int):

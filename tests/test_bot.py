@@ -89,8 +89,10 @@ class Harness:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    async def imagine(self, prompt: str, **options: Any) -> Interaction:
-        return await self.fake.slash("imagine", options={"prompt": prompt, **options})
+    async def imagine(
+        self, prompt: str, *, by: dict[str, Any] = ALICE, **options: Any
+    ) -> Interaction:
+        return await self.fake.slash("imagine", by=by, options={"prompt": prompt, **options})
 
     async def result(self, interaction: Interaction) -> dict[str, Any]:
         """The interaction's message once it shows a finished generation's buttons."""
@@ -301,7 +303,15 @@ async def test_u2_then_vary_subtle_and_upscale_and_v3(running: Harness) -> None:
     [tile] = fake.attachment_bytes(int(single["id"]))
     assert png_size(tile) == (96, 96) and read_recipe(tile).seed == 12  # seed + index
     labels = [b["label"] for b in fake.buttons(int(single["id"]))]
-    assert labels == ["Vary (Subtle)", "Vary (Strong)", "Upscale 2×", "0", "Info", "Delete"]
+    assert labels == [
+        "Vary (Subtle)",
+        "Vary (Strong)",
+        "Upscale 2×",
+        "Remix",
+        "0",
+        "Info",
+        "Delete",
+    ]
 
     subtle = await running.result(await running.press(single, "Vary (Subtle)"))
     assert png_size(fake.attachment_bytes(int(subtle["id"]))[0]) == (192, 192)
@@ -370,7 +380,7 @@ async def test_a_like_toggled_twice_leaves_the_count_where_it_started(running: H
         )
         await fake.wait_for(lambda: click.responses, what="the like")
         assert click.responses[0]["type"] == 7  # the message itself is updated
-        return str(fake.buttons(single_id)[3]["label"])
+        return str(fake.buttons(single_id)[4]["label"])
 
     assert await like(BOB) == "1"
     assert await like(ALICE) == "2"

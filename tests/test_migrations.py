@@ -21,6 +21,7 @@ TABLES = {
     "likes",
     "blobs",
     "workers",
+    "policy_changes",
 }
 
 

@@ -21,11 +21,12 @@ from discord.ext import commands
 from bot.delivery import Rendered
 from bot.prompt import PromptDefaults, PromptError, format_recipe, parse_prompt
 from bot.views import RemixModal
+from storage.community import NSFW_WORDS, guild_policy
 from storage.derive import remix_base, reroll_recipe, upscale_recipe, variation_recipe
 from storage.errors import ImagineError, NotFound
 from storage.gallery import toggle_like
 from storage.generations import Origin, get_generation, get_image, recent_generations
-from storage.models import Generation, GenerationKind, GenerationStatus, Guild, Image, utcnow
+from storage.models import Generation, GenerationKind, GenerationStatus, Image, NsfwPolicy, utcnow
 from storage.queue import Submission
 from storage.recipe import MAX_SEED, Recipe
 
@@ -70,6 +71,23 @@ def compose_prompt(
     if negative and negative.strip():
         parts.append(f"--no {negative.strip()}")
     return " ".join(parts)
+
+
+_DEFAULT_FLAGS = {
+    "aspect_ratio": ("--ar", r"ar|aspect"),
+    "steps": ("--steps", r"steps"),
+    "guidance": ("--cfg", r"cfg|guidance"),
+    "style": ("--style", r"style"),
+}
+
+
+def with_user_defaults(text: str, values: dict[str, object]) -> str:
+    """``text`` with the user's defaults as flags, for each flag the text does not give."""
+    extra = []
+    for key, (flag, names) in _DEFAULT_FLAGS.items():
+        if key in values and not re.search(rf"(?<!\S)(--|—)({names})(?!\S)", text):
+            extra.append(f"{flag} {values[key]}")
+    return " ".join([text, *extra])
 
 
 def banned_word_in(text: str, banned: Sequence[str]) -> bool:
@@ -117,17 +135,35 @@ class ImagineCog(commands.Cog):
     async def check_policy(
         self, interaction: discord.Interaction, recipes: Sequence[Recipe]
     ) -> None:
+        """The server's rules: banned words, where NSFW prompts may go, who may use a style."""
         if interaction.guild_id is None:
             return
         async with self.services.database.session() as session:
-            guild = await session.get(Guild, interaction.guild_id)
-        banned = guild.banned_words if guild is not None else []
+            guild = await guild_policy(session, interaction.guild_id)
+        channel_nsfw = bool(getattr(interaction.channel, "is_nsfw", lambda: False)())
+        roles = {role.id for role in getattr(interaction.user, "roles", [])}
         for recipe in recipes:
-            if banned_word_in(f"{recipe.prompt} {recipe.negative_prompt}", banned):
+            if banned_word_in(recipe.prompt, guild.banned_words or []):
                 raise Refusal(
                     "This server does not allow a word in that prompt; "
                     "rephrase it (the server's moderators keep the list)."
                 )
+            if banned_word_in(recipe.prompt, NSFW_WORDS):
+                if guild.nsfw_policy is NsfwPolicy.BLOCK:
+                    raise Refusal("This server does not allow NSFW prompts; rephrase it.")
+                if guild.nsfw_policy is NsfwPolicy.AGE_RESTRICTED_CHANNELS and not channel_nsfw:
+                    raise Refusal(
+                        "NSFW prompts are allowed only in age-restricted channels here; "
+                        "use one of those, or rephrase it."
+                    )
+            for style in recipe.styles:
+                allowed = (guild.style_roles or {}).get(style.name)
+                if allowed and not roles & set(allowed):
+                    raise Refusal(
+                        f"The style {style.name} is for members with "
+                        + " or ".join(f"<@&{role}>" for role in allowed)
+                        + "; ask a moderator, or pick another style."
+                    )
 
     async def submit(
         self,
@@ -136,6 +172,7 @@ class ImagineCog(commands.Cog):
         recipes: Sequence[Recipe],
         *,
         parent_image_id: int | None = None,
+        private: bool = False,
     ) -> list[Generation]:
         """Defer, check policy, submit one generation per recipe, show each one's place in line.
 
@@ -145,7 +182,7 @@ class ImagineCog(commands.Cog):
         received = utcnow()
         first_message_id: int | None = None
         if not interaction.response.is_done():
-            callback = await interaction.response.defer(thinking=True)
+            callback = await interaction.response.defer(thinking=True, ephemeral=private)
             first_message_id = callback.message_id if callback is not None else None
         try:
             await self.check_policy(interaction, recipes)
@@ -206,12 +243,18 @@ class ImagineCog(commands.Cog):
         text = compose_prompt(
             prompt, style=style, aspect_ratio=aspect_ratio, negative=negative, seed=seed
         )
+        defaults = self.bot.user_defaults.get(interaction.user.id, {})
         try:
-            recipes = self.parse(text)
+            recipes = self.parse(with_user_defaults(text, defaults))
         except PromptError as exc:
             await self.refuse(interaction, str(exc))
             return
-        await self.submit(interaction, GenerationKind.IMAGINE, recipes)
+        await self.submit(
+            interaction,
+            GenerationKind.IMAGINE,
+            recipes,
+            private=bool(defaults.get("private", False)),
+        )
 
     @imagine.autocomplete("style")
     async def style_autocomplete(
@@ -300,6 +343,10 @@ class ImagineCog(commands.Cog):
                 await self.submit(
                     interaction, GenerationKind.UPSCALE, [recipe], parent_image_id=image.id
                 )
+            elif action == "remix":
+                recipe = remix_base(generation.recipe).model_copy(update={"seed": image.seed})
+                text = format_recipe(recipe.model_copy(update={"count": 4}))
+                await interaction.response.send_modal(RemixModal(generation.id, text))
             elif action == "like":
                 await self._like(interaction, image)
             elif action == "info":

@@ -1,0 +1,121 @@
+"""Personal defaults and server policy, end to end through the fake Discord."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from storage.models import PolicyChange
+from tests.fake_discord import ALICE, ARTISTS_ROLE, BOB, EPHEMERAL, MANAGE_GUILD, MOD
+from tests.test_bot import Harness, harness, running
+
+__all__ = ["harness", "running"]
+
+
+async def answer(running: Harness, interaction: Any) -> dict[str, Any]:
+    await running.fake.wait_for(lambda: interaction.responses, what="an answer")
+    data: dict[str, Any] = interaction.responses[0].get("data") or {}
+    return data
+
+
+async def test_a_default_aspect_ratio_applies_to_the_next_imagine(running: Harness) -> None:
+    fake = running.fake
+    data = await answer(
+        running,
+        await fake.slash("settings", subcommand="set", options={"aspect_ratio": "3:2", "steps": 2}),
+    )
+    assert data["flags"] & EPHEMERAL and "aspect ratio: `3:2`" in data["content"]
+
+    await running.result(await running.imagine("a boat"))
+    await running.result(await running.imagine("a boat --ar 1:1"))  # the prompt wins
+    await running.result(await running.imagine("a boat", by=BOB))  # not Bob's default
+    mine, square, bobs = await running.generations()
+    assert (mine.recipe.aspect_ratio, mine.recipe.steps) == ("3:2", 2)
+    assert mine.recipe.width > mine.recipe.height
+    assert square.recipe.aspect_ratio == "1:1"
+    assert bobs.recipe.aspect_ratio is None
+
+    shown = await answer(running, await fake.slash("settings", subcommand="show"))
+    assert "steps: `2`" in shown["content"]
+    await answer(running, await fake.slash("settings", subcommand="reset"))
+    await running.stop_bot()  # defaults survive a restart, and so does the reset
+    await running.start_bot()
+    shown = await answer(running, await fake.slash("settings", subcommand="show"))
+    assert "no defaults" in shown["content"]
+
+
+async def test_policy_is_for_managers_and_every_change_is_recorded(running: Harness) -> None:
+    fake = running.fake
+    refused = await answer(
+        running, await fake.slash("policy", subcommand="ban", options={"words": "boat"}, by=BOB)
+    )
+    assert refused["flags"] & EPHEMERAL and "Manage Server" in refused["content"]
+
+    done = await answer(
+        running,
+        await fake.slash(
+            "policy",
+            subcommand="ban",
+            options={"words": "Boat, storm"},
+            by=MOD,
+            permissions=MANAGE_GUILD,
+        ),
+    )
+    assert "banned 2 word(s)" in done["content"]
+    blocked = await running.imagine("a red boat at sea")
+    await fake.wait_for(lambda: fake.calls_to("POST", "/webhooks/"), what="the refusal")
+    assert fake.original(blocked) is None
+    assert await running.generations() == []
+    async with running.database.session() as session:
+        [change] = list(await session.scalars(select(PolicyChange)))
+    assert change.user_id == int(MOD["id"]) and "banned 2" in change.change
+
+
+async def test_nsfw_prompts_follow_the_server_setting(running: Harness) -> None:
+    fake = running.fake
+    first = await running.imagine("a nude statue --steps 2")
+    await fake.wait_for(lambda: fake.calls_to("POST", "/webhooks/"), what="the refusal")
+    ephemeral = [m for m in fake.messages.values() if m["flags"] & EPHEMERAL]
+    assert "age-restricted" in ephemeral[-1]["content"] and fake.original(first) is None
+
+    await answer(
+        running,
+        await fake.slash(
+            "policy",
+            subcommand="nsfw",
+            options={"where": "allow"},
+            by=MOD,
+            permissions=MANAGE_GUILD,
+        ),
+    )
+    await running.result(await running.imagine("a nude statue --steps 2"))
+    assert len(await running.generations()) == 1
+
+
+async def test_a_style_reserved_for_a_role(running: Harness) -> None:
+    fake = running.fake
+    role, resolved = fake.role_option(ARTISTS_ROLE)
+    await answer(
+        running,
+        await fake.slash(
+            "policy",
+            subcommand="style-role",
+            options={"style": "style-01", "role": role},
+            resolved=resolved,
+            by=MOD,
+            permissions=MANAGE_GUILD,
+        ),
+    )
+    refused = await fake.slash("imagine", options={"prompt": "a cat --style style-01 --steps 2"})
+    await fake.wait_for(lambda: fake.calls_to("POST", "/webhooks/"), what="the refusal")
+    assert fake.original(refused) is None
+    allowed = await fake.slash(
+        "imagine",
+        options={"prompt": "a cat --style style-01 --steps 2"},
+        by=ALICE,
+        roles=(ARTISTS_ROLE,),
+    )
+    await running.result(allowed)
+    [generation] = await running.generations()
+    assert generation.recipe.styles[0].name == "style-01"
