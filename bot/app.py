@@ -18,7 +18,7 @@ from discord.ext import commands
 
 from bot.delivery import Delivery
 from bot.services import Services
-from bot.views import ButtonActions, GridButton, ImageButton, remix_submission
+from bot.views import ButtonActions, GridButton, ImageButton, remix_submission, try_submission
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,13 @@ class ImagineBot(commands.Bot):
         from bot.cogs.community import PolicyCog, SettingsCog
         from bot.cogs.gallery import GalleryCog, GalleryImageButton, GalleryPageButton
         from bot.cogs.imagine import ImagineCog
+        from bot.cogs.styles import StylePageButton, StylesCog, TryStyleButton
         from storage.community import all_user_defaults
+        from storage.style_store import all_guild_style_names
 
         async with self.services.database.session() as session:
             self.user_defaults = await all_user_defaults(session)
+            self.services.guild_style_names = await all_guild_style_names(session)
         cog = ImagineCog(self)
         await self.add_cog(cog)
         self.actions = cog
@@ -58,6 +61,8 @@ class ImagineBot(commands.Bot):
         await self.add_cog(PolicyCog(self))
         await self.add_cog(GalleryCog(self))
         self.add_dynamic_items(GalleryPageButton, GalleryImageButton)
+        await self.add_cog(StylesCog(self))
+        self.add_dynamic_items(StylePageButton, TryStyleButton)
         self.add_dynamic_items(GridButton, ImageButton)
         if self.sync_commands:
             self.synced = len(await self.tree.sync())
@@ -86,9 +91,19 @@ class ImagineBot(commands.Bot):
         )
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
+        # Modals are answered here, not by the Modal objects, so that one opened before a
+        # restart still works after it.
         submitted = remix_submission(interaction)
         if submitted is not None:
             await self.actions.remix_submitted(interaction, *submitted)
+            return
+        tried = try_submission(interaction)
+        if tried is not None:
+            from bot.cogs.styles import StylesCog
+
+            cog = self.get_cog("StylesCog")
+            assert isinstance(cog, StylesCog)
+            await cog.try_submitted(interaction, tried[1])
 
     async def close(self) -> None:
         if self._delivering is not None:

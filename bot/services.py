@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
@@ -11,6 +11,7 @@ from storage.blobs import BlobStore
 from storage.database import Database
 from storage.families import ModelFamily
 from storage.queue import JobEvent, JobQueue
+from storage.recipe import search_names
 from storage.settings import Settings
 
 
@@ -35,5 +36,15 @@ class Services:
     progress_interval: float = 1.5  # seconds between progress edits of one message
     token_lifetime: timedelta = timedelta(minutes=14)  # Discord's is 15
 
-    def known_styles(self) -> Collection[str]:
-        return self.styles.names()
+    # Styles added from Discord, by server; kept current by the /style commands.
+    guild_style_names: dict[int, set[str]] = field(default_factory=dict)
+
+    def known_styles(self, guild_id: int | None = None) -> list[str]:
+        """The folder's styles and, in a server, the ones it added from Discord."""
+        names = set(self.styles.names())
+        if guild_id is not None:
+            names |= self.guild_style_names.get(guild_id, set())
+        return sorted(names)
+
+    def search_styles(self, guild_id: int | None, text: str, limit: int = 25) -> list[str]:
+        return search_names(self.known_styles(guild_id), text, limit)

@@ -22,6 +22,7 @@ from storage.models import Generation, Image
 GRID_TEMPLATE = r"gen:(?P<id>[0-9]{1,20}):(?P<action>[uv][1-9]|reroll|remix)"
 IMAGE_TEMPLATE = r"img:(?P<id>[0-9]{1,20}):(?P<action>subtle|strong|up|remix|like|info|delete)"
 REMIX_MODAL = re.compile(r"remix:(?P<id>[0-9]{1,20})")
+TRY_MODAL = re.compile(r"try:(?P<name>[A-Za-z0-9_-]{1,64})")
 MAX_TILE_BUTTONS = 4  # U1-U4 and V1-V4: two rows of Discord's five
 
 
@@ -159,14 +160,24 @@ class RemixModal(discord.ui.Modal):
         """Nothing: see the class docstring."""
 
 
-def remix_submission(interaction: discord.Interaction) -> tuple[int, str] | None:
-    """(generation id, edited text) if ``interaction`` submits a remix modal."""
+def _modal(interaction: discord.Interaction, pattern: re.Pattern[str]) -> tuple[str, str] | None:
     if interaction.type is not discord.InteractionType.modal_submit or interaction.data is None:
         return None
-    match = REMIX_MODAL.fullmatch(str(interaction.data.get("custom_id", "")))
+    match = pattern.fullmatch(str(interaction.data.get("custom_id", "")))
     if match is None:
         return None
-    return int(match["id"]), _find_value(interaction.data.get("components", []), "prompt") or ""
+    return match[1], _find_value(interaction.data.get("components", []), "prompt") or ""
+
+
+def remix_submission(interaction: discord.Interaction) -> tuple[int, str] | None:
+    """(generation id, edited text) if ``interaction`` submits a remix modal."""
+    found = _modal(interaction, REMIX_MODAL)
+    return (int(found[0]), found[1]) if found is not None else None
+
+
+def try_submission(interaction: discord.Interaction) -> tuple[str, str] | None:
+    """(style name, prompt text) if ``interaction`` submits a "try this style" modal."""
+    return _modal(interaction, TRY_MODAL)
 
 
 def _find_value(node: Any, custom_id: str) -> str | None:

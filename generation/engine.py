@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,12 +135,15 @@ class Engine:
         preview_every: int = 5,
         upscale_tile: int = 0,
         upscaler: Pipeline | None = None,
+        lora_folder: Path | None = None,
     ) -> None:
         self.loaded = loaded
         self.pipe: Pipeline = loaded.pipe
         self.img2img_pipe: Pipeline = AutoPipelineForImage2Image.from_pipe(self.pipe)
         self.img2img_pipe.set_progress_bar_config(disable=True)
         self.styles = styles or StyleRegistry()
+        # Where LoRAs of styles stored in the database are written before loading.
+        self.lora_folder = lora_folder or Path(tempfile.gettempdir()) / "imagine-loras"
         self.loras = LoraSet(self.pipe, lora_cache_size)
         self.preview_every = preview_every
         self.upscale_tile = upscale_tile or 2 * loaded.family.native_side
@@ -159,6 +164,7 @@ class Engine:
             preview_every=settings.preview_every,
             upscale_tile=settings.upscale_tile,
             upscaler=upscaler,
+            lora_folder=settings.data_dir / "lora-cache",
         )
 
     @property

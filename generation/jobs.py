@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image as PILImage
 
@@ -42,6 +43,48 @@ async def _source_image(database: Database, blobs: BlobStore, image_id: int) -> 
         image = await get_image(session, image_id)
     data = await blobs.get(image.blob_key)
     return PILImage.open(io.BytesIO(data)).convert("RGB")
+
+
+async def materialize_styles(
+    database: Database, blobs: BlobStore, engine: Engine, generation: Generation, folder: Path
+) -> None:
+    """Make the server's own styles (stored in the database) known to the engine.
+
+    Their LoRA is written once to ``folder``, named by its hash; a database style
+    shadows a folder style of the same name for its server's generations.
+    """
+    from generation.styles import StyleSpec
+    from storage.style_store import find_style
+
+    for ref in generation.recipe.styles:
+        async with database.session() as session:
+            style = await find_style(session, generation.guild_id, ref.name)
+        if style is None or style.lora_blob_key is None or style.lora_sha256 is None:
+            continue  # a folder style, or unknown: the engine says which
+        path = folder / f"{style.lora_sha256}.safetensors"
+        if not await asyncio.to_thread(path.exists):
+            await asyncio.to_thread(_write_atomically, path, await blobs.get(style.lora_blob_key))
+        engine.styles.put(
+            StyleSpec(
+                name=style.name,
+                description=style.description,
+                lora_path=path,
+                default_weight=style.default_weight,
+                trigger_words=tuple(style.trigger_words),
+                prompt_template=style.prompt_template,
+                negative_template=style.negative_template,
+                family=style.base_model_family,
+                preview_path=None,
+                source=path,
+            )
+        )
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
 
 
 def _run_engine(
@@ -95,6 +138,8 @@ async def execute_generation(
     started = time.perf_counter()
     generation_id = generation.id
     try:
+        if generation.recipe.styles:
+            await materialize_styles(database, blobs, engine, generation, engine.lora_folder)
         source = None
         if generation.recipe.source_image_id is not None:
             source = await _source_image(database, blobs, generation.recipe.source_image_id)

@@ -20,8 +20,9 @@ _DOWN = {"lora_A", "lora.down", "lora_down", "lora_linear_layer.down"}
 
 
 def adapter_name(style: StyleSpec) -> str:
-    # Adapter names become module attribute keys: keep them to identifier characters.
-    return "style_" + re.sub(r"\W", "_", style.name)
+    # Adapter names become module attribute keys: keep them to identifier characters. The
+    # hash tells apart two servers' styles of one name, or a LoRA file replaced on disk.
+    return "style_" + re.sub(r"\W", "_", style.name) + "_" + style.sha256[:12]
 
 
 def check_lora_fits(pipe: Pipeline, style: StyleSpec) -> dict[str, torch.Tensor]:

@@ -18,7 +18,6 @@ A style file, ``watercolor.toml``::
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import re
 import tomllib
@@ -29,7 +28,7 @@ from typing import Any
 
 from storage.errors import ImagineError, NotFound
 from storage.families import FAMILIES
-from storage.recipe import StyleRef, unknown_style_message
+from storage.recipe import StyleRef, search_names, unknown_style_message
 
 STYLE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -173,6 +172,10 @@ class StyleRegistry:
     def names(self) -> list[str]:
         return sorted(self._styles)
 
+    def put(self, style: StyleSpec) -> None:
+        """Add ``style``, replacing one of the same name (a server's own style, say)."""
+        self._styles[style.name] = style
+
     def get(self, name: str) -> StyleSpec:
         try:
             return self._styles[name]
@@ -181,18 +184,7 @@ class StyleRegistry:
 
     def search(self, text: str, limit: int = 25) -> list[str]:
         """Names for autocomplete: prefix matches first, then substring, then fuzzy."""
-        needle = text.lower().strip()
-        names = self.names()
-        if not needle:
-            return names[:limit]
-        prefix = [n for n in names if n.lower().startswith(needle)]
-        inside = [n for n in names if needle in n.lower() and n not in prefix]
-        fuzzy = [
-            n
-            for n in difflib.get_close_matches(needle, names, n=limit, cutoff=0.6)
-            if n not in prefix and n not in inside
-        ]
-        return (prefix + inside + fuzzy)[:limit]
+        return search_names(self.names(), text, limit)
 
     def __len__(self) -> int:
         return len(self._styles)

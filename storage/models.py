@@ -270,6 +270,10 @@ class Style(Base):
     prompt_template: Mapped[str] = mapped_column(Text, default="{prompt}")
     negative_template: Mapped[str] = mapped_column(Text, default="{negative}")
     base_model_family: Mapped[str] = mapped_column(String(16))
+    # The fixed-seed generation made when the style was added from Discord.
+    preview_generation_id: Mapped[int | None] = mapped_column(
+        ForeignKey("generations.id", ondelete="SET NULL")
+    )
     preview_image_id: Mapped[int | None] = mapped_column(
         ForeignKey("images.id", ondelete="SET NULL")
     )

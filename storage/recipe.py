@@ -83,3 +83,19 @@ def unknown_style_message(name: str, known: Iterable[str]) -> tuple[str, list[st
     else:
         hint = "no styles are installed yet."
     return f"There is no style {name!r}; {hint}", close
+
+
+def search_names(names: Iterable[str], text: str, limit: int = 25) -> list[str]:
+    """Names for autocomplete: prefix matches first, then substring, then fuzzy."""
+    names = sorted(names)
+    needle = text.lower().strip()
+    if not needle:
+        return names[:limit]
+    prefix = [n for n in names if n.lower().startswith(needle)]
+    inside = [n for n in names if needle in n.lower() and n not in prefix]
+    fuzzy = [
+        n
+        for n in difflib.get_close_matches(needle, names, n=limit, cutoff=0.6)
+        if n not in prefix and n not in inside
+    ]
+    return (prefix + inside + fuzzy)[:limit]

@@ -111,6 +111,9 @@ class Settings(BaseSettings):
             "stabilityai/stable-diffusion-x4-upscaler); empty: a detail pass with the base model."
         ),
     )
+    max_lora_mb: int = Field(
+        default=256, ge=1, description="Largest LoRA file /style add accepts, in MiB."
+    )
     lora_cache_size: int = Field(
         default=8, ge=1, description="Style LoRAs kept loaded on the GPU at once."
     )

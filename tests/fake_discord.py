@@ -74,6 +74,7 @@ class Interaction:
     payload: dict[str, Any]
     responses: list[dict[str, Any]] = field(default_factory=list)
     original_id: int | None = None
+    followups: list[int] = field(default_factory=list)
     responded_at: float | None = None
     expired: bool = False
 
@@ -100,6 +101,7 @@ class FakeDiscord:
         self.messages: dict[int, dict[str, Any]] = {}
         self.files: dict[int, bytes] = {}
         self.deleted: set[int] = set()
+        self.downloads: list[int] = []
         self.interactions: dict[str, Interaction] = {}
         self.commands: list[dict[str, Any]] = []
         self.identifies = 0
@@ -180,6 +182,23 @@ class FakeDiscord:
         """(option value, resolved data) for a role option."""
         role = {"id": str(role_id), "name": "artists", "permissions": "0", "position": 1}
         return {"__role__": str(role_id)}, {"roles": {str(role_id): role}}
+
+    def attachment_option(self, filename: str, data: bytes) -> tuple[Any, dict[str, Any]]:
+        """(option value, resolved data) for a file uploaded with a slash command."""
+        attachment_id = next(self._ids)
+        self.files[attachment_id] = data
+        url = f"{self.base}/attachments/{attachment_id}/{filename}"
+        attachment = {
+            "id": str(attachment_id),
+            "filename": filename,
+            "size": len(data),
+            "url": url,
+            "proxy_url": url,
+            "content_type": _content_type(filename),
+        }
+        return {"__attachment__": str(attachment_id)}, {
+            "attachments": {str(attachment_id): attachment}
+        }
 
     async def autocomplete(
         self, name: str, focused: str, typed: str, *, by: dict[str, Any] = ALICE, **others: Any
@@ -328,6 +347,18 @@ class FakeDiscord:
             return None
         return self.messages.get(interaction.original_id)
 
+    def said_privately(self, interaction: Interaction) -> str | None:
+        """The ephemeral sentence an interaction was answered with, if any."""
+        if interaction.responses and interaction.responses[0]["type"] == 4:
+            data = interaction.responses[0].get("data") or {}
+            if data.get("flags", 0) & EPHEMERAL:
+                return str(data.get("content", ""))
+        for message_id in interaction.followups:
+            message = self.messages.get(message_id)
+            if message is not None and message["flags"] & EPHEMERAL:
+                return str(message["content"])
+        return None
+
     def calls_to(self, method: str, fragment: str) -> list[Call]:
         return [c for c in self.calls if c.method == method and fragment in c.path]
 
@@ -386,6 +417,7 @@ class FakeDiscord:
     # -- REST --------------------------------------------------------------------------------
 
     async def _attachment(self, request: web.Request) -> web.Response:
+        self.downloads.append(int(request.match_info["id"]))
         data = self.files.get(int(request.match_info["id"]))
         if data is None:
             return web.Response(status=404)
@@ -535,8 +567,11 @@ class FakeDiscord:
             flags = original["flags"] & ~LOADING
             if body.get("flags", 0) & EPHEMERAL:
                 flags |= EPHEMERAL
+            interaction.followups.append(int(original["id"]))
             return _json(self._edit(int(original["id"]), {**body, "flags": flags}, files))
-        return _json(self._create(CHANNEL_ID, body, files))
+        created = self._create(CHANNEL_ID, body, files)
+        interaction.followups.append(int(created["id"]))
+        return _json(created)
 
     def _webhook_message(
         self,
@@ -671,12 +706,16 @@ class FakeDiscord:
 
 
 def _option_value(value: Any) -> Any:
-    return value["__role__"] if isinstance(value, dict) and "__role__" in value else value
+    if isinstance(value, dict):
+        return value.get("__role__") or value.get("__attachment__")
+    return value
 
 
 def _option_type(value: Any) -> int:
     if isinstance(value, dict) and "__role__" in value:
         return 8
+    if isinstance(value, dict) and "__attachment__" in value:
+        return 11
     if isinstance(value, bool):
         return 5
     if isinstance(value, int):

@@ -9,7 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.imagine import ASPECT_RATIOS
+from bot.cogs.imagine import ASPECT_RATIOS, style_choices
 from storage.community import change_policy as record_policy_change
 from storage.community import (
     guild_policy as load_guild_policy,
@@ -69,6 +69,7 @@ class SettingsCog(commands.Cog):
         private="Show your results only to you",
     )
     @app_commands.choices(aspect_ratio=ASPECT_RATIOS)
+    @app_commands.autocomplete(style=style_choices)
     async def set_(
         self,
         interaction: discord.Interaction,
@@ -78,10 +79,12 @@ class SettingsCog(commands.Cog):
         guidance: app_commands.Range[float, 0.0, 30.0] | None = None,
         private: bool | None = None,
     ) -> None:
-        if style is not None and style not in self.services.known_styles():
+        if style is not None and style not in self.services.known_styles(interaction.guild_id):
             from storage.recipe import unknown_style_message
 
-            message, _ = unknown_style_message(style, self.services.known_styles())
+            message, _ = unknown_style_message(
+                style, self.services.known_styles(interaction.guild_id)
+            )
             await interaction.response.send_message(message, ephemeral=True)
             return
         if all(v is None for v in (style, aspect_ratio, steps, guidance, private)):
@@ -102,13 +105,6 @@ class SettingsCog(commands.Cog):
             )
         self.bot.user_defaults[interaction.user.id] = values
         await interaction.response.send_message(describe_defaults(values), ephemeral=True)
-
-    @set_.autocomplete("style")
-    async def style_autocomplete(
-        self, interaction: discord.Interaction, current: str
-    ) -> list[app_commands.Choice[str]]:
-        names = self.services.styles.search(current, limit=25)
-        return [app_commands.Choice(name=name, value=name) for name in names[:25]]
 
     @settings.command(name="reset", description="Forget all your defaults.")
     async def reset(self, interaction: discord.Interaction) -> None:

@@ -16,6 +16,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.cogs.imagine import style_choices
 from bot.delivery import Rendered
 from storage.errors import ImagineError
 from storage.gallery import GalleryEntry, GallerySort, gallery_page, toggle_like
@@ -140,6 +141,7 @@ class GalleryCog(commands.Cog):
         ],
     )
     @app_commands.guild_only()
+    @app_commands.autocomplete(style=style_choices)
     async def gallery(
         self,
         interaction: discord.Interaction,
@@ -147,21 +149,16 @@ class GalleryCog(commands.Cog):
         sort: str = "top",
         period: str = "week",
     ) -> None:
-        if style and style not in self.services.known_styles():
+        if style and style not in self.services.known_styles(interaction.guild_id):
             from storage.recipe import unknown_style_message
 
-            message, _ = unknown_style_message(style, self.services.known_styles())
+            message, _ = unknown_style_message(
+                style, self.services.known_styles(interaction.guild_id)
+            )
             await interaction.response.send_message(message, ephemeral=True)
             return
         await interaction.response.defer(thinking=True)
         await self.show_page(interaction, style or "", sort, period, 0, edit=False)
-
-    @gallery.autocomplete("style")
-    async def style_autocomplete(
-        self, interaction: discord.Interaction, current: str
-    ) -> list[app_commands.Choice[str]]:
-        names = self.services.styles.search(current, limit=25)
-        return [app_commands.Choice(name=name, value=name) for name in names[:25]]
 
     async def render_page(
         self, guild_id: int | None, style: str, sort: str, period: str, page: int, limit: int

@@ -48,6 +48,15 @@ ASPECT_RATIOS = [
 ]
 
 
+async def style_choices(
+    interaction: discord.Interaction, current: str
+) -> list[app_commands.Choice[str]]:
+    """Autocomplete for any style option: the server's styles matching what was typed."""
+    services = interaction.client.services  # type: ignore[attr-defined]
+    names = services.search_styles(interaction.guild_id, current, limit=25)
+    return [app_commands.Choice(name=name, value=name) for name in names[:25]]
+
+
 class Refusal(ImagineError):
     """A sentence for the user, sent ephemerally."""
 
@@ -129,8 +138,9 @@ class ImagineCog(commands.Cog):
             style_weights=self.services.style_weights,
         )
 
-    def parse(self, text: str) -> list[Recipe]:
-        return parse_prompt(text, self.defaults(), known_styles=self.services.known_styles())
+    def parse(self, text: str, guild_id: int | None) -> list[Recipe]:
+        known = self.services.known_styles(guild_id)
+        return parse_prompt(text, self.defaults(), known_styles=known)
 
     async def check_policy(
         self, interaction: discord.Interaction, recipes: Sequence[Recipe]
@@ -231,6 +241,7 @@ class ImagineCog(commands.Cog):
         seed="The noise to start from: the same seed and prompt give the same images",
     )
     @app_commands.choices(aspect_ratio=ASPECT_RATIOS)
+    @app_commands.autocomplete(style=style_choices)
     async def imagine(
         self,
         interaction: discord.Interaction,
@@ -243,9 +254,13 @@ class ImagineCog(commands.Cog):
         text = compose_prompt(
             prompt, style=style, aspect_ratio=aspect_ratio, negative=negative, seed=seed
         )
+        await self.run_prompt(interaction, text)
+
+    async def run_prompt(self, interaction: discord.Interaction, text: str) -> None:
+        """What /imagine does with its text: the user's defaults, parse, then submit."""
         defaults = self.bot.user_defaults.get(interaction.user.id, {})
         try:
-            recipes = self.parse(with_user_defaults(text, defaults))
+            recipes = self.parse(with_user_defaults(text, defaults), interaction.guild_id)
         except PromptError as exc:
             await self.refuse(interaction, str(exc))
             return
@@ -255,13 +270,6 @@ class ImagineCog(commands.Cog):
             recipes,
             private=bool(defaults.get("private", False)),
         )
-
-    @imagine.autocomplete("style")
-    async def style_autocomplete(
-        self, interaction: discord.Interaction, current: str
-    ) -> list[app_commands.Choice[str]]:
-        names = self.services.styles.search(current, limit=25)
-        return [app_commands.Choice(name=name, value=name) for name in names[:25]]
 
     # -- grid buttons ------------------------------------------------------------------------
 
@@ -318,7 +326,7 @@ class ImagineCog(commands.Cog):
     ) -> None:
         try:
             await self._generation(generation_id)  # it must still exist
-            recipes = self.parse(text)
+            recipes = self.parse(text, interaction.guild_id)
         except ImagineError as exc:
             await self.refuse(interaction, str(exc))
             return

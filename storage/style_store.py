@@ -1,0 +1,200 @@
+"""Styles kept in the database: added, edited and removed from Discord, per server.
+
+A LoRA upload is checked before anything is stored, without loading it: the
+safetensors header is parsed as JSON (never unpickled), its tensors must lie
+inside the file, and the width of its cross-attention layers must match the
+base model family (768 for SD 1.5, 1024 for SD 2, 2048 for SDXL). The worker
+checks every key against the loaded model again when it first applies it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.errors import ImagineError, NotFound
+from storage.models import Style
+
+STYLE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Width of the text embedding the UNet's cross-attention reads, by family.
+CROSS_ATTENTION_WIDTH = {"sd15": 768, "sd2": 1024, "sdxl": 2048, "tiny-sd": 32, "tiny-sdxl": 64}
+_TO_K_DOWN = re.compile(
+    r"(attn2[._]to_k|attn2\.processor\.to_k_lora)[._](lora_A|lora\.down|lora_down|down)"
+    r"(\.weight)?$"
+)
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+
+
+class StyleRefused(ImagineError):
+    """An upload or a change that cannot become a style; the message says why."""
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    tensors: int
+    cross_attention_width: int | None
+
+
+def check_upload(filename: str, size: int, max_bytes: int) -> None:
+    """What can be refused before downloading: the file's kind and size."""
+    if not filename.lower().endswith(".safetensors"):
+        raise StyleRefused(
+            f"{filename} is not a .safetensors file. Pickled LoRAs (.ckpt, .pt, .bin) can run "
+            "code when loaded; convert it to .safetensors and upload that."
+        )
+    if size > max_bytes:
+        raise StyleRefused(
+            f"{filename} is {size / 2**20:.1f} MiB; this bot takes LoRAs up to "
+            f"{max_bytes / 2**20:.0f} MiB (IMAGINE_MAX_LORA_MB)."
+        )
+
+
+def inspect_lora(data: bytes, filename: str, max_bytes: int) -> LoraInfo:
+    """Check a LoRA upload without loading it; :class:`StyleRefused` with the reason."""
+    check_upload(filename, len(data), max_bytes)
+    broken = StyleRefused(f"{filename} is not a valid safetensors file (its header is damaged).")
+    if len(data) < 8:
+        raise broken
+    (length,) = struct.unpack("<Q", data[:8])
+    if length < 2 or 8 + length > len(data):
+        raise broken
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise broken from None
+    if not isinstance(header, dict):
+        raise broken
+    body = len(data) - 8 - length
+    width: int | None = None
+    tensors = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise broken
+        start, end = entry["data_offsets"]
+        size = _DTYPE_BYTES.get(entry["dtype"])
+        count = 1
+        for dim in entry["shape"]:
+            count *= int(dim)
+        if size is None or not 0 <= start <= end <= body or end - start != count * size:
+            raise broken
+        tensors += 1
+        if width is None and _TO_K_DOWN.search(key) and len(entry["shape"]) == 2:
+            width = int(entry["shape"][1])
+    if tensors == 0:
+        raise StyleRefused(f"{filename} holds no tensors; it is not a LoRA.")
+    return LoraInfo(tensors, width)
+
+
+def check_family(info: LoraInfo, family: str, filename: str) -> None:
+    expected = CROSS_ATTENTION_WIDTH.get(family)
+    if info.cross_attention_width is None:
+        raise StyleRefused(
+            f"{filename} has no cross-attention LoRA layers (attn2.to_k), so it cannot "
+            f"be checked against {family}; only UNet LoRAs in diffusers or kohya form are taken."
+        )
+    if expected is not None and info.cross_attention_width != expected:
+        found = next(
+            (name for name, w in CROSS_ATTENTION_WIDTH.items() if w == info.cross_attention_width),
+            f"a model with {info.cross_attention_width}-wide text embeddings",
+        )
+        raise StyleRefused(
+            f"{filename} was trained for {found}, but this bot runs a {family} model; "
+            f"upload a LoRA made for {family}."
+        )
+
+
+async def guild_styles(session: AsyncSession, guild_id: int) -> list[Style]:
+    rows = await session.scalars(
+        select(Style).where(Style.guild_id == guild_id, Style.enabled).order_by(Style.name)
+    )
+    return list(rows)
+
+
+async def all_guild_style_names(session: AsyncSession) -> dict[int, set[str]]:
+    rows = await session.execute(select(Style.guild_id, Style.name).where(Style.enabled))
+    names: dict[int, set[str]] = {}
+    for guild_id, name in rows:
+        names.setdefault(guild_id, set()).add(name)
+    return names
+
+
+async def find_style(session: AsyncSession, guild_id: int | None, name: str) -> Style | None:
+    """The server's style of that name, else a global one stored in the database."""
+    candidates = [0] if guild_id is None else [guild_id, 0]
+    rows = await session.scalars(
+        select(Style).where(Style.name == name, Style.guild_id.in_(candidates), Style.enabled)
+    )
+    found = {style.guild_id: style for style in rows}
+    return next((found[g] for g in candidates if g in found), None)
+
+
+async def add_style(
+    session: AsyncSession,
+    *,
+    guild_id: int,
+    name: str,
+    family: str,
+    lora_blob_key: str,
+    lora_sha256: str,
+    created_by: int,
+    description: str = "",
+    default_weight: float = 1.0,
+    trigger_words: list[str] | None = None,
+) -> Style:
+    if not STYLE_NAME.fullmatch(name):
+        raise StyleRefused(f"The style name {name!r} must be 1 to 64 letters, digits, - or _.")
+    existing = await session.scalar(
+        select(Style).where(Style.guild_id == guild_id, Style.name == name)
+    )
+    if existing is not None:
+        raise StyleRefused(
+            f"This server already has a style named {name}; pick another name, "
+            "or change it with /style edit."
+        )
+    style = Style(
+        guild_id=guild_id,
+        name=name,
+        description=description,
+        lora_blob_key=lora_blob_key,
+        lora_sha256=lora_sha256,
+        default_weight=default_weight,
+        trigger_words=trigger_words or [],
+        prompt_template="{prompt}",
+        negative_template="{negative}",
+        base_model_family=family,
+        created_by=created_by,
+        enabled=True,
+    )
+    session.add(style)
+    await session.flush()
+    return style
+
+
+async def server_style(session: AsyncSession, guild_id: int, name: str) -> Style:
+    style = await session.scalar(
+        select(Style).where(Style.guild_id == guild_id, Style.name == name)
+    )
+    if style is None:
+        raise NotFound(
+            f"This server has no style named {name} added from Discord "
+            "(styles from the styles folder are changed there)."
+        )
+    return style

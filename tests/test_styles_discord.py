@@ -1,0 +1,110 @@
+"""Styles from Discord: /style add with a real (tiny) LoRA upload, refusals, /styles, try it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from generation.engine import Engine
+from generation.tiny import build_tiny_lora, build_tiny_sdxl
+from storage.models import Style
+from storage.style_store import inspect_lora
+from tests.fake_discord import BOB, MANAGE_GUILD, MOD
+from tests.test_bot import Harness, harness, running
+
+__all__ = ["harness", "running"]
+
+
+async def add_style(
+    running: Harness, filename: str, data: bytes, *, by: dict[str, Any] = MOD, **options: Any
+) -> Any:
+    value, resolved = running.fake.attachment_option(filename, data)
+    return await running.fake.slash(
+        "style",
+        subcommand="add",
+        options={"file": value, "name": "neon", "trigger_words": "neonish", **options},
+        resolved=resolved,
+        by=by,
+        permissions=MANAGE_GUILD if by is MOD else 0,
+    )
+
+
+async def refusal(running: Harness, interaction: Any) -> str:
+    said = lambda: running.fake.said_privately(interaction)  # noqa: E731
+    text: str = await running.fake.wait_for(said, what="a refusal")
+    return text
+
+
+async def test_a_manager_adds_a_style_and_everyone_can_use_it(
+    running: Harness, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    fake = running.fake
+    lora = build_tiny_lora(tiny_engine.pipe.unet, tmp_path / "neon.safetensors", seed=21)
+    data = lora.read_bytes()
+    added = await add_style(running, "neon.safetensors", data, description="glowing tubes")
+    preview = await running.result(added)  # the fixed-seed preview, with its buttons
+    assert preview["attachments"]
+    async with running.database.session() as session:
+        [style] = list(await session.scalars(select(Style)))
+    assert style.lora_sha256 == hashlib.sha256(data).hexdigest()
+    assert style.created_by == int(MOD["id"]) and style.preview_generation_id is not None
+    assert await running.services.blobs.get(style.lora_blob_key or "") == data
+
+    made = await running.result(await running.imagine("a city at night --steps 2", style="neon"))
+    assert made["attachments"]
+    *_, generation = await running.generations()
+    assert [(s.name, s.sha256) for s in generation.recipe.styles] == [("neon", style.lora_sha256)]
+
+    listing = await running.result(await fake.slash("styles"))
+    assert "**neon** (server)" in listing["content"] and "neonish" in listing["content"]
+    assert listing["attachments"], "the preview image is shown"
+    click = await running.press(listing, "Try it")
+    await fake.wait_for(lambda: click.responses, what="the modal")
+    modal = click.responses[0]
+    assert modal["type"] == 9
+    tried = await fake.submit_modal(
+        modal["data"]["custom_id"], {"prompt": "a fox --style neon --steps 2"}
+    )
+    await running.result(tried)
+    *_, last = await running.generations()
+    assert last.recipe.prompt == "a fox" and last.recipe.styles[0].name == "neon"
+
+
+async def test_uploads_that_cannot_be_styles_are_refused_and_nothing_is_kept(
+    running: Harness, tmp_path: Path
+) -> None:
+    fake = running.fake
+    pickle = await add_style(running, "neon.ckpt", b"\x80\x04not really")
+    assert "not a .safetensors file" in await refusal(running, pickle)
+
+    running.services.settings = running.services.settings.model_copy(update={"max_lora_mb": 1})
+    big = await add_style(running, "big.safetensors", b"\0" * (2 * 2**20))
+    assert "up to 1 MiB" in await refusal(running, big)
+    assert fake.downloads == []  # both refused before downloading anything
+
+    xl = build_tiny_lora(build_tiny_sdxl().unet, tmp_path / "xl.safetensors", seed=2)
+    wrong = await add_style(running, "xl.safetensors", xl.read_bytes())
+    assert "trained for tiny-sdxl" in await refusal(running, wrong)
+
+    garbage = await add_style(running, "junk.safetensors", b"\xff" * 64)
+    assert "not a valid safetensors file" in await refusal(running, garbage)
+    async with running.database.session() as session:
+        assert list(await session.scalars(select(Style))) == []
+
+
+async def test_members_without_manage_server_cannot_add_styles(
+    running: Harness, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    lora = build_tiny_lora(tiny_engine.pipe.unet, tmp_path / "neon.safetensors", seed=21)
+    refused = await add_style(running, "neon.safetensors", lora.read_bytes(), by=BOB)
+    assert "Manage Server" in await refusal(running, refused)
+    assert running.fake.downloads == []
+
+
+def test_inspect_lora_reads_the_cross_attention_width(tiny_engine: Engine, tmp_path: Path) -> None:
+    lora = build_tiny_lora(tiny_engine.pipe.unet, tmp_path / "a.safetensors", seed=1)
+    info = inspect_lora(lora.read_bytes(), "a.safetensors", 2**30)
+    assert info.cross_attention_width == 32 and info.tensors > 0
