@@ -146,7 +146,7 @@ async def make_harness(
         )
     registry = StyleRegistry.from_folder(styles_dir)
     saved_styles = tiny_engine.styles
-    tiny_engine.styles = registry
+    tiny_engine.styles = StyleRegistry.from_folder(styles_dir)  # its own, as in a worker
     fake = FakeDiscord(attachment_size_limit=upload_limit)
     await fake.start()
     fake.install()

@@ -119,3 +119,33 @@ async def test_a_style_reserved_for_a_role(running: Harness) -> None:
     await running.result(allowed)
     [generation] = await running.generations()
     assert generation.recipe.styles[0].name == "style-01"
+
+
+async def test_private_replies_keep_results_to_their_author(running: Harness) -> None:
+    fake = running.fake
+    await answer(running, await fake.slash("settings", subcommand="set", options={"private": True}))
+    interaction = await running.imagine("a boat --steps 2")
+    message = await running.result(interaction)
+    assert interaction.responses[0] == {"type": 5, "data": {"flags": EPHEMERAL}}
+    assert message["flags"] & EPHEMERAL and message["attachments"]
+
+
+async def test_a_server_waiting_limit_refuses_with_the_count(harness: Harness) -> None:
+    await harness.start_bot()  # no worker: jobs wait
+    fake = harness.fake
+    await answer(
+        harness,
+        await fake.slash(
+            "policy",
+            subcommand="limits",
+            options={"waiting": 1},
+            by=MOD,
+            permissions=MANAGE_GUILD,
+        ),
+    )
+    first = await harness.imagine("a boat --steps 2")
+    await fake.wait_for(lambda: "queued" in (fake.original(first) or {}).get("content", ""))
+    second = await harness.imagine("a second boat --steps 2")
+    said = await fake.wait_for(lambda: fake.said_privately(second), what="the refusal")
+    assert "1 of your job is already waiting, the most allowed here is 1" in said
+    assert len(await harness.generations()) == 1

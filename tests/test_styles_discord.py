@@ -108,3 +108,29 @@ def test_inspect_lora_reads_the_cross_attention_width(tiny_engine: Engine, tmp_p
     lora = build_tiny_lora(tiny_engine.pipe.unet, tmp_path / "a.safetensors", seed=1)
     info = inspect_lora(lora.read_bytes(), "a.safetensors", 2**30)
     assert info.cross_attention_width == 32 and info.tensors > 0
+
+
+async def test_a_server_style_can_be_edited_and_removed(
+    running: Harness, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    fake = running.fake
+    lora = build_tiny_lora(tiny_engine.pipe.unet, tmp_path / "neon.safetensors", seed=21)
+    await running.result(await add_style(running, "neon.safetensors", lora.read_bytes()))
+    edited = await fake.slash(
+        "style",
+        subcommand="edit",
+        options={"name": "neon", "weight": 0.5, "trigger_words": "glow, tube"},
+        by=MOD,
+        permissions=MANAGE_GUILD,
+    )
+    assert "updated" in await refusal(running, edited)
+    async with running.database.session() as session:
+        [style] = list(await session.scalars(select(Style)))
+    assert (style.default_weight, style.trigger_words) == (0.5, ["glow", "tube"])
+
+    removed = await fake.slash(
+        "style", subcommand="remove", options={"name": "neon"}, by=MOD, permissions=MANAGE_GUILD
+    )
+    assert "removed" in await refusal(running, removed)
+    refused = await running.imagine("a city --steps 2", style="neon")
+    assert "There is no style 'neon'" in await refusal(running, refused)
