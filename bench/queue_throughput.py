@@ -1,10 +1,12 @@
-"""Queue throughput and fairness on PostgreSQL with a no-op engine.
+"""Queue throughput and fairness on PostgreSQL (procrastinate) with a no-op engine.
 
-Prints, measured in one run on a fresh database:
-  - jobs per second from submit to claim with W concurrent workers,
-  - p50 / p99 claim latency (submit → claimed), and the claim's cost as a ratio
-    of a bare one-row UPDATE round trip measured in the same run,
-  - the fairness scenario (user A queues 10 jobs, then user B 1) as a timeline.
+Prints, measured in one run on a fresh database, through the scaled queue that
+``imagine worker`` uses (rows carried by procrastinate jobs):
+  - the fairness scenario (user A queues 10 jobs, then user B 1) as a timeline,
+  - the cost of one procrastinate fetch as a ratio of a bare one-row UPDATE
+    round trip measured in the same run,
+  - jobs per second from submit to start with W workers, and p50 / p99 of that
+    latency.
 
     python bench/queue_throughput.py [--url postgresql+asyncpg://postgres@127.0.0.1/postgres]
 """
@@ -17,8 +19,10 @@ import statistics
 import sys
 import time
 import uuid
+from typing import Any
 
 import asyncpg
+from procrastinate.jobs import Status
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
@@ -26,11 +30,13 @@ from migrations import runner
 from storage.database import Database, parse_database_url
 from storage.generations import transition
 from storage.models import GenerationKind, GenerationStatus
-from storage.queue import EmbeddedQueue, Submission
+from storage.queue import Submission
 from storage.recipe import Recipe
-from storage.scheduling import Limits, claim_next
+from storage.scaled_queue import TASK, ProcrastinateQueue, advance_turns, make_app, queue_name
+from storage.scheduling import Limits
 
 RECIPE = Recipe(model="noop", prompt="p", seed=1, width=64, height=64, steps=1, guidance=1)
+S = GenerationStatus
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -38,82 +44,108 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-async def throughput(queue: EmbeddedQueue, jobs: int, workers: int, users: int) -> None:
-    submitted: dict[int, float] = {}
-    latencies: list[float] = []
-    done = asyncio.Event()
+class NoopWorkers:
+    """procrastinate workers whose job is only the row's bookkeeping."""
 
-    async def worker(name: str) -> None:
-        while not done.is_set():
-            async with queue.database.session() as session:
-                generation = await claim_next(session, name, queue.limits)
-                if generation is not None:
-                    latencies.append(time.perf_counter() - submitted[generation.id])
-                    await transition(session, generation.id, GenerationStatus.SUCCEEDED)
-            if generation is None:
-                await asyncio.sleep(0.001)
-            if len(latencies) == jobs:
-                done.set()
+    def __init__(self, queue: ProcrastinateQueue) -> None:
+        self.queue = queue
+        self.started: dict[int, float] = {}
+        self.order: list[str] = []
+        queue.app.task(name=TASK, pass_context=False)(self.run)
 
-    started = time.perf_counter()
-    tasks = [asyncio.create_task(worker(f"w{n}")) for n in range(workers)]
-    for number in range(jobs):
-        generation = await queue.submit(
-            Submission(GenerationKind.IMAGINE, RECIPE, requester_id=number % users)
-        )
-        submitted[generation.id] = time.perf_counter()
-    await done.wait()
-    seconds = time.perf_counter() - started
-    await asyncio.gather(*tasks)
-    print(
-        f"{jobs} jobs, {workers} workers, {users} users: {jobs / seconds:.1f} jobs/s "
-        f"submit-to-claim; claim latency p50 {percentile(latencies, 0.5) * 1000:.1f} ms, "
-        f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms"
+    async def run(self, generation_id: int) -> None:
+        self.started[generation_id] = time.perf_counter()
+        async with self.queue.database.session() as session:
+            generation = await transition(session, generation_id, S.RUNNING, worker_name="w")
+            await advance_turns(session, queue_name(generation.model), generation.requester_id)
+        self.order.append(generation.recipe.prompt)
+        async with self.queue.database.session() as session:
+            await transition(session, generation_id, S.SUCCEEDED)
+
+    async def until(self, count: int, workers: int) -> None:
+        tasks = [
+            asyncio.create_task(
+                self.queue.app.run_worker_async(
+                    queues=[queue_name(RECIPE.model)],
+                    concurrency=1,
+                    name=f"w{n}",
+                    wait=True,
+                    install_signal_handlers=False,
+                    fetch_job_polling_interval=0.5,
+                )
+            )
+            for n in range(workers)
+        ]
+        while len(self.started) < count:  # noqa: ASYNC110 - polled by design
+            await asyncio.sleep(0.01)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def fairness(queue: ProcrastinateQueue) -> None:
+    for number in range(10):
+        recipe = RECIPE.model_copy(update={"prompt": f"A{number}"})
+        await queue.submit(Submission(GenerationKind.IMAGINE, recipe, 1))
+    await queue.submit(
+        Submission(GenerationKind.IMAGINE, RECIPE.model_copy(update={"prompt": "B0"}), 2)
     )
+    workers = NoopWorkers(queue)
+    await workers.until(11, workers=1)
+    print("fairness (A queues 10, then B 1), run order: " + " ".join(workers.order))
+    print(f"B's job ran #{workers.order.index('B0') + 1} (target: 2)")
 
 
-async def claim_cost_ratio(queue: EmbeddedQueue, samples: int = 200) -> None:
-    claims, updates = [], []
-    for _ in range(samples):
-        generation = await queue.submit(Submission(GenerationKind.IMAGINE, RECIPE, 999))
+async def fetch_cost_ratio(queue: ProcrastinateQueue, samples: int = 200) -> None:
+    fetches, updates = [], []
+    manager: Any = queue.app.job_manager
+    worker_id = await manager.register_worker()
+    for number in range(samples):
+        generation = await queue.submit(Submission(GenerationKind.IMAGINE, RECIPE, 10_000 + number))
+        began = time.perf_counter()
+        job = await manager.fetch_job([queue_name(RECIPE.model)], worker_id)
+        fetches.append(time.perf_counter() - began)
+        assert job is not None
         async with queue.database.session() as session:
-            began = time.perf_counter()
-            await claim_next(session, "w", Limits(1000, 100000))
-            claims.append(time.perf_counter() - began)
             began = time.perf_counter()
             await session.execute(
                 text("UPDATE generations SET priority = priority WHERE id = :id"),
                 {"id": generation.id},
             )
             updates.append(time.perf_counter() - began)
-            await transition(session, generation.id, GenerationStatus.SUCCEEDED)
-    claim, update = statistics.median(claims), statistics.median(updates)
+            await transition(session, generation.id, S.CANCELLED)
+        await manager.finish_job(job, status=Status.SUCCEEDED, delete_job=False)
+    await manager.unregister_worker(worker_id)
+    fetch, update = statistics.median(fetches), statistics.median(updates)
     print(
-        f"claim {claim * 1000:.2f} ms vs bare one-row UPDATE {update * 1000:.2f} ms "
-        f"= {claim / update:.1f}x (median of {samples})"
+        f"procrastinate fetch {fetch * 1000:.2f} ms vs bare one-row UPDATE {update * 1000:.2f} ms "
+        f"= {fetch / update:.1f}x (median of {samples})"
     )
 
 
-async def fairness(queue: EmbeddedQueue) -> None:
-    for number in range(10):
-        await queue.submit(
-            Submission(
-                GenerationKind.IMAGINE, RECIPE.model_copy(update={"prompt": f"A{number}"}), 1
+async def throughput(queue: ProcrastinateQueue, jobs: int, workers: int, users: int) -> None:
+    submitted: dict[int, float] = {}
+    runner_ = NoopWorkers(queue)
+    started = time.perf_counter()
+    running = asyncio.create_task(runner_.until(jobs, workers))
+
+    async def submitter(numbers: range) -> None:  # as many bots/users submitting at once
+        for number in numbers:
+            began = time.perf_counter()
+            generation = await queue.submit(
+                Submission(GenerationKind.IMAGINE, RECIPE, requester_id=number % users)
             )
-        )
-    await queue.submit(
-        Submission(GenerationKind.IMAGINE, RECIPE.model_copy(update={"prompt": "B0"}), 2)
+            submitted[generation.id] = began
+
+    await asyncio.gather(*(submitter(range(n, jobs, 8)) for n in range(8)))
+    await running
+    seconds = time.perf_counter() - started
+    latencies = [runner_.started[i] - submitted[i] for i in submitted if i in runner_.started]
+    print(
+        f"{jobs} jobs, {workers} workers, {users} users: {jobs / seconds:.1f} jobs/s "
+        f"submit-to-start; latency p50 {percentile(latencies, 0.5) * 1000:.1f} ms, "
+        f"p99 {percentile(latencies, 0.99) * 1000:.1f} ms"
     )
-    timeline = []
-    while True:
-        async with queue.database.session() as session:
-            generation = await claim_next(session, "w", queue.limits)
-            if generation is None:
-                break
-            timeline.append(generation.recipe.prompt)
-            await transition(session, generation.id, GenerationStatus.SUCCEEDED)
-    print("fairness (A queues 10, then B 1), run order: " + " ".join(timeline))
-    print(f"B's job ran #{timeline.index('B0') + 1} (target: 2)")
 
 
 async def main(admin_url: URL) -> int:
@@ -124,11 +156,15 @@ async def main(admin_url: URL) -> int:
     database = Database(admin_url.set(database=name), pool_size=20)
     try:
         await runner.upgrade(database)
-        queue = EmbeddedQueue(database, Limits(max_running_per_user=1, max_queued_per_user=100000))
-        await fairness(queue)
-        await claim_cost_ratio(queue)
-        await throughput(queue, jobs=500, workers=1, users=50)
-        await throughput(queue, jobs=2000, workers=8, users=50)
+        limits = Limits(max_running_per_user=1, max_queued_per_user=100000)
+        for step in (fairness, fetch_cost_ratio):
+            app = make_app(database.url)
+            async with app.open_async():
+                await step(ProcrastinateQueue(database, limits, app))
+        for jobs, workers in ((500, 1), (2000, 8)):
+            app = make_app(database.url)
+            async with app.open_async():
+                await throughput(ProcrastinateQueue(database, limits, app), jobs, workers, 50)
     finally:
         await database.dispose()
         await connection.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

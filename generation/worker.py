@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 from generation.engine import CancelToken, Engine, Progress
 from generation.jobs import JobOutcome, execute_generation
@@ -55,6 +56,8 @@ class EmbeddedWorker:
         self.heartbeat_seconds = heartbeat_seconds
         self.stale_after = timedelta(seconds=stale_seconds)
         self.metrics = metrics or WorkerMetrics()
+        # Called in the claiming transaction (the scaled queue moves the user's turns there).
+        self.on_claimed: Callable[[Any, Generation], Awaitable[None]] | None = None
 
     async def beat(self) -> None:
         async with self.queue.database.session() as session:
@@ -116,6 +119,27 @@ class EmbeddedWorker:
             )
         if generation is None:
             return None
+        return await self._execute(generation)
+
+    async def run_claimed(self, generation_id: int) -> JobOutcome | None:
+        """Run one generation a job carrier (procrastinate) handed over; ``None`` if it is
+        no longer queued (cancelled, or already run after a retry)."""
+        from storage.errors import IllegalTransition
+        from storage.generations import transition
+
+        try:
+            async with self.queue.database.session() as session:
+                generation = await transition(
+                    session, generation_id, S.RUNNING, worker_name=self.name
+                )
+                if self.on_claimed is not None:
+                    await self.on_claimed(session, generation)
+        except IllegalTransition:
+            log.info("generation %s is no longer queued; nothing to run", generation_id)
+            return None
+        return await self._execute(generation)
+
+    async def _execute(self, generation: Generation) -> JobOutcome:
         generation_id = generation.id
         self.queue.publish(JobStarted(generation_id=generation_id, worker_name=self.name))
         token = CancelToken()
@@ -181,3 +205,78 @@ def _waited(generation: Generation) -> float:
     if generation.started_at is None:
         return 0.0
     return (generation.started_at - generation.queued_at).total_seconds()
+
+
+async def run_with_procrastinate(worker: EmbeddedWorker, queue: Any, stop: asyncio.Event) -> None:
+    """The scaled mode: procrastinate hands this worker the jobs of its model's queue.
+
+    ``queue`` is a :class:`storage.scaled_queue.ProcrastinateQueue` whose app is open.
+    Runs until ``stop`` is set; procrastinate finishes the job in hand first.
+    """
+    from storage.errors import ImagineError
+    from storage.generations import transition
+    from storage.scaled_queue import TASK, advance_turns, queue_name
+
+    model = worker.engine.model_id
+    name = queue_name(model)
+
+    async def claimed(session: Any, generation: Generation) -> None:
+        await advance_turns(session, name, generation.requester_id)
+
+    worker.on_claimed = claimed
+
+    async def run_generation(generation_id: int) -> None:
+        try:
+            await worker.run_claimed(generation_id)
+        except Exception as exc:  # the row must not stay "running" under a live worker
+            log.exception("generation %s broke the worker's bookkeeping", generation_id)
+            reason = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
+            try:
+                async with worker.queue.database.session() as session:
+                    await transition(session, generation_id, S.FAILED, error=reason)
+            except Exception:
+                log.exception("could not record the failure of generation %s", generation_id)
+
+    queue.app.task(name=TASK, pass_context=False)(run_generation)
+    await worker.beat()
+    await worker.recover()
+    requeued = await queue.reconcile(model)
+    if requeued:
+        log.warning("gave %d queued generation(s) a new job: %s", len(requeued), requeued)
+
+    async def keep_alive() -> None:
+        beats = 0
+        while True:
+            await asyncio.sleep(worker.heartbeat_seconds)
+            await worker.beat()
+            async with worker.queue.database.session() as session:
+                worker.metrics.queue_depth.set(await queue_depth(session, model))
+            beats += 1
+            if beats % 2 == 0:
+                await worker.recover(at_start=False)
+                stale = worker.stale_after.total_seconds()
+                if await queue.retry_stalled(model, stale):
+                    log.warning("retried the jobs of a worker that stopped beating")
+                await queue.reconcile(model)
+
+    background = asyncio.create_task(keep_alive())
+    running = asyncio.create_task(
+        queue.app.run_worker_async(
+            queues=[name],
+            concurrency=1,
+            name=worker.name,
+            wait=True,
+            install_signal_handlers=False,
+            update_heartbeat_interval=worker.heartbeat_seconds,
+            stalled_worker_timeout=worker.stale_after.total_seconds(),
+        )
+    )
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        background.cancel()
+        stopping.cancel()
+        if not running.done():
+            running.cancel()  # procrastinate stops fetching and lets the job in hand finish
+        await asyncio.gather(running, background, return_exceptions=True)

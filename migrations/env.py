@@ -7,6 +7,7 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
+from migrations.env_names import include_name
 from storage.database import create_engine, parse_database_url
 from storage.models import Base
 from storage.settings import load_settings
@@ -27,6 +28,7 @@ def _configure(connection: Connection | None = None, url: str | None = None) -> 
         target_metadata=target_metadata,
         render_as_batch=True,
         compare_type=True,
+        include_name=include_name,
         literal_binds=connection is None,
     )
 

@@ -204,6 +204,8 @@ class Generation(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The procrastinate job carrying this row in the scaled mode (PostgreSQL).
+    job_id: Mapped[int | None] = mapped_column(BigInteger)
 
     images: Mapped[list[Image]] = relationship(
         back_populates="generation",

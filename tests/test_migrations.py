@@ -26,11 +26,20 @@ TABLES = {
 
 
 def _tables(connection: Connection) -> set[str]:
-    return set(inspect(connection).get_table_names()) - {"alembic_version"}
+    names = set(inspect(connection).get_table_names()) - {"alembic_version"}
+    return {name for name in names if not name.startswith("procrastinate_")}
+
+
+def _procrastinate_tables(connection: Connection) -> set[str]:
+    return {n for n in inspect(connection).get_table_names() if n.startswith("procrastinate_")}
 
 
 def _differences(connection: Connection) -> list[object]:
-    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    from migrations.env_names import include_name
+
+    context = MigrationContext.configure(
+        connection, opts={"compare_type": True, "include_name": include_name}
+    )
     return list(compare_metadata(context, Base.metadata))
 
 
@@ -42,11 +51,17 @@ async def test_upgrade_from_empty_to_head_and_back_to_base(empty_database: Datab
     assert state.is_current and state.current == runner.head_revision()
     async with empty_database.engine.connect() as connection:
         assert await connection.run_sync(_tables) == TABLES
+        queue_tables = await connection.run_sync(_procrastinate_tables)
+    if empty_database.backend == "postgresql":
+        assert "procrastinate_jobs" in queue_tables
+    else:
+        assert queue_tables == set()
 
     await runner.downgrade(empty_database, "base")
     assert (await runner.state(empty_database)).current is None
     async with empty_database.engine.connect() as connection:
         assert await connection.run_sync(_tables) == set()
+        assert await connection.run_sync(_procrastinate_tables) == set()
 
     await runner.upgrade(empty_database)
     assert (await runner.state(empty_database)).is_current

@@ -38,11 +38,13 @@ def start_worker(url: URL, name: str, data_dir: Path) -> subprocess.Popen[str]:
         "IMAGINE_METRICS_PORT": "0",
         "HF_HUB_OFFLINE": "1",
     }
+    # A file, not a pipe: a worker that logs more than a pipe holds must not block.
+    log = (data_dir / f"{name}.log").open("w")
     return subprocess.Popen(
         [str(IMAGINE), "worker", "--name", name],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
         text=True,
     )
 
@@ -94,12 +96,15 @@ async def test_a_sigkilled_worker_s_job_runs_again_elsewhere_exactly_once(
                     break
                 await asyncio.sleep(0.25)
             else:
-                pytest.fail(f"not every job finished: {await statuses(database)}")
+                log = (tmp_path / "survivor.log").read_text()[-3000:]
+                pytest.fail(f"not every job finished: {await statuses(database)}\n{log}")
         finally:
             for process in (doomed, survivor):
                 if process.poll() is None:
                     process.send_signal(signal.SIGTERM)
-            _, survivor_log = survivor.communicate(timeout=60)
+            for process in (doomed, survivor):
+                process.wait(timeout=60)
+        survivor_log = (tmp_path / "survivor.log").read_text()
         assert survivor.returncode == 0, survivor_log
         assert doomed.returncode == -signal.SIGKILL
 

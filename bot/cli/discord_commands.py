@@ -101,20 +101,30 @@ def _bot(args: argparse.Namespace) -> int:
 
 async def run_bot(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT: the bot, and in the embedded mode the worker beside it."""
+
+    from bot.cli.queue import open_queue
+    from bot.runtime import open_runtime
+
+    assert settings.discord_token is not None
+    runtime = await open_runtime(settings)
+    try:
+        async with open_queue(runtime) as queue:
+            return await _run(settings, runtime, queue)
+    finally:
+        await runtime.close()
+
+
+async def _run(settings: Settings, runtime: Any, queue: Any) -> int:
     import discord
 
     from bot.app import ImagineBot
-    from bot.cli.queue import make_queue
-    from bot.runtime import open_runtime
     from bot.services import Services
     from generation.styles import StyleRegistry  # torch-free
 
     assert settings.discord_token is not None
-    runtime = await open_runtime(settings)
     registry = StyleRegistry.from_folder(settings.resolved_styles_dir)
     for problem in registry.problems:
         log.warning("style skipped: %s", problem)
-    queue = make_queue(runtime)
     stop = asyncio.Event()
     background: list[asyncio.Task[None]] = []
     if settings.is_embedded:
@@ -160,7 +170,6 @@ async def run_bot(settings: Settings) -> int:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        await runtime.close()
     return 0
 
 

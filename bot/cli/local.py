@@ -197,15 +197,15 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 async def _submit_only(settings: Settings, recipes: list[Recipe]) -> int:
-    from bot.cli.queue import make_queue
+    from bot.cli.queue import open_queue
     from storage.queue import Submission
 
     runtime = await open_runtime(settings)
     try:
-        queue = make_queue(runtime)
-        for recipe in recipes:
-            submission = Submission(GenerationKind.IMAGINE, recipe, LOCAL_USER_ID)
-            print((await queue.submit(submission)).id)
+        async with open_queue(runtime) as queue:
+            for recipe in recipes:
+                submission = Submission(GenerationKind.IMAGINE, recipe, LOCAL_USER_ID)
+                print((await queue.submit(submission)).id)
     finally:
         await runtime.close()
     return 0

@@ -8,6 +8,8 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from bot.runtime import Runtime, open_runtime
@@ -37,16 +39,34 @@ def register(commands: Any) -> None:
 
 
 def make_queue(runtime: Runtime) -> EmbeddedQueue:
+    """The embedded queue on SQLite; on PostgreSQL the procrastinate one (open its app
+    with :func:`open_queue`)."""
     settings = runtime.settings
     limits = Limits(settings.max_running_per_user, settings.max_queued_per_user)
-    return EmbeddedQueue(runtime.database, limits)
+    if settings.is_embedded:
+        return EmbeddedQueue(runtime.database, limits)
+    from storage.scaled_queue import ProcrastinateQueue, make_app
+
+    return ProcrastinateQueue(runtime.database, limits, make_app(runtime.database.url))
+
+
+@asynccontextmanager
+async def open_queue(runtime: Runtime) -> AsyncIterator[EmbeddedQueue]:
+    queue = make_queue(runtime)
+    app = getattr(queue, "app", None)
+    if app is None:
+        yield queue
+        return
+    async with app.open_async():
+        yield queue
 
 
 def _status(args: argparse.Namespace) -> int:
     async def status() -> int:
         runtime = await open_runtime(load_settings())
         try:
-            where = await make_queue(runtime).position(args.generation_id)
+            async with open_queue(runtime) as queue:
+                where = await queue.position(args.generation_id)
         finally:
             await runtime.close()
         if where.status is S.QUEUED:
@@ -65,7 +85,8 @@ def _cancel(args: argparse.Namespace) -> int:
     async def cancel() -> int:
         runtime = await open_runtime(load_settings())
         try:
-            generation = await make_queue(runtime).cancel(args.generation_id)
+            async with open_queue(runtime) as queue:
+                generation = await queue.cancel(args.generation_id)
         finally:
             await runtime.close()
         if generation.status is S.CANCELLED:
@@ -89,44 +110,58 @@ def _worker(args: argparse.Namespace) -> int:
 
     async def work() -> int:
         from bot.cli.local import _load_engine
-        from generation.worker import EmbeddedWorker
 
         runtime = await open_runtime(settings)
         try:
             engine = _load_engine(settings)
-            queue = make_queue(runtime)
-            notifier = None
-            if not settings.is_embedded:
-                from storage.pg_events import Notifier
-
-                notifier = Notifier(runtime.database.url)
-                queue.forward = notifier.send
-            worker = EmbeddedWorker(
-                queue,
-                runtime.blobs,
-                engine,
-                name=name,
-                heartbeat_seconds=settings.worker_heartbeat_seconds,
-                stale_seconds=settings.worker_stale_seconds,
-            )
-            if settings.metrics_port:
-                worker.metrics.serve(settings.metrics_port)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                # The job in hand finishes; then the worker exits.
-                loop.add_signal_handler(signum, stop.set)
-            logging.getLogger(__name__).info(
-                "worker %s ready on %s, metrics on port %s",
-                name,
-                engine.device,
-                settings.metrics_port or "(off)",
-            )
-            await worker.run(stop)
-            if notifier is not None:
-                await notifier.close()
+            async with open_queue(runtime) as queue:
+                await _serve(settings, runtime, engine, queue, name)
         finally:
             await runtime.close()
         return 0
 
     return asyncio.run(work())
+
+
+async def _serve(
+    settings: Settings, runtime: Runtime, engine: Any, queue: EmbeddedQueue, name: str
+) -> None:
+    """Run jobs until SIGTERM/SIGINT: from the rows (SQLite) or from procrastinate."""
+    from generation.worker import EmbeddedWorker, run_with_procrastinate
+
+    notifier = None
+    if not settings.is_embedded:
+        from storage.pg_events import Notifier
+
+        notifier = Notifier(runtime.database.url)
+        queue.forward = notifier.send
+    worker = EmbeddedWorker(
+        queue,
+        runtime.blobs,
+        engine,
+        name=name,
+        heartbeat_seconds=settings.worker_heartbeat_seconds,
+        stale_seconds=settings.worker_stale_seconds,
+    )
+    if settings.metrics_port:
+        worker.metrics.serve(settings.metrics_port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        # The job in hand finishes; then the worker exits.
+        loop.add_signal_handler(signum, stop.set)
+    logging.getLogger(__name__).info(
+        "worker %s ready on %s, metrics on port %s, %s",
+        name,
+        engine.device,
+        settings.metrics_port or "(off)",
+        "embedded queue" if settings.is_embedded else "procrastinate queue",
+    )
+    try:
+        if settings.is_embedded:
+            await worker.run(stop)
+        else:
+            await run_with_procrastinate(worker, queue, stop)
+    finally:
+        if notifier is not None:
+            await notifier.close()

@@ -1,0 +1,191 @@
+"""The scaled queue: generation rows carried by procrastinate jobs on PostgreSQL.
+
+The row stays the record (status, timings, images); each queued row has one
+procrastinate job in the queue of its base model, so a worker never swaps
+models. procrastinate does the distributed part: ``FOR UPDATE SKIP LOCKED``
+fetches, LISTEN/NOTIFY wake-ups, worker heartbeats and stalled-job detection.
+
+Fairness is expressed in procrastinate's own terms:
+
+* **priority** is ``-TURN * (k - 1) - served``: the k-th waiting job of a user
+  is in turn k, and within a turn users who were served less come first
+  (``served``: the user's jobs started so far, at most ``TURN - 1``). When a
+  job of theirs starts, their other waiting jobs move up a turn and take one
+  more "served" (:func:`advance_turns`: ``+TURN - 1``). Ties go to the
+  earliest job. A user who queues ten jobs and another who then queues one:
+  the second user's job runs second.
+* **lock** ``imagine-user:<id>:<slot>`` with ``slot`` cycling below the user's
+  running limit: procrastinate never runs two jobs with one lock at once.
+
+Submission writes the row, then defers the job (two connections, so not one
+transaction); :meth:`ProcrastinateQueue.reconcile` gives every queued row
+without a live job a new one, and runs at every worker's start and then
+periodically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.database import Database
+from storage.generations import get_generation
+from storage.models import Generation, GenerationStatus, Guild
+from storage.queue import EmbeddedQueue, Submission
+from storage.scheduling import Limits, QueuePosition, recent_job_seconds
+
+S = GenerationStatus
+TASK = "imagine.run_generation"
+TURN = 1000  # priority distance between two turns
+
+
+def queue_name(model: str) -> str:
+    """procrastinate queue of a base model: readable, unique, short."""
+    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")[:40] or "model"
+    return f"imagine.{slug}.{hashlib.sha256(model.encode()).hexdigest()[:8]}"
+
+
+def make_app(url: URL) -> Any:
+    """A procrastinate App on the database at ``url`` (psycopg connector)."""
+    import procrastinate
+
+    conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    return procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=conninfo))
+
+
+async def advance_turns(session: AsyncSession, queue: str, requester_id: int) -> None:
+    """A job of this user started: their other waiting jobs move up one turn."""
+    await session.execute(
+        text(
+            f"UPDATE procrastinate_jobs SET priority = priority + {TURN - 1} "
+            "WHERE queue_name = :queue AND status = 'todo' AND lock LIKE :lock"
+        ),
+        {"queue": queue, "lock": f"imagine-user:{requester_id}:%"},
+    )
+
+
+class ProcrastinateQueue(EmbeddedQueue):
+    """Rows in PostgreSQL, jobs in procrastinate; workers may be anywhere."""
+
+    def __init__(self, database: Database, limits: Limits, app: Any, **kwargs: Any) -> None:
+        super().__init__(database, limits, **kwargs)
+        self.app = app
+
+    async def submit(self, submission: Submission) -> Generation:
+        generation = await super().submit(submission)
+        await self.defer(generation.id)
+        async with self.database.session() as session:
+            return await get_generation(session, generation.id)
+
+    async def defer(self, generation_id: int) -> int | None:
+        """Give a queued row its job; ``None`` if the row is no longer queued."""
+        async with self.database.session() as session:
+            generation = await get_generation(session, generation_id)
+            if generation.status is not S.QUEUED:
+                return None
+            queue = queue_name(generation.model)
+            ahead = await session.scalar(
+                text(
+                    "SELECT count(*) FROM procrastinate_jobs WHERE queue_name = :queue "
+                    "AND status = 'todo' AND lock LIKE :lock"
+                ),
+                {"queue": queue, "lock": f"imagine-user:{generation.requester_id}:%"},
+            )
+            running_limit = self.limits.max_running_per_user
+            if generation.guild_id is not None:
+                guild = await session.get(Guild, generation.guild_id)
+                if guild is not None and guild.max_running_per_user:
+                    running_limit = guild.max_running_per_user
+            jobs_so_far = await session.scalar(
+                select(func.count())
+                .select_from(Generation)
+                .where(Generation.requester_id == generation.requester_id)
+            )
+            served = await session.scalar(
+                select(func.count())
+                .select_from(Generation)
+                .where(
+                    Generation.requester_id == generation.requester_id,
+                    Generation.model == generation.model,
+                    Generation.started_at.is_not(None),
+                )
+            )
+        slot = (jobs_so_far or 0) % max(1, running_limit)
+        from procrastinate.exceptions import AlreadyEnqueued
+
+        try:
+            job_id: int = await self.app.configure_task(
+                TASK,
+                queue=queue,
+                priority=-TURN * int(ahead or 0) - min(int(served or 0), TURN - 1),
+                lock=f"imagine-user:{generation.requester_id}:{slot}",
+                # One waiting job per row, even when two workers reconcile at once.
+                queueing_lock=f"imagine-generation:{generation_id}",
+            ).defer_async(generation_id=generation_id)
+        except AlreadyEnqueued:
+            return None
+        async with self.database.session() as session:
+            row = await session.get_one(Generation, generation_id)
+            row.job_id = job_id
+        return job_id
+
+    async def cancel(self, generation_id: int) -> Generation:
+        generation = await super().cancel(generation_id)
+        if generation.status is S.CANCELLED and generation.job_id is not None:
+            await self.app.job_manager.cancel_job_by_id_async(generation.job_id)
+        return generation
+
+    async def position(self, generation_id: int) -> QueuePosition:
+        async with self.database.session() as session:
+            generation = await get_generation(session, generation_id)
+            if generation.status is not S.QUEUED or generation.job_id is None:
+                return QueuePosition(generation_id, generation.status, 0, 0.0)
+            ahead = await session.scalar(
+                text(
+                    "SELECT count(*) FROM procrastinate_jobs j, procrastinate_jobs me "
+                    "WHERE me.id = :job AND j.queue_name = me.queue_name "
+                    "AND j.status = 'todo' AND (j.priority > me.priority "
+                    "OR (j.priority = me.priority AND j.id < me.id))"
+                ),
+                {"job": generation.job_id},
+            )
+            running = await session.scalar(
+                text(
+                    "SELECT count(*) FROM procrastinate_jobs j, procrastinate_jobs me "
+                    "WHERE me.id = :job AND j.queue_name = me.queue_name AND j.status = 'doing'"
+                ),
+                {"job": generation.job_id},
+            )
+            seconds = await recent_job_seconds(session)
+        position = int(ahead or 0) + 1
+        workers = max(1, self.workers)
+        wait = (position - 1) * seconds / workers + (seconds / 2 if running else 0.0)
+        return QueuePosition(generation_id, S.QUEUED, position, wait)
+
+    async def reconcile(self, model: str | None = None) -> list[int]:
+        """Defer a job for every queued row whose job is missing, finished or cancelled."""
+        query = text(
+            "SELECT g.id FROM generations g LEFT JOIN procrastinate_jobs j ON j.id = g.job_id "
+            "WHERE g.status = 'queued' AND (j.id IS NULL OR j.status NOT IN ('todo', 'doing'))"
+            + (" AND g.model = :model" if model is not None else "")
+            + " ORDER BY g.id"
+        )
+        async with self.database.session() as session:
+            orphans = list(await session.scalars(query, {"model": model}))
+        for generation_id in orphans:
+            await self.defer(generation_id)
+        return orphans
+
+    async def retry_stalled(self, model: str, stale_seconds: float) -> int:
+        """Jobs of workers that stopped beating go back to ``todo`` for another worker."""
+        stalled = await self.app.job_manager.get_stalled_jobs(
+            queue=queue_name(model), seconds_since_heartbeat=stale_seconds
+        )
+        for job in stalled:
+            await self.app.job_manager.retry_job(job)
+        return len(list(stalled))
