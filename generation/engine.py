@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -198,6 +199,26 @@ class Engine:
                 "styles": styles,
             }
         )
+
+    def warm_up(self) -> float:
+        """One single-step image at the native size: kernels chosen and memory taken before
+        the first user's job. Returns the seconds it took."""
+        started = time.perf_counter()
+        side = self.family.native_side
+        recipe = Recipe(
+            model=self.model_id,
+            prompt="warm-up",
+            seed=0,
+            width=side,
+            height=side,
+            steps=1,
+            guidance=self.family.default_guidance,
+            count=1,
+        )
+        self._run(self.pipe, recipe, {"width": side, "height": side}, None, None, encode=False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
 
     def txt2img(
         self,

@@ -287,3 +287,9 @@ def test_an_upscaler_setting_that_is_no_upscaler_is_refused(engine_settings: Set
     settings = engine_settings.model_copy(update={"upscaler": "tiny"})
     with pytest.raises(ConfigError, match="not an upscaling pipeline"):
         Engine.from_settings(settings)
+
+
+def test_warm_up_runs_one_step_and_changes_no_result(tiny_engine: Engine) -> None:
+    before = tiny_engine.txt2img(recipe(seed=77, steps=2))[0].png
+    assert tiny_engine.warm_up() > 0
+    assert tiny_engine.txt2img(recipe(seed=77, steps=2))[0].png == before

@@ -181,6 +181,7 @@ async def _embedded_worker(
     from generation.worker import EmbeddedWorker
 
     engine = await asyncio.to_thread(_load_engine, settings)
+    seconds = await asyncio.to_thread(engine.warm_up)
     worker = EmbeddedWorker(
         queue,
         runtime.blobs,
@@ -189,5 +190,10 @@ async def _embedded_worker(
         heartbeat_seconds=settings.worker_heartbeat_seconds,
         stale_seconds=settings.worker_stale_seconds,
     )
-    log.info("embedded worker ready: %s on %s", engine.model_id, engine.device)
+    log.info(
+        "embedded worker ready: %s on %s, warmed up in %.2fs",
+        engine.model_id,
+        engine.device,
+        seconds,
+    )
     await worker.run(stop)

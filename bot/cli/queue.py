@@ -145,6 +145,8 @@ async def _serve(
     )
     if settings.metrics_port:
         worker.metrics.serve(settings.metrics_port)
+    seconds = await asyncio.to_thread(engine.warm_up)
+    logging.getLogger(__name__).info("warmed up in %.2fs", seconds)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
