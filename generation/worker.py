@@ -89,15 +89,28 @@ class EmbeddedWorker:
             if beats % 2 == 0:
                 await self.recover(at_start=False)
 
+    async def hear_cancels(self) -> None:
+        """On PostgreSQL, a cancel that any process requests stops the running job at its
+        next step (NOTIFY); the flag is also polled, for cancels sent while reconnecting."""
+        if self.queue.database.url.get_backend_name() != "postgresql":
+            return
+        from storage.pg_events import listen_for_cancels
+
+        await listen_for_cancels(self.queue.database.url, self.queue.stop_running)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run jobs until ``stop`` is set; the job in hand is finished first."""
         await self.beat()
         await self.recover()
-        keep_alive = asyncio.create_task(self._keep_alive())
+        background = [
+            asyncio.create_task(self._keep_alive()),
+            asyncio.create_task(self.hear_cancels()),
+        ]
         try:
             await self._loop(stop)
         finally:
-            keep_alive.cancel()
+            for task in background:
+                task.cancel()
 
     async def _loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -259,7 +272,7 @@ async def run_with_procrastinate(worker: EmbeddedWorker, queue: Any, stop: async
                     log.warning("retried the jobs of a worker that stopped beating")
                 await queue.reconcile(model)
 
-    background = asyncio.create_task(keep_alive())
+    background = [asyncio.create_task(keep_alive()), asyncio.create_task(worker.hear_cancels())]
     running = asyncio.create_task(
         queue.app.run_worker_async(
             queues=[name],
@@ -275,8 +288,8 @@ async def run_with_procrastinate(worker: EmbeddedWorker, queue: Any, stop: async
     try:
         await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        background.cancel()
-        stopping.cancel()
+        for task in (*background, stopping):
+            task.cancel()
         if not running.done():
             running.cancel()  # procrastinate stops fetching and lets the job in hand finish
-        await asyncio.gather(running, background, return_exceptions=True)
+        await asyncio.gather(running, *background, return_exceptions=True)

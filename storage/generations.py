@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
@@ -27,6 +27,7 @@ from storage.models import (
 from storage.recipe import Recipe
 
 S = GenerationStatus
+CANCEL_CHANNEL = "imagine_cancels"  # PostgreSQL: NOTIFY'd with a running generation's id
 
 # Which status each status may move to. running → queued is a re-queue after
 # a worker died; failed and cancelled are final, like succeeded.
@@ -249,6 +250,12 @@ async def request_cancel(session: AsyncSession, generation_id: int) -> Generatio
             .values(cancel_requested_at=utcnow())
             .execution_options(synchronize_session=False)
         )
+        if session.get_bind().dialect.name == "postgresql":
+            # Workers LISTEN for this and stop at the next step; they also poll the flag.
+            await session.execute(
+                text("SELECT pg_notify(:channel, :id)"),
+                {"channel": CANCEL_CHANNEL, "id": str(generation_id)},
+            )
         generation = await get_generation(session, generation_id)
     return generation
 

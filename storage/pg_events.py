@@ -17,7 +17,7 @@ import contextlib
 import io
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -26,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import URL
 
 from storage.database import Database
+from storage.generations import CANCEL_CHANNEL
 from storage.models import Generation, GenerationStatus, utcnow
 from storage.queue import JobCancelled, JobEvent, JobFailed, JobProgress, JobSucceeded
 
@@ -103,6 +104,34 @@ class Notifier:
             await self._connection.close()
 
 
+async def listen_forever(url: URL, channel: str, on_notify: Callable[..., None]) -> None:
+    """LISTEN on ``channel`` until cancelled, reconnecting when the connection drops."""
+    while True:
+        try:
+            connection = await asyncpg.connect(_dsn(url))
+            closed = asyncio.Event()
+            connection.add_termination_listener(lambda _c, closed=closed: closed.set())
+            try:
+                await connection.add_listener(channel, on_notify)
+                await closed.wait()
+            finally:
+                await connection.close()
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("listener on %s lost its connection (%s); reconnecting", channel, exc)
+            await asyncio.sleep(1)
+
+
+async def listen_for_cancels(url: URL, on_cancel: Callable[[int], object]) -> None:
+    """Call ``on_cancel(generation_id)`` for every cancel of a running generation that any
+    process requests (:func:`storage.generations.request_cancel` NOTIFYs it)."""
+
+    def on_notify(_connection: object, _pid: int, _channel: str, payload: str) -> None:
+        if payload.isdigit():
+            on_cancel(int(payload))
+
+    await listen_forever(url, CANCEL_CHANNEL, on_notify)
+
+
 async def final_events_since(database: Database, since: datetime) -> list[JobEvent]:
     """Final events of generations that finished since ``since`` and are not delivered."""
     async with database.session() as session:
@@ -139,21 +168,6 @@ async def listen(
         except ValueError:
             log.warning("ignored a malformed event: %.200s", payload)
 
-    async def keep_listening() -> None:
-        while True:
-            try:
-                connection = await asyncpg.connect(_dsn(database.url))
-                closed = asyncio.Event()
-                connection.add_termination_listener(lambda _c, closed=closed: closed.set())
-                try:
-                    await connection.add_listener(CHANNEL, on_notify)
-                    await closed.wait()
-                finally:
-                    await connection.close()
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("event listener lost its connection (%s); reconnecting", exc)
-                await asyncio.sleep(1)
-
     async def keep_sweeping() -> None:
         nonlocal swept_from
         while True:
@@ -163,7 +177,10 @@ async def listen(
             swept_from = started - timedelta(seconds=sweep_seconds)  # overlap: no gap
             await asyncio.sleep(sweep_seconds)
 
-    tasks = [asyncio.create_task(keep_listening()), asyncio.create_task(keep_sweeping())]
+    tasks = [
+        asyncio.create_task(listen_forever(database.url, CHANNEL, on_notify)),
+        asyncio.create_task(keep_sweeping()),
+    ]
     try:
         while True:
             yield await inbox.get()

@@ -3,7 +3,8 @@
 The generation row is the job: submitting writes it (status queued) in one
 transaction, workers claim rows in the fair order of :mod:`storage.scheduling`,
 and every change of status is published as an event. The embedded queue
-delivers events in-process; the scaled (PostgreSQL) queue is to come.
+delivers events in-process; the scaled queue (:mod:`storage.scaled_queue`)
+builds on it, with procrastinate carrying the rows and NOTIFY the events.
 """
 
 from __future__ import annotations
@@ -127,8 +128,8 @@ class EmbeddedQueue:
             generation = await request_cancel(session, generation_id)
         if generation.status is S.CANCELLED:
             self.publish(JobCancelled(generation_id=generation_id))
-        elif generation.status is S.RUNNING and generation_id in self._cancel_hooks:
-            self._cancel_hooks[generation_id]()  # here: at once; elsewhere: the flag is polled
+        elif generation.status is S.RUNNING:
+            self.stop_running(generation_id)  # here: at once; elsewhere: NOTIFY or polling
         return generation
 
     async def position(self, generation_id: int) -> QueuePosition:
@@ -160,6 +161,13 @@ class EmbeddedQueue:
             await self.forward(event)
         except Exception:  # the sweep on the listening side makes up for a lost event
             logging.getLogger(__name__).exception("could not forward %s", event.kind)
+
+    def stop_running(self, generation_id: int) -> bool:
+        """Stop a generation running in this process at its next step; False if none is."""
+        hook = self._cancel_hooks.get(generation_id)
+        if hook is not None:
+            hook()
+        return hook is not None
 
     def on_cancel(self, generation_id: int, hook: Callable[[], None] | None) -> None:
         """Register (or with ``None`` remove) how to stop a running generation."""

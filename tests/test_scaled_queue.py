@@ -1,4 +1,5 @@
-"""The scaled queue on PostgreSQL: rows carried by procrastinate jobs, with real workers."""
+"""The scaled queue's own parts: procrastinate jobs carrying rows (the contract is in
+test_queue_contract.py)."""
 
 from __future__ import annotations
 
@@ -63,32 +64,7 @@ async def rows(database: Database) -> list[Generation]:
         return list(await session.scalars(select(Generation).order_by(Generation.id)))
 
 
-async def test_a_later_user_runs_second_not_eleventh(
-    scaled: ProcrastinateQueue, tiny_engine: Engine, tmp_path: Path
-) -> None:
-    for _ in range(10):
-        await scaled.submit(submission(A))
-    await scaled.submit(submission(B))
-
-    async def finished() -> bool:
-        return all(row.status is S.SUCCEEDED for row in await rows(scaled.database))
-
-    await run_worker_until(scaled, tiny_engine, tmp_path, finished)
-    order = sorted(await rows(scaled.database), key=lambda row: row.started_at or row.queued_at)
-    assert [row.requester_id for row in order][:3] == [A, B, A]
-    assert [row.requester_id for row in order].count(A) == 10
-
-
-async def test_positions_follow_procrastinate_s_order(scaled: ProcrastinateQueue) -> None:
-    ids = [(await scaled.submit(submission(user))).id for user in (A, A, A, B, C)]
-    positions = {i: (await scaled.position(i)).position for i in ids}
-    a1, a2, a3, b1, c1 = ids
-    assert [positions[i] for i in (a1, b1, c1, a2, a3)] == [1, 2, 3, 4, 5]
-    where = await scaled.position(a3)
-    assert where.status is S.QUEUED and where.estimated_wait_seconds >= 0
-
-
-async def test_a_cancelled_queued_job_never_runs(
+async def test_cancelling_a_queued_row_cancels_its_procrastinate_job(
     scaled: ProcrastinateQueue, tiny_engine: Engine, tmp_path: Path
 ) -> None:
     doomed = await scaled.submit(submission(A))

@@ -1,0 +1,293 @@
+"""The queue contract, one suite for every implementation.
+
+``embedded-sqlite`` and ``embedded-postgresql``: rows claimed by an in-process
+worker; ``procrastinate``: the scaled mode, rows carried by procrastinate jobs
+in one queue per model. Each test drives only the contract (submit, cancel,
+position, events) and a real worker on the tiny engine, and reads the rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from generation.engine import Engine
+from generation.worker import EmbeddedWorker, run_with_procrastinate
+from storage.blobs import LocalBlobStore
+from storage.database import Database
+from storage.models import Generation, GenerationKind, GenerationStatus
+from storage.queue import (
+    EmbeddedQueue,
+    JobCancelled,
+    JobEvent,
+    JobProgress,
+    JobStarted,
+    JobSucceeded,
+    Submission,
+)
+from storage.recipe import Recipe
+from storage.scaled_queue import ProcrastinateQueue, make_app
+from storage.scheduling import Limits, QueueFull
+from tests.conftest import migrated_database
+
+S = GenerationStatus
+A, B, C = 101, 102, 103
+LIMITS = Limits(max_running_per_user=1, max_queued_per_user=20)
+
+
+@dataclass
+class Backend:
+    name: str
+    queue: EmbeddedQueue
+    another: Callable[[], EmbeddedQueue]  # the same queue as another process sees it
+    serve: Callable[[EmbeddedWorker, asyncio.Event], Coroutine[Any, Any, None]]
+
+    @property
+    def database(self) -> Database:
+        return self.queue.database
+
+
+@pytest.fixture(params=["embedded-sqlite", "embedded-postgresql", "procrastinate"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    kind = request.param
+    store = "sqlite" if kind == "embedded-sqlite" else "postgresql"
+    async with migrated_database(store, tmp_path, request) as database:
+        if kind != "procrastinate":
+            yield Backend(
+                kind,
+                EmbeddedQueue(database, LIMITS),
+                lambda: EmbeddedQueue(database, LIMITS),
+                lambda worker, stop: worker.run(stop),
+            )
+            return
+        app = make_app(database.url)
+        async with app.open_async():
+
+            def serve(worker: EmbeddedWorker, stop: asyncio.Event) -> Coroutine[Any, Any, None]:
+                assert isinstance(worker.queue, ProcrastinateQueue)
+                return run_with_procrastinate(worker, worker.queue, stop)
+
+            yield Backend(
+                kind,
+                ProcrastinateQueue(database, LIMITS, app),
+                lambda: ProcrastinateQueue(database, LIMITS, app),
+                serve,
+            )
+
+
+def submission(
+    user: int, prompt: str = "a boat", steps: int = 1, model: str = "tiny"
+) -> Submission:
+    recipe = Recipe(
+        model=model, prompt=prompt, seed=1, width=64, height=64, steps=steps, guidance=5.0
+    )
+    return Submission(GenerationKind.IMAGINE, recipe, user)
+
+
+async def rows(database: Database) -> list[Generation]:
+    async with database.session() as session:
+        query = select(Generation).options(selectinload(Generation.images)).order_by(Generation.id)
+        return list(await session.scalars(query))
+
+
+async def work_until(
+    backend: Backend,
+    engine: Engine,
+    blobs: Path,
+    done: Callable[[], Awaitable[bool]],
+    within: float = 90,
+) -> None:
+    """Run one worker until ``done()`` holds, then stop it."""
+    worker = EmbeddedWorker(
+        backend.queue, LocalBlobStore(blobs), engine, name="w", heartbeat_seconds=0.5
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(backend.serve(worker, stop))
+    try:
+        async with asyncio.timeout(within):
+            while not await done():
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+def all_finished(database: Database) -> Callable[[], Awaitable[bool]]:
+    async def done() -> bool:
+        return all(row.status in (S.SUCCEEDED, S.CANCELLED) for row in await rows(database))
+
+    return done
+
+
+def run_order(finished: list[Generation]) -> list[int]:
+    started = sorted(
+        (row for row in finished if row.started_at is not None),
+        key=lambda row: row.started_at or row.queued_at,
+    )
+    return [row.requester_id for row in started]
+
+
+async def test_a_later_user_runs_second_not_eleventh(
+    backend: Backend, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    for number in range(10):
+        await backend.queue.submit(submission(A, f"a{number}"))
+    await backend.queue.submit(submission(B))
+    await work_until(backend, tiny_engine, tmp_path, all_finished(backend.database))
+    assert run_order(await rows(backend.database)) == [A, B] + [A] * 9
+
+
+async def test_three_users_take_turns(
+    backend: Backend, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    for user in (A, B, C):
+        for _ in range(2):
+            await backend.queue.submit(submission(user))
+    await work_until(backend, tiny_engine, tmp_path, all_finished(backend.database))
+    assert run_order(await rows(backend.database)) == [A, B, C, A, B, C]
+
+
+async def test_a_run_is_recorded_with_its_timings_and_worker(
+    backend: Backend, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    generation = await backend.queue.submit(submission(A))
+    assert generation.status is S.QUEUED
+    await work_until(backend, tiny_engine, tmp_path, all_finished(backend.database))
+    [row] = await rows(backend.database)
+    assert row.status is S.SUCCEEDED and row.worker_name == "w" and row.images
+    assert row.started_at is not None and row.finished_at is not None
+    assert row.queued_at <= row.started_at <= row.finished_at
+
+
+async def test_the_queued_limit_refuses_with_the_count(backend: Backend) -> None:
+    backend.queue.limits = Limits(max_running_per_user=1, max_queued_per_user=2)
+    await backend.queue.submit(submission(A))
+    await backend.queue.submit(submission(A))
+    refusal = r"2 of your jobs are already waiting.*most allowed here is 2"
+    with pytest.raises(QueueFull, match=refusal):
+        await backend.queue.submit(submission(A))
+    await backend.queue.submit(submission(B))  # other users are not affected
+    assert [row.requester_id for row in await rows(backend.database)] == [A, A, B]
+
+
+async def test_positions_follow_the_fair_order_with_growing_waits(backend: Backend) -> None:
+    ids = [(await backend.queue.submit(submission(user))).id for user in (A, A, A, B, C)]
+    a1, a2, a3, b1, c1 = ids
+    where = {i: await backend.queue.position(i) for i in ids}
+    assert [where[i].position for i in (a1, b1, c1, a2, a3)] == [1, 2, 3, 4, 5]
+    waits = [where[i].estimated_wait_seconds for i in (a1, b1, c1, a2, a3)]
+    assert waits == sorted(waits) and waits[0] < waits[-1]
+    assert all(where[i].status is S.QUEUED for i in ids)
+
+
+async def test_a_cancelled_queued_job_never_runs(
+    backend: Backend, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    events: list[JobEvent] = []
+
+    async def listen() -> None:
+        async for event in backend.queue.events():
+            events.append(event)
+
+    listener = asyncio.create_task(listen())
+    await asyncio.sleep(0)
+    doomed = await backend.queue.submit(submission(A, "doomed"))
+    await backend.queue.submit(submission(B, "kept"))
+    assert (await backend.queue.cancel(doomed.id)).status is S.CANCELLED
+    assert (await backend.queue.position(doomed.id)).status is S.CANCELLED
+    await work_until(backend, tiny_engine, tmp_path, all_finished(backend.database))
+    listener.cancel()
+    first, kept = await rows(backend.database)
+    assert first.status is S.CANCELLED and first.started_at is None and not first.images
+    assert kept.status is S.SUCCEEDED
+    assert JobCancelled(generation_id=doomed.id).kind in [e.kind for e in events]
+    assert doomed.id not in [e.generation_id for e in events if isinstance(e, JobStarted)]
+
+
+async def test_the_worker_publishes_started_progress_and_succeeded(
+    backend: Backend, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    events: list[JobEvent] = []
+    finished = asyncio.Event()
+
+    async def listen() -> None:
+        async for event in backend.queue.events():
+            events.append(event)
+            if isinstance(event, JobSucceeded):
+                finished.set()
+
+    listener = asyncio.create_task(listen())
+    await asyncio.sleep(0)
+    generation = await backend.queue.submit(submission(A, steps=3))
+
+    async def done() -> bool:
+        return finished.is_set()
+
+    await work_until(backend, tiny_engine, tmp_path, done)
+    listener.cancel()
+    ours = [e for e in events if e.generation_id == generation.id]
+    assert isinstance(ours[0], JobStarted) and ours[0].worker_name == "w"
+    assert [e.step for e in ours if isinstance(e, JobProgress)] == [1, 2, 3]
+    assert all(e.total == 3 for e in ours if isinstance(e, JobProgress))
+    assert isinstance(ours[-1], JobSucceeded)
+    [row] = await rows(backend.database)
+    assert ours[-1].image_ids == [image.id for image in row.images]
+
+
+@pytest.mark.parametrize("from_elsewhere", [False, True], ids=["same-queue", "other-process"])
+async def test_cancelling_a_running_job_stops_it_within_a_step(
+    backend: Backend, tiny_engine: Engine, tmp_path: Path, from_elsewhere: bool
+) -> None:
+    canceller = backend.another() if from_elsewhere else backend.queue
+    generation = await backend.queue.submit(submission(A, steps=200))
+    after = await backend.queue.submit(submission(B, "runs next"))
+    steps_at_cancel: list[int] = []
+    steps: list[int] = []
+
+    async def cancel_once_running() -> None:
+        async for event in backend.queue.events():
+            if isinstance(event, JobProgress) and event.generation_id == generation.id:
+                steps.append(event.step)
+                if event.step == 1:
+                    flagged = await canceller.cancel(generation.id)
+                    assert flagged.cancel_requested_at is not None
+                    steps_at_cancel.append(event.step)
+
+    listener = asyncio.create_task(cancel_once_running())
+    await asyncio.sleep(0)
+    await work_until(backend, tiny_engine, tmp_path, all_finished(backend.database))
+    listener.cancel()
+    stopped, next_one = await rows(backend.database)
+    assert stopped.status is S.CANCELLED and not stopped.images
+    # In this process the token stops the next step; from another process PostgreSQL's
+    # NOTIFY does the same, while on SQLite the worker polls the flag every half second.
+    polled = from_elsewhere and backend.name == "embedded-sqlite"
+    assert steps_at_cancel == [1] and max(steps) <= (40 if polled else 3)
+    assert next_one.id == after.id and next_one.status is S.SUCCEEDED
+    assert stopped.finished_at is not None and next_one.started_at is not None
+    assert stopped.finished_at <= next_one.started_at  # the GPU was free before it started
+
+
+async def test_a_worker_runs_only_jobs_for_its_model(
+    backend: Backend, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    other = await backend.queue.submit(submission(A, "for sdxl", model="tiny-sdxl"))
+    mine = await backend.queue.submit(submission(B, "for tiny"))
+
+    async def mine_done() -> bool:
+        by_id = {row.id: row for row in await rows(backend.database)}
+        return by_id[mine.id].status is S.SUCCEEDED
+
+    await work_until(backend, tiny_engine, tmp_path, mine_done)
+    await asyncio.sleep(0.5)
+    by_id = {row.id: row for row in await rows(backend.database)}
+    assert by_id[other.id].status is S.QUEUED and by_id[other.id].started_at is None
+    assert (await backend.queue.position(other.id)).position == 1
