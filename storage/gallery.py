@@ -82,6 +82,16 @@ async def toggle_like(session: AsyncSession, user_id: int, image_id: int) -> tup
     return True, await like(session, user_id, image_id)
 
 
+async def remove_from_gallery(session: AsyncSession, image_id: int, by: int) -> Image:
+    """The image was deleted from Discord: the gallery no longer shows it. The row, its
+    recipe and its likes stay, so nothing is lost and ``/show`` still finds it."""
+    image = await get_image(session, image_id)
+    if image.removed_at is None:
+        image.removed_at = utcnow()
+        image.removed_by = by
+    return image
+
+
 def _gallery_query(
     style: str | None, sort: GallerySort, since: datetime | None, guild_id: int | None = None
 ) -> Select[Image, Any, Recipe, int]:
@@ -95,7 +105,7 @@ def _gallery_query(
         select(Image, like_total, Generation.recipe, Generation.requester_id)
         .join(Generation, Image.generation_id == Generation.id)
         .outerjoin(likes, likes.c.image_id == Image.id)
-        .where(Generation.status == GenerationStatus.SUCCEEDED)
+        .where(Generation.status == GenerationStatus.SUCCEEDED, Image.removed_at.is_(None))
     )
     if style is not None:
         query = query.where(

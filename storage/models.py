@@ -249,6 +249,9 @@ class Image(Base):
     blob_key: Mapped[str] = mapped_column(String(64))
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # Deleted from Discord by its author or a moderator: out of the gallery, kept here.
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    removed_by: Mapped[int | None] = mapped_column(BigInteger)
 
     generation: Mapped[Generation] = relationship(
         back_populates="images", foreign_keys=[generation_id]

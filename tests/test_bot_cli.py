@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from bot.cli import main
 from bot.cli.discord_commands import client_id_from_token, invite_url
+from storage.models import Generation
+from tests.conftest import migrated_database
 from tests.fake_discord import FakeDiscord
+from tests.test_worker_processes import start_worker
 
 SHIM = """\
 import os
@@ -55,9 +61,12 @@ def test_invite_refuses_a_token_that_is_not_one(
     assert "--client-id" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("mode", ["embedded", "scaled"])
 async def test_imagine_bot_starts_syncs_answers_and_stops_on_sigterm(
-    clean_env: Path, tmp_path: Path
+    clean_env: Path, tmp_path: Path, request: pytest.FixtureRequest, mode: str
 ) -> None:
+    """Embedded: the worker runs inside the bot. Scaled: the bot loads no model and an
+    `imagine worker` process elsewhere runs the job."""
     fake = FakeDiscord()
     await fake.start()
     shim = tmp_path / "shim"
@@ -72,6 +81,35 @@ async def test_imagine_bot_starts_syncs_answers_and_stops_on_sigterm(
         "IMAGINE_MODEL": "tiny",
         "IMAGINE_DEVICE": "cpu",
     }
+    async with contextlib.AsyncExitStack() as stack:
+        worker: subprocess.Popen[str] | None = None
+        if mode == "scaled":
+            database = await stack.enter_async_context(
+                migrated_database("postgresql", tmp_path, request)
+            )
+            env["IMAGINE_DATABASE_URL"] = database.url.render_as_string(hide_password=False)
+            worker_dir = tmp_path / "worker"
+            worker_dir.mkdir()
+            worker = start_worker(database.url, "gpu-1", worker_dir)
+            stack.callback(stop_process, worker)
+        await run_the_bot(fake, env, scaled=mode == "scaled")
+        if worker is not None:
+            assert worker.poll() is None, "the worker died"
+            async with database.session() as session:
+                row = await session.scalar(select(Generation))
+            assert row is not None and row.worker_name == "gpu-1" and row.delivered_at
+
+
+def stop_process(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+async def run_the_bot(fake: FakeDiscord, env: dict[str, str], *, scaled: bool) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -102,6 +140,8 @@ async def test_imagine_bot_starts_syncs_answers_and_stops_on_sigterm(
             within=90,
             what="the grid",
         )
+        maps = await asyncio.to_thread(Path(f"/proc/{process.pid}/maps").read_text)
+        assert ("libtorch" in maps) is not scaled, "the bot loads torch only when embedded"
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0, "".join(log)
     finally:

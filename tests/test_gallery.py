@@ -58,3 +58,25 @@ async def test_the_most_liked_image_comes_first_and_pages_go_both_ways(running: 
 async def test_an_empty_gallery_says_how_to_fill_it(running: Harness) -> None:
     page = await running.result(await running.fake.slash("gallery", options={"sort": "new"}))
     assert "No images here yet" in caption(page)
+
+
+async def test_a_deleted_image_leaves_the_gallery_and_keeps_its_record(running: Harness) -> None:
+    fake = running.fake
+    grid = await running.result(await running.imagine("a lighthouse --steps 2 --seed 3"))
+    single = await running.result(await running.press(grid, "U1"))
+    await like(running, single, BOB)
+    [generation] = await running.generations()
+    first = next(image.id for image in generation.images if image.index == 0)
+    page = await running.result(await fake.slash("gallery", options={"sort": "top"}))
+    assert f"image {first} of" in caption(page) and "❤️ 1" in caption(page)
+
+    await running.press(single, "Delete")  # by its author
+    await fake.wait_for(lambda: int(single["id"]) in fake.deleted, what="the deletion")
+    page = await running.result(await fake.slash("gallery", options={"sort": "top"}))
+    assert f"image {first} of" not in caption(page) and "❤️ 0" in caption(page)
+
+    [generation] = await running.generations()
+    [removed] = [image for image in generation.images if image.id == first]
+    assert removed.removed_at is not None and removed.removed_by == int(ALICE["id"])
+    shown = await running.result(await fake.slash("show", options={"generation": generation.id}))
+    assert len(shown["attachments"]) == 1  # the recipe and its grid are kept

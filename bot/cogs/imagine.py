@@ -24,7 +24,7 @@ from bot.views import RemixModal
 from storage.community import NSFW_WORDS, guild_policy
 from storage.derive import remix_base, reroll_recipe, upscale_recipe, variation_recipe
 from storage.errors import ImagineError, NotFound
-from storage.gallery import toggle_like
+from storage.gallery import remove_from_gallery, toggle_like
 from storage.generations import Origin, get_generation, get_image, recent_generations
 from storage.models import Generation, GenerationKind, GenerationStatus, Image, NsfwPolicy, utcnow
 from storage.queue import Submission
@@ -362,7 +362,7 @@ class ImagineCog(commands.Cog):
                     self.describe(generation, image), ephemeral=True
                 )
             elif action == "delete":
-                await self._delete(interaction, generation)
+                await self._delete(interaction, generation, image)
         except ImagineError as exc:
             await self.refuse(interaction, str(exc))
 
@@ -373,12 +373,16 @@ class ImagineCog(commands.Cog):
 
         await interaction.response.edit_message(view=image_view(image, count))
 
-    async def _delete(self, interaction: discord.Interaction, generation: Generation) -> None:
+    async def _delete(
+        self, interaction: discord.Interaction, generation: Generation, image: Image
+    ) -> None:
         if interaction.user.id != generation.requester_id and not can_manage_messages(interaction):
             raise Refusal(
                 "Only the person who made this image, or a member who can manage messages, "
                 "can delete it."
             )
+        async with self.services.database.session() as session:
+            await remove_from_gallery(session, image.id, interaction.user.id)
         await interaction.response.defer()
         await interaction.delete_original_response()
 
