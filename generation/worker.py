@@ -77,8 +77,9 @@ class EmbeddedWorker:
             self.queue.wakeup.set()
         return orphans
 
-    async def _keep_alive(self) -> None:
-        """Heartbeats, and a sweep for jobs of workers that went quiet."""
+    async def _keep_alive(self, sweep: Callable[[], Awaitable[None]] | None) -> None:
+        """Heartbeats, and every other beat a sweep for jobs of workers that went quiet
+        (plus the carrier's own ``sweep``, if any)."""
         beats = 0
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
@@ -88,6 +89,8 @@ class EmbeddedWorker:
             beats += 1
             if beats % 2 == 0:
                 await self.recover(at_start=False)
+                if sweep is not None:
+                    await sweep()
 
     async def hear_cancels(self) -> None:
         """On PostgreSQL, a cancel that any process requests stops the running job at its
@@ -98,19 +101,27 @@ class EmbeddedWorker:
 
         await listen_for_cancels(self.queue.database.url, self.queue.stop_running)
 
+    def start_background(
+        self, sweep: Callable[[], Awaitable[None]] | None = None
+    ) -> list[asyncio.Task[None]]:
+        """What runs beside the jobs: heartbeats with their sweeps, and cancels heard
+        from other processes. The caller cancels the tasks when it stops."""
+        return [
+            asyncio.create_task(self._keep_alive(sweep)),
+            asyncio.create_task(self.hear_cancels()),
+        ]
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run jobs until ``stop`` is set; the job in hand is finished first."""
         await self.beat()
         await self.recover()
-        background = [
-            asyncio.create_task(self._keep_alive()),
-            asyncio.create_task(self.hear_cancels()),
-        ]
+        background = self.start_background()
         try:
             await self._loop(stop)
         finally:
             for task in background:
                 task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
 
     async def _loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -257,22 +268,13 @@ async def run_with_procrastinate(worker: EmbeddedWorker, queue: Any, stop: async
     if requeued:
         log.warning("gave %d queued generation(s) a new job: %s", len(requeued), requeued)
 
-    async def keep_alive() -> None:
-        beats = 0
-        while True:
-            await asyncio.sleep(worker.heartbeat_seconds)
-            await worker.beat()
-            async with worker.queue.database.session() as session:
-                worker.metrics.queue_depth.set(await queue_depth(session, model))
-            beats += 1
-            if beats % 2 == 0:
-                await worker.recover(at_start=False)
-                stale = worker.stale_after.total_seconds()
-                if await queue.retry_stalled(model, stale):
-                    log.warning("retried the jobs of a worker that stopped beating")
-                await queue.reconcile(model)
+    async def sweep() -> None:
+        stale = worker.stale_after.total_seconds()
+        if await queue.retry_stalled(model, stale):
+            log.warning("retried the jobs of a worker that stopped beating")
+        await queue.reconcile(model)
 
-    background = [asyncio.create_task(keep_alive()), asyncio.create_task(worker.hear_cancels())]
+    background = worker.start_background(sweep)
     running = asyncio.create_task(
         queue.app.run_worker_async(
             queues=[name],

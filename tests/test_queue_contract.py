@@ -9,6 +9,7 @@ position, events) and a real worker on the tiny engine, and reads the rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,19 +68,26 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
                 lambda worker, stop: worker.run(stop),
             )
             return
-        app = make_app(database.url)
-        async with app.open_async():
+        async with procrastinate_backend(database) as scaled:
+            yield scaled
 
-            def serve(worker: EmbeddedWorker, stop: asyncio.Event) -> Coroutine[Any, Any, None]:
-                assert isinstance(worker.queue, ProcrastinateQueue)
-                return run_with_procrastinate(worker, worker.queue, stop)
 
-            yield Backend(
-                kind,
-                ProcrastinateQueue(database, LIMITS, app),
-                lambda: ProcrastinateQueue(database, LIMITS, app),
-                serve,
-            )
+@contextlib.asynccontextmanager
+async def procrastinate_backend(database: Database) -> AsyncIterator[Backend]:
+    """The scaled mode on a migrated PostgreSQL database, its procrastinate app open."""
+    app = make_app(database.url)
+    async with app.open_async():
+
+        def serve(worker: EmbeddedWorker, stop: asyncio.Event) -> Coroutine[Any, Any, None]:
+            assert isinstance(worker.queue, ProcrastinateQueue)
+            return run_with_procrastinate(worker, worker.queue, stop)
+
+        yield Backend(
+            "procrastinate",
+            ProcrastinateQueue(database, LIMITS, app),
+            lambda: ProcrastinateQueue(database, LIMITS, app),
+            serve,
+        )
 
 
 def submission(
