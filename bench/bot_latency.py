@@ -59,27 +59,17 @@ async def _serve_baseline() -> None:
 
 async def _serve_imagine(folder: Path) -> None:
     from bot.app import ImagineBot
-    from bot.runtime import open_runtime
+    from bot.deployment import open_deployment
     from bot.services import Services
     from generation.styles import StyleRegistry
     from storage.families import configured_family
-    from storage.queue import EmbeddedQueue
-    from storage.scheduling import Limits
     from storage.settings import Settings
 
     settings = Settings(data_dir=folder, model="tiny", styles_dir=folder / "styles")
-    runtime = await open_runtime(settings)
-    queue = EmbeddedQueue(runtime.database, Limits(1, 10))
-    services = Services(
-        settings=settings,
-        database=runtime.database,
-        blobs=runtime.blobs,
-        queue=queue,
-        styles=StyleRegistry(),
-        family=configured_family("tiny", "auto"),
-        events=queue.events,
-    )
-    await ImagineBot(services).start("fake-token")
+    async with open_deployment(settings) as deployment:
+        family = configured_family("tiny", "auto")
+        services = Services.for_deployment(deployment, StyleRegistry(), family)
+        await ImagineBot(services).start("fake-token")
 
 
 def serve(mode: str, api: str, gateway: str, folder: str) -> None:

@@ -28,9 +28,10 @@ from sqlalchemy.engine import URL
 
 from migrations import runner
 from storage.database import Database, parse_database_url
+from storage.events import LocalEventBus
 from storage.generations import transition
 from storage.models import GenerationKind, GenerationStatus
-from storage.queue import Submission
+from storage.queue import Cancellations, Submission
 from storage.recipe import Recipe
 from storage.scaled_queue import TASK, ProcrastinateQueue, advance_turns, make_app, queue_name
 from storage.scheduling import Limits
@@ -148,6 +149,10 @@ async def throughput(queue: ProcrastinateQueue, jobs: int, workers: int, users: 
     )
 
 
+def scaled_queue(database: Database, limits: Limits, app: Any) -> ProcrastinateQueue:
+    return ProcrastinateQueue(database, limits, app, LocalEventBus(), Cancellations())
+
+
 async def main(admin_url: URL) -> int:
     name = f"imagine_bench_{uuid.uuid4().hex[:8]}"
     dsn = admin_url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -160,11 +165,11 @@ async def main(admin_url: URL) -> int:
         for step in (fairness, fetch_cost_ratio):
             app = make_app(database.url)
             async with app.open_async():
-                await step(ProcrastinateQueue(database, limits, app))
+                await step(scaled_queue(database, limits, app))
         for jobs, workers in ((500, 1), (2000, 8)):
             app = make_app(database.url)
             async with app.open_async():
-                await throughput(ProcrastinateQueue(database, limits, app), jobs, workers, 50)
+                await throughput(scaled_queue(database, limits, app), jobs, workers, 50)
     finally:
         await database.dispose()
         await connection.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

@@ -24,11 +24,10 @@ import discord
 from bot.services import Services
 from bot.uploads import Upload, fit_upload
 from bot.views import grid_view, image_view, retry_view
+from storage.events import JobEvent, JobProgress, JobStarted, final_events_since
 from storage.gallery import like_count
 from storage.generations import get_generation, mark_delivered
 from storage.models import Generation, GenerationKind, GenerationStatus, Image, utcnow
-from storage.pg_events import final_events_since
-from storage.queue import JobEvent, JobProgress, JobStarted
 
 S = GenerationStatus
 log = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ class Delivery:
         """Deliver what finished while away, then every event as it comes."""
         for event in await final_events_since(self.services.database, utcnow() - SWEEP_LOOKBACK):
             self.handle(event)
-        async for event in self.services.events():
+        async for event in self.services.events.subscribe():
             self.handle(event)
 
     def handle(self, event: JobEvent) -> None:

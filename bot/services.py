@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
 
 from storage.blobs import BlobStore
 from storage.database import Database
+from storage.deployment import Deployment
+from storage.events import EventBus
 from storage.families import ModelFamily
-from storage.queue import JobEvent, JobQueue
+from storage.queue import JobQueue
 from storage.recipe import search_names
 from storage.settings import Settings
 
@@ -22,6 +24,8 @@ class StyleCatalog(Protocol):
 
     def search(self, text: str, limit: int = 25) -> list[str]: ...
 
+    def default_weights(self) -> dict[str, float]: ...
+
 
 @dataclass
 class Services:
@@ -31,13 +35,35 @@ class Services:
     queue: JobQueue
     styles: StyleCatalog
     family: ModelFamily
-    events: Callable[[], AsyncIterator[JobEvent]]
+    events: EventBus
     style_weights: Mapping[str, float] = field(default_factory=dict)
     progress_interval: float = 1.5  # seconds between progress edits of one message
     token_lifetime: timedelta = timedelta(minutes=14)  # Discord's is 15
 
     # Styles added from Discord, by server; kept current by the /style commands.
     guild_style_names: dict[int, set[str]] = field(default_factory=dict)
+
+    @classmethod
+    def for_deployment(
+        cls,
+        deployment: Deployment,
+        styles: StyleCatalog,
+        family: ModelFamily,
+        *,
+        progress_interval: float = 1.5,
+    ) -> Services:
+        """The bot's services on ``deployment``'s ports."""
+        return cls(
+            settings=deployment.settings,
+            database=deployment.database,
+            blobs=deployment.blobs,
+            queue=deployment.queue,
+            styles=styles,
+            family=family,
+            events=deployment.events,
+            style_weights=styles.default_weights(),
+            progress_interval=progress_interval,
+        )
 
     def known_styles(self, guild_id: int | None = None) -> list[str]:
         """The folder's styles and, in a server, the ones it added from Discord."""

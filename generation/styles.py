@@ -172,6 +172,9 @@ class StyleRegistry:
     def names(self) -> list[str]:
         return sorted(self._styles)
 
+    def default_weights(self) -> dict[str, float]:
+        return {name: style.default_weight for name, style in self._styles.items()}
+
     def put(self, style: StyleSpec) -> None:
         """Add ``style``, replacing one of the same name (a server's own style, say)."""
         self._styles[style.name] = style

@@ -1,5 +1,7 @@
 """Job events across processes on PostgreSQL: LISTEN/NOTIFY, plus a sweep.
 
+:class:`PostgresEventBus` is the scaled mode's :class:`~storage.events.EventBus`.
+
 Workers on any machine ``NOTIFY`` each event; the bot ``LISTEN``s. A NOTIFY
 payload is limited to 8000 bytes, so a progress event's preview JPEG is sent
 base64-encoded when it fits, re-encoded smaller when it does not, and left out
@@ -18,17 +20,16 @@ import io
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import asyncpg
 from pydantic import TypeAdapter
-from sqlalchemy import select
 from sqlalchemy.engine import URL
 
 from storage.database import Database
+from storage.events import JobEvent, JobProgress, final_events_since
 from storage.generations import CANCEL_CHANNEL
-from storage.models import Generation, GenerationStatus, utcnow
-from storage.queue import JobCancelled, JobEvent, JobFailed, JobProgress, JobSucceeded
+from storage.models import GenerationStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -132,29 +133,6 @@ async def listen_for_cancels(url: URL, on_cancel: Callable[[int], object]) -> No
     await listen_forever(url, CANCEL_CHANNEL, on_notify)
 
 
-async def final_events_since(database: Database, since: datetime) -> list[JobEvent]:
-    """Final events of generations that finished since ``since`` and are not delivered."""
-    async with database.session() as session:
-        rows = await session.scalars(
-            select(Generation).where(
-                Generation.status.in_([S.SUCCEEDED, S.FAILED, S.CANCELLED]),
-                Generation.finished_at >= since,
-                Generation.delivered_at.is_(None),
-            )
-        )
-        events: list[JobEvent] = []
-        for generation in rows.unique():
-            await session.refresh(generation, ["images"])
-            if generation.status is S.SUCCEEDED:
-                image_ids = [image.id for image in generation.images]
-                events.append(JobSucceeded(generation_id=generation.id, image_ids=image_ids))
-            elif generation.status is S.FAILED:
-                events.append(JobFailed(generation_id=generation.id, error=generation.error or ""))
-            else:
-                events.append(JobCancelled(generation_id=generation.id))
-    return events
-
-
 async def listen(
     database: Database, *, sweep_seconds: float = 5.0, lookback: timedelta = timedelta(minutes=15)
 ) -> AsyncIterator[JobEvent]:
@@ -190,3 +168,33 @@ async def listen(
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+class PostgresEventBus:
+    """Events between processes: :meth:`publish` NOTIFYs (in order, off the caller's
+    path), :meth:`subscribe` LISTENs and sweeps for final events a listener missed."""
+
+    def __init__(self, database: Database, *, sweep_seconds: float = 5.0) -> None:
+        self.database = database
+        self.sweep_seconds = sweep_seconds
+        self._notifier = Notifier(database.url)
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def publish(self, event: JobEvent) -> None:
+        task = asyncio.get_running_loop().create_task(self._send(event))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, event: JobEvent) -> None:
+        try:
+            await self._notifier.send(event)
+        except Exception:  # the subscribers' sweep makes up for a lost final event
+            log.exception("could not NOTIFY %s of generation %s", event.kind, event.generation_id)
+
+    def subscribe(self) -> AsyncIterator[JobEvent]:
+        return listen(self.database, sweep_seconds=self.sweep_seconds)
+
+    async def close(self) -> None:
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+        await self._notifier.close()

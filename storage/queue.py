@@ -1,67 +1,51 @@
-"""The job queue: one contract, typed events, and the embedded implementation.
+"""The job queue: the submitter's port, the worker's port, and their row implementations.
 
 The generation row is the job: submitting writes it (status queued) in one
-transaction, workers claim rows in the fair order of :mod:`storage.scheduling`,
-and every change of status is published as an event. The embedded queue
-delivers events in-process; the scaled queue (:mod:`storage.scaled_queue`)
-builds on it, with procrastinate carrying the rows and NOTIFY the events.
+transaction after checking the user's limits. Two ports face the two sides:
+
+* :class:`JobQueue` is what submitters (the bot, the CLI) use: submit, cancel,
+  position. :class:`RowQueue` implements it over the rows alone;
+  :class:`storage.scaled_queue.ProcrastinateQueue` also gives each row a
+  procrastinate job.
+* :class:`JobSource` is how a worker gets jobs: :class:`RowJobs` claims rows in
+  the fair order of :mod:`storage.scheduling`;
+  :class:`storage.scaled_queue.ProcrastinateJobs` takes the jobs procrastinate
+  hands out.
+
+:func:`bot.deployment.open_deployment` picks the pair; nothing else does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Annotated, Literal, Protocol
-
-from pydantic import BaseModel, Field
+from typing import Protocol
 
 from storage.database import Database
+from storage.events import EventBus, JobCancelled, LocalEventBus
 from storage.generations import Origin, create_generation, request_cancel
-from storage.models import Generation, GenerationKind, GenerationStatus, utcnow
+from storage.models import Generation, GenerationKind, GenerationStatus
 from storage.recipe import Recipe
-from storage.scheduling import Limits, QueuePosition, check_limits, position_of
+from storage.scheduling import (
+    Limits,
+    QueuePosition,
+    check_limits,
+    claim_next,
+    position_of,
+)
 
+log = logging.getLogger(__name__)
 S = GenerationStatus
+IDLE_POLL_SECONDS = 1.0
 
+RunJob = Callable[[Generation], Awaitable[object]]
+"""A worker's way to run one claimed generation (its row already ``running``)."""
 
-class _Event(BaseModel):
-    generation_id: int
-    at: datetime = Field(default_factory=utcnow)
-
-
-class JobStarted(_Event):
-    kind: Literal["started"] = "started"
-    worker_name: str
-
-
-class JobProgress(_Event):
-    kind: Literal["progress"] = "progress"
-    step: int
-    total: int
-    preview: bytes | None = None
-
-
-class JobSucceeded(_Event):
-    kind: Literal["succeeded"] = "succeeded"
-    image_ids: list[int]
-
-
-class JobFailed(_Event):
-    kind: Literal["failed"] = "failed"
-    error: str
-
-
-class JobCancelled(_Event):
-    kind: Literal["cancelled"] = "cancelled"
-
-
-JobEvent = Annotated[
-    JobStarted | JobProgress | JobSucceeded | JobFailed | JobCancelled,
-    Field(discriminator="kind"),
-]
+CancelListener = Callable[[Callable[[int], object]], Awaitable[None]]
+"""Runs until cancelled, calling its argument with the id of every running generation
+that another process asked to cancel."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +59,8 @@ class Submission:
 
 
 class JobQueue(Protocol):
+    """The submitter's side of the queue."""
+
     async def submit(self, submission: Submission) -> Generation:
         """Record the job; :class:`~storage.scheduling.QueueFull` over the user's limits."""
         ...
@@ -85,93 +71,152 @@ class JobQueue(Protocol):
 
     async def position(self, generation_id: int) -> QueuePosition: ...
 
-    def events(self) -> AsyncIterator[JobEvent]: ...
+
+class JobSource(Protocol):
+    """The worker's side of the queue: where its jobs come from."""
+
+    async def prepare(self, model: str) -> None:
+        """Called once when a worker for ``model`` starts, after it re-queued orphans."""
+        ...
+
+    async def sweep(self, model: str, stale_seconds: float) -> None:
+        """Called every few heartbeats: make re-queued and stalled jobs runnable again."""
+        ...
+
+    async def serve(self, model: str, worker_name: str, run: RunJob, stop: asyncio.Event) -> None:
+        """Claim jobs of ``model`` one at a time and ``run`` them until ``stop`` is set; the
+        job in hand finishes first."""
+        ...
+
+    async def hear_cancels(self, on_cancel: Callable[[int], object]) -> None:
+        """Until cancelled: call ``on_cancel`` for cancels requested by other processes
+        (returns at once where the database cannot tell; the worker also polls)."""
+        ...
 
 
-class EmbeddedQueue:
-    """Jobs are rows in the configured database; workers live in this process."""
+class Cancellations:
+    """How to stop the generations running in this process, by id."""
+
+    def __init__(self) -> None:
+        self._hooks: dict[int, Callable[[], None]] = {}
+
+    def stop(self, generation_id: int) -> bool:
+        """Stop a generation running in this process at its next step; False if none is."""
+        hook = self._hooks.get(generation_id)
+        if hook is not None:
+            hook()
+        return hook is not None
+
+    def register(self, generation_id: int, hook: Callable[[], None] | None) -> None:
+        """Register (or with ``None`` remove) how to stop a running generation."""
+        if hook is None:
+            self._hooks.pop(generation_id, None)
+        else:
+            self._hooks[generation_id] = hook
+
+
+async def record_submission(
+    database: Database, limits: Limits, submission: Submission
+) -> Generation:
+    """Check the user's limits and write the queued row, in one transaction."""
+    async with database.session() as session:
+        await check_limits(session, submission.requester_id, submission.origin.guild_id, limits)
+        return await create_generation(
+            session,
+            kind=submission.kind,
+            recipe=submission.recipe,
+            requester_id=submission.requester_id,
+            origin=submission.origin,
+            parent_image_id=submission.parent_image_id,
+            priority=submission.priority,
+        )
+
+
+async def record_cancel(
+    database: Database, events: EventBus, cancellations: Cancellations, generation_id: int
+) -> Generation:
+    """Flag the row; a queued job is cancelled now, a running one is stopped where it runs
+    (here at once; elsewhere by NOTIFY or by the worker's poll of the flag)."""
+    async with database.session() as session:
+        generation = await request_cancel(session, generation_id)
+    if generation.status is S.CANCELLED:
+        events.publish(JobCancelled(generation_id=generation_id))
+    elif generation.status is S.RUNNING:
+        cancellations.stop(generation_id)
+    return generation
+
+
+class RowQueue:
+    """Jobs are rows; workers claim them in the fair order (:class:`RowJobs`)."""
 
     def __init__(
         self,
         database: Database,
         limits: Limits,
-        forward: Callable[[JobEvent], Awaitable[None]] | None = None,
+        events: EventBus | None = None,
+        cancellations: Cancellations | None = None,
+        wakeup: asyncio.Event | None = None,
+        stale_seconds: float = 30.0,
     ) -> None:
         self.database = database
         self.limits = limits
-        self.forward = forward  # e.g. NOTIFY, so other processes hear the events too
-        self._sending: set[asyncio.Task[None]] = set()
-        self.wakeup = asyncio.Event()
-        self._subscribers: list[asyncio.Queue[JobEvent]] = []
-        self._cancel_hooks: dict[int, Callable[[], None]] = {}
-        self.workers = 1
+        self.events: EventBus = events or LocalEventBus()
+        self.cancellations = cancellations or Cancellations()
+        self.wakeup = wakeup or asyncio.Event()  # shared with the in-process workers' RowJobs
+        self.stale_seconds = stale_seconds
 
     async def submit(self, submission: Submission) -> Generation:
-        async with self.database.session() as session:
-            await check_limits(
-                session, submission.requester_id, submission.origin.guild_id, self.limits
-            )
-            generation = await create_generation(
-                session,
-                kind=submission.kind,
-                recipe=submission.recipe,
-                requester_id=submission.requester_id,
-                origin=submission.origin,
-                parent_image_id=submission.parent_image_id,
-                priority=submission.priority,
-            )
+        generation = await record_submission(self.database, self.limits, submission)
         self.wakeup.set()
         return generation
 
     async def cancel(self, generation_id: int) -> Generation:
-        async with self.database.session() as session:
-            generation = await request_cancel(session, generation_id)
-        if generation.status is S.CANCELLED:
-            self.publish(JobCancelled(generation_id=generation_id))
-        elif generation.status is S.RUNNING:
-            self.stop_running(generation_id)  # here: at once; elsewhere: NOTIFY or polling
-        return generation
+        return await record_cancel(self.database, self.events, self.cancellations, generation_id)
 
     async def position(self, generation_id: int) -> QueuePosition:
         async with self.database.session() as session:
-            return await position_of(session, generation_id, self.workers)
+            return await position_of(session, generation_id, stale_seconds=self.stale_seconds)
 
-    async def events(self) -> AsyncIterator[JobEvent]:
-        inbox: asyncio.Queue[JobEvent] = asyncio.Queue()
-        self._subscribers.append(inbox)
-        try:
-            while True:
-                yield await inbox.get()
-        finally:
-            self._subscribers.remove(inbox)
 
-    # -- the worker's side ------------------------------------------------------------------
+class RowJobs:
+    """A worker's jobs straight from the rows: claim the next in the fair order, or wait
+    for a submission in this process (``wakeup``) or a poll interval."""
 
-    def publish(self, event: JobEvent) -> None:
-        for inbox in self._subscribers:
-            inbox.put_nowait(event)
-        if self.forward is not None:
-            task = asyncio.get_running_loop().create_task(self._forward(event))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+    def __init__(
+        self,
+        database: Database,
+        limits: Limits,
+        wakeup: asyncio.Event | None = None,
+        cancel_listener: CancelListener | None = None,
+        idle_poll_seconds: float = IDLE_POLL_SECONDS,
+    ) -> None:
+        self.database = database
+        self.limits = limits
+        self.wakeup = wakeup or asyncio.Event()
+        self.cancel_listener = cancel_listener
+        self.idle_poll_seconds = idle_poll_seconds
 
-    async def _forward(self, event: JobEvent) -> None:
-        assert self.forward is not None
-        try:
-            await self.forward(event)
-        except Exception:  # the sweep on the listening side makes up for a lost event
-            logging.getLogger(__name__).exception("could not forward %s", event.kind)
+    async def prepare(self, model: str) -> None:
+        self.wakeup.set()
 
-    def stop_running(self, generation_id: int) -> bool:
-        """Stop a generation running in this process at its next step; False if none is."""
-        hook = self._cancel_hooks.get(generation_id)
-        if hook is not None:
-            hook()
-        return hook is not None
+    async def sweep(self, model: str, stale_seconds: float) -> None:
+        self.wakeup.set()  # rows re-queued by the worker's recovery are claimable now
 
-    def on_cancel(self, generation_id: int, hook: Callable[[], None] | None) -> None:
-        """Register (or with ``None`` remove) how to stop a running generation."""
-        if hook is None:
-            self._cancel_hooks.pop(generation_id, None)
-        else:
-            self._cancel_hooks[generation_id] = hook
+    async def serve(self, model: str, worker_name: str, run: RunJob, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            async with self.database.session() as session:
+                generation = await claim_next(session, worker_name, self.limits, model)
+            if generation is not None:
+                await run(generation)
+                continue
+            self.wakeup.clear()
+            waiters = [asyncio.ensure_future(e.wait()) for e in (stop, self.wakeup)]
+            await asyncio.wait(
+                waiters, timeout=self.idle_poll_seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def hear_cancels(self, on_cancel: Callable[[int], object]) -> None:
+        if self.cancel_listener is not None:
+            await self.cancel_listener(on_cancel)

@@ -20,13 +20,18 @@ Fairness is expressed in procrastinate's own terms:
 Submission writes the row, then defers the job (two connections, so not one
 transaction); :meth:`ProcrastinateQueue.reconcile` gives every queued row
 without a live job a new one, and runs at every worker's start and then
-periodically.
+periodically. :class:`ProcrastinateJobs` is the worker's side: procrastinate
+hands it the jobs of its model's queue.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import re
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select, text
@@ -34,10 +39,27 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.database import Database
-from storage.generations import get_generation
+from storage.errors import IllegalTransition
+from storage.events import EventBus
+from storage.generations import get_generation, transition
 from storage.models import Generation, GenerationStatus, Guild
-from storage.queue import EmbeddedQueue, Submission
-from storage.scheduling import Limits, QueuePosition, recent_job_seconds
+from storage.queue import (
+    Cancellations,
+    CancelListener,
+    RunJob,
+    Submission,
+    record_cancel,
+    record_submission,
+)
+from storage.scheduling import (
+    Limits,
+    QueuePosition,
+    estimated_wait,
+    live_workers,
+    recent_job_seconds,
+)
+
+log = logging.getLogger(__name__)
 
 S = GenerationStatus
 TASK = "imagine.run_generation"
@@ -69,15 +91,29 @@ async def advance_turns(session: AsyncSession, queue: str, requester_id: int) ->
     )
 
 
-class ProcrastinateQueue(EmbeddedQueue):
-    """Rows in PostgreSQL, jobs in procrastinate; workers may be anywhere."""
+class ProcrastinateQueue:
+    """Rows in PostgreSQL, jobs in procrastinate; workers may be anywhere.
 
-    def __init__(self, database: Database, limits: Limits, app: Any, **kwargs: Any) -> None:
-        super().__init__(database, limits, **kwargs)
+    ``app`` is a procrastinate App (:func:`make_app`) that the caller keeps open."""
+
+    def __init__(
+        self,
+        database: Database,
+        limits: Limits,
+        app: Any,
+        events: EventBus,
+        cancellations: Cancellations,
+        stale_seconds: float = 30.0,
+    ) -> None:
+        self.database = database
+        self.limits = limits
         self.app = app
+        self.events = events
+        self.cancellations = cancellations
+        self.stale_seconds = stale_seconds
 
     async def submit(self, submission: Submission) -> Generation:
-        generation = await super().submit(submission)
+        generation = await record_submission(self.database, self.limits, submission)
         await self.defer(generation.id)
         async with self.database.session() as session:
             return await get_generation(session, generation.id)
@@ -135,7 +171,9 @@ class ProcrastinateQueue(EmbeddedQueue):
         return job_id
 
     async def cancel(self, generation_id: int) -> Generation:
-        generation = await super().cancel(generation_id)
+        generation = await record_cancel(
+            self.database, self.events, self.cancellations, generation_id
+        )
         if generation.status is S.CANCELLED and generation.job_id is not None:
             await self.app.job_manager.cancel_job_by_id_async(generation.job_id)
         return generation
@@ -162,10 +200,12 @@ class ProcrastinateQueue(EmbeddedQueue):
                 {"job": generation.job_id},
             )
             seconds = await recent_job_seconds(session)
+            workers = await live_workers(
+                session, generation.model, timedelta(seconds=self.stale_seconds)
+            )
         position = int(ahead or 0) + 1
-        workers = max(1, self.workers)
-        wait = (position - 1) * seconds / workers + (seconds / 2 if running else 0.0)
-        return QueuePosition(generation_id, S.QUEUED, position, wait)
+        wait = estimated_wait(position, seconds, workers, bool(running))
+        return QueuePosition(generation_id, S.QUEUED, position, wait, workers)
 
     async def reconcile(self, model: str | None = None) -> list[int]:
         """Defer a job for every queued row whose job is missing, finished or cancelled."""
@@ -189,3 +229,72 @@ class ProcrastinateQueue(EmbeddedQueue):
         for job in stalled:
             await self.app.job_manager.retry_job(job)
         return len(list(stalled))
+
+
+class ProcrastinateJobs:
+    """A worker's jobs from procrastinate: the queue of its model, one job at a time.
+
+    ``queue`` is the :class:`ProcrastinateQueue` whose open app this uses (to register
+    the task, run procrastinate's worker, reconcile and retry stalled jobs)."""
+
+    def __init__(
+        self,
+        queue: ProcrastinateQueue,
+        cancel_listener: CancelListener | None = None,
+        heartbeat_seconds: float = 5.0,
+    ) -> None:
+        self.queue = queue
+        self.cancel_listener = cancel_listener
+        self.heartbeat_seconds = heartbeat_seconds
+
+    async def prepare(self, model: str) -> None:
+        requeued = await self.queue.reconcile(model)
+        if requeued:
+            log.warning("gave %d queued generation(s) a new job: %s", len(requeued), requeued)
+
+    async def sweep(self, model: str, stale_seconds: float) -> None:
+        if await self.queue.retry_stalled(model, stale_seconds):
+            log.warning("retried the jobs of a worker that stopped beating")
+        await self.queue.reconcile(model)
+
+    async def serve(self, model: str, worker_name: str, run: RunJob, stop: asyncio.Event) -> None:
+        name = queue_name(model)
+        database = self.queue.database
+
+        async def run_generation(generation_id: int) -> None:
+            try:
+                async with database.session() as session:
+                    generation = await transition(
+                        session, generation_id, S.RUNNING, worker_name=worker_name
+                    )
+                    await advance_turns(session, name, generation.requester_id)
+            except IllegalTransition:
+                log.info("generation %s is no longer queued; nothing to run", generation_id)
+                return
+            await run(generation)
+
+        self.queue.app.task(name=TASK, pass_context=False)(run_generation)
+        stale = self.queue.stale_seconds
+        running = asyncio.create_task(
+            self.queue.app.run_worker_async(
+                queues=[name],
+                concurrency=1,
+                name=worker_name,
+                wait=True,
+                install_signal_handlers=False,
+                update_heartbeat_interval=self.heartbeat_seconds,
+                stalled_worker_timeout=stale,
+            )
+        )
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not running.done():
+                running.cancel()  # procrastinate stops fetching and lets the job in hand finish
+            await asyncio.gather(running, stopping, return_exceptions=True)
+
+    async def hear_cancels(self, on_cancel: Callable[[int], object]) -> None:
+        if self.cancel_listener is not None:
+            await self.cancel_listener(on_cancel)

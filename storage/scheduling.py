@@ -41,6 +41,7 @@ class QueuePosition:
     status: GenerationStatus
     position: int  # 1 runs next; 0 when the generation is not waiting
     estimated_wait_seconds: float
+    workers: int = 0  # live workers for the generation's model (0: nothing will run it)
 
 
 def fair_order(max_running: int | None = None, model: str | None = None) -> Select[int]:
@@ -155,24 +156,44 @@ async def recent_job_seconds(session: AsyncSession) -> float:
     return sum(durations) / len(durations) if durations else DEFAULT_JOB_SECONDS
 
 
-async def position_of(session: AsyncSession, generation_id: int, workers: int = 1) -> QueuePosition:
-    """Where a generation stands: its place in the fair order and an estimated wait."""
+async def live_workers(session: AsyncSession, model: str, stale_after: timedelta) -> int:
+    """Workers for ``model`` whose last heartbeat is more recent than ``stale_after``."""
+    count = await session.scalar(
+        select(func.count())
+        .select_from(Worker)
+        .where(Worker.model == model, Worker.heartbeat_at >= utcnow() - stale_after)
+    )
+    return int(count or 0)
+
+
+def estimated_wait(position: int, seconds: float, workers: int, running: bool) -> float:
+    """Jobs ahead finish ``workers`` at a time; a running one is on average half done."""
+    workers = max(1, workers)
+    return (position - 1) * seconds / workers + (seconds / 2 if running else 0.0)
+
+
+async def position_of(
+    session: AsyncSession, generation_id: int, stale_seconds: float = STALE_WORKER.total_seconds()
+) -> QueuePosition:
+    """Where a generation stands: its place in the fair order, an estimated wait, and how
+    many live workers can run it."""
     generation = await get_generation(session, generation_id)
     if generation.status is not S.QUEUED:
         return QueuePosition(generation_id, generation.status, 0, 0.0)
-    order = list(await session.scalars(fair_order()))
+    order = list(await session.scalars(fair_order(model=generation.model)))
     if generation_id not in order:  # claimed (or cancelled) since it was read
         generation = await get_generation(session, generation_id)
         return QueuePosition(generation_id, generation.status, 0, 0.0)
     position = order.index(generation_id) + 1
     seconds = await recent_job_seconds(session)
     running = await session.scalar(
-        select(func.count()).select_from(Generation).where(Generation.status == S.RUNNING)
+        select(func.count())
+        .select_from(Generation)
+        .where(Generation.status == S.RUNNING, Generation.model == generation.model)
     )
-    workers = max(1, workers)
-    # Jobs ahead finish `workers` at a time; a running one is on average half done.
-    wait = (position - 1) * seconds / workers + (seconds / 2 if running else 0.0)
-    return QueuePosition(generation_id, S.QUEUED, position, wait)
+    workers = await live_workers(session, generation.model, timedelta(seconds=stale_seconds))
+    wait = estimated_wait(position, seconds, workers, bool(running))
+    return QueuePosition(generation_id, S.QUEUED, position, wait, workers)
 
 
 async def heartbeat(session: AsyncSession, name: str, model: str) -> None:

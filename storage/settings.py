@@ -65,6 +65,14 @@ class Settings(BaseSettings):
             "postgresql+asyncpg://user:password@host:5432/name switches to the scaled mode."
         ),
     )
+    mode: Literal["auto", "embedded", "scaled"] = Field(
+        default="auto",
+        description=(
+            "embedded: one process, the worker runs inside `imagine bot`; scaled: "
+            "`imagine worker` processes anywhere take jobs through procrastinate (PostgreSQL "
+            "only). auto: embedded on SQLite, scaled on PostgreSQL."
+        ),
+    )
     blob_store: Literal["auto", "folder", "database"] = Field(
         default="auto",
         description=(
@@ -181,7 +189,7 @@ class Settings(BaseSettings):
         return self.styles_dir if self.styles_dir is not None else self.data_dir / "styles"
 
     @property
-    def is_embedded(self) -> bool:
+    def uses_sqlite(self) -> bool:
         return self.resolved_database_url.startswith("sqlite")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -21,20 +21,18 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
 from bot.app import ImagineBot
+from bot.deployment import open_deployment
 from bot.services import Services
 from generation.engine import Engine
 from generation.metadata import read_recipe
 from generation.styles import StyleRegistry
 from generation.tiny import build_tiny_lora
-from generation.worker import EmbeddedWorker
-from storage.blobs import LocalBlobStore
+from generation.worker import Worker
 from storage.database import Database
 from storage.gallery import like_count
 from storage.generations import get_generation
 from storage.models import Generation, GenerationKind, GenerationStatus, Guild, Image
-from storage.pg_events import Notifier, listen
-from storage.queue import EmbeddedQueue, JobEvent
-from storage.scheduling import Limits
+from storage.queue import JobQueue
 from storage.settings import Settings
 from tests.conftest import migrated_database
 from tests.fake_discord import (
@@ -56,9 +54,9 @@ STYLE_COUNT = 30
 class Harness:
     fake: FakeDiscord
     database: Database
-    queue: EmbeddedQueue
+    queue: JobQueue
     services: Services
-    worker: EmbeddedWorker
+    worker: Worker
     bot: ImagineBot | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -150,40 +148,31 @@ async def make_harness(
     fake = FakeDiscord(attachment_size_limit=upload_limit)
     await fake.start()
     fake.install()
-    notifier: Notifier | None = None
-    async with migrated_database(backend, tmp_path, request) as database:
-        settings = Settings(data_dir=tmp_path, model="tiny", styles_dir=styles_dir)
-        queue = EmbeddedQueue(database, Limits(1, 10))
-        worker_queue = queue
-        events: Callable[[], AsyncIterator[JobEvent]] = queue.events
-        if backend == "postgresql":
-            notifier = Notifier(database.url)
-            worker_queue = EmbeddedQueue(database, Limits(1, 10), forward=notifier.send)
-
-            def events() -> AsyncIterator[JobEvent]:
-                return listen(database, sweep_seconds=0.5)
-
-        blobs = LocalBlobStore(tmp_path / "blobs")
-        services = Services(
-            settings=settings,
-            database=database,
-            blobs=blobs,
-            queue=queue,
-            styles=registry,
-            family=tiny_engine.family,
-            events=events,
-            progress_interval=0.05,
+    async with (
+        migrated_database(backend, tmp_path, request) as database,
+        open_deployment(
+            Settings(
+                data_dir=tmp_path,
+                database_url=database.url.render_as_string(hide_password=False),
+                model="tiny",
+                styles_dir=styles_dir,
+                max_running_per_user=1,
+                max_queued_per_user=10,
+            )
+        ) as deployment,
+    ):
+        # SQLite: the embedded mode. PostgreSQL: the scaled mode, as production wires it.
+        services = Services.for_deployment(
+            deployment, registry, tiny_engine.family, progress_interval=0.05
         )
-        worker = EmbeddedWorker(worker_queue, blobs, tiny_engine, heartbeat_seconds=60)
-        harness = Harness(fake, database, queue, services, worker)
+        worker = Worker.for_deployment(deployment, tiny_engine, name="w", heartbeat_seconds=60)
+        harness = Harness(fake, database, deployment.queue, services, worker)
         try:
             yield harness
         finally:
             if harness.bot is not None:
                 await harness.stop_bot()
             await harness.stop_worker()
-            if notifier is not None:
-                await notifier.close()
             fake.uninstall()
             await fake.stop()
             tiny_engine.styles = saved_styles

@@ -7,7 +7,9 @@ import sys
 
 CHECK = (
     "import sys, bot, bot.cli, storage, storage.models, storage.database, storage.gallery, "
-    "storage.generations, storage.blobs, migrations.runner, bot.prompt, bot.runtime, "
+    "storage.generations, storage.blobs, migrations.runner, bot.prompt, bot.deployment, "
+    "storage.deployment, storage.events, storage.queue, storage.pg_events, "
+    "storage.scaled_queue, bot.services, bot.cli.queue, bot.cli.discord_commands, "
     "bot.cli.local, generation.styles, bot.app, bot.cogs.imagine, bot.delivery, bot.views, "
     "bot.uploads, storage.derive, generation.grid, generation.metadata; "
     "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules]; "

@@ -11,10 +11,11 @@ import pytest
 from PIL import Image as PILImage
 
 from storage.database import Database
+from storage.events import JobEvent, JobProgress, JobStarted, JobSucceeded, final_events_since
 from storage.generations import NewImage, add_images, mark_delivered, transition
 from storage.models import GenerationKind, GenerationStatus
-from storage.pg_events import Notifier, decode, encode, final_events_since, listen
-from storage.queue import EmbeddedQueue, JobEvent, JobProgress, JobStarted, JobSucceeded, Submission
+from storage.pg_events import PostgresEventBus, decode, encode, listen
+from storage.queue import RowQueue, Submission
 from storage.recipe import Recipe
 from storage.scheduling import Limits
 from tests.conftest import migrated_database
@@ -75,19 +76,18 @@ async def test_a_worker_s_events_reach_a_listener_in_another_connection(
     events = listen(pg_database, sweep_seconds=60)
     waiting = asyncio.ensure_future(next_event(events, JobStarted))
     await asyncio.sleep(0.5)  # let the listener connect
-    notifier = Notifier(pg_database.url)
-    worker_side = EmbeddedQueue(pg_database, Limits(1, 10), forward=notifier.send)
+    worker_side = PostgresEventBus(pg_database)
     worker_side.publish(JobStarted(generation_id=42, worker_name="gpu-7"))
     started = await asyncio.wait_for(waiting, 10)
     assert isinstance(started, JobStarted) and started.worker_name == "gpu-7"
-    await notifier.close()
+    await worker_side.close()
     await events.aclose()
 
 
 async def test_the_sweep_replays_a_finish_the_listener_missed_until_delivered(
     pg_database: Database,
 ) -> None:
-    queue = EmbeddedQueue(pg_database, Limits(1, 10))
+    queue = RowQueue(pg_database, Limits(1, 10))
     generation = await queue.submit(Submission(GenerationKind.IMAGINE, RECIPE, 1))
     async with pg_database.session() as session:  # finished with no NOTIFY at all
         await transition(session, generation.id, S.RUNNING, worker_name="w")

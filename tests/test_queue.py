@@ -9,15 +9,13 @@ import asyncio
 from pathlib import Path
 
 from generation.engine import Engine
-from generation.worker import EmbeddedWorker
+from generation.worker import Worker
 from storage.blobs import LocalBlobStore
 from storage.database import Database
+from storage.events import LocalEventBus
 from storage.generations import get_generation, transition
 from storage.models import GenerationKind, GenerationStatus
-from storage.queue import (
-    EmbeddedQueue,
-    Submission,
-)
+from storage.queue import Cancellations, RowJobs, RowQueue, Submission
 from storage.recipe import Recipe
 from storage.scheduling import Limits, claim_next
 
@@ -45,7 +43,7 @@ def submission(requester: int, prompt: str = "a boat", steps: int = 1) -> Submis
     )
 
 
-async def claim_order(queue: EmbeddedQueue, count: int) -> list[str]:
+async def claim_order(queue: RowQueue, count: int) -> list[str]:
     """Claim and finish jobs one at a time, as one worker would; returns their prompts."""
     order = []
     for _ in range(count):
@@ -58,7 +56,7 @@ async def claim_order(queue: EmbeddedQueue, count: int) -> list[str]:
 
 
 async def test_a_later_user_is_not_starved(database: Database) -> None:
-    queue = EmbeddedQueue(database, LIMITS)
+    queue = RowQueue(database, LIMITS)
     for number in range(10):
         await queue.submit(submission(ALICE, f"alice {number}"))
     await queue.submit(submission(BOB, "bob"))
@@ -68,7 +66,7 @@ async def test_a_later_user_is_not_starved(database: Database) -> None:
 
 
 async def test_a_user_at_the_running_limit_waits(database: Database) -> None:
-    queue = EmbeddedQueue(database, LIMITS)
+    queue = RowQueue(database, LIMITS)
     await queue.submit(submission(ALICE, "a0"))
     await queue.submit(submission(ALICE, "a1"))
     async with database.session() as session:
@@ -78,7 +76,7 @@ async def test_a_user_at_the_running_limit_waits(database: Database) -> None:
 
 
 async def test_a_cancelled_queued_job_never_runs(database: Database) -> None:
-    queue = EmbeddedQueue(database, LIMITS)
+    queue = RowQueue(database, LIMITS)
     doomed = await queue.submit(submission(ALICE, "doomed"))
     await queue.submit(submission(BOB, "kept"))
     cancelled = await queue.cancel(doomed.id)
@@ -89,7 +87,7 @@ async def test_a_cancelled_queued_job_never_runs(database: Database) -> None:
 
 
 async def test_concurrent_claims_never_share_a_job(database: Database) -> None:
-    queue = EmbeddedQueue(database, Limits(max_running_per_user=10, max_queued_per_user=20))
+    queue = RowQueue(database, Limits(max_running_per_user=10, max_queued_per_user=20))
     for number in range(6):
         await queue.submit(submission(ALICE, str(number)))
 
@@ -106,8 +104,16 @@ async def test_concurrent_claims_never_share_a_job(database: Database) -> None:
 async def test_rows_left_running_are_requeued_then_failed_after_too_many_tries(
     database: Database, tiny_engine: Engine, tmp_path: Path
 ) -> None:
-    queue = EmbeddedQueue(database, LIMITS)
-    worker = EmbeddedWorker(queue, LocalBlobStore(tmp_path), tiny_engine, max_attempts=2)
+    queue = RowQueue(database, LIMITS)
+    worker = Worker(
+        database,
+        LocalBlobStore(tmp_path),
+        tiny_engine,
+        jobs=RowJobs(database, LIMITS),
+        events=LocalEventBus(),
+        cancellations=Cancellations(),
+        max_attempts=2,
+    )
     generation = await queue.submit(submission(ALICE))
     for expected in (S.QUEUED, S.FAILED):
         async with database.session() as session:  # a worker claims it, then dies
@@ -120,7 +126,7 @@ async def test_rows_left_running_are_requeued_then_failed_after_too_many_tries(
 
 
 async def test_a_worker_claims_only_jobs_for_its_model(database: Database) -> None:
-    queue = EmbeddedQueue(database, LIMITS)
+    queue = RowQueue(database, LIMITS)
     other = submission(ALICE, "for sdxl")
     await queue.submit(
         Submission(other.kind, other.recipe.model_copy(update={"model": "sdxl"}), ALICE)

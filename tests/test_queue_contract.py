@@ -10,32 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
+from bot.deployment import open_deployment
 from generation.engine import Engine
-from generation.worker import EmbeddedWorker, run_with_procrastinate
-from storage.blobs import LocalBlobStore
+from generation.worker import Worker
 from storage.database import Database
+from storage.deployment import Deployment
+from storage.events import JobCancelled, JobEvent, JobProgress, JobStarted, JobSucceeded
 from storage.models import Generation, GenerationKind, GenerationStatus
-from storage.queue import (
-    EmbeddedQueue,
-    JobCancelled,
-    JobEvent,
-    JobProgress,
-    JobStarted,
-    JobSucceeded,
-    Submission,
-)
+from storage.queue import JobQueue, Submission
 from storage.recipe import Recipe
-from storage.scaled_queue import ProcrastinateQueue, make_app
 from storage.scheduling import Limits, QueueFull
+from storage.settings import Settings
 from tests.conftest import migrated_database
 
 S = GenerationStatus
@@ -45,49 +38,62 @@ LIMITS = Limits(max_running_per_user=1, max_queued_per_user=20)
 
 @dataclass
 class Backend:
+    """A deployment as production opens it, on a database the test made."""
+
     name: str
-    queue: EmbeddedQueue
-    another: Callable[[], EmbeddedQueue]  # the same queue as another process sees it
-    serve: Callable[[EmbeddedWorker, asyncio.Event], Coroutine[Any, Any, None]]
+    deployment: Deployment
+    another: Callable[[], contextlib.AbstractAsyncContextManager[Deployment]]  # another process
+
+    @property
+    def queue(self) -> JobQueue:
+        return self.deployment.queue
 
     @property
     def database(self) -> Database:
-        return self.queue.database
+        return self.deployment.database
+
+    async def subscribe(self, handle: Callable[[JobEvent], Awaitable[None]]) -> asyncio.Task[None]:
+        """Start handling events; on PostgreSQL, return once LISTEN is in place."""
+
+        async def listen() -> None:
+            async for event in self.deployment.events.subscribe():
+                await handle(event)
+
+        task = asyncio.create_task(listen())
+        await asyncio.sleep(0.5 if self.deployment.mode == "scaled" else 0)
+        return task
+
+
+def deployment_settings(database: Database, tmp_path: Path, mode: str) -> Settings:
+    url = database.url.render_as_string(hide_password=False)
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=url,
+        mode=mode,  # type: ignore[arg-type]
+        model="tiny",
+        max_running_per_user=LIMITS.max_running_per_user,
+        max_queued_per_user=LIMITS.max_queued_per_user,
+        worker_heartbeat_seconds=0.5,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_backend(name: str, database: Database, tmp_path: Path) -> AsyncIterator[Backend]:
+    mode = "scaled" if name == "procrastinate" else "embedded"
+    settings = deployment_settings(database, tmp_path, mode)
+    async with open_deployment(settings) as deployment:
+        yield Backend(name, deployment, lambda: open_deployment(settings))
 
 
 @pytest.fixture(params=["embedded-sqlite", "embedded-postgresql", "procrastinate"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     kind = request.param
     store = "sqlite" if kind == "embedded-sqlite" else "postgresql"
-    async with migrated_database(store, tmp_path, request) as database:
-        if kind != "procrastinate":
-            yield Backend(
-                kind,
-                EmbeddedQueue(database, LIMITS),
-                lambda: EmbeddedQueue(database, LIMITS),
-                lambda worker, stop: worker.run(stop),
-            )
-            return
-        async with procrastinate_backend(database) as scaled:
-            yield scaled
-
-
-@contextlib.asynccontextmanager
-async def procrastinate_backend(database: Database) -> AsyncIterator[Backend]:
-    """The scaled mode on a migrated PostgreSQL database, its procrastinate app open."""
-    app = make_app(database.url)
-    async with app.open_async():
-
-        def serve(worker: EmbeddedWorker, stop: asyncio.Event) -> Coroutine[Any, Any, None]:
-            assert isinstance(worker.queue, ProcrastinateQueue)
-            return run_with_procrastinate(worker, worker.queue, stop)
-
-        yield Backend(
-            "procrastinate",
-            ProcrastinateQueue(database, LIMITS, app),
-            lambda: ProcrastinateQueue(database, LIMITS, app),
-            serve,
-        )
+    async with (
+        migrated_database(store, tmp_path, request) as database,
+        open_backend(kind, database, tmp_path) as opened,
+    ):
+        yield opened
 
 
 def submission(
@@ -108,16 +114,13 @@ async def rows(database: Database) -> list[Generation]:
 async def work_until(
     backend: Backend,
     engine: Engine,
-    blobs: Path,
     done: Callable[[], Awaitable[bool]],
     within: float = 90,
 ) -> None:
     """Run one worker until ``done()`` holds, then stop it."""
-    worker = EmbeddedWorker(
-        backend.queue, LocalBlobStore(blobs), engine, name="w", heartbeat_seconds=0.5
-    )
+    worker = Worker.for_deployment(backend.deployment, engine, name="w")
     stop = asyncio.Event()
-    task = asyncio.create_task(backend.serve(worker, stop))
+    task = asyncio.create_task(worker.run(stop))
     try:
         async with asyncio.timeout(within):
             while not await done():
@@ -149,7 +152,7 @@ async def test_a_later_user_runs_second_not_eleventh(
     for number in range(10):
         await backend.queue.submit(submission(A, f"a{number}"))
     await backend.queue.submit(submission(B))
-    await work_until(backend, tiny_engine, tmp_path, all_finished(backend.database))
+    await work_until(backend, tiny_engine, all_finished(backend.database))
     assert run_order(await rows(backend.database)) == [A, B] + [A] * 9
 
 
@@ -159,7 +162,7 @@ async def test_three_users_take_turns(
     for user in (A, B, C):
         for _ in range(2):
             await backend.queue.submit(submission(user))
-    await work_until(backend, tiny_engine, tmp_path, all_finished(backend.database))
+    await work_until(backend, tiny_engine, all_finished(backend.database))
     assert run_order(await rows(backend.database)) == [A, B, C, A, B, C]
 
 
@@ -168,7 +171,7 @@ async def test_a_run_is_recorded_with_its_timings_and_worker(
 ) -> None:
     generation = await backend.queue.submit(submission(A))
     assert generation.status is S.QUEUED
-    await work_until(backend, tiny_engine, tmp_path, all_finished(backend.database))
+    await work_until(backend, tiny_engine, all_finished(backend.database))
     [row] = await rows(backend.database)
     assert row.status is S.SUCCEEDED and row.worker_name == "w" and row.images
     assert row.started_at is not None and row.finished_at is not None
@@ -201,17 +204,15 @@ async def test_a_cancelled_queued_job_never_runs(
 ) -> None:
     events: list[JobEvent] = []
 
-    async def listen() -> None:
-        async for event in backend.queue.events():
-            events.append(event)
+    async def record(event: JobEvent) -> None:
+        events.append(event)
 
-    listener = asyncio.create_task(listen())
-    await asyncio.sleep(0)
+    listener = await backend.subscribe(record)
     doomed = await backend.queue.submit(submission(A, "doomed"))
     await backend.queue.submit(submission(B, "kept"))
     assert (await backend.queue.cancel(doomed.id)).status is S.CANCELLED
     assert (await backend.queue.position(doomed.id)).status is S.CANCELLED
-    await work_until(backend, tiny_engine, tmp_path, all_finished(backend.database))
+    await work_until(backend, tiny_engine, all_finished(backend.database))
     listener.cancel()
     first, kept = await rows(backend.database)
     assert first.status is S.CANCELLED and first.started_at is None and not first.images
@@ -226,20 +227,18 @@ async def test_the_worker_publishes_started_progress_and_succeeded(
     events: list[JobEvent] = []
     finished = asyncio.Event()
 
-    async def listen() -> None:
-        async for event in backend.queue.events():
-            events.append(event)
-            if isinstance(event, JobSucceeded):
-                finished.set()
+    async def record(event: JobEvent) -> None:
+        events.append(event)
+        if isinstance(event, JobSucceeded):
+            finished.set()
 
-    listener = asyncio.create_task(listen())
-    await asyncio.sleep(0)
+    listener = await backend.subscribe(record)
     generation = await backend.queue.submit(submission(A, steps=3))
 
     async def done() -> bool:
         return finished.is_set()
 
-    await work_until(backend, tiny_engine, tmp_path, done)
+    await work_until(backend, tiny_engine, done)
     listener.cancel()
     ours = [e for e in events if e.generation_id == generation.id]
     assert isinstance(ours[0], JobStarted) and ours[0].worker_name == "w"
@@ -254,14 +253,16 @@ async def test_the_worker_publishes_started_progress_and_succeeded(
 async def test_cancelling_a_running_job_stops_it_within_a_step(
     backend: Backend, tiny_engine: Engine, tmp_path: Path, from_elsewhere: bool
 ) -> None:
-    canceller = backend.another() if from_elsewhere else backend.queue
-    generation = await backend.queue.submit(submission(A, steps=200))
-    after = await backend.queue.submit(submission(B, "runs next"))
-    steps_at_cancel: list[int] = []
-    steps: list[int] = []
+    async with contextlib.AsyncExitStack() as elsewhere:
+        canceller = backend.queue
+        if from_elsewhere:
+            canceller = (await elsewhere.enter_async_context(backend.another())).queue
+        generation = await backend.queue.submit(submission(A, steps=200))
+        after = await backend.queue.submit(submission(B, "runs next"))
+        steps_at_cancel: list[int] = []
+        steps: list[int] = []
 
-    async def cancel_once_running() -> None:
-        async for event in backend.queue.events():
+        async def cancel_once_running(event: JobEvent) -> None:
             if isinstance(event, JobProgress) and event.generation_id == generation.id:
                 steps.append(event.step)
                 if event.step == 1:
@@ -269,10 +270,11 @@ async def test_cancelling_a_running_job_stops_it_within_a_step(
                     assert flagged.cancel_requested_at is not None
                     steps_at_cancel.append(event.step)
 
-    listener = asyncio.create_task(cancel_once_running())
-    await asyncio.sleep(0)
-    await work_until(backend, tiny_engine, tmp_path, all_finished(backend.database))
-    listener.cancel()
+        listener = await backend.subscribe(cancel_once_running)
+        try:
+            await work_until(backend, tiny_engine, all_finished(backend.database))
+        finally:
+            listener.cancel()
     stopped, next_one = await rows(backend.database)
     assert stopped.status is S.CANCELLED and not stopped.images
     # In this process the token stops the next step; from another process PostgreSQL's
@@ -294,7 +296,7 @@ async def test_a_worker_runs_only_jobs_for_its_model(
         by_id = {row.id: row for row in await rows(backend.database)}
         return by_id[mine.id].status is S.SUCCEEDED
 
-    await work_until(backend, tiny_engine, tmp_path, mine_done)
+    await work_until(backend, tiny_engine, mine_done)
     await asyncio.sleep(0.5)
     by_id = {row.id: row for row in await rows(backend.database)}
     assert by_id[other.id].status is S.QUEUED and by_id[other.id].started_at is None

@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from generation.engine import Engine
 from storage.models import GenerationStatus
-from storage.queue import EmbeddedQueue
+from storage.queue import RowQueue
 from storage.scaled_queue import queue_name
 from tests.conftest import migrated_database
 from tests.test_queue_contract import (
@@ -19,7 +19,7 @@ from tests.test_queue_contract import (
     A,
     B,
     Backend,
-    procrastinate_backend,
+    open_backend,
     rows,
     submission,
     work_until,
@@ -32,7 +32,7 @@ S = GenerationStatus
 async def scaled(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     async with (
         migrated_database("postgresql", tmp_path, request) as database,
-        procrastinate_backend(database) as backend,
+        open_backend("procrastinate", database, tmp_path) as backend,
     ):
         yield backend
 
@@ -52,7 +52,7 @@ async def test_cancelling_a_queued_row_cancels_its_procrastinate_job(
     async def kept_done() -> bool:
         return any(r.id == kept.id and r.status is S.SUCCEEDED for r in await rows(scaled.database))
 
-    await work_until(scaled, tiny_engine, tmp_path, kept_done)
+    await work_until(scaled, tiny_engine, kept_done)
     first, _ = await rows(scaled.database)
     assert first.status is S.CANCELLED and first.started_at is None
 
@@ -61,13 +61,13 @@ async def test_rows_without_a_job_get_one_when_a_worker_starts(
     scaled: Backend, tiny_engine: Engine, tmp_path: Path
 ) -> None:
     # As if the submitter died between writing the row and deferring its job.
-    orphan = await EmbeddedQueue(scaled.database, LIMITS).submit(submission(A))
+    orphan = await RowQueue(scaled.database, LIMITS).submit(submission(A))
     assert orphan.job_id is None
 
     async def done() -> bool:
         return all(row.status is S.SUCCEEDED for row in await rows(scaled.database))
 
-    await work_until(scaled, tiny_engine, tmp_path, done)
+    await work_until(scaled, tiny_engine, done)
     [row] = await rows(scaled.database)
     assert row.job_id is not None
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.deployment import resolve_mode
 from storage.database import Database, parse_database_url
 from storage.errors import ConfigError
 from storage.settings import load_settings
@@ -14,7 +15,7 @@ from storage.settings import load_settings
 def test_defaults_are_the_embedded_mode(clean_env: Path) -> None:
     settings = load_settings()
     assert settings.data_dir == clean_env
-    assert settings.is_embedded
+    assert resolve_mode(settings) == "embedded"
     assert settings.resolved_database_url == f"sqlite+aiosqlite:///{clean_env / 'imagine.db'}"
     assert settings.resolved_blob_dir == clean_env / "blobs"
 
@@ -24,7 +25,7 @@ def test_postgres_url_switches_to_scaled_mode(
 ) -> None:
     monkeypatch.setenv("IMAGINE_DATABASE_URL", "postgresql+asyncpg://u:p@db:5432/imagine")
     settings = load_settings()
-    assert not settings.is_embedded
+    assert resolve_mode(settings) == "scaled"
     assert parse_database_url(settings.resolved_database_url).drivername == "postgresql+asyncpg"
 
 

@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL
 from storage.database import Database
 from storage.generations import get_generation, mark_delivered
 from storage.models import Generation, GenerationKind, GenerationStatus
-from storage.queue import EmbeddedQueue, Submission
+from storage.queue import RowQueue, Submission
 from storage.recipe import Recipe
 from storage.scheduling import Limits, heartbeat, requeue_orphans
 from tests.conftest import migrated_database
@@ -61,7 +61,7 @@ async def test_a_sigkilled_worker_s_job_runs_again_elsewhere_exactly_once(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     async with migrated_database("postgresql", tmp_path, request) as database:
-        queue = EmbeddedQueue(database, Limits(max_running_per_user=1, max_queued_per_user=10))
+        queue = RowQueue(database, Limits(max_running_per_user=1, max_queued_per_user=10))
         recipe = Recipe(
             model="tiny",
             prompt="a lighthouse",
@@ -122,7 +122,7 @@ async def test_a_sigkilled_worker_s_job_runs_again_elsewhere_exactly_once(
 
 
 async def test_jobs_of_live_workers_are_left_alone(database: Database) -> None:
-    queue = EmbeddedQueue(database, Limits(max_running_per_user=1, max_queued_per_user=10))
+    queue = RowQueue(database, Limits(max_running_per_user=1, max_queued_per_user=10))
     recipe = Recipe(model="tiny", prompt="p", seed=1, width=64, height=64, steps=1, guidance=1)
     generation = await queue.submit(Submission(GenerationKind.IMAGINE, recipe, 1))
     async with database.session() as session:

@@ -10,11 +10,14 @@ import logging
 import os
 import signal
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storage.errors import ConfigError
 from storage.families import configured_family
 from storage.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from storage.deployment import Deployment
 
 log = logging.getLogger("bot.cli")
 
@@ -101,23 +104,10 @@ def _bot(args: argparse.Namespace) -> int:
 
 async def run_bot(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT: the bot, and in the embedded mode the worker beside it."""
-
-    from bot.cli.queue import open_queue
-    from bot.runtime import open_runtime
-
-    assert settings.discord_token is not None
-    runtime = await open_runtime(settings)
-    try:
-        async with open_queue(runtime) as queue:
-            return await _run(settings, runtime, queue)
-    finally:
-        await runtime.close()
-
-
-async def _run(settings: Settings, runtime: Any, queue: Any) -> int:
     import discord
 
     from bot.app import ImagineBot
+    from bot.deployment import open_deployment
     from bot.services import Services
     from generation.styles import StyleRegistry  # torch-free
 
@@ -127,68 +117,50 @@ async def _run(settings: Settings, runtime: Any, queue: Any) -> int:
         log.warning("style skipped: %s", problem)
     stop = asyncio.Event()
     background: list[asyncio.Task[None]] = []
-    if settings.is_embedded:
-        events = queue.events
-        background.append(asyncio.create_task(_embedded_worker(settings, runtime, queue, stop)))
-    else:
-        from storage.pg_events import listen
-
-        def events() -> Any:
-            return listen(runtime.database)
-
-    services = Services(
-        settings=settings,
-        database=runtime.database,
-        blobs=runtime.blobs,
-        queue=queue,
-        styles=registry,
-        family=configured_family(settings.model, settings.model_family),
-        events=events,
-        style_weights={name: registry.get(name).default_weight for name in registry.names()},
-    )
-    bot = ImagineBot(services)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        async with bot:
-            running = asyncio.create_task(bot.start(settings.discord_token))
-            stopping = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if running in done:
-                running.result()  # a login failure surfaces here
-            stopping.cancel()
-            log.info("stopping: the job in hand finishes first")
+    async with open_deployment(settings) as deployment:
+        if deployment.bot_runs_worker:
+            background.append(asyncio.create_task(_embedded_worker(deployment, stop)))
+        services = Services.for_deployment(
+            deployment, registry, configured_family(settings.model, settings.model_family)
+        )
+        bot = ImagineBot(services)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            async with bot:
+                running = asyncio.create_task(bot.start(settings.discord_token))
+                stopping = asyncio.create_task(stop.wait())
+                done, _ = await asyncio.wait(
+                    {running, stopping}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if running in done:
+                    running.result()  # a login failure surfaces here
+                stopping.cancel()
+                log.info("stopping: the job in hand finishes first")
+                stop.set()
+                await asyncio.gather(*background)
+        except discord.LoginFailure:
+            raise ConfigError(
+                "Discord refused the token; copy it again from the Bot page of your application."
+            ) from None
+        finally:
             stop.set()
-            await asyncio.gather(*background)
-    except discord.LoginFailure:
-        raise ConfigError(
-            "Discord refused the token; copy it again from the Bot page of your application."
-        ) from None
-    finally:
-        stop.set()
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
     return 0
 
 
-async def _embedded_worker(
-    settings: Settings, runtime: Any, queue: Any, stop: asyncio.Event
-) -> None:
+async def _embedded_worker(deployment: Deployment, stop: asyncio.Event) -> None:
     """Load the model off the event loop (the bot is online meanwhile), then run jobs."""
-    from bot.cli.local import _load_engine
-    from generation.worker import EmbeddedWorker
+    from bot.cli.engine import load_engine
+    from generation.worker import Worker
 
-    engine = await asyncio.to_thread(_load_engine, settings)
+    engine = await asyncio.to_thread(load_engine, deployment.settings)
     seconds = await asyncio.to_thread(engine.warm_up)
-    worker = EmbeddedWorker(
-        queue,
-        runtime.blobs,
-        engine,
-        name=f"{socket.gethostname()}-{os.getpid()}-bot",
-        heartbeat_seconds=settings.worker_heartbeat_seconds,
-        stale_seconds=settings.worker_stale_seconds,
+    worker = Worker.for_deployment(
+        deployment, engine, name=f"{socket.gethostname()}-{os.getpid()}-bot"
     )
     log.info(
         "embedded worker ready: %s on %s, warmed up in %.2fs",

@@ -109,7 +109,7 @@ async def check_database(settings: Settings) -> Check:
     where = describe_url(database.url)
     try:
         file = database.url.database
-        if settings.is_embedded and file and not await asyncio.to_thread(Path(file).exists):
+        if settings.uses_sqlite and file and not await asyncio.to_thread(Path(file).exists):
             return Check(
                 "database",
                 OK,
@@ -122,13 +122,13 @@ async def check_database(settings: Settings) -> Check:
         await database.dispose()
     if state.is_current:
         return Check("database", OK, f"{where}, schema {state.describe()}")
-    if settings.is_embedded:
+    if settings.uses_sqlite:
         return Check("database", WARN, f"{where}, schema {state.describe()} (done at start)")
     return Check("database", FAIL, f"{where}, schema {state.describe()}")
 
 
 async def check_blobs(settings: Settings) -> Check:
-    from bot.runtime import make_blob_store
+    from bot.deployment import make_blob_store
     from storage.blobs import LocalBlobStore
     from storage.database import Database
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bot.runtime import Runtime, open_runtime
+from bot.cli.engine import load_engine
+from bot.deployment import start_deployment as open_runtime
 from storage.blobs import LocalBlobStore
+from storage.deployment import Deployment as Runtime
 from storage.derive import reroll_recipe, upscale_recipe, variation_recipe
 from storage.errors import ImagineError
 from storage.families import configured_family
@@ -102,23 +102,6 @@ class ProgressBar:
             print(file=sys.stderr, flush=True)
 
 
-def _load_engine(settings: Settings) -> Engine:
-    # transformers warns about optional image backends at import; nothing to act on here.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from generation.engine import Engine
-
-    started = time.perf_counter()
-    print(f"loading {settings.model} ...", file=sys.stderr, flush=True)
-    engine = Engine.from_settings(settings)
-    print(
-        f"loaded {engine.model_id} ({engine.family.name}) on {engine.device} "
-        f"in {time.perf_counter() - started:.1f}s",
-        file=sys.stderr,
-        flush=True,
-    )
-    return engine
-
-
 async def _run(runtime: Runtime, engine: Engine, generation: Generation, out: Path | None) -> Path:
     from generation.grid import compose_grid
     from generation.jobs import run_generation
@@ -163,7 +146,7 @@ async def _submit_and_run(
 ) -> int:
     runtime = await open_runtime(settings)
     try:
-        engine = _load_engine(settings)
+        engine = load_engine(settings)
         for number, recipe in enumerate(recipes):
             async with runtime.database.session() as session:
                 generation = await create_generation(
@@ -197,15 +180,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 async def _submit_only(settings: Settings, recipes: list[Recipe]) -> int:
-    from bot.cli.queue import open_queue
     from storage.queue import Submission
 
     runtime = await open_runtime(settings)
     try:
-        async with open_queue(runtime) as queue:
-            for recipe in recipes:
-                submission = Submission(GenerationKind.IMAGINE, recipe, LOCAL_USER_ID)
-                print((await queue.submit(submission)).id)
+        for recipe in recipes:
+            submission = Submission(GenerationKind.IMAGINE, recipe, LOCAL_USER_ID)
+            print((await runtime.queue.submit(submission)).id)
     finally:
         await runtime.close()
     return 0

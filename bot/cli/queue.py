@@ -8,14 +8,11 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-from bot.runtime import Runtime, open_runtime
+from bot.deployment import open_deployment
+from storage.deployment import Deployment
 from storage.models import GenerationStatus
-from storage.queue import EmbeddedQueue
-from storage.scheduling import Limits
 from storage.settings import Settings, load_settings
 
 S = GenerationStatus
@@ -38,38 +35,18 @@ def register(commands: Any) -> None:
     worker.set_defaults(handler=_worker)
 
 
-def make_queue(runtime: Runtime) -> EmbeddedQueue:
-    """The embedded queue on SQLite; on PostgreSQL the procrastinate one (open its app
-    with :func:`open_queue`)."""
-    settings = runtime.settings
-    limits = Limits(settings.max_running_per_user, settings.max_queued_per_user)
-    if settings.is_embedded:
-        return EmbeddedQueue(runtime.database, limits)
-    from storage.scaled_queue import ProcrastinateQueue, make_app
-
-    return ProcrastinateQueue(runtime.database, limits, make_app(runtime.database.url))
-
-
-@asynccontextmanager
-async def open_queue(runtime: Runtime) -> AsyncIterator[EmbeddedQueue]:
-    queue = make_queue(runtime)
-    app = getattr(queue, "app", None)
-    if app is None:
-        yield queue
-        return
-    async with app.open_async():
-        yield queue
-
-
 def _status(args: argparse.Namespace) -> int:
     async def status() -> int:
-        runtime = await open_runtime(load_settings())
-        try:
-            async with open_queue(runtime) as queue:
-                where = await queue.position(args.generation_id)
-        finally:
-            await runtime.close()
-        if where.status is S.QUEUED:
+        async with open_deployment(load_settings()) as deployment:
+            where = await deployment.queue.position(args.generation_id)
+            model = await _model_of(deployment, args.generation_id)
+        if where.status is S.QUEUED and not where.workers:
+            print(
+                f"generation {args.generation_id}: queued, #{where.position} in line; "
+                f"no worker is running for {model}: start `imagine bot` (embedded) "
+                "or `imagine worker`"
+            )
+        elif where.status is S.QUEUED:
             print(
                 f"generation {args.generation_id}: queued, #{where.position} in line, "
                 f"about {where.estimated_wait_seconds:.0f}s to wait"
@@ -83,12 +60,8 @@ def _status(args: argparse.Namespace) -> int:
 
 def _cancel(args: argparse.Namespace) -> int:
     async def cancel() -> int:
-        runtime = await open_runtime(load_settings())
-        try:
-            async with open_queue(runtime) as queue:
-                generation = await queue.cancel(args.generation_id)
-        finally:
-            await runtime.close()
+        async with open_deployment(load_settings()) as deployment:
+            generation = await deployment.queue.cancel(args.generation_id)
         if generation.status is S.CANCELLED:
             print(f"generation {generation.id}: cancelled")
         elif generation.status is S.RUNNING:
@@ -109,61 +82,43 @@ def _worker(args: argparse.Namespace) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
     async def work() -> int:
-        from bot.cli.local import _load_engine
-
-        runtime = await open_runtime(settings)
-        try:
-            engine = _load_engine(settings)
-            async with open_queue(runtime) as queue:
-                await _serve(settings, runtime, engine, queue, name)
-        finally:
-            await runtime.close()
+        async with open_deployment(settings) as deployment:
+            await serve_worker(deployment, name)
         return 0
 
     return asyncio.run(work())
 
 
-async def _serve(
-    settings: Settings, runtime: Runtime, engine: Any, queue: EmbeddedQueue, name: str
-) -> None:
-    """Run jobs until SIGTERM/SIGINT: from the rows (SQLite) or from procrastinate."""
-    from generation.worker import EmbeddedWorker, run_with_procrastinate
+async def _model_of(deployment: Deployment, generation_id: int) -> str:
+    from storage.generations import get_generation
 
-    notifier = None
-    if not settings.is_embedded:
-        from storage.pg_events import Notifier
+    async with deployment.database.session() as session:
+        return (await get_generation(session, generation_id)).model
 
-        notifier = Notifier(runtime.database.url)
-        queue.forward = notifier.send
-    worker = EmbeddedWorker(
-        queue,
-        runtime.blobs,
-        engine,
-        name=name,
-        heartbeat_seconds=settings.worker_heartbeat_seconds,
-        stale_seconds=settings.worker_stale_seconds,
-    )
+
+async def serve_worker(deployment: Deployment, name: str) -> None:
+    """Load the engine, warm it up, and run jobs until SIGTERM/SIGINT (the job in hand
+    finishes first)."""
+    from bot.cli.engine import load_engine
+    from generation.worker import Worker
+
+    log = logging.getLogger(__name__)
+    settings = deployment.settings
+    engine = await asyncio.to_thread(load_engine, settings)
+    worker = Worker.for_deployment(deployment, engine, name=name)
     if settings.metrics_port:
         worker.metrics.serve(settings.metrics_port)
     seconds = await asyncio.to_thread(engine.warm_up)
-    logging.getLogger(__name__).info("warmed up in %.2fs", seconds)
+    log.info("warmed up in %.2fs", seconds)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        # The job in hand finishes; then the worker exits.
         loop.add_signal_handler(signum, stop.set)
-    logging.getLogger(__name__).info(
-        "worker %s ready on %s, metrics on port %s, %s",
+    log.info(
+        "worker %s ready on %s, metrics on port %s, %s mode",
         name,
         engine.device,
         settings.metrics_port or "(off)",
-        "embedded queue" if settings.is_embedded else "procrastinate queue",
+        deployment.mode,
     )
-    try:
-        if settings.is_embedded:
-            await worker.run(stop)
-        else:
-            await run_with_procrastinate(worker, queue, stop)
-    finally:
-        if notifier is not None:
-            await notifier.close()
+    await worker.run(stop)
