@@ -187,10 +187,17 @@ class Delivery:
         images = sorted(generation.images, key=lambda image: image.index)
         if len(images) == 1:
             return await self.render_image(generation, images[0], limit)
-        tiles = [await self.services.blobs.get(image.blob_key) for image in images]
-        grid = await asyncio.to_thread(_compose_grid, tiles, generation)
+        grid = await self.services.blobs.get(await self._grid_key(generation))
         upload = await asyncio.to_thread(fit_upload, grid, f"imagine-{generation.id}", limit)
         return Rendered(headline(generation), upload, grid_view(generation))
+
+    async def _grid_key(self, generation: Generation) -> str:
+        if generation.grid_blob_key is not None:
+            return generation.grid_blob_key
+        # Finished before the worker stored grids: composed once (PIL only), then stored.
+        from generation.grid import stored_grid_key
+
+        return await stored_grid_key(self.services.database, self.services.blobs, generation)
 
     async def render_image(self, generation: Generation, image: Image, limit: int) -> Rendered:
         data = await self.services.blobs.get(image.blob_key)
@@ -238,18 +245,3 @@ class Delivery:
         await channel.get_partial_message(generation.message_id).edit(
             content=rendered.content, attachments=rendered.files(), view=view
         )
-
-
-def _compose_grid(tiles: list[bytes], generation: Generation) -> bytes:
-    # PIL only; imported here so that ``import bot`` stays light.
-    from PIL import Image as PILImage
-
-    from generation.grid import compose_grid_image
-    from generation.metadata import encode_png
-
-    images = [PILImage.open(io.BytesIO(data)) for data in tiles]
-    try:
-        return encode_png(compose_grid_image(images), generation.recipe)
-    finally:
-        for image in images:
-            image.close()

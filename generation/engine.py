@@ -109,7 +109,7 @@ class GeneratedImage:
         return self.image.height
 
 
-_ENCODERS = ThreadPoolExecutor(
+PNG_ENCODERS = ThreadPoolExecutor(
     max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="imagine-png"
 )
 
@@ -341,7 +341,7 @@ class Engine:
         if encode:
             # zlib releases the GIL: a grid's PNGs encode side by side, not one after another.
             pngs = list(
-                _ENCODERS.map(
+                PNG_ENCODERS.map(
                     lambda pair: encode_png(pair[0], pair[1], scheduler_name),
                     zip(result.images, owns, strict=True),
                 )

@@ -1,5 +1,8 @@
 """Running one generation job: claim it, run the engine, store images, record the outcome.
 
+The images are stored as their own PNGs and, when there are several, as the one grid
+posted to Discord: composed here once, so that readers only fetch it.
+
 Used by the embedded worker, the ``imagine`` local commands and (later) the
 scaled workers. The engine runs on a thread so the event loop stays free.
 """
@@ -16,11 +19,19 @@ from pathlib import Path
 
 from PIL import Image as PILImage
 
-from generation.engine import CancelToken, Engine, GeneratedImage, GenerationCancelled, Progress
+from generation.engine import (
+    PNG_ENCODERS,
+    CancelToken,
+    Engine,
+    GeneratedImage,
+    GenerationCancelled,
+    Progress,
+)
+from generation.grid import compose_grid
 from storage.blobs import BlobStore
 from storage.database import Database
 from storage.errors import ImagineError
-from storage.generations import NewImage, add_images, get_generation, transition
+from storage.generations import NewImage, add_images, get_generation, record_grid, transition
 from storage.models import Generation, GenerationKind, GenerationStatus
 
 log = logging.getLogger(__name__)
@@ -144,7 +155,14 @@ async def execute_generation(
         if generation.recipe.source_image_id is not None:
             source = await _source_image(database, blobs, generation.recipe.source_image_id)
         images = await asyncio.to_thread(_run_engine, engine, generation, source, progress, cancel)
+        recipe = engine.complete_recipe(generation.recipe)
+        grid: asyncio.Future[bytes] | None = None
+        if len(images) > 1:  # one image (an upscale) is shown as it is: no grid
+            grid = asyncio.get_running_loop().run_in_executor(
+                PNG_ENCODERS, compose_grid, images, recipe
+            )
         keys = [await blobs.put(image.png) for image in images]
+        grid_key = None if grid is None else await blobs.put(await grid)
     except GenerationCancelled:
         async with database.session() as session:
             generation = await transition(session, generation_id, S.CANCELLED)
@@ -158,7 +176,7 @@ async def execute_generation(
 
     async with database.session() as session:
         stored = await get_generation(session, generation_id)
-        stored.recipe = engine.complete_recipe(stored.recipe)
+        stored.recipe = recipe
         await add_images(
             session,
             generation_id,
@@ -174,6 +192,8 @@ async def execute_generation(
                 for image, key in zip(images, keys, strict=True)
             ],
         )
+        if grid_key is not None:
+            await record_grid(session, generation_id, grid_key)
         await session.flush()
         generation = await transition(session, generation_id, S.SUCCEEDED)
     return JobOutcome(generation, images, time.perf_counter() - started)

@@ -192,6 +192,16 @@ async def add_images(
     return rows
 
 
+async def record_grid(session: AsyncSession, generation_id: int, blob_key: str) -> None:
+    """Record the stored grid of a generation's images, unless it has one already."""
+    await session.execute(
+        update(Generation)
+        .where(Generation.id == generation_id, Generation.grid_blob_key.is_(None))
+        .values(grid_blob_key=blob_key)
+        .execution_options(synchronize_session=False)
+    )
+
+
 async def mark_delivered(session: AsyncSession, generation_id: int) -> bool:
     """Set ``delivered_at`` once; ``False`` when it was already delivered."""
     result = await session.execute(

@@ -206,6 +206,8 @@ class Generation(Base):
     cancel_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The procrastinate job carrying this row in the scaled mode (PostgreSQL).
     job_id: Mapped[int | None] = mapped_column(BigInteger)
+    # The images composed into one, stored once by the worker; none for a single image.
+    grid_blob_key: Mapped[str | None] = mapped_column(String(64))
 
     images: Mapped[list[Image]] = relationship(
         back_populates="generation",

@@ -62,6 +62,14 @@ async def test_large_blobs_round_trip(store: BlobStore) -> None:
     assert await store.get(await store.put(data)) == data
 
 
+async def test_a_grid_sized_blob_round_trips(store: BlobStore) -> None:
+    # The largest blob the worker writes: an SDXL grid, 2048×2048 RGB; noise barely compresses.
+    data = os.urandom(2048 * 2048 * 3)
+    key = await store.put(data)
+    assert key == blob_key(data)
+    assert await store.get(key) == data
+
+
 async def test_missing_blob_is_not_found(store: BlobStore) -> None:
     with pytest.raises(BlobNotFound, match="No blob"):
         await store.get("0" * 64)

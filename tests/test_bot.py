@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import selectinload
 
 from bot.app import ImagineBot
 from bot.deployment import open_deployment
 from bot.services import Services
+from bot.uploads import fit_upload
 from generation.engine import Engine
 from generation.metadata import read_recipe
 from generation.styles import StyleRegistry
@@ -415,6 +416,11 @@ async def test_an_image_over_the_upload_limit_is_reencoded_to_fit(running: Harne
     assert attachment["filename"].endswith((".webp", ".jpg"))
     [generation] = await running.generations()
     assert len(await running.services.blobs.get(generation.images[0].blob_key)) > 0
+    assert generation.grid_blob_key is not None
+    stored = await running.services.blobs.get(generation.grid_blob_key)
+    assert len(stored) > 20_000  # the stored grid is kept whole; what was sent is its fit
+    fitted = fit_upload(stored, f"imagine-{generation.id}", 20_000)
+    assert running.fake.attachment_bytes(int(message["id"])) == [fitted.data]
 
 
 async def test_an_expired_token_edits_the_message_with_the_bot_token(running: Harness) -> None:
@@ -496,6 +502,41 @@ async def test_every_image_row_points_at_a_stored_blob(running: Harness) -> None
         assert await session.scalar(select(func.count()).select_from(Image)) == 4
     for image in images:
         assert await running.services.blobs.get(image.blob_key)
+    [generation] = await running.generations()
+    assert generation.grid_blob_key is not None
+    assert await running.services.blobs.get(generation.grid_blob_key)
+
+
+async def test_the_posted_grid_is_the_stored_grid(running: Harness) -> None:
+    message = await running.result(await running.imagine("a boat --steps 2 --seed 4"))
+    [posted] = running.fake.attachment_bytes(int(message["id"]))
+    [generation] = await running.generations()
+    assert generation.grid_blob_key is not None
+    assert posted == await running.services.blobs.get(generation.grid_blob_key)
+
+
+async def test_a_generation_stored_without_its_grid_is_shown_and_then_has_one(
+    running: Harness,
+) -> None:
+    """Generations finished before the worker stored grids (migration 0009) have none."""
+    await running.result(await running.imagine("a boat --steps 2 --seed 4"))
+    [generation] = await running.generations()
+    assert generation.grid_blob_key is not None
+    made_by_the_worker = await running.services.blobs.get(generation.grid_blob_key)
+    await running.services.blobs.delete(generation.grid_blob_key)
+    async with running.database.session() as session:
+        await session.execute(
+            update(Generation).where(Generation.id == generation.id).values(grid_blob_key=None)
+        )
+
+    shown = await running.result(
+        await running.fake.slash("show", options={"generation": generation.id})
+    )
+    [posted] = running.fake.attachment_bytes(int(shown["id"]))
+    assert posted == made_by_the_worker  # composed from its tiles, as the worker does
+    [generation] = await running.generations()
+    assert generation.grid_blob_key is not None
+    assert await running.services.blobs.get(generation.grid_blob_key) == posted
 
 
 async def test_the_scaled_mode_delivers_over_listen_notify(

@@ -59,6 +59,17 @@ def test_generate_writes_a_grid_whose_metadata_holds_the_recipe(first_grid: Path
         assert grid.size == (recipe.width * 2, recipe.height * 2)
 
 
+def test_the_written_grid_is_the_one_the_worker_stored(first_grid: Path, data_dir: Path) -> None:
+    import sqlite3
+
+    data = first_grid.read_bytes()
+    with sqlite3.connect(data_dir / "imagine.db") as connection:
+        [(key,)] = connection.execute(
+            "SELECT grid_blob_key FROM generations ORDER BY id LIMIT 1"
+        ).fetchall()
+    assert (data_dir / "blobs" / key[:2] / key[2:4] / key).read_bytes() == data
+
+
 def test_generating_twice_gives_identical_pixels(first_grid: Path, data_dir: Path) -> None:
     second = run_imagine(
         "generate",

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from generation.engine import CancelToken, Engine, Progress
+from generation.grid import compose_grid, compose_grid_image
 from generation.jobs import run_generation
 from generation.metadata import read_recipe
 from storage.blobs import LocalBlobStore
@@ -75,6 +79,42 @@ async def test_a_job_stores_its_images_and_completes_the_recipe(
     upscale_id = await submit(database, GenerationKind.UPSCALE, upscale)
     upscaled = await run_generation(database, blobs, tiny_engine, upscale_id, worker_name="w")
     assert upscaled.images[0].image.size == (128, 128)
+
+
+def stored_files(blobs: LocalBlobStore) -> set[str]:
+    return {path.name for path in blobs.root.rglob("*") if path.is_file()}
+
+
+async def test_the_worker_stores_one_grid_composed_of_its_tiles(
+    database: Database, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    generation_id = await submit(database, GenerationKind.IMAGINE, recipe(width=96, height=64))
+    outcome = await run_generation(database, blobs, tiny_engine, generation_id, worker_name="w")
+    async with database.session() as session:
+        stored = await get_generation(session, generation_id)
+    assert outcome.generation.grid_blob_key == stored.grid_blob_key is not None
+    tile_keys = {image.blob_key for image in stored.images}
+    assert len(tile_keys) == 4
+    assert stored_files(blobs) == tile_keys | {stored.grid_blob_key}  # exactly one grid
+
+    grid = await blobs.get(stored.grid_blob_key)
+    tiles = [Image.open(io.BytesIO(await blobs.get(image.blob_key))) for image in stored.images]
+    with Image.open(io.BytesIO(grid)) as image:
+        assert image.size == (192, 128)
+        assert np.array_equal(np.asarray(image), np.asarray(compose_grid_image(tiles)))
+    assert read_recipe(grid) == stored.recipe  # the generation's recipe, completed
+    assert grid == compose_grid(outcome.images, stored.recipe)
+
+    # One image (an upscale) is shown as it is: no grid.
+    before = stored_files(blobs)
+    upscale = recipe(count=1, scale=2, source_image_id=stored.images[0].id, width=192, height=128)
+    upscale_id = await submit(database, GenerationKind.UPSCALE, upscale)
+    upscaled = await run_generation(database, blobs, tiny_engine, upscale_id, worker_name="w")
+    assert upscaled.generation.status is S.SUCCEEDED
+    assert upscaled.generation.grid_blob_key is None
+    [image] = upscaled.generation.images
+    assert stored_files(blobs) - before == {image.blob_key}
 
 
 async def test_a_cancelled_job_is_recorded_as_cancelled(

@@ -20,6 +20,7 @@ from storage.generations import (
     get_generation,
     mark_delivered,
     recent_generations,
+    record_grid,
     transition,
 )
 from storage.models import Generation, GenerationKind, GenerationStatus, Image, User
@@ -203,6 +204,17 @@ async def test_images_belong_to_their_generation_in_grid_order(database: Databas
         loaded = await get_generation(session, generation.id)
         assert [image.index for image in loaded.images] == [0, 1, 2, 3]
         assert all(image.created_at.tzinfo is not None for image in loaded.images)
+
+
+async def test_a_grid_is_recorded_once(database: Database) -> None:
+    generation = await finished_generation(database, ALICE)
+    assert generation.grid_blob_key is None
+    async with database.session() as session:
+        await record_grid(session, generation.id, "ab" * 32)
+    async with database.session() as session:
+        await record_grid(session, generation.id, "cd" * 32)  # a second writer changes nothing
+    async with database.session() as session:
+        assert (await get_generation(session, generation.id)).grid_blob_key == "ab" * 32
 
 
 async def test_delivered_at_is_set_exactly_once(database: Database) -> None:

@@ -103,7 +103,6 @@ class ProgressBar:
 
 
 async def _run(runtime: Runtime, engine: Engine, generation: Generation, out: Path | None) -> Path:
-    from generation.grid import compose_grid
     from generation.jobs import run_generation
 
     bar = ProgressBar(f"generation {generation.id}")
@@ -127,7 +126,8 @@ async def _run(runtime: Runtime, engine: Engine, generation: Generation, out: Pa
     if len(outcome.images) == 1:
         out.write_bytes(outcome.images[0].png)
     else:
-        out.write_bytes(compose_grid(outcome.images, outcome.generation.recipe))
+        assert outcome.generation.grid_blob_key is not None  # the worker stores every grid
+        out.write_bytes(await runtime.blobs.get(outcome.generation.grid_blob_key))
     print(
         f"generation {generation.id}: {len(outcome.images)} image(s) in "
         f"{outcome.seconds:.2f}s, image ids "
