@@ -1,37 +1,42 @@
 """Shared fixtures: a fresh, migrated database on SQLite and on PostgreSQL.
 
 PostgreSQL is the server at ``IMAGINE_TEST_POSTGRES_URL`` (default
-127.0.0.1:5432, user postgres). Each test gets its own new database, dropped
-afterwards. Without a reachable server the PostgreSQL half is skipped, except
-under CI (``CI=true``), where it must run.
+127.0.0.1:5432, user postgres). When nothing answers there, the session starts
+a throwaway cluster of its own from the installed PostgreSQL server binaries
+(see ``tests/throwaway_postgres.py``) and removes it at the end. Each test gets
+its own new database, dropped afterwards. Without any PostgreSQL the
+PostgreSQL half is skipped, except under CI (``CI=true``), where it must run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 from sqlalchemy.engine import URL, make_url
 
 from storage.database import Database, parse_database_url
 from storage.settings import Settings
+from tests.throwaway_postgres import (
+    INSTALL_HINT,
+    ThrowawayPostgres,
+    ThrowawayPostgresError,
+    server_bin_dir,
+)
 
 if TYPE_CHECKING:
     from generation.engine import Engine
 
 POSTGRES_URL = os.environ.get(
     "IMAGINE_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
-)
-HOW_TO_ENABLE = (
-    "start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` "
-    "or point IMAGINE_TEST_POSTGRES_URL at a server where the user may create databases"
 )
 
 
@@ -46,19 +51,46 @@ async def _probe(url: URL) -> None:
     await connection.close()
 
 
-@pytest.fixture(scope="session")
-def postgres_admin_url() -> URL:
-    url = parse_database_url(POSTGRES_URL)
+def _probe_error(url: URL) -> Exception | None:
+    """Why nothing usable answers at ``url``, or None if it does."""
     try:
         # Run on a thread of its own: this fixture may be first asked for inside a running loop.
         with ThreadPoolExecutor(1) as pool:
             pool.submit(asyncio.run, _probe(url)).result()
     except Exception as exc:
-        reason = f"PostgreSQL is not reachable at {url.host}:{url.port} ({exc!r}); {HOW_TO_ENABLE}."
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(f"CI must run the PostgreSQL tests: {reason}")
-        pytest.skip(reason)
-    return url
+        return exc
+    return None
+
+
+def _no_postgres(reason: str) -> NoReturn:
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(f"CI must run the PostgreSQL tests: {reason}.")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[URL]:
+    """A server where the tests may create databases: the configured one, else a throwaway."""
+    url = parse_database_url(POSTGRES_URL)
+    problem = _probe_error(url)
+    if problem is None:
+        yield url
+        return
+    unreachable = f"PostgreSQL is not reachable at {url.host}:{url.port} ({problem!r})"
+    bin_dir = server_bin_dir()
+    if bin_dir is None:
+        _no_postgres(f"{unreachable} and no PostgreSQL server is installed; {INSTALL_HINT}")
+    server = ThrowawayPostgres(bin_dir)
+    try:
+        try:
+            throwaway = server.start()
+        except (ThrowawayPostgresError, OSError, subprocess.SubprocessError) as exc:
+            _no_postgres(
+                f"{unreachable} and a throwaway server did not start ({exc}); {INSTALL_HINT}"
+            )
+        yield throwaway
+    finally:
+        server.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
