@@ -97,8 +97,9 @@ def _bot(args: argparse.Namespace) -> int:
     settings = load_settings()
     if not settings.discord_token:
         raise ConfigError(TOKEN_HELP)
-    logging.getLogger("bot").setLevel(logging.INFO)
-    logging.getLogger("generation").setLevel(logging.INFO)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.getLogger("bot").setLevel(level)
+    logging.getLogger("generation").setLevel(level)
     return asyncio.run(run_bot(settings))
 
 

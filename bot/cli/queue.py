@@ -78,7 +78,7 @@ def _cancel(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     settings: Settings = load_settings(model=args.model) if args.model else load_settings()
     name = args.name or f"{socket.gethostname()}-{os.getpid()}"
-    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
     async def work() -> int:
