@@ -3,7 +3,11 @@
 :class:`ImagineBot` takes a :class:`~bot.services.Services` and knows nothing of
 how jobs run: in the embedded mode the worker runs in the same process (see
 :func:`bot.cli.discord_commands.run_bot`), in the scaled mode elsewhere.
-Community features arrive as further cogs added in :meth:`ImagineBot.setup_hook`.
+Each feature is a cog module of :mod:`bot.cogs`, loaded as an extension in
+:meth:`ImagineBot.setup_hook`; its ``setup`` adds the cog and registers the
+dynamic items its buttons are matched by. What several cogs share lives in plain
+modules of :mod:`bot` (:mod:`bot.submit`, :mod:`bot.replies`, :mod:`bot.choices`),
+so no cog imports another and this module imports none.
 """
 
 from __future__ import annotations
@@ -14,13 +18,34 @@ import time
 from typing import Any
 
 import discord
+from discord import app_commands
 from discord.ext import commands
 
 from bot.delivery import Delivery
+from bot.modals import answer_modal
+from bot.replies import refuse
 from bot.services import Services
-from bot.views import ButtonActions, GridButton, ImageButton, remix_submission, try_submission
 
 log = logging.getLogger(__name__)
+EXTENSIONS = ("bot.cogs.imagine", "bot.cogs.community", "bot.cogs.gallery", "bot.cogs.styles")
+
+
+class ImagineTree(app_commands.CommandTree["ImagineBot"]):
+    async def on_error(
+        self, interaction: discord.Interaction[ImagineBot], error: app_commands.AppCommandError, /
+    ) -> None:
+        command = interaction.command.qualified_name if interaction.command else "?"
+        if isinstance(error, app_commands.CheckFailure):
+            # A refusal, not a fault: the check has told the member why, or is told here.
+            log.info("/%s refused for user %s: %s", command, interaction.user.id, error)
+            if not interaction.response.is_done():
+                await refuse(
+                    interaction,
+                    "You may not use this command here; a member who manages the server "
+                    "can tell you why.",
+                )
+            return
+        log.error("/%s failed", command, exc_info=error)
 
 
 class ImagineBot(commands.Bot):
@@ -32,6 +57,7 @@ class ImagineBot(commands.Bot):
             intents=intents,
             help_command=None,
             allowed_mentions=discord.AllowedMentions.none(),
+            tree_cls=ImagineTree,
         )
         self.services = services
         self.delivery = Delivery(self, services)
@@ -39,31 +65,18 @@ class ImagineBot(commands.Bot):
         self.synced = 0
         self.started = time.perf_counter()
         self._delivering: asyncio.Task[None] | None = None
-        self.actions: ButtonActions
         # Personal defaults, read before the first await of /imagine: kept in memory.
         self.user_defaults: dict[int, dict[str, Any]] = {}
 
     async def setup_hook(self) -> None:
-        from bot.cogs.community import PolicyCog, SettingsCog
-        from bot.cogs.gallery import GalleryCog, GalleryImageButton, GalleryPageButton
-        from bot.cogs.imagine import ImagineCog
-        from bot.cogs.styles import StylePageButton, StylesCog, TryStyleButton
         from storage.community import all_user_defaults
         from storage.style_store import all_guild_style_names
 
         async with self.services.database.session() as session:
             self.user_defaults = await all_user_defaults(session)
             self.services.guild_style_names = await all_guild_style_names(session)
-        cog = ImagineCog(self)
-        await self.add_cog(cog)
-        self.actions = cog
-        await self.add_cog(SettingsCog(self))
-        await self.add_cog(PolicyCog(self))
-        await self.add_cog(GalleryCog(self))
-        self.add_dynamic_items(GalleryPageButton, GalleryImageButton)
-        await self.add_cog(StylesCog(self))
-        self.add_dynamic_items(StylePageButton, TryStyleButton)
-        self.add_dynamic_items(GridButton, ImageButton)
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
         if self.sync_commands:
             self.synced = len(await self.tree.sync())
         self._delivering = asyncio.create_task(self._deliver(), name="imagine-delivery")
@@ -90,20 +103,10 @@ class ImagineBot(commands.Bot):
             time.perf_counter() - self.started,
         )
 
-    async def on_interaction(self, interaction: discord.Interaction) -> None:
+    async def on_interaction(self, interaction: discord.Interaction[ImagineBot]) -> None:
         # Modals are answered here, not by the Modal objects, so that one opened before a
-        # restart still works after it.
-        submitted = remix_submission(interaction)
-        if submitted is not None:
-            await self.actions.remix_submitted(interaction, *submitted)
-            return
-        tried = try_submission(interaction)
-        if tried is not None:
-            from bot.cogs.styles import StylesCog
-
-            cog = self.get_cog("StylesCog")
-            assert isinstance(cog, StylesCog)
-            await cog.try_submitted(interaction, tried[1])
+        # restart still works after it (buttons are matched by their dynamic items).
+        await answer_modal(interaction)
 
     async def close(self) -> None:
         if self._delivering is not None:

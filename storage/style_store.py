@@ -146,6 +146,20 @@ async def find_style(session: AsyncSession, guild_id: int | None, name: str) -> 
     return next((found[g] for g in candidates if g in found), None)
 
 
+async def check_style_name(session: AsyncSession, guild_id: int, name: str) -> None:
+    """Refuse a name that is malformed or already taken in this server."""
+    if not STYLE_NAME.fullmatch(name):
+        raise StyleRefused(f"The style name {name!r} must be 1 to 64 letters, digits, - or _.")
+    existing = await session.scalar(
+        select(Style).where(Style.guild_id == guild_id, Style.name == name)
+    )
+    if existing is not None:
+        raise StyleRefused(
+            f"This server already has a style named {name}; pick another name, "
+            "or change it with /style edit."
+        )
+
+
 async def add_style(
     session: AsyncSession,
     *,
@@ -159,16 +173,7 @@ async def add_style(
     default_weight: float = 1.0,
     trigger_words: list[str] | None = None,
 ) -> Style:
-    if not STYLE_NAME.fullmatch(name):
-        raise StyleRefused(f"The style name {name!r} must be 1 to 64 letters, digits, - or _.")
-    existing = await session.scalar(
-        select(Style).where(Style.guild_id == guild_id, Style.name == name)
-    )
-    if existing is not None:
-        raise StyleRefused(
-            f"This server already has a style named {name}; pick another name, "
-            "or change it with /style edit."
-        )
+    await check_style_name(session, guild_id, name)
     style = Style(
         guild_id=guild_id,
         name=name,

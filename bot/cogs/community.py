@@ -9,7 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.imagine import ASPECT_RATIOS, style_choices
+from bot.choices import ASPECT_RATIOS, style_choices
 from storage.community import change_policy as record_policy_change
 from storage.community import (
     guild_policy as load_guild_policy,
@@ -56,7 +56,7 @@ class SettingsCog(commands.Cog):
         self.services = bot.services
 
     @settings.command(name="show", description="Your defaults for /imagine.")
-    async def show(self, interaction: discord.Interaction) -> None:
+    async def show(self, interaction: discord.Interaction[ImagineBot]) -> None:
         values = self.bot.user_defaults.get(interaction.user.id, {})
         await interaction.response.send_message(describe_defaults(values), ephemeral=True)
 
@@ -72,7 +72,7 @@ class SettingsCog(commands.Cog):
     @app_commands.autocomplete(style=style_choices)
     async def set_(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[ImagineBot],
         style: str | None = None,
         aspect_ratio: str | None = None,
         steps: app_commands.Range[int, 1, 150] | None = None,
@@ -107,7 +107,7 @@ class SettingsCog(commands.Cog):
         await interaction.response.send_message(describe_defaults(values), ephemeral=True)
 
     @settings.command(name="reset", description="Forget all your defaults.")
-    async def reset(self, interaction: discord.Interaction) -> None:
+    async def reset(self, interaction: discord.Interaction[ImagineBot]) -> None:
         async with self.services.database.session() as session:
             await reset_user_defaults(session, interaction.user.id)
         self.bot.user_defaults.pop(interaction.user.id, None)
@@ -145,7 +145,7 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
         self.services = bot.services
         super().__init__()
 
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+    async def interaction_check(self, interaction: discord.Interaction[Any]) -> bool:
         # Discord hides the command from others, but its permissions can be edited per
         # server: the bot checks again.
         if interaction.guild_id is None or not interaction.permissions.manage_guild:
@@ -156,7 +156,9 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
             return False
         return True
 
-    async def _change(self, interaction: discord.Interaction, change: str, apply: Any) -> None:
+    async def _change(
+        self, interaction: discord.Interaction[ImagineBot], change: str, apply: Any
+    ) -> None:
         assert interaction.guild_id is not None
         async with self.services.database.session() as session:
             guild = await record_policy_change(
@@ -166,7 +168,7 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
         await interaction.response.send_message(f"{change}.\n{text}", ephemeral=True)
 
     @app_commands.command(name="show", description="The server's rules and their latest changes.")
-    async def show(self, interaction: discord.Interaction) -> None:
+    async def show(self, interaction: discord.Interaction[ImagineBot]) -> None:
         assert interaction.guild_id is not None
         async with self.services.database.session() as session:
             guild = await load_guild_policy(session, interaction.guild_id)
@@ -179,7 +181,7 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
 
     @app_commands.command(name="ban", description="Refuse prompts with these words.")
     @app_commands.describe(words="Words or phrases, separated by commas")
-    async def ban(self, interaction: discord.Interaction, words: str) -> None:
+    async def ban(self, interaction: discord.Interaction[ImagineBot], words: str) -> None:
         new = _words(words)
 
         def apply(guild: Guild) -> None:
@@ -189,7 +191,7 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
 
     @app_commands.command(name="unban", description="Allow these words again.")
     @app_commands.describe(words="Words or phrases, separated by commas")
-    async def unban(self, interaction: discord.Interaction, words: str) -> None:
+    async def unban(self, interaction: discord.Interaction[ImagineBot], words: str) -> None:
         gone = set(_words(words))
 
         def apply(guild: Guild) -> None:
@@ -199,7 +201,7 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
 
     @app_commands.command(name="nsfw", description="Where NSFW prompts are allowed.")
     @app_commands.choices(where=NSFW_CHOICES)
-    async def nsfw(self, interaction: discord.Interaction, where: str) -> None:
+    async def nsfw(self, interaction: discord.Interaction[ImagineBot], where: str) -> None:
         mode = NsfwPolicy(where)
 
         def apply(guild: Guild) -> None:
@@ -215,7 +217,7 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
     )
     async def limits(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[ImagineBot],
         running: app_commands.Range[int, 0, 20] | None = None,
         waiting: app_commands.Range[int, 0, 100] | None = None,
     ) -> None:
@@ -232,7 +234,11 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
     )
     @app_commands.describe(style="The style", role="The role", allow="Add (true) or remove (false)")
     async def style_role(
-        self, interaction: discord.Interaction, style: str, role: discord.Role, allow: bool = True
+        self,
+        interaction: discord.Interaction[ImagineBot],
+        style: str,
+        role: discord.Role,
+        allow: bool = True,
     ) -> None:
         def apply(guild: Guild) -> None:
             roles = dict(guild.style_roles or {})
@@ -246,3 +252,8 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
 
         verb = "may use" if allow else "no longer reserved for"
         await self._change(interaction, f"style {style}: {verb} role {role.name}", apply)
+
+
+async def setup(bot: ImagineBot) -> None:
+    await bot.add_cog(SettingsCog(bot))
+    await bot.add_cog(PolicyCog(bot))

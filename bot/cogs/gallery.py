@@ -16,11 +16,13 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.imagine import style_choices
+from bot.choices import style_choices
 from bot.delivery import Rendered
+from bot.records import load_image
+from bot.replies import refuse, send_rendered
 from storage.errors import ImagineError
 from storage.gallery import GalleryEntry, GallerySort, gallery_page, toggle_like
-from storage.generations import get_generation, get_image
+from storage.generations import get_generation
 from storage.models import utcnow
 
 if TYPE_CHECKING:
@@ -33,12 +35,6 @@ PAGE_TEMPLATE = (
 )
 IMAGE_TEMPLATE = r"gim:(?P<id>[0-9]{1,20}):(?P<action>like|open)"
 _BUTTON = discord.ui.Button[Any]
-
-
-def _gallery(interaction: discord.Interaction) -> GalleryCog:
-    cog = interaction.client.get_cog("GalleryCog")  # type: ignore[attr-defined]
-    assert isinstance(cog, GalleryCog)
-    return cog
 
 
 class GalleryPageButton(discord.ui.DynamicItem[_BUTTON], template=PAGE_TEMPLATE):
@@ -61,15 +57,18 @@ class GalleryPageButton(discord.ui.DynamicItem[_BUTTON], template=PAGE_TEMPLATE)
 
     @classmethod
     async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+        cls,
+        interaction: discord.Interaction[Any],
+        item: discord.ui.Item[Any],
+        match: re.Match[str],
     ) -> GalleryPageButton:
         return cls(
             match["style"], match["sort"], match["period"], int(match["page"]), match["action"]
         )
 
-    async def callback(self, interaction: discord.Interaction) -> None:
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
         target = self.page - 1 if self.action == "prev" else self.page + 1
-        await _gallery(interaction).show_page(interaction, *self.query, max(0, target), edit=True)
+        await show_page(interaction, *self.query, max(0, target), edit=True)
 
 
 class GalleryImageButton(discord.ui.DynamicItem[_BUTTON], template=IMAGE_TEMPLATE):
@@ -85,16 +84,21 @@ class GalleryImageButton(discord.ui.DynamicItem[_BUTTON], template=IMAGE_TEMPLAT
 
     @classmethod
     async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+        cls,
+        interaction: discord.Interaction[Any],
+        item: discord.ui.Item[Any],
+        match: re.Match[str],
     ) -> GalleryImageButton:
         return cls(int(match["id"]), match["action"])
 
-    async def callback(self, interaction: discord.Interaction) -> None:
-        gallery = _gallery(interaction)
-        if self.action == "like":
-            await gallery.like(interaction, self.image_id)
-        else:
-            await gallery.open(interaction, self.image_id)
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        try:
+            if self.action == "like":
+                await like(interaction, self.image_id)
+            else:
+                await open_image(interaction, self.image_id)
+        except ImagineError as exc:
+            await refuse(interaction, str(exc))
 
 
 def page_view(
@@ -118,6 +122,94 @@ def _caption(style: str, sort: str, period: str, page: int, entry: GalleryEntry)
         f"#{page + 1}\n**{prompt}** — <@{entry.requester_id}> · ❤️ {entry.like_count} · "
         f"image {entry.image.id} of #{entry.generation_id}"
     )[:2000]
+
+
+async def render_page(
+    bot: ImagineBot, guild_id: int | None, style: str, sort: str, period: str, page: int, limit: int
+) -> Rendered:
+    span = PERIODS[period]
+    async with bot.services.database.session() as session:
+        found = await gallery_page(
+            session,
+            style=style or None,
+            sort=GallerySort(sort),
+            since=utcnow() - span if span is not None else None,
+            page=page,
+            page_size=1,
+            guild_id=guild_id,
+        )
+    if not found.entries:
+        text = (
+            "🖼️ No images here yet: make some with /imagine."
+            if page == 0
+            else "🖼️ That was the last one."
+        )
+        return Rendered(text, view=page_view(style, sort, period, page, None, False))
+    entry = found.entries[0]
+    async with bot.services.database.session() as session:
+        generation = await get_generation(session, entry.generation_id)
+    rendered = await bot.delivery.render_image(generation, entry.image, limit)
+    rendered.content = _caption(style, sort, period, page, entry)
+    rendered.view = page_view(style, sort, period, page, entry, found.has_next)
+    return rendered
+
+
+async def show_page(
+    interaction: discord.Interaction[ImagineBot],
+    style: str,
+    sort: str,
+    period: str,
+    page: int,
+    *,
+    edit: bool,
+) -> None:
+    rendered = await render_page(
+        interaction.client,
+        interaction.guild_id,
+        style,
+        sort,
+        period,
+        page,
+        interaction.filesize_limit,
+    )
+    if edit:
+        await interaction.response.edit_message(
+            content=rendered.content, attachments=rendered.files(), view=rendered.view
+        )
+    else:
+        await send_rendered(interaction, rendered)
+
+
+async def like(interaction: discord.Interaction[ImagineBot], image_id: int) -> None:
+    database = interaction.client.services.database
+    await load_image(database, image_id)  # it must exist
+    async with database.session() as session:
+        _, count = await toggle_like(session, interaction.user.id, image_id)
+    message = interaction.message
+    view = discord.ui.View.from_message(message) if message is not None else None
+    if view is None:
+        await interaction.response.defer()
+        return
+    fresh = discord.ui.View(timeout=None)
+    for item in view.children:
+        custom_id = getattr(item, "custom_id", "")
+        if custom_id == f"gim:{image_id}:like":
+            fresh.add_item(GalleryImageButton(image_id, "like", count))
+        else:
+            fresh.add_item(item)
+    fresh.stop()
+    content = message.content if message is not None else ""
+    content = re.sub(r"❤️ \d+", f"❤️ {count}", content, count=1)
+    await interaction.response.edit_message(content=content, view=fresh)
+
+
+async def open_image(interaction: discord.Interaction[ImagineBot], image_id: int) -> None:
+    image, generation = await load_image(interaction.client.services.database, image_id)
+    await interaction.response.defer(thinking=True)
+    delivery = interaction.client.delivery
+    await send_rendered(
+        interaction, await delivery.render_image(generation, image, interaction.filesize_limit)
+    )
 
 
 class GalleryCog(commands.Cog):
@@ -144,7 +236,7 @@ class GalleryCog(commands.Cog):
     @app_commands.autocomplete(style=style_choices)
     async def gallery(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[ImagineBot],
         style: str | None = None,
         sort: str = "top",
         period: str = "week",
@@ -158,95 +250,9 @@ class GalleryCog(commands.Cog):
             await interaction.response.send_message(message, ephemeral=True)
             return
         await interaction.response.defer(thinking=True)
-        await self.show_page(interaction, style or "", sort, period, 0, edit=False)
+        await show_page(interaction, style or "", sort, period, 0, edit=False)
 
-    async def render_page(
-        self, guild_id: int | None, style: str, sort: str, period: str, page: int, limit: int
-    ) -> Rendered:
-        span = PERIODS[period]
-        async with self.services.database.session() as session:
-            found = await gallery_page(
-                session,
-                style=style or None,
-                sort=GallerySort(sort),
-                since=utcnow() - span if span is not None else None,
-                page=page,
-                page_size=1,
-                guild_id=guild_id,
-            )
-        if not found.entries:
-            text = (
-                "🖼️ No images here yet: make some with /imagine."
-                if page == 0
-                else "🖼️ That was the last one."
-            )
-            return Rendered(text, view=page_view(style, sort, period, page, None, False))
-        entry = found.entries[0]
-        async with self.services.database.session() as session:
-            generation = await get_generation(session, entry.generation_id)
-        rendered = await self.bot.delivery.render_image(generation, entry.image, limit)
-        rendered.content = _caption(style, sort, period, page, entry)
-        rendered.view = page_view(style, sort, period, page, entry, found.has_next)
-        return rendered
 
-    async def show_page(
-        self,
-        interaction: discord.Interaction,
-        style: str,
-        sort: str,
-        period: str,
-        page: int,
-        *,
-        edit: bool,
-    ) -> None:
-        rendered = await self.render_page(
-            interaction.guild_id, style, sort, period, page, interaction.filesize_limit
-        )
-        if edit:
-            await interaction.response.edit_message(
-                content=rendered.content, attachments=rendered.files(), view=rendered.view
-            )
-        else:
-            await interaction.followup.send(
-                content=rendered.content,
-                files=rendered.files(),
-                view=rendered.view or discord.utils.MISSING,
-            )
-
-    async def like(self, interaction: discord.Interaction, image_id: int) -> None:
-        async with self.services.database.session() as session:
-            _, count = await toggle_like(session, interaction.user.id, image_id)
-        message = interaction.message
-        view = discord.ui.View.from_message(message) if message is not None else None
-        if view is None:
-            await interaction.response.defer()
-            return
-        fresh = discord.ui.View(timeout=None)
-        for item in view.children:
-            custom_id = getattr(item, "custom_id", "")
-            if custom_id == f"gim:{image_id}:like":
-                fresh.add_item(GalleryImageButton(image_id, "like", count))
-            else:
-                fresh.add_item(item)
-        fresh.stop()
-        content = message.content if message is not None else ""
-        content = re.sub(r"❤️ \d+", f"❤️ {count}", content, count=1)
-        await interaction.response.edit_message(content=content, view=fresh)
-
-    async def open(self, interaction: discord.Interaction, image_id: int) -> None:
-        try:
-            async with self.services.database.session() as session:
-                image = await get_image(session, image_id)
-                generation = await get_generation(session, image.generation_id)
-        except ImagineError as exc:
-            await interaction.response.send_message(str(exc), ephemeral=True)
-            return
-        await interaction.response.defer(thinking=True)
-        rendered = await self.bot.delivery.render_image(
-            generation, image, interaction.filesize_limit
-        )
-        await interaction.followup.send(
-            content=rendered.content,
-            files=rendered.files(),
-            view=rendered.view or discord.utils.MISSING,
-        )
+async def setup(bot: ImagineBot) -> None:
+    await bot.add_cog(GalleryCog(bot))
+    bot.add_dynamic_items(GalleryPageButton, GalleryImageButton)

@@ -1,64 +1,38 @@
-"""``/imagine`` and what follows it: the grid and image buttons, remix, and the queue commands.
+"""``/imagine`` and what follows it: the grid and image buttons, and the queue commands.
 
 Every handler answers within Discord's 3 s: text is parsed before the first
-await (so a bad flag gets an ephemeral sentence as the first response), then
-the interaction is deferred and the database work follows. Every user error is
-an ephemeral sentence saying what to change.
+await (see :mod:`bot.submit`), then the interaction is deferred and the
+database work follows. Every user error is an ephemeral sentence saying what
+to change.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.delivery import Rendered
-from bot.prompt import PromptDefaults, PromptError, format_recipe, parse_prompt
-from bot.views import RemixModal
-from storage.community import NSFW_WORDS, guild_policy
+from bot.choices import ASPECT_RATIOS, style_choices
+from bot.modals import RemixModal
+from bot.prompt import format_recipe
+from bot.records import load_generation, load_image
+from bot.replies import Refusal, refuse, send_rendered
+from bot.submit import run_prompt, submit
+from bot.views import GRID_TEMPLATE, IMAGE_TEMPLATE, grid_button, image_button, image_view
 from storage.derive import remix_base, reroll_recipe, upscale_recipe, variation_recipe
 from storage.errors import ImagineError, NotFound
 from storage.gallery import remove_from_gallery, toggle_like
-from storage.generations import Origin, get_generation, get_image, recent_generations
-from storage.models import Generation, GenerationKind, GenerationStatus, Image, NsfwPolicy, utcnow
-from storage.queue import Submission
-from storage.recipe import MAX_SEED, Recipe
+from storage.generations import recent_generations
+from storage.models import Generation, GenerationKind, GenerationStatus, Image
+from storage.recipe import MAX_SEED
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
 
 S = GenerationStatus
-log = logging.getLogger(__name__)
-
-ASPECT_RATIOS = [
-    app_commands.Choice(name="1:1 square", value="1:1"),
-    app_commands.Choice(name="3:2 landscape", value="3:2"),
-    app_commands.Choice(name="2:3 portrait", value="2:3"),
-    app_commands.Choice(name="4:3 landscape", value="4:3"),
-    app_commands.Choice(name="3:4 portrait", value="3:4"),
-    app_commands.Choice(name="16:9 wide", value="16:9"),
-    app_commands.Choice(name="9:16 tall", value="9:16"),
-    app_commands.Choice(name="21:9 cinema", value="21:9"),
-]
-
-
-async def style_choices(
-    interaction: discord.Interaction, current: str
-) -> list[app_commands.Choice[str]]:
-    """Autocomplete for any style option: the server's styles matching what was typed."""
-    services = interaction.client.services  # type: ignore[attr-defined]
-    names = services.search_styles(interaction.guild_id, current, limit=25)
-    return [app_commands.Choice(name=name, value=name) for name in names[:25]]
-
-
-class Refusal(ImagineError):
-    """A sentence for the user, sent ephemerally."""
 
 
 def compose_prompt(
@@ -82,153 +56,156 @@ def compose_prompt(
     return " ".join(parts)
 
 
-_DEFAULT_FLAGS = {
-    "aspect_ratio": ("--ar", r"ar|aspect"),
-    "steps": ("--steps", r"steps"),
-    "guidance": ("--cfg", r"cfg|guidance"),
-    "style": ("--style", r"style"),
-}
-
-
-def with_user_defaults(text: str, values: dict[str, object]) -> str:
-    """``text`` with the user's defaults as flags, for each flag the text does not give."""
-    extra = []
-    for key, (flag, names) in _DEFAULT_FLAGS.items():
-        if key in values and not re.search(rf"(?<!\S)(--|—)({names})(?!\S)", text):
-            extra.append(f"{flag} {values[key]}")
-    return " ".join([text, *extra])
-
-
-def banned_word_in(text: str, banned: Sequence[str]) -> bool:
-    lowered = text.lower()
-    for word in banned:
-        word = word.strip().lower()
-        if word and re.search(rf"(?<!\w){re.escape(word)}(?!\w)", lowered):
-            return True
-    return False
-
-
-def can_manage_messages(interaction: discord.Interaction) -> bool:
+def can_manage_messages(interaction: discord.Interaction[ImagineBot]) -> bool:
     return bool(interaction.permissions.manage_messages)
+
+
+def describe(generation: Generation, image: Image | None = None) -> str:
+    """A generation's (or one of its images') recipe, as text that reproduces it."""
+    recipe = generation.recipe
+    if image is not None:
+        recipe = recipe.model_copy(update={"seed": image.seed})
+    lines = [
+        f"**Generation {generation.id}** ({generation.kind.value}, {generation.status.value}) "
+        f"by <@{generation.requester_id}>",
+    ]
+    if image is not None:
+        lines.append(f"Image {image.id}: {image.width}×{image.height}, seed {image.seed}")
+    lines.append(
+        f"Model: `{recipe.model}`" + (f" ({recipe.model_family})" if recipe.model_family else "")
+    )
+    if recipe.strength is not None:
+        lines.append(f"Strength {recipe.strength} from image {recipe.source_image_id}")
+    lines.append("Prompt to reproduce it:")
+    lines.append(f"```\n{format_recipe(recipe)[:1500]}\n```")
+    return "\n".join(lines)[:2000]
+
+
+# -- the buttons under a grid -----------------------------------------------------------------
+
+
+class GridButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=GRID_TEMPLATE):
+    def __init__(self, generation_id: int, action: str) -> None:
+        self.generation_id = generation_id
+        self.action = action
+        super().__init__(grid_button(generation_id, action))
+
+    @classmethod
+    async def from_custom_id(
+        cls,
+        interaction: discord.Interaction[Any],
+        item: discord.ui.Item[Any],
+        match: re.Match[str],
+    ) -> GridButton:
+        return cls(int(match["id"]), match["action"])
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        try:
+            await grid_action(interaction, self.generation_id, self.action)
+        except ImagineError as exc:
+            await refuse(interaction, str(exc))
+
+
+async def grid_action(
+    interaction: discord.Interaction[ImagineBot], generation_id: int, action: str
+) -> None:
+    generation = await load_generation(interaction.client.services.database, generation_id)
+    if action == "remix":
+        text = format_recipe(remix_base(generation.recipe))
+        await interaction.response.send_modal(RemixModal(generation_id, text))
+        return
+    if action == "reroll":
+        await submit(interaction, GenerationKind.REROLL, [reroll_recipe(generation.recipe)])
+        return
+    image = _tile(generation, int(action[1:]))
+    if action[0] == "u":
+        await interaction.response.defer(thinking=True)
+        delivery = interaction.client.delivery
+        rendered = await delivery.render_image(generation, image, interaction.filesize_limit)
+        await send_rendered(interaction, rendered)
+    else:
+        recipe = variation_recipe(generation.recipe, image, strong=True)
+        await submit(interaction, GenerationKind.VARIATION, [recipe], parent_image_id=image.id)
+
+
+def _tile(generation: Generation, number: int) -> Image:
+    images = sorted(generation.images, key=lambda image: image.index)
+    if not 1 <= number <= len(images):
+        raise Refusal(f"Generation {generation.id} has {len(images)} images, not {number}.")
+    return images[number - 1]
+
+
+# -- the buttons under one image --------------------------------------------------------------
+
+
+class ImageButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=IMAGE_TEMPLATE):
+    def __init__(self, image_id: int, action: str) -> None:
+        self.image_id = image_id
+        self.action = action
+        super().__init__(image_button(image_id, action))
+
+    @classmethod
+    async def from_custom_id(
+        cls,
+        interaction: discord.Interaction[Any],
+        item: discord.ui.Item[Any],
+        match: re.Match[str],
+    ) -> ImageButton:
+        return cls(int(match["id"]), match["action"])
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        try:
+            await image_action(interaction, self.image_id, self.action)
+        except ImagineError as exc:
+            await refuse(interaction, str(exc))
+
+
+async def image_action(
+    interaction: discord.Interaction[ImagineBot], image_id: int, action: str
+) -> None:
+    services = interaction.client.services
+    image, generation = await load_image(services.database, image_id)
+    if action in ("subtle", "strong"):
+        recipe = variation_recipe(generation.recipe, image, strong=action == "strong")
+        await submit(interaction, GenerationKind.VARIATION, [recipe], parent_image_id=image.id)
+    elif action == "up":
+        recipe = upscale_recipe(generation.recipe, image)
+        await submit(interaction, GenerationKind.UPSCALE, [recipe], parent_image_id=image.id)
+    elif action == "remix":
+        recipe = remix_base(generation.recipe).model_copy(update={"seed": image.seed})
+        text = format_recipe(recipe.model_copy(update={"count": 4}))
+        await interaction.response.send_modal(RemixModal(generation.id, text))
+    elif action == "like":
+        async with services.database.session() as session:
+            _liked, count = await toggle_like(session, interaction.user.id, image.id)
+        await interaction.response.edit_message(view=image_view(image, count))
+    elif action == "info":
+        await interaction.response.send_message(describe(generation, image), ephemeral=True)
+    elif action == "delete":
+        await _delete(interaction, generation, image)
+
+
+async def _delete(
+    interaction: discord.Interaction[ImagineBot], generation: Generation, image: Image
+) -> None:
+    if interaction.user.id != generation.requester_id and not can_manage_messages(interaction):
+        raise Refusal(
+            "Only the person who made this image, or a member who can manage messages, "
+            "can delete it."
+        )
+    async with interaction.client.services.database.session() as session:
+        await remove_from_gallery(session, image.id, interaction.user.id)
+    await interaction.response.defer()
+    await interaction.delete_original_response()
+
+
+# -- the cog ----------------------------------------------------------------------------------
 
 
 class ImagineCog(commands.Cog):
     def __init__(self, bot: ImagineBot) -> None:
         self.bot = bot
         self.services = bot.services
-        self.delivery = bot.delivery
-
-    # -- answering ---------------------------------------------------------------------------
-
-    async def refuse(self, interaction: discord.Interaction, message: str) -> None:
-        """An ephemeral sentence, whether or not the interaction was answered already."""
-        if not interaction.response.is_done():
-            await interaction.response.send_message(message, ephemeral=True)
-            return
-        if interaction.response.type is discord.InteractionResponseType.deferred_channel_message:
-            with contextlib.suppress(discord.HTTPException):
-                await interaction.delete_original_response()  # the public "thinking…"
-
-        await interaction.followup.send(message, ephemeral=True)
-
-    def defaults(self) -> PromptDefaults:
-        return PromptDefaults(
-            model=self.services.settings.model,
-            family=self.services.family,
-            style_weights=self.services.style_weights,
-        )
-
-    def parse(self, text: str, guild_id: int | None) -> list[Recipe]:
-        known = self.services.known_styles(guild_id)
-        return parse_prompt(text, self.defaults(), known_styles=known)
-
-    async def check_policy(
-        self, interaction: discord.Interaction, recipes: Sequence[Recipe]
-    ) -> None:
-        """The server's rules: banned words, where NSFW prompts may go, who may use a style."""
-        if interaction.guild_id is None:
-            return
-        async with self.services.database.session() as session:
-            guild = await guild_policy(session, interaction.guild_id)
-        channel_nsfw = bool(getattr(interaction.channel, "is_nsfw", lambda: False)())
-        roles = {role.id for role in getattr(interaction.user, "roles", [])}
-        for recipe in recipes:
-            if banned_word_in(recipe.prompt, guild.banned_words or []):
-                raise Refusal(
-                    "This server does not allow a word in that prompt; "
-                    "rephrase it (the server's moderators keep the list)."
-                )
-            if banned_word_in(recipe.prompt, NSFW_WORDS):
-                if guild.nsfw_policy is NsfwPolicy.BLOCK:
-                    raise Refusal("This server does not allow NSFW prompts; rephrase it.")
-                if guild.nsfw_policy is NsfwPolicy.AGE_RESTRICTED_CHANNELS and not channel_nsfw:
-                    raise Refusal(
-                        "NSFW prompts are allowed only in age-restricted channels here; "
-                        "use one of those, or rephrase it."
-                    )
-            for style in recipe.styles:
-                allowed = (guild.style_roles or {}).get(style.name)
-                if allowed and not roles & set(allowed):
-                    raise Refusal(
-                        f"The style {style.name} is for members with "
-                        + " or ".join(f"<@&{role}>" for role in allowed)
-                        + "; ask a moderator, or pick another style."
-                    )
-
-    async def submit(
-        self,
-        interaction: discord.Interaction,
-        kind: GenerationKind,
-        recipes: Sequence[Recipe],
-        *,
-        parent_image_id: int | None = None,
-        private: bool = False,
-    ) -> list[Generation]:
-        """Defer, check policy, submit one generation per recipe, show each one's place in line.
-
-        The first generation takes the deferred response's message; the others get
-        a followup message each.
-        """
-        received = utcnow()
-        first_message_id: int | None = None
-        if not interaction.response.is_done():
-            callback = await interaction.response.defer(thinking=True, ephemeral=private)
-            first_message_id = callback.message_id if callback is not None else None
-        try:
-            await self.check_policy(interaction, recipes)
-        except Refusal as exc:
-            await self.refuse(interaction, str(exc))
-            return []
-        if first_message_id is None:
-            first_message_id = (await interaction.original_response()).id
-        submitted: list[Generation] = []
-        limit = interaction.filesize_limit
-        for number, recipe in enumerate(recipes):
-            if number == 0:
-                message_id = first_message_id
-            else:
-                message_id = (await interaction.followup.send("⏳", wait=True)).id
-            origin = Origin(
-                guild_id=interaction.guild_id,
-                channel_id=interaction.channel_id,
-                message_id=message_id,
-                interaction_token=interaction.token,
-                interaction_at=received,
-            )
-            submission = Submission(
-                kind, recipe, interaction.user.id, origin, parent_image_id=parent_image_id
-            )
-            try:
-                generation = await self.services.queue.submit(submission)
-            except ImagineError as exc:
-                if number == 0:
-                    await self.refuse(interaction, str(exc))
-                else:
-                    await interaction.followup.send(str(exc), ephemeral=True)
-                break
-            submitted.append(generation)
-            await self.delivery.show_queued(generation.id, limit)
-        return submitted
 
     # -- /imagine ----------------------------------------------------------------------------
 
@@ -244,7 +221,7 @@ class ImagineCog(commands.Cog):
     @app_commands.autocomplete(style=style_choices)
     async def imagine(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[ImagineBot],
         prompt: app_commands.Range[str, 1, 1500],
         style: str | None = None,
         aspect_ratio: str | None = None,
@@ -254,157 +231,7 @@ class ImagineCog(commands.Cog):
         text = compose_prompt(
             prompt, style=style, aspect_ratio=aspect_ratio, negative=negative, seed=seed
         )
-        await self.run_prompt(interaction, text)
-
-    async def run_prompt(self, interaction: discord.Interaction, text: str) -> None:
-        """What /imagine does with its text: the user's defaults, parse, then submit."""
-        defaults = self.bot.user_defaults.get(interaction.user.id, {})
-        try:
-            recipes = self.parse(with_user_defaults(text, defaults), interaction.guild_id)
-        except PromptError as exc:
-            await self.refuse(interaction, str(exc))
-            return
-        await self.submit(
-            interaction,
-            GenerationKind.IMAGINE,
-            recipes,
-            private=bool(defaults.get("private", False)),
-        )
-
-    # -- grid buttons ------------------------------------------------------------------------
-
-    async def _generation(self, generation_id: int) -> Generation:
-        async with self.services.database.session() as session:
-            return await get_generation(session, generation_id)
-
-    async def grid_action(
-        self, interaction: discord.Interaction, generation_id: int, action: str
-    ) -> None:
-        try:
-            generation = await self._generation(generation_id)
-            if action == "remix":
-                text = format_recipe(remix_base(generation.recipe))
-                await interaction.response.send_modal(RemixModal(generation_id, text))
-                return
-            if action == "reroll":
-                recipe = reroll_recipe(generation.recipe)
-                await self.submit(interaction, GenerationKind.REROLL, [recipe])
-                return
-            image = self._tile(generation, int(action[1:]))
-            if action[0] == "u":
-                await self.post_image(interaction, generation, image)
-            else:
-                recipe = variation_recipe(generation.recipe, image, strong=True)
-                await self.submit(
-                    interaction, GenerationKind.VARIATION, [recipe], parent_image_id=image.id
-                )
-        except ImagineError as exc:
-            await self.refuse(interaction, str(exc))
-
-    def _tile(self, generation: Generation, number: int) -> Image:
-        images = sorted(generation.images, key=lambda image: image.index)
-        if not 1 <= number <= len(images):
-            raise Refusal(f"Generation {generation.id} has {len(images)} images, not {number}.")
-        return images[number - 1]
-
-    async def post_image(
-        self, interaction: discord.Interaction, generation: Generation, image: Image
-    ) -> None:
-        await interaction.response.defer(thinking=True)
-        limit = interaction.filesize_limit
-        rendered = await self.delivery.render_image(generation, image, limit)
-        await self._send(interaction, rendered)
-
-    async def _send(self, interaction: discord.Interaction, rendered: Rendered) -> None:
-        kwargs: dict[str, object] = {"content": rendered.content, "files": rendered.files()}
-        if rendered.view is not None:
-            kwargs["view"] = rendered.view
-        await interaction.followup.send(**kwargs)  # type: ignore[call-overload]
-
-    async def remix_submitted(
-        self, interaction: discord.Interaction, generation_id: int, text: str
-    ) -> None:
-        try:
-            await self._generation(generation_id)  # it must still exist
-            recipes = self.parse(text, interaction.guild_id)
-        except ImagineError as exc:
-            await self.refuse(interaction, str(exc))
-            return
-        await self.submit(interaction, GenerationKind.REMIX, recipes)
-
-    # -- single-image buttons ----------------------------------------------------------------
-
-    async def image_action(
-        self, interaction: discord.Interaction, image_id: int, action: str
-    ) -> None:
-        try:
-            async with self.services.database.session() as session:
-                image = await get_image(session, image_id)
-                generation = await get_generation(session, image.generation_id)
-            if action in ("subtle", "strong"):
-                recipe = variation_recipe(generation.recipe, image, strong=action == "strong")
-                await self.submit(
-                    interaction, GenerationKind.VARIATION, [recipe], parent_image_id=image.id
-                )
-            elif action == "up":
-                recipe = upscale_recipe(generation.recipe, image)
-                await self.submit(
-                    interaction, GenerationKind.UPSCALE, [recipe], parent_image_id=image.id
-                )
-            elif action == "remix":
-                recipe = remix_base(generation.recipe).model_copy(update={"seed": image.seed})
-                text = format_recipe(recipe.model_copy(update={"count": 4}))
-                await interaction.response.send_modal(RemixModal(generation.id, text))
-            elif action == "like":
-                await self._like(interaction, image)
-            elif action == "info":
-                await interaction.response.send_message(
-                    self.describe(generation, image), ephemeral=True
-                )
-            elif action == "delete":
-                await self._delete(interaction, generation, image)
-        except ImagineError as exc:
-            await self.refuse(interaction, str(exc))
-
-    async def _like(self, interaction: discord.Interaction, image: Image) -> None:
-        async with self.services.database.session() as session:
-            _liked, count = await toggle_like(session, interaction.user.id, image.id)
-        from bot.views import image_view
-
-        await interaction.response.edit_message(view=image_view(image, count))
-
-    async def _delete(
-        self, interaction: discord.Interaction, generation: Generation, image: Image
-    ) -> None:
-        if interaction.user.id != generation.requester_id and not can_manage_messages(interaction):
-            raise Refusal(
-                "Only the person who made this image, or a member who can manage messages, "
-                "can delete it."
-            )
-        async with self.services.database.session() as session:
-            await remove_from_gallery(session, image.id, interaction.user.id)
-        await interaction.response.defer()
-        await interaction.delete_original_response()
-
-    def describe(self, generation: Generation, image: Image | None = None) -> str:
-        recipe = generation.recipe
-        if image is not None:
-            recipe = recipe.model_copy(update={"seed": image.seed})
-        lines = [
-            f"**Generation {generation.id}** ({generation.kind.value}, {generation.status.value}) "
-            f"by <@{generation.requester_id}>",
-        ]
-        if image is not None:
-            lines.append(f"Image {image.id}: {image.width}×{image.height}, seed {image.seed}")
-        lines.append(
-            f"Model: `{recipe.model}`"
-            + (f" ({recipe.model_family})" if recipe.model_family else "")
-        )
-        if recipe.strength is not None:
-            lines.append(f"Strength {recipe.strength} from image {recipe.source_image_id}")
-        lines.append("Prompt to reproduce it:")
-        lines.append(f"```\n{format_recipe(recipe)[:1500]}\n```")
-        return "\n".join(lines)[:2000]
+        await run_prompt(interaction, text)
 
     # -- /info /show /queue /cancel ------------------------------------------------------------
 
@@ -412,35 +239,35 @@ class ImagineCog(commands.Cog):
         name="info", description="A generation's recipe: prompt, seed and settings."
     )
     @app_commands.describe(generation="The generation's number (#N under its images)")
-    async def info(self, interaction: discord.Interaction, generation: int) -> None:
+    async def info(self, interaction: discord.Interaction[ImagineBot], generation: int) -> None:
         try:
-            found = await self._generation(generation)
+            found = await load_generation(self.services.database, generation)
         except NotFound as exc:
-            await self.refuse(interaction, str(exc))
+            await refuse(interaction, str(exc))
             return
-        await interaction.response.send_message(self.describe(found), ephemeral=True)
+        await interaction.response.send_message(describe(found), ephemeral=True)
 
     @app_commands.command(name="show", description="Post a generation again, with working buttons.")
     @app_commands.describe(generation="The generation's number (#N under its images)")
-    async def show(self, interaction: discord.Interaction, generation: int) -> None:
+    async def show(self, interaction: discord.Interaction[ImagineBot], generation: int) -> None:
         try:
-            found = await self._generation(generation)
+            found = await load_generation(self.services.database, generation)
         except NotFound as exc:
-            await self.refuse(interaction, str(exc))
+            await refuse(interaction, str(exc))
             return
         if found.status is not S.SUCCEEDED:
-            await self.refuse(
+            await refuse(
                 interaction,
                 f"Generation {generation} is {found.status.value}; only finished ones can be "
                 "shown.",
             )
             return
         await interaction.response.defer(thinking=True)
-        limit = interaction.filesize_limit
-        await self._send(interaction, await self.delivery.render(found, limit))
+        rendered = await self.bot.delivery.render(found, interaction.filesize_limit)
+        await send_rendered(interaction, rendered)
 
     @app_commands.command(name="queue", description="Your generations waiting or running.")
-    async def queue(self, interaction: discord.Interaction) -> None:
+    async def queue(self, interaction: discord.Interaction[ImagineBot]) -> None:
         async with self.services.database.session() as session:
             active = await recent_generations(
                 session, interaction.user.id, limit=25, statuses=[S.QUEUED, S.RUNNING]
@@ -465,7 +292,9 @@ class ImagineCog(commands.Cog):
         name="cancel", description="Cancel a generation (your newest if none is named)."
     )
     @app_commands.describe(generation="The generation's number (#N); leave empty for your newest")
-    async def cancel(self, interaction: discord.Interaction, generation: int | None = None) -> None:
+    async def cancel(
+        self, interaction: discord.Interaction[ImagineBot], generation: int | None = None
+    ) -> None:
         try:
             if generation is None:
                 async with self.services.database.session() as session:
@@ -476,7 +305,7 @@ class ImagineCog(commands.Cog):
                     raise Refusal("You have nothing waiting or running to cancel.")
                 found = active[0]
             else:
-                found = await self._generation(generation)
+                found = await load_generation(self.services.database, generation)
             if found.requester_id != interaction.user.id and not can_manage_messages(interaction):
                 raise Refusal(
                     f"Generation {found.id} is someone else's; only they or a member who can "
@@ -484,7 +313,7 @@ class ImagineCog(commands.Cog):
                 )
             result = await self.services.queue.cancel(found.id)
         except ImagineError as exc:
-            await self.refuse(interaction, str(exc))
+            await refuse(interaction, str(exc))
             return
         if result.status is S.CANCELLED:
             text = f"Generation {result.id} is cancelled."
@@ -493,3 +322,8 @@ class ImagineCog(commands.Cog):
         else:
             text = f"Generation {result.id} is already {result.status.value}; nothing to cancel."
         await interaction.response.send_message(text, ephemeral=True)
+
+
+async def setup(bot: ImagineBot) -> None:
+    await bot.add_cog(ImagineCog(bot))
+    bot.add_dynamic_items(GridButton, ImageButton)

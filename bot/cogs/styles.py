@@ -18,8 +18,12 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.cogs.imagine import ImagineCog, style_choices
+from bot.choices import style_choices
 from bot.delivery import Rendered
+from bot.modals import TryModal
+from bot.replies import refuse
+from bot.services import Services
+from bot.submit import parse_text, submit
 from bot.uploads import fit_upload
 from storage.errors import ImagineError
 from storage.generations import get_generation
@@ -27,6 +31,7 @@ from storage.models import GenerationKind, GenerationStatus, Style
 from storage.style_store import (
     add_style,
     check_family,
+    check_style_name,
     check_upload,
     guild_styles,
     inspect_lora,
@@ -53,12 +58,6 @@ class StyleEntry:
     preview_path: Path | None = None
 
 
-def _styles_cog(interaction: discord.Interaction) -> StylesCog:
-    cog = interaction.client.get_cog("StylesCog")  # type: ignore[attr-defined]
-    assert isinstance(cog, StylesCog)
-    return cog
-
-
 class StylePageButton(discord.ui.DynamicItem[_BUTTON], template=PAGE_TEMPLATE):
     def __init__(self, page: int, action: str, *, disabled: bool = False) -> None:
         self.page = page
@@ -74,13 +73,16 @@ class StylePageButton(discord.ui.DynamicItem[_BUTTON], template=PAGE_TEMPLATE):
 
     @classmethod
     async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+        cls,
+        interaction: discord.Interaction[Any],
+        item: discord.ui.Item[Any],
+        match: re.Match[str],
     ) -> StylePageButton:
         return cls(int(match["page"]), match["action"])
 
-    async def callback(self, interaction: discord.Interaction) -> None:
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
         page = self.page - 1 if self.action == "prev" else self.page + 1
-        await _styles_cog(interaction).show_page(interaction, max(0, page), edit=True)
+        await show_page(interaction, max(0, page), edit=True)
 
 
 class TryStyleButton(discord.ui.DynamicItem[_BUTTON], template=TRY_TEMPLATE):
@@ -97,31 +99,15 @@ class TryStyleButton(discord.ui.DynamicItem[_BUTTON], template=TRY_TEMPLATE):
 
     @classmethod
     async def from_custom_id(
-        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str]
+        cls,
+        interaction: discord.Interaction[Any],
+        item: discord.ui.Item[Any],
+        match: re.Match[str],
     ) -> TryStyleButton:
         return cls(match["name"])
 
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await _styles_cog(interaction).open_try(interaction, self.name)
-
-
-class TryModal(discord.ui.Modal):
-    """/imagine pre-filled with the style; handled in the bot's ``on_interaction``."""
-
-    def __init__(self, name: str, text: str) -> None:
-        super().__init__(title=f"Try {name}"[:45], custom_id=f"try:{name}", timeout=15 * 60)
-        self.add_item(
-            discord.ui.TextInput(
-                label="Prompt and flags",
-                style=discord.TextStyle.paragraph,
-                default=text,
-                max_length=1500,
-                custom_id="prompt",
-            )
-        )
-
-    async def on_submit(self, interaction: discord.Interaction) -> None:
-        """Nothing: see the class docstring."""
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        await open_try(interaction, self.name)
 
 
 def _page_view(page: int, count: int, name: str | None) -> discord.ui.View:
@@ -132,6 +118,92 @@ def _page_view(page: int, count: int, name: str | None) -> discord.ui.View:
     view.add_item(StylePageButton(page, "next", disabled=page + 1 >= count))
     view.stop()
     return view
+
+
+# -- /styles --------------------------------------------------------------------------------
+
+
+async def style_entries(services: Services, guild_id: int | None) -> list[StyleEntry]:
+    found: dict[str, StyleEntry] = {}
+    registry: Any = services.styles
+    for name in registry.names():
+        spec = registry.get(name)
+        found[name] = StyleEntry(
+            name,
+            spec.description,
+            tuple(spec.trigger_words),
+            spec.default_weight,
+            "global",
+            preview_path=spec.preview_path,
+        )
+    if guild_id is not None:
+        async with services.database.session() as session:
+            for row in await guild_styles(session, guild_id):
+                found[row.name] = StyleEntry(
+                    row.name,
+                    row.description,
+                    tuple(row.trigger_words),
+                    row.default_weight,
+                    "server",
+                    preview_generation_id=row.preview_generation_id,
+                )
+    return sorted(found.values(), key=lambda entry: entry.name)
+
+
+async def render_page(services: Services, guild_id: int | None, page: int, limit: int) -> Rendered:
+    entries = await style_entries(services, guild_id)
+    if not entries:
+        text = "🎨 No styles yet. Members who manage the server can add one with /style add."
+        return Rendered(text, view=_page_view(0, 0, None))
+    page = min(page, len(entries) - 1)
+    entry = entries[page]
+    triggers = ", ".join(entry.trigger_words) or "none"
+    content = (
+        f"🎨 **{entry.name}** ({entry.where}) · {page + 1} of {len(entries)}\n"
+        f"{entry.description or 'No description.'}\n"
+        f"Trigger words: {triggers} · default weight {entry.default_weight:g}\n"
+        f"Use it: `/imagine prompt: … --style {entry.name}`"
+    )[:2000]
+    rendered = Rendered(content, view=_page_view(page, len(entries), entry.name))
+    preview = await _preview(services, entry)
+    if preview is not None:
+        rendered.upload = fit_upload(preview, f"style-{entry.name}", limit)
+    return rendered
+
+
+async def _preview(services: Services, entry: StyleEntry) -> bytes | None:
+    if entry.preview_path is not None and entry.preview_path.is_file():
+        return entry.preview_path.read_bytes()
+    if entry.preview_generation_id is None:
+        return None
+    async with services.database.session() as session:
+        generation = await get_generation(session, entry.preview_generation_id)
+    if generation.status is not GenerationStatus.SUCCEEDED or not generation.images:
+        return None
+    return await services.blobs.get(generation.images[0].blob_key)
+
+
+async def show_page(interaction: discord.Interaction[ImagineBot], page: int, *, edit: bool) -> None:
+    rendered = await render_page(
+        interaction.client.services, interaction.guild_id, page, interaction.filesize_limit
+    )
+    view = rendered.view or discord.utils.MISSING
+    if edit:
+        await interaction.response.edit_message(
+            content=rendered.content, attachments=rendered.files(), view=view
+        )
+    else:
+        await interaction.followup.send(rendered.content, files=rendered.files(), view=view)
+
+
+async def open_try(interaction: discord.Interaction[ImagineBot], name: str) -> None:
+    known = interaction.client.services.known_styles(interaction.guild_id)
+    if name not in known:
+        await interaction.response.send_message(
+            f"The style {name} is gone; /styles shows the current ones.", ephemeral=True
+        )
+        return
+    await interaction.response.send_modal(TryModal(name, f"a lighthouse at dusk --style {name}"))
 
 
 class StylesCog(commands.Cog):
@@ -146,104 +218,15 @@ class StylesCog(commands.Cog):
         self.bot = bot
         self.services = bot.services
 
-    @property
-    def imagine(self) -> ImagineCog:
-        cog = self.bot.get_cog("ImagineCog")
-        assert isinstance(cog, ImagineCog)
-        return cog
-
-    # -- /styles -------------------------------------------------------------------------------
-
-    async def entries(self, guild_id: int | None) -> list[StyleEntry]:
-        found: dict[str, StyleEntry] = {}
-        registry: Any = self.services.styles
-        for name in registry.names():
-            spec = registry.get(name)
-            found[name] = StyleEntry(
-                name,
-                spec.description,
-                tuple(spec.trigger_words),
-                spec.default_weight,
-                "global",
-                preview_path=spec.preview_path,
-            )
-        if guild_id is not None:
-            async with self.services.database.session() as session:
-                for row in await guild_styles(session, guild_id):
-                    found[row.name] = StyleEntry(
-                        row.name,
-                        row.description,
-                        tuple(row.trigger_words),
-                        row.default_weight,
-                        "server",
-                        preview_generation_id=row.preview_generation_id,
-                    )
-        return sorted(found.values(), key=lambda entry: entry.name)
-
-    async def render_page(self, guild_id: int | None, page: int, limit: int) -> Rendered:
-        entries = await self.entries(guild_id)
-        if not entries:
-            text = "🎨 No styles yet. Members who manage the server can add one with /style add."
-            return Rendered(text, view=_page_view(0, 0, None))
-        page = min(page, len(entries) - 1)
-        entry = entries[page]
-        triggers = ", ".join(entry.trigger_words) or "none"
-        content = (
-            f"🎨 **{entry.name}** ({entry.where}) · {page + 1} of {len(entries)}\n"
-            f"{entry.description or 'No description.'}\n"
-            f"Trigger words: {triggers} · default weight {entry.default_weight:g}\n"
-            f"Use it: `/imagine prompt: … --style {entry.name}`"
-        )[:2000]
-        rendered = Rendered(content, view=_page_view(page, len(entries), entry.name))
-        preview = await self._preview(entry)
-        if preview is not None:
-            rendered.upload = fit_upload(preview, f"style-{entry.name}", limit)
-        return rendered
-
-    async def _preview(self, entry: StyleEntry) -> bytes | None:
-        if entry.preview_path is not None and entry.preview_path.is_file():
-            return entry.preview_path.read_bytes()
-        if entry.preview_generation_id is None:
-            return None
-        async with self.services.database.session() as session:
-            generation = await get_generation(session, entry.preview_generation_id)
-        if generation.status is not GenerationStatus.SUCCEEDED or not generation.images:
-            return None
-        return await self.services.blobs.get(generation.images[0].blob_key)
-
-    async def show_page(self, interaction: discord.Interaction, page: int, *, edit: bool) -> None:
-        rendered = await self.render_page(interaction.guild_id, page, interaction.filesize_limit)
-        view = rendered.view or discord.utils.MISSING
-        if edit:
-            await interaction.response.edit_message(
-                content=rendered.content, attachments=rendered.files(), view=view
-            )
-        else:
-            await interaction.followup.send(rendered.content, files=rendered.files(), view=view)
-
     @app_commands.command(name="styles", description="This server's styles, with previews.")
     @app_commands.guild_only()
-    async def styles(self, interaction: discord.Interaction) -> None:
+    async def styles(self, interaction: discord.Interaction[ImagineBot]) -> None:
         await interaction.response.defer(thinking=True)
-        await self.show_page(interaction, 0, edit=False)
-
-    async def open_try(self, interaction: discord.Interaction, name: str) -> None:
-        known = self.services.known_styles(interaction.guild_id)
-        if name not in known:
-            await interaction.response.send_message(
-                f"The style {name} is gone; /styles shows the current ones.", ephemeral=True
-            )
-            return
-        await interaction.response.send_modal(
-            TryModal(name, f"a lighthouse at dusk --style {name}")
-        )
-
-    async def try_submitted(self, interaction: discord.Interaction, text: str) -> None:
-        await self.imagine.run_prompt(interaction, text)
+        await show_page(interaction, 0, edit=False)
 
     # -- /style add | edit | remove -------------------------------------------------------------
 
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+    async def interaction_check(self, interaction: discord.Interaction[Any]) -> bool:
         command = interaction.command
         parent = getattr(command, "parent", None)
         if parent is None or parent.name != "style":
@@ -266,7 +249,7 @@ class StylesCog(commands.Cog):
     )
     async def add(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[ImagineBot],
         file: discord.Attachment,
         name: app_commands.Range[str, 1, 64],
         description: app_commands.Range[str, 0, 300] = "",
@@ -276,13 +259,17 @@ class StylesCog(commands.Cog):
         assert interaction.guild_id is not None
         family = self.services.family.name
         max_bytes = self.services.settings.max_lora_mb * 2**20
+        words = [w.strip() for w in trigger_words.split(",") if w.strip()]
+        # Everything that can refuse comes before the blob is stored, so a refusal
+        # leaves nothing behind.
         try:
             check_upload(file.filename, file.size, max_bytes)
             await interaction.response.defer(thinking=True)
+            async with self.services.database.session() as session:
+                await check_style_name(session, interaction.guild_id, name)
             data = await file.read()
             info = inspect_lora(data, file.filename, max_bytes)
             check_family(info, family, file.filename)
-            words = [w.strip() for w in trigger_words.split(",") if w.strip()]
             key = await self.services.blobs.put(data)
             async with self.services.database.session() as session:
                 row = await add_style(
@@ -299,15 +286,14 @@ class StylesCog(commands.Cog):
                 )
                 style_id = row.id
         except ImagineError as exc:
-            await self.imagine.refuse(interaction, str(exc))
+            await refuse(interaction, str(exc))
             return
         self.services.guild_style_names.setdefault(interaction.guild_id, set()).add(name)
         prompt = ", ".join([*words, description or name])
-        recipes = self.imagine.parse(
-            f"{prompt} --style {name} --seed {PREVIEW_SEED}", interaction.guild_id
-        )
+        text = f"{prompt} --style {name} --seed {PREVIEW_SEED}"
+        recipes = parse_text(self.services, text, interaction.guild_id)
         preview = recipes[0].model_copy(update={"count": 1})
-        generations = await self.imagine.submit(interaction, GenerationKind.IMAGINE, [preview])
+        generations = await submit(interaction, GenerationKind.IMAGINE, [preview])
         if generations:
             async with self.services.database.session() as session:
                 row = await session.get_one(Style, style_id)
@@ -324,7 +310,7 @@ class StylesCog(commands.Cog):
     @app_commands.autocomplete(name=style_choices)
     async def edit(
         self,
-        interaction: discord.Interaction,
+        interaction: discord.Interaction[ImagineBot],
         name: str,
         description: app_commands.Range[str, 0, 300] | None = None,
         weight: app_commands.Range[float, 0.1, 2.0] | None = None,
@@ -341,23 +327,28 @@ class StylesCog(commands.Cog):
                 if trigger_words is not None:
                     row.trigger_words = [w.strip() for w in trigger_words.split(",") if w.strip()]
         except ImagineError as exc:
-            await self.imagine.refuse(interaction, str(exc))
+            await refuse(interaction, str(exc))
             return
         await interaction.response.send_message(f"Style **{name}** is updated.", ephemeral=True)
 
     @style.command(name="remove", description="Remove a style this server added.")
     @app_commands.autocomplete(name=style_choices)
-    async def remove(self, interaction: discord.Interaction, name: str) -> None:
+    async def remove(self, interaction: discord.Interaction[ImagineBot], name: str) -> None:
         assert interaction.guild_id is not None
         try:
             async with self.services.database.session() as session:
                 row = await server_style(session, interaction.guild_id, name)
                 await session.delete(row)
         except ImagineError as exc:
-            await self.imagine.refuse(interaction, str(exc))
+            await refuse(interaction, str(exc))
             return
         self.services.guild_style_names.get(interaction.guild_id, set()).discard(name)
         await interaction.response.send_message(
             f"Style **{name}** is removed; images made with it keep their recipe.",
             ephemeral=True,
         )
+
+
+async def setup(bot: ImagineBot) -> None:
+    await bot.add_cog(StylesCog(bot))
+    bot.add_dynamic_items(StylePageButton, TryStyleButton)

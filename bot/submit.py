@@ -1,0 +1,170 @@
+"""From text or recipes to queued generations: defaults, the server's rules, the queue.
+
+What /imagine, the buttons under its results, the remix and "try it" modals and
+/style add's preview have in common. Text is parsed before the first await, so a
+bad flag gets an ephemeral sentence as the first response; then the interaction
+is deferred and the database work follows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import discord
+
+from bot.prompt import PromptDefaults, PromptError, parse_prompt
+from bot.replies import Refusal, refuse
+from bot.services import Services
+from storage.community import NSFW_WORDS, guild_policy
+from storage.errors import ImagineError
+from storage.generations import Origin
+from storage.models import Generation, GenerationKind, NsfwPolicy, utcnow
+from storage.queue import Submission
+from storage.recipe import Recipe
+
+if TYPE_CHECKING:
+    from bot.app import ImagineBot
+
+_DEFAULT_FLAGS = {
+    "aspect_ratio": ("--ar", r"ar|aspect"),
+    "steps": ("--steps", r"steps"),
+    "guidance": ("--cfg", r"cfg|guidance"),
+    "style": ("--style", r"style"),
+}
+
+
+def with_user_defaults(text: str, values: dict[str, object]) -> str:
+    """``text`` with the user's defaults as flags, for each flag the text does not give."""
+    extra = []
+    for key, (flag, names) in _DEFAULT_FLAGS.items():
+        if key in values and not re.search(rf"(?<!\S)(--|—)({names})(?!\S)", text):
+            extra.append(f"{flag} {values[key]}")
+    return " ".join([text, *extra])
+
+
+def parse_text(services: Services, text: str, guild_id: int | None) -> list[Recipe]:
+    """Prompt-language text as recipes, with the styles this server may name."""
+    defaults = PromptDefaults(
+        model=services.settings.model,
+        family=services.family,
+        style_weights=services.style_weights,
+    )
+    return parse_prompt(text, defaults, known_styles=services.known_styles(guild_id))
+
+
+def banned_word_in(text: str, banned: Sequence[str]) -> bool:
+    lowered = text.lower()
+    for word in banned:
+        word = word.strip().lower()
+        if word and re.search(rf"(?<!\w){re.escape(word)}(?!\w)", lowered):
+            return True
+    return False
+
+
+async def check_policy(
+    interaction: discord.Interaction[ImagineBot], recipes: Sequence[Recipe]
+) -> None:
+    """The server's rules: banned words, where NSFW prompts may go, who may use a style."""
+    if interaction.guild_id is None:
+        return
+    async with interaction.client.services.database.session() as session:
+        guild = await guild_policy(session, interaction.guild_id)
+    channel_nsfw = bool(getattr(interaction.channel, "is_nsfw", lambda: False)())
+    roles = {role.id for role in getattr(interaction.user, "roles", [])}
+    for recipe in recipes:
+        if banned_word_in(recipe.prompt, guild.banned_words or []):
+            raise Refusal(
+                "This server does not allow a word in that prompt; "
+                "rephrase it (the server's moderators keep the list)."
+            )
+        if banned_word_in(recipe.prompt, NSFW_WORDS):
+            if guild.nsfw_policy is NsfwPolicy.BLOCK:
+                raise Refusal("This server does not allow NSFW prompts; rephrase it.")
+            if guild.nsfw_policy is NsfwPolicy.AGE_RESTRICTED_CHANNELS and not channel_nsfw:
+                raise Refusal(
+                    "NSFW prompts are allowed only in age-restricted channels here; "
+                    "use one of those, or rephrase it."
+                )
+        for style in recipe.styles:
+            allowed = (guild.style_roles or {}).get(style.name)
+            if allowed and not roles & set(allowed):
+                raise Refusal(
+                    f"The style {style.name} is for members with "
+                    + " or ".join(f"<@&{role}>" for role in allowed)
+                    + "; ask a moderator, or pick another style."
+                )
+
+
+async def submit(
+    interaction: discord.Interaction[ImagineBot],
+    kind: GenerationKind,
+    recipes: Sequence[Recipe],
+    *,
+    parent_image_id: int | None = None,
+    private: bool = False,
+) -> list[Generation]:
+    """Defer, check policy, submit one generation per recipe, show each one's place in line.
+
+    The first generation takes the deferred response's message; the others get
+    a followup message each.
+    """
+    received = utcnow()
+    first_message_id: int | None = None
+    if not interaction.response.is_done():
+        callback = await interaction.response.defer(thinking=True, ephemeral=private)
+        first_message_id = callback.message_id if callback is not None else None
+    try:
+        await check_policy(interaction, recipes)
+    except Refusal as exc:
+        await refuse(interaction, str(exc))
+        return []
+    if first_message_id is None:
+        first_message_id = (await interaction.original_response()).id
+    bot = interaction.client
+    submitted: list[Generation] = []
+    limit = interaction.filesize_limit
+    for number, recipe in enumerate(recipes):
+        if number == 0:
+            message_id = first_message_id
+        else:
+            message_id = (await interaction.followup.send("⏳", wait=True)).id
+        origin = Origin(
+            guild_id=interaction.guild_id,
+            channel_id=interaction.channel_id,
+            message_id=message_id,
+            interaction_token=interaction.token,
+            interaction_at=received,
+        )
+        submission = Submission(
+            kind, recipe, interaction.user.id, origin, parent_image_id=parent_image_id
+        )
+        try:
+            generation = await bot.services.queue.submit(submission)
+        except ImagineError as exc:
+            if number == 0:
+                await refuse(interaction, str(exc))
+            else:
+                await interaction.followup.send(str(exc), ephemeral=True)
+            break
+        submitted.append(generation)
+        await bot.delivery.show_queued(generation.id, limit)
+    return submitted
+
+
+async def run_prompt(interaction: discord.Interaction[ImagineBot], text: str) -> None:
+    """What /imagine does with its text: the user's defaults, parse, then submit."""
+    bot = interaction.client
+    defaults = bot.user_defaults.get(interaction.user.id, {})
+    try:
+        recipes = parse_text(bot.services, with_user_defaults(text, defaults), interaction.guild_id)
+    except PromptError as exc:
+        await refuse(interaction, str(exc))
+        return
+    await submit(
+        interaction,
+        GenerationKind.IMAGINE,
+        recipes,
+        private=bool(defaults.get("private", False)),
+    )

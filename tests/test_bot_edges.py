@@ -1,0 +1,130 @@
+"""Rough edges of the bot: crafted button ids, refused members, refused style uploads."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from generation.engine import Engine
+from generation.tiny import build_tiny_lora
+from storage.models import Style
+from storage.style_store import add_style as store_style
+from tests.fake_discord import ALICE, BOB, GUILD_ID, MANAGE_GUILD, MOD
+from tests.test_bot import Harness, harness
+
+__all__ = ["harness"]
+
+HUGE = "99999999999999999999"  # 20 digits: past any 64-bit key
+
+
+@pytest.fixture
+async def bot_only(harness: Harness) -> Harness:
+    await harness.start_bot()  # no worker: nothing here needs one
+    return harness
+
+
+async def said(harness: Harness, interaction: Any) -> str:
+    text: str = await harness.fake.wait_for(
+        lambda: harness.fake.said_privately(interaction), what="an ephemeral sentence"
+    )
+    return text
+
+
+async def click(harness: Harness, custom_id: str) -> Any:
+    """A click on a button with this ``custom_id``, on a message the bot posted."""
+    fake = harness.fake
+    posted = await harness.result(await fake.slash("gallery", options={"sort": "new"}))
+    button = {"type": 2, "style": 2, "label": "crafted", "custom_id": custom_id}
+    message = {**posted, "components": [{"type": 1, "components": [button]}]}
+    data = {"custom_id": custom_id, "component_type": 2}
+    return await fake.interact(3, data, by=ALICE, message=message)
+
+
+@pytest.mark.parametrize(
+    ("custom_id", "sentence"),
+    [
+        (f"gen:{HUGE}:v2", f"There is no generation {HUGE}"),
+        (f"gen:{HUGE}:remix", f"There is no generation {HUGE}"),
+        ("gen:4242:u1", "There is no generation 4242"),
+        (f"img:{HUGE}:info", f"There is no image {HUGE}"),
+        (f"img:{HUGE}:like", f"There is no image {HUGE}"),
+        (f"gim:{HUGE}:like", f"There is no image {HUGE}"),
+        (f"gim:{HUGE}:open", f"There is no image {HUGE}"),
+    ],
+)
+async def test_a_button_naming_no_record_gets_a_sentence(
+    bot_only: Harness, custom_id: str, sentence: str
+) -> None:
+    answered = await click(bot_only, custom_id)
+    assert sentence in await said(bot_only, answered)
+    assert await bot_only.generations() == []
+
+
+async def test_a_remix_of_a_generation_past_any_id_gets_a_sentence(bot_only: Harness) -> None:
+    submitted = await bot_only.fake.submit_modal(f"remix:{HUGE}", {"prompt": "a boat"})
+    assert f"There is no generation {HUGE}" in await said(bot_only, submitted)
+    assert await bot_only.generations() == []
+
+
+async def test_a_refused_member_is_told_why_and_logged_in_one_info_line(
+    bot_only: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    fake = bot_only.fake
+    policy = await fake.slash("policy", subcommand="ban", options={"words": "boat"}, by=BOB)
+    assert "Manage Server" in await said(bot_only, policy)
+    style = await fake.slash("style", subcommand="remove", options={"name": "neon"}, by=BOB)
+    assert "Manage Server" in await said(bot_only, style)
+
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    refused = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert [(r.levelno, r.exc_info) for r in refused] == [(logging.INFO, None)] * 2
+    assert "/policy ban" in refused[0].getMessage() and BOB["id"] in refused[0].getMessage()
+
+
+def blob_files(harness: Harness) -> list[Path]:
+    folder = harness.services.settings.data_dir / "blobs"
+    return sorted(path for path in folder.rglob("*") if path.is_file())
+
+
+async def upload(harness: Harness, data: bytes, name: str) -> Any:
+    value, resolved = harness.fake.attachment_option("neon.safetensors", data)
+    return await harness.fake.slash(
+        "style",
+        subcommand="add",
+        options={"file": value, "name": name},
+        resolved=resolved,
+        by=MOD,
+        permissions=MANAGE_GUILD,
+    )
+
+
+async def test_a_refused_style_name_keeps_no_upload(
+    bot_only: Harness, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    async with bot_only.database.session() as session:
+        await store_style(
+            session,
+            guild_id=GUILD_ID,
+            name="neon",
+            family=tiny_engine.family.name,
+            lora_blob_key="kept-elsewhere",
+            lora_sha256="0" * 64,
+            created_by=int(MOD["id"]),
+        )
+    lora = build_tiny_lora(tiny_engine.pipe.unet, tmp_path / "neon.safetensors", seed=21)
+    before = blob_files(bot_only)
+
+    taken = await upload(bot_only, lora.read_bytes(), "neon")
+    assert "already has a style named neon" in await said(bot_only, taken)
+    malformed = await upload(bot_only, lora.read_bytes(), "neon lights")
+    assert "must be 1 to 64 letters" in await said(bot_only, malformed)
+
+    assert blob_files(bot_only) == before
+    assert bot_only.fake.downloads == []  # refused before the upload was even fetched
+    async with bot_only.database.session() as session:
+        assert [s.name for s in await session.scalars(select(Style))] == ["neon"]
