@@ -32,7 +32,7 @@ import logging
 import re
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import URL
@@ -59,6 +59,9 @@ from storage.scheduling import (
     recent_job_seconds,
 )
 
+if TYPE_CHECKING:
+    from procrastinate import App
+
 log = logging.getLogger(__name__)
 
 S = GenerationStatus
@@ -72,7 +75,7 @@ def queue_name(model: str) -> str:
     return f"imagine.{slug}.{hashlib.sha256(model.encode()).hexdigest()[:8]}"
 
 
-def make_app(url: URL) -> Any:
+def make_app(url: URL) -> App:
     """A procrastinate App on the database at ``url`` (psycopg connector)."""
     import procrastinate
 
@@ -100,7 +103,7 @@ class ProcrastinateQueue:
         self,
         database: Database,
         limits: Limits,
-        app: Any,
+        app: App,
         events: EventBus,
         cancellations: Cancellations,
         stale_seconds: float = 30.0,
