@@ -19,7 +19,13 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.delivery import Rendered
-from bot.prompt import PromptDefaults, PromptError, format_recipe, parse_prompt
+from bot.prompt import (
+    PromptDefaults,
+    PromptError,
+    PromptOverrides,
+    format_recipe,
+    parse_prompt,
+)
 from bot.views import RemixModal
 from storage.community import NSFW_WORDS, guild_policy
 from storage.derive import remix_base, reroll_recipe, upscale_recipe, variation_recipe
@@ -61,44 +67,6 @@ class Refusal(ImagineError):
     """A sentence for the user, sent ephemerally."""
 
 
-def compose_prompt(
-    prompt: str,
-    *,
-    style: str | None = None,
-    aspect_ratio: str | None = None,
-    negative: str | None = None,
-    seed: int | None = None,
-) -> str:
-    """The slash command's options as prompt-language flags after the prompt text."""
-    parts = [prompt.strip()]
-    if style:
-        parts.append(f"--style {style.strip()}")
-    if aspect_ratio:
-        parts.append(f"--ar {aspect_ratio}")
-    if seed is not None:
-        parts.append(f"--seed {seed}")
-    if negative and negative.strip():
-        parts.append(f"--no {negative.strip()}")
-    return " ".join(parts)
-
-
-_DEFAULT_FLAGS = {
-    "aspect_ratio": ("--ar", r"ar|aspect"),
-    "steps": ("--steps", r"steps"),
-    "guidance": ("--cfg", r"cfg|guidance"),
-    "style": ("--style", r"style"),
-}
-
-
-def with_user_defaults(text: str, values: dict[str, object]) -> str:
-    """``text`` with the user's defaults as flags, for each flag the text does not give."""
-    extra = []
-    for key, (flag, names) in _DEFAULT_FLAGS.items():
-        if key in values and not re.search(rf"(?<!\S)(--|—)({names})(?!\S)", text):
-            extra.append(f"{flag} {values[key]}")
-    return " ".join([text, *extra])
-
-
 def banned_word_in(text: str, banned: Sequence[str]) -> bool:
     lowered = text.lower()
     for word in banned:
@@ -138,9 +106,17 @@ class ImagineCog(commands.Cog):
             style_weights=self.services.style_weights,
         )
 
-    def parse(self, text: str, guild_id: int | None) -> list[Recipe]:
+    def parse(
+        self,
+        text: str,
+        guild_id: int | None,
+        options: PromptOverrides | None = None,
+        user_defaults: PromptOverrides | None = None,
+    ) -> list[Recipe]:
         known = self.services.known_styles(guild_id)
-        return parse_prompt(text, self.defaults(), known_styles=known)
+        return parse_prompt(
+            text, self.defaults(), known_styles=known, overrides=options, fallbacks=user_defaults
+        )
 
     async def check_policy(
         self, interaction: discord.Interaction, recipes: Sequence[Recipe]
@@ -251,16 +227,23 @@ class ImagineCog(commands.Cog):
         negative: app_commands.Range[str, 1, 1000] | None = None,
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
     ) -> None:
-        text = compose_prompt(
-            prompt, style=style, aspect_ratio=aspect_ratio, negative=negative, seed=seed
+        options = PromptOverrides(
+            aspect_ratio=aspect_ratio,
+            seed=seed,
+            negative=negative,
+            styles=(style,) if style else (),
         )
-        await self.run_prompt(interaction, text)
+        await self.run_prompt(interaction, prompt, options)
 
-    async def run_prompt(self, interaction: discord.Interaction, text: str) -> None:
-        """What /imagine does with its text: the user's defaults, parse, then submit."""
+    async def run_prompt(
+        self, interaction: discord.Interaction, text: str, options: PromptOverrides | None = None
+    ) -> None:
+        """What /imagine does with its text and options: the user's defaults, parse, submit."""
         defaults = self.bot.user_defaults.get(interaction.user.id, {})
         try:
-            recipes = self.parse(with_user_defaults(text, defaults), interaction.guild_id)
+            recipes = self.parse(
+                text, interaction.guild_id, options, PromptOverrides.from_user_defaults(defaults)
+            )
         except PromptError as exc:
             await self.refuse(interaction, str(exc))
             return
