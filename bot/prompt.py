@@ -115,8 +115,8 @@ class PromptOverrides:
         steps, guidance, style = values.get("steps"), values.get("guidance"), text("style")
         return cls(
             aspect_ratio=text("aspect_ratio"),
-            steps=int(steps) if isinstance(steps, int | float | str) else None,
-            cfg=float(guidance) if isinstance(guidance, int | float | str) else None,
+            steps=int(steps) if isinstance(steps, int | float) else None,
+            cfg=float(guidance) if isinstance(guidance, int | float) else None,
             styles=(style,) if style else (),
         )
 

@@ -152,3 +152,16 @@ def test_a_listed_sampler_pins_what_its_name_promises() -> None:
     karras = get_sampler("dpmpp_2m_karras")
     assert karras is not None
     assert build_scheduler(karras, EulerDiscreteScheduler()).config.use_karras_sigmas is True
+
+
+def test_a_model_default_off_the_list_is_named_on_the_grid_when_the_engine_says_so() -> None:
+    from dataclasses import dataclass
+
+    @dataclass
+    class Tile:
+        image: Image.Image
+
+    tiles = [Tile(Image.new("RGB", (64, 64), (i * 40, 0, 0))) for i in range(4)]
+    off_list = recipe(count=4)  # a completed recipe keeps "default" for such a model
+    assert "Sampler: DDPM," in parameters(compose_grid(tiles, off_list, "DDPM"))
+    assert "Sampler: DPM++ 2M," in parameters(compose_grid(tiles, recipe(sampler="dpmpp_2m")))
