@@ -303,29 +303,35 @@ def _sampler(value: str) -> str:
 _Values = dict[str, object]
 
 
+_TYPED_FLAGS = frozenset({"ar", "seed", "no", "steps", "cfg", "sampler", "style"})
+
+
 def _typed(
-    overrides: PromptOverrides, defaults: PromptDefaults, known: Collection[str] | None
+    overrides: PromptOverrides,
+    defaults: PromptDefaults,
+    known: Collection[str] | None,
+    wanted: Collection[str] = _TYPED_FLAGS,
 ) -> tuple[_Values, list[StyleRef]]:
-    """Typed option values, checked with the sentences of the flags they stand for."""
+    """Typed option values for the ``wanted`` flags, checked with the sentences of those flags."""
     values: _Values = {}
-    if overrides.aspect_ratio is not None:
+    if overrides.aspect_ratio is not None and "ar" in wanted:
         values["ar"] = _ratio(overrides.aspect_ratio.strip())
-    if overrides.seed is not None:
+    if overrides.seed is not None and "seed" in wanted:
         values["seed"] = _whole("seed", str(overrides.seed), 0, MAX_SEED)
-    if overrides.negative is not None and overrides.negative.strip():
+    if overrides.negative is not None and overrides.negative.strip() and "no" in wanted:
         negative = overrides.negative.replace("—", "--")
         # A recipe must write back as prompt text (remix, /info): no flags, no braces.
         if _FLAG.search(negative.replace("—", "--")) or "{" in negative or "}" in negative:
             raise _refuse("no", negative, "what to leave out, without --flags or {} braces")
         values["no"] = _negative(negative)
-    if overrides.steps is not None:
+    if overrides.steps is not None and "steps" in wanted:
         values["steps"] = _whole("steps", str(overrides.steps), 1, 150)
-    if overrides.cfg is not None:
+    if overrides.cfg is not None and "cfg" in wanted:
         values["cfg"] = _number("cfg", repr(float(overrides.cfg)), 0.0, 30.0)
-    if overrides.sampler is not None:
+    if overrides.sampler is not None and "sampler" in wanted:
         values["sampler"] = _sampler(overrides.sampler.strip())
     styles: list[StyleRef] = []
-    for value in overrides.styles:
+    for value in overrides.styles if "style" in wanted else ():
         _add_style(styles, _style(value.strip(), defaults, known), value)
     return values, styles
 
@@ -360,7 +366,7 @@ def _parse_one(
     draw: Callable[[], int],
     known_styles: Collection[str] | None,
     overrides: tuple[_Values, list[StyleRef]],
-    fallbacks: tuple[_Values, list[StyleRef]],
+    fallbacks: PromptOverrides,
 ) -> list[Recipe]:
     prompt, flags = _split(text)
     values: _Values = {}
@@ -401,7 +407,11 @@ def _parse_one(
             styles[named.index(ref.name)] = ref
         else:
             styles.append(ref)
-    fallback_values, fallback_styles = fallbacks
+    # Only the defaults that apply are checked: a stale one the text replaces refuses nothing.
+    given = set(values) | ({"style"} if styles else set())
+    fallback_values, fallback_styles = _typed(
+        fallbacks, defaults, known_styles, _TYPED_FLAGS - given
+    )
     values = {**fallback_values, **values}
     if not styles:
         styles = list(fallback_styles)
@@ -465,7 +475,6 @@ def parse_prompt(
     """
     draw = random_seed or fresh_seed
     typed = _typed(overrides or PromptOverrides(), defaults, known_styles)
-    defaulted = _typed(fallbacks or PromptOverrides(), defaults, known_styles)
     recipes: list[Recipe] = []
     text = text.replace("—", "--")
     if text.count("{") > MAX_GROUPS:
@@ -476,7 +485,9 @@ def parse_prompt(
             allowed=f"at most {MAX_GROUPS} groups",
         )
     for variant in _expand(text):
-        recipes.extend(_parse_one(variant, defaults, draw, known_styles, typed, defaulted))
+        recipes.extend(
+            _parse_one(variant, defaults, draw, known_styles, typed, fallbacks or PromptOverrides())
+        )
         if len(recipes) > MAX_GENERATIONS:
             raise _too_many(len(recipes))
     return recipes

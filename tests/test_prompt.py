@@ -336,6 +336,18 @@ def test_user_defaults_fill_in_what_neither_the_text_nor_the_options_give() -> N
     assert parse("a boat", fallbacks=PromptOverrides.from_user_defaults({})) == parse("a boat")
 
 
+def test_a_stale_user_default_refuses_only_where_it_applies() -> None:
+    stale = PromptOverrides(styles=("deleted-style",), aspect_ratio="9:1")
+    (given,) = parse(
+        "a boat --style inkwash", fallbacks=stale, overrides=PromptOverrides(aspect_ratio="1:1")
+    )
+    assert [s.name for s in given.styles] == ["inkwash"] and given.aspect_ratio == "1:1"
+    with pytest.raises(PromptError, match="There is no style 'deleted-style'"):
+        parse("a boat --ar 1:1", fallbacks=stale, known_styles=STYLES)
+    with pytest.raises(PromptError, match="--ar 9:1 is not allowed"):
+        parse("a boat --style inkwash", fallbacks=stale, known_styles=STYLES)
+
+
 typed_overrides = st.builds(
     PromptOverrides,
     aspect_ratio=st.none() | st.sampled_from(["1:1", " 3:2 ", "6:4", "16:9", "5:1", "0:1", "x"]),
