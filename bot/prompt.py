@@ -10,8 +10,18 @@ Grammar, in order of application:
 3. In each text, a ``--name`` that starts a word opens a flag; its value runs to
    the next flag. ``--`` inside a word (``foo--bar``) is plain text. The text
    before the first flag is the prompt, with white space collapsed.
-4. ``--repeat N`` runs the text N times with new seeds (``seed + k * count``
-   when ``--seed`` is given). At most :data:`MAX_GENERATIONS` in all.
+4. ``--repeat N`` runs the text N times with new seeds (with ``--seed``, each run
+   starts past the seeds of the run before: :func:`storage.recipe.repeat_seed`).
+   At most :data:`MAX_GENERATIONS` in all.
+
+Values a command takes as typed options (``/imagine``'s seed, aspect ratio, style and
+negative fields; a member's ``/settings`` defaults) never pass through the text: they
+come as :class:`PromptOverrides`, checked with the same sentences as the flags.
+Precedence, lowest first: the family's defaults, ``fallbacks`` (a member's defaults),
+the flags in the text, ``overrides`` (the command's options). An option replaces the
+same flag in the text, because it is the value the member chose last (often over a
+pasted ``/info`` prompt); styles add up, and a style named in both keeps the option's
+weight.
 
 :func:`format_recipe` writes a recipe back as text that parses to the same recipe.
 """
@@ -21,31 +31,27 @@ from __future__ import annotations
 import difflib
 import math
 import re
-import secrets
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from storage.errors import ImagineError
 from storage.families import ModelFamily
-from storage.recipe import MAX_SEED, Recipe, StyleRef, unknown_style_message
+from storage.recipe import (
+    MAX_SEED,
+    Recipe,
+    StyleRef,
+    repeat_seed,
+    unknown_style_message,
+)
+from storage.recipe import random_seed as fresh_seed
+from storage.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
 
 MAX_GENERATIONS = 10
 MAX_PROMPT_LENGTH = 1500
 MAX_GROUPS = 20
 MAX_RATIO = 4.0
 MAX_SIDE_UNITS = 100
-SAMPLERS: tuple[str, ...] = (
-    "default",
-    "euler",
-    "euler_a",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "dpm_sde",
-    "ddim",
-    "unipc",
-    "lcm",
-    "heun",
-)
+SAMPLERS = SAMPLER_NAMES  # the one list: storage/samplers.py
 FLAGS: tuple[str, ...] = (
     "ar",
     "seed",
@@ -79,8 +85,40 @@ class PromptDefaults:
     model: str
     family: ModelFamily
     count: int = 4
-    sampler: str = "default"
+    sampler: str = DEFAULT_SAMPLER
     style_weights: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PromptOverrides:
+    """Typed values of a command's own options, each standing for the flag it names.
+
+    ``styles`` hold ``name`` or ``name:weight``, as ``--style`` takes them.
+    """
+
+    aspect_ratio: str | None = None
+    seed: int | None = None
+    negative: str | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    sampler: str | None = None
+    styles: tuple[str, ...] = ()
+
+    @classmethod
+    def from_user_defaults(cls, values: Mapping[str, object]) -> PromptOverrides:
+        """A member's ``/settings`` defaults (as stored) as values for ``fallbacks``."""
+
+        def text(key: str) -> str | None:
+            value = values.get(key)
+            return None if value is None else str(value)
+
+        steps, guidance, style = values.get("steps"), values.get("guidance"), text("style")
+        return cls(
+            aspect_ratio=text("aspect_ratio"),
+            steps=int(steps) if isinstance(steps, int | float) else None,
+            cfg=float(guidance) if isinstance(guidance, int | float) else None,
+            styles=(style,) if style else (),
+        )
 
 
 def _shown(value: str) -> str:
@@ -247,6 +285,68 @@ def _style(value: str, defaults: PromptDefaults, known: Collection[str] | None) 
     return StyleRef(name=name, weight=weight)
 
 
+def _negative(value: str) -> str:
+    items = [" ".join(item.split()) for item in value.split(",")]
+    negative = ", ".join(item for item in items if item)
+    if not negative:
+        raise _refuse("no", value, "what to leave out, for example --no people, text")
+    return negative
+
+
+def _sampler(value: str) -> str:
+    if value.lower() not in SAMPLER_NAMES:
+        raise _refuse("sampler", value, "one of " + ", ".join(SAMPLER_NAMES))
+    return value.lower()
+
+
+# Flag values checked once, before any text: the name of the flag → its value.
+_Values = dict[str, object]
+
+
+_TYPED_FLAGS = frozenset({"ar", "seed", "no", "steps", "cfg", "sampler", "style"})
+
+
+def _typed(
+    overrides: PromptOverrides,
+    defaults: PromptDefaults,
+    known: Collection[str] | None,
+    wanted: Collection[str] = _TYPED_FLAGS,
+) -> tuple[_Values, list[StyleRef]]:
+    """Typed option values for the ``wanted`` flags, checked with the sentences of those flags."""
+    values: _Values = {}
+    if overrides.aspect_ratio is not None and "ar" in wanted:
+        values["ar"] = _ratio(overrides.aspect_ratio.strip())
+    if overrides.seed is not None and "seed" in wanted:
+        values["seed"] = _whole("seed", str(overrides.seed), 0, MAX_SEED)
+    if overrides.negative is not None and overrides.negative.strip() and "no" in wanted:
+        negative = overrides.negative.replace("—", "--")
+        # A recipe must write back as prompt text (remix, /info): no flags, no braces.
+        if _FLAG.search(negative.replace("—", "--")) or "{" in negative or "}" in negative:
+            raise _refuse("no", negative, "what to leave out, without --flags or {} braces")
+        values["no"] = _negative(negative)
+    if overrides.steps is not None and "steps" in wanted:
+        values["steps"] = _whole("steps", str(overrides.steps), 1, 150)
+    if overrides.cfg is not None and "cfg" in wanted:
+        values["cfg"] = _number("cfg", repr(float(overrides.cfg)), 0.0, 30.0)
+    if overrides.sampler is not None and "sampler" in wanted:
+        values["sampler"] = _sampler(overrides.sampler.strip())
+    styles: list[StyleRef] = []
+    for value in overrides.styles if "style" in wanted else ():
+        _add_style(styles, _style(value.strip(), defaults, known), value)
+    return values, styles
+
+
+def _add_style(styles: list[StyleRef], ref: StyleRef, value: str) -> None:
+    if any(style.name == ref.name for style in styles):
+        raise PromptError(
+            f"The style {ref.name} is given twice; give each style once.",
+            flag="--style",
+            value=value,
+            allowed="each style once",
+        )
+    styles.append(ref)
+
+
 def _unknown_flag(name: str) -> PromptError:
     known = ", ".join(f"--{flag}" for flag in FLAGS)
     close = difflib.get_close_matches(name, [*FLAGS, *_ALIASES], n=1)
@@ -263,26 +363,20 @@ def _unknown_flag(name: str) -> PromptError:
 def _parse_one(
     text: str,
     defaults: PromptDefaults,
-    random_seed: Callable[[], int],
+    draw: Callable[[], int],
     known_styles: Collection[str] | None,
+    overrides: tuple[_Values, list[StyleRef]],
+    fallbacks: PromptOverrides,
 ) -> list[Recipe]:
     prompt, flags = _split(text)
-    values: dict[str, object] = {}
+    values: _Values = {}
     styles: list[StyleRef] = []
     for raw_name, value in flags:
         name = _ALIASES.get(raw_name, raw_name)
         if name not in FLAGS:
             raise _unknown_flag(raw_name)
         if name == "style":
-            ref = _style(value, defaults, known_styles)
-            if any(style.name == ref.name for style in styles):
-                raise PromptError(
-                    f"The style {ref.name} is given twice; give each style once.",
-                    flag="--style",
-                    value=value,
-                    allowed="each style once",
-                )
-            styles.append(ref)
+            _add_style(styles, _style(value, defaults, known_styles), value)
             continue
         if name in values:
             raise PromptError(
@@ -296,21 +390,31 @@ def _parse_one(
         elif name == "seed":
             values[name] = _whole("seed", value, 0, MAX_SEED)
         elif name == "no":
-            items = [" ".join(item.split()) for item in value.split(",")]
-            negative = ", ".join(item for item in items if item)
-            if not negative:
-                raise _refuse("no", value, "what to leave out, for example --no people, text")
-            values[name] = negative
+            values[name] = _negative(value)
         elif name == "steps":
             values[name] = _whole("steps", value, 1, 150)
         elif name == "cfg":
             values[name] = _number(raw_name, value, 0.0, 30.0)
         elif name == "sampler":
-            if value.lower() not in SAMPLERS:
-                raise _refuse("sampler", value, "one of " + ", ".join(SAMPLERS))
-            values[name] = value.lower()
+            values[name] = _sampler(value)
         elif name == "repeat":
             values[name] = _whole("repeat", value, 1, MAX_GENERATIONS)
+    override_values, override_styles = overrides
+    values.update(override_values)
+    for ref in override_styles:
+        named = [style.name for style in styles]
+        if ref.name in named:
+            styles[named.index(ref.name)] = ref
+        else:
+            styles.append(ref)
+    # Only the defaults that apply are checked: a stale one the text replaces refuses nothing.
+    given = set(values) | ({"style"} if styles else set())
+    fallback_values, fallback_styles = _typed(
+        fallbacks, defaults, known_styles, _TYPED_FLAGS - given
+    )
+    values = {**fallback_values, **values}
+    if not styles:
+        styles = list(fallback_styles)
     if not prompt:
         raise PromptError(
             "Write what to imagine before the flags, for example: a lighthouse at dusk --ar 3:2.",
@@ -331,12 +435,10 @@ def _parse_one(
     width, height = size_for(ratio, defaults.family)
     repeat = int(values.get("repeat", 1))  # type: ignore[call-overload]
     seed = values.get("seed")
+    first = int(seed) if seed is not None else None  # type: ignore[call-overload]
     recipes = []
-    for k in range(repeat):
-        if seed is None:
-            this_seed = random_seed()
-        else:
-            this_seed = (int(seed) + k * defaults.count) % (MAX_SEED + 1)  # type: ignore[call-overload]
+    for run in range(repeat):
+        this_seed = draw() if first is None else repeat_seed(first, run, defaults.count)
         recipes.append(
             Recipe(
                 model=defaults.model,
@@ -363,9 +465,16 @@ def parse_prompt(
     *,
     random_seed: Callable[[], int] | None = None,
     known_styles: Collection[str] | None = None,
+    overrides: PromptOverrides | None = None,
+    fallbacks: PromptOverrides | None = None,
 ) -> list[Recipe]:
-    """One recipe per generation the text asks for; :class:`PromptError` if it is invalid."""
-    draw = random_seed or (lambda: secrets.randbelow(MAX_SEED + 1))
+    """One recipe per generation the text asks for; :class:`PromptError` if it is invalid.
+
+    ``overrides`` (a command's typed options) replace the same flags in the text;
+    ``fallbacks`` (a member's defaults) apply where neither gives a value.
+    """
+    draw = random_seed or fresh_seed
+    typed = _typed(overrides or PromptOverrides(), defaults, known_styles)
     recipes: list[Recipe] = []
     text = text.replace("—", "--")
     if text.count("{") > MAX_GROUPS:
@@ -376,7 +485,9 @@ def parse_prompt(
             allowed=f"at most {MAX_GROUPS} groups",
         )
     for variant in _expand(text):
-        recipes.extend(_parse_one(variant, defaults, draw, known_styles))
+        recipes.extend(
+            _parse_one(variant, defaults, draw, known_styles, typed, fallbacks or PromptOverrides())
+        )
         if len(recipes) > MAX_GENERATIONS:
             raise _too_many(len(recipes))
     return recipes
@@ -392,7 +503,7 @@ def format_recipe(recipe: Recipe) -> str:
         parts.append(f"--no {recipe.negative_prompt}")
     parts.append(f"--steps {recipe.steps}")
     parts.append(f"--cfg {recipe.guidance!r}")
-    if recipe.sampler != "default":
+    if recipe.sampler != DEFAULT_SAMPLER:
         parts.append(f"--sampler {recipe.sampler}")
     parts.extend(f"--style {style.name}:{style.weight!r}" for style in recipe.styles)
     return " ".join(parts)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import discord
 
-from bot.prompt import PromptDefaults, PromptError, parse_prompt
+from bot.prompt import PromptDefaults, PromptError, PromptOverrides, parse_prompt
 from bot.replies import Refusal, refuse
 from bot.services import Services
 from storage.community import NSFW_WORDS, guild_policy
@@ -27,31 +27,29 @@ from storage.recipe import Recipe
 if TYPE_CHECKING:
     from bot.app import ImagineBot
 
-_DEFAULT_FLAGS = {
-    "aspect_ratio": ("--ar", r"ar|aspect"),
-    "steps": ("--steps", r"steps"),
-    "guidance": ("--cfg", r"cfg|guidance"),
-    "style": ("--style", r"style"),
-}
 
-
-def with_user_defaults(text: str, values: dict[str, object]) -> str:
-    """``text`` with the user's defaults as flags, for each flag the text does not give."""
-    extra = []
-    for key, (flag, names) in _DEFAULT_FLAGS.items():
-        if key in values and not re.search(rf"(?<!\S)(--|—)({names})(?!\S)", text):
-            extra.append(f"{flag} {values[key]}")
-    return " ".join([text, *extra])
-
-
-def parse_text(services: Services, text: str, guild_id: int | None) -> list[Recipe]:
-    """Prompt-language text as recipes, with the styles this server may name."""
+def parse_text(
+    services: Services,
+    text: str,
+    guild_id: int | None,
+    options: PromptOverrides | None = None,
+    fallbacks: PromptOverrides | None = None,
+) -> list[Recipe]:
+    """Prompt-language text as recipes, with the styles this server may name. ``options``
+    are a command's typed values (they win over the same flag in the text); ``fallbacks``
+    a member's defaults (used where neither gives a value)."""
     defaults = PromptDefaults(
         model=services.settings.model,
         family=services.family,
         style_weights=services.style_weights,
     )
-    return parse_prompt(text, defaults, known_styles=services.known_styles(guild_id))
+    return parse_prompt(
+        text,
+        defaults,
+        known_styles=services.known_styles(guild_id),
+        overrides=options,
+        fallbacks=fallbacks,
+    )
 
 
 def banned_word_in(text: str, banned: Sequence[str]) -> bool:
@@ -153,12 +151,18 @@ async def submit(
     return submitted
 
 
-async def run_prompt(interaction: discord.Interaction[ImagineBot], text: str) -> None:
-    """What /imagine does with its text: the user's defaults, parse, then submit."""
+async def run_prompt(
+    interaction: discord.Interaction[ImagineBot],
+    text: str,
+    options: PromptOverrides | None = None,
+) -> None:
+    """What /imagine does with its text and typed options: the member's defaults, parse,
+    then submit."""
     bot = interaction.client
     defaults = bot.user_defaults.get(interaction.user.id, {})
+    fallbacks = PromptOverrides.from_user_defaults(defaults)
     try:
-        recipes = parse_text(bot.services, with_user_defaults(text, defaults), interaction.guild_id)
+        recipes = parse_text(bot.services, text, interaction.guild_id, options, fallbacks)
     except PromptError as exc:
         await refuse(interaction, str(exc))
         return

@@ -20,18 +20,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
-from diffusers import (
-    AutoPipelineForImage2Image,
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LCMScheduler,
-    UniPCMultistepScheduler,
-)
+from diffusers import AutoPipelineForImage2Image
 from PIL import Image
 
 from generation.loading import LoadedModel, Pipeline, load_model, load_upscaler
@@ -43,22 +35,35 @@ from storage.derive import UPSCALE_STRENGTH
 from storage.errors import ImagineError
 from storage.families import ModelFamily
 from storage.recipe import Recipe
+from storage.samplers import (
+    DEFAULT_SAMPLER,
+    Sampler,
+    a1111_name,
+    candidates,
+    get_sampler,
+    unknown_sampler_message,
+)
 from storage.settings import Settings
 
 UPSCALE_OVERLAP = 0.125  # of the tile side
 
-# Sampler names of the prompt language → (scheduler class, config overrides).
-SCHEDULERS: dict[str, tuple[type[Any], dict[str, Any]]] = {
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    "dpm_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
-    "ddim": (DDIMScheduler, {}),
-    "unipc": (UniPCMultistepScheduler, {}),
-    "lcm": (LCMScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-}
+
+def build_scheduler(sampler: Sampler, model_default: Any) -> Any:
+    """The diffusers scheduler of a listed sampler, from the model's own scheduler config."""
+    scheduler_class = getattr(diffusers, sampler.scheduler)
+    return scheduler_class.from_config(model_default.config, **sampler.config)
+
+
+def _settings(scheduler: Any) -> dict[str, Any]:
+    return {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
+
+
+def listed_sampler(model_default: Any) -> str | None:
+    """The listed sampler that builds exactly the model's own scheduler, if one does."""
+    for sampler in candidates(type(model_default).__name__):
+        if _settings(build_scheduler(sampler, model_default)) == _settings(model_default):
+            return sampler.name
+    return None
 
 
 class GenerationCancelled(ImagineError):
@@ -150,6 +155,12 @@ class Engine:
         self.upscale_tile = upscale_tile or 2 * loaded.family.native_side
         self.upscaler = upscaler
         self._default_scheduler = self.pipe.scheduler
+        # What ``default`` runs: named as a listed sampler when one builds the very same
+        # scheduler, so the recipe and the PNG say what ran; else A1111's name for it.
+        self.default_sampler = listed_sampler(self._default_scheduler) or DEFAULT_SAMPLER
+        self._default_a1111 = a1111_name(
+            type(self._default_scheduler).__name__, self._default_scheduler.config
+        )
         self._versions = library_versions()
 
     @classmethod
@@ -185,7 +196,8 @@ class Engine:
         return self.loaded.device
 
     def complete_recipe(self, recipe: Recipe) -> Recipe:
-        """The recipe with what only the engine knows: hashes, family, dtype, versions."""
+        """The recipe with what only the engine knows: hashes, family, dtype, versions, and
+        the sampler ``default`` stands for on this model."""
         styles = tuple(
             ref.model_copy(update={"sha256": self.styles.get(ref.name).sha256})
             for ref in recipe.styles
@@ -197,6 +209,9 @@ class Engine:
                 "dtype": str(self.loaded.dtype).removeprefix("torch."),
                 "versions": self._versions,
                 "styles": styles,
+                "sampler": self.default_sampler
+                if recipe.sampler == DEFAULT_SAMPLER
+                else recipe.sampler,
             }
         )
 
@@ -302,7 +317,8 @@ class Engine:
         blended = np.clip(np.rint(canvas / np.maximum(weight, 1e-8)), 0, 255).astype(np.uint8)
         image = Image.fromarray(blended, "RGB")
         final = self.complete_recipe(recipe)
-        return GeneratedImage(0, recipe.seed, image, encode_png(image, final), final)
+        png = encode_png(image, final, self.a1111_sampler(final.sampler))
+        return GeneratedImage(0, recipe.seed, image, png, final)
 
     def _run(
         self,
@@ -317,7 +333,7 @@ class Engine:
         if cancel is not None and cancel.cancelled:
             raise GenerationCancelled()
         prompt, negative = self._apply_styles(recipe)
-        scheduler_name = self._use_scheduler(pipe, recipe.sampler)
+        sampler = self._use_scheduler(pipe, recipe.sampler)
         generators = [
             torch.Generator("cpu").manual_seed(recipe.seed_for(i)) for i in range(recipe.count)
         ]
@@ -342,7 +358,7 @@ class Engine:
             # zlib releases the GIL: a grid's PNGs encode side by side, not one after another.
             pngs = list(
                 PNG_ENCODERS.map(
-                    lambda pair: encode_png(pair[0], pair[1], scheduler_name),
+                    lambda pair: encode_png(pair[0], pair[1], sampler),
                     zip(result.images, owns, strict=True),
                 )
             )
@@ -361,18 +377,23 @@ class Engine:
         self.loras.activate(active)
         return prompt, negative
 
-    def _use_scheduler(self, pipe: Pipeline, sampler: str) -> str:
-        if sampler == "default":
-            scheduler = self._default_scheduler
+    def a1111_sampler(self, sampler_name: str) -> str:
+        """How AUTOMATIC1111 names what ``sampler_name`` runs on this model."""
+        sampler = get_sampler(sampler_name)
+        if sampler is not None:
+            return sampler.a1111
+        if sampler_name == DEFAULT_SAMPLER:
+            return self._default_a1111
+        raise ImagineError(unknown_sampler_message(sampler_name))
+
+    def _use_scheduler(self, pipe: Pipeline, sampler_name: str) -> str:
+        """Sets the pipeline's scheduler; returns its A1111 name."""
+        name = self.a1111_sampler(sampler_name)  # refuses an unknown sampler
+        sampler = get_sampler(sampler_name)
+        if sampler is None:
+            pipe.scheduler = self._default_scheduler
         else:
-            try:
-                cls, overrides = SCHEDULERS[sampler]
-            except KeyError:
-                known = ", ".join(["default", *SCHEDULERS])
-                raise ImagineError(f"Unknown sampler {sampler!r}; use one of {known}.") from None
-            scheduler = cls.from_config(self._default_scheduler.config, **overrides)
-        pipe.scheduler = scheduler
-        name: str = type(scheduler).__name__
+            pipe.scheduler = build_scheduler(sampler, self._default_scheduler)
         return name
 
     def _dedicated_upscale(
@@ -406,8 +427,8 @@ class Engine:
         final = self.complete_recipe(
             recipe.model_copy(update={"count": 1, "width": target[0], "height": target[1]})
         )
-        scheduler = type(upscaler.scheduler).__name__
-        return GeneratedImage(0, recipe.seed, image, encode_png(image, final, scheduler), final)
+        sampler = a1111_name(type(upscaler.scheduler).__name__, upscaler.scheduler.config)
+        return GeneratedImage(0, recipe.seed, image, encode_png(image, final, sampler), final)
 
     def _step_callback(
         self,

@@ -48,9 +48,16 @@ def compose_grid_image(images: Sequence[Image.Image]) -> Image.Image:
     return grid
 
 
-def compose_grid(images: Sequence[HasImage], recipe: Recipe) -> bytes:
-    """The grid as PNG bytes carrying the generation's recipe."""
-    return encode_png(compose_grid_image([generated.image for generated in images]), recipe)
+def compose_grid(images: Sequence[HasImage], recipe: Recipe, sampler: str | None = None) -> bytes:
+    """The grid as PNG bytes carrying the generation's recipe.
+
+    ``recipe`` is the completed one (``Engine.complete_recipe``): its sampler names what
+    ran, so the grid's ``parameters`` say what its tiles say. ``sampler`` (A1111's name,
+    ``Engine.a1111_sampler``) is needed only for a model whose own scheduler is off the list.
+    """
+    return encode_png(
+        compose_grid_image([generated.image for generated in images]), recipe, sampler
+    )
 
 
 def compose_grid_from_pngs(tiles: Sequence[bytes], recipe: Recipe) -> bytes:

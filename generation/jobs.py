@@ -159,7 +159,7 @@ async def execute_generation(
         grid: asyncio.Future[bytes] | None = None
         if len(images) > 1:  # one image (an upscale) is shown as it is: no grid
             grid = asyncio.get_running_loop().run_in_executor(
-                PNG_ENCODERS, compose_grid, images, recipe
+                PNG_ENCODERS, compose_grid, images, recipe, engine.a1111_sampler(recipe.sampler)
             )
         keys = [await blobs.put(image.png) for image in images]
         grid_key = None if grid is None else await blobs.put(await grid)

@@ -13,15 +13,21 @@ from PIL.PngImagePlugin import PngInfo
 
 from storage.errors import ImagineError
 from storage.recipe import Recipe
+from storage.samplers import a1111_sampler
 
 RECIPE_CHUNK = "imagine"
 
 
-def a1111_parameters(recipe: Recipe, scheduler: str | None = None) -> str:
-    """The recipe in AUTOMATIC1111's ``parameters`` format."""
+def a1111_parameters(recipe: Recipe, sampler: str | None = None) -> str:
+    """The recipe in AUTOMATIC1111's ``parameters`` format.
+
+    ``sampler`` is A1111's name of the scheduler that ran, where the engine knows better
+    than the recipe (a dedicated upscaler's own scheduler, a model default off the list);
+    otherwise the recipe's listed sampler gives it.
+    """
     fields = [
         f"Steps: {recipe.steps}",
-        f"Sampler: {scheduler or recipe.sampler}",
+        f"Sampler: {sampler or a1111_sampler(recipe.sampler) or recipe.sampler}",
         f"CFG scale: {recipe.guidance:g}",
         f"Seed: {recipe.seed}",
         f"Size: {recipe.width}x{recipe.height}",
@@ -46,10 +52,10 @@ def a1111_parameters(recipe: Recipe, scheduler: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def encode_png(image: Image.Image, recipe: Recipe, scheduler: str | None = None) -> bytes:
+def encode_png(image: Image.Image, recipe: Recipe, sampler: str | None = None) -> bytes:
     """PNG bytes with the recipe embedded; the same pixels and recipe give the same bytes."""
     info = PngInfo()
-    info.add_itxt("parameters", a1111_parameters(recipe, scheduler))
+    info.add_itxt("parameters", a1111_parameters(recipe, sampler))
     info.add_itxt(RECIPE_CHUNK, recipe.to_json())
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info, compress_level=6)

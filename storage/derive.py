@@ -6,23 +6,18 @@ buttons and the local commands. Torch-free: the bot imports it.
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 from pydantic import ValidationError
 
 from storage.errors import ImagineError
 from storage.models import Image
-from storage.recipe import MAX_SEED, Recipe
+from storage.recipe import Recipe, random_seed
 
 SUBTLE_VARIATION_STRENGTH = 0.35
 STRONG_VARIATION_STRENGTH = 0.7
 UPSCALE_STRENGTH = 0.3
 UPSCALE_FACTOR = 2
-
-
-def new_seed() -> int:
-    return secrets.randbelow(MAX_SEED + 1)
 
 
 def _derive(parent: Recipe, what: str, **update: Any) -> Recipe:
@@ -41,7 +36,7 @@ def variation_recipe(
     return _derive(
         parent,
         "variations of this image",
-        seed=new_seed() if seed is None else seed,
+        seed=random_seed() if seed is None else seed,
         count=4,
         width=image.width,
         height=image.height,
@@ -68,7 +63,7 @@ def upscale_recipe(parent: Recipe, image: Image) -> Recipe:
 
 def reroll_recipe(parent: Recipe, seed: int | None = None) -> Recipe:
     """The same recipe from new noise."""
-    return _derive(parent, "a reroll", seed=new_seed() if seed is None else seed)
+    return _derive(parent, "a reroll", seed=random_seed() if seed is None else seed)
 
 
 def remix_base(parent: Recipe) -> Recipe:

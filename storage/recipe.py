@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import secrets
 from collections.abc import Iterable
 from typing import Annotated
 
@@ -11,6 +12,25 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_SEED = 2**32 - 1
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+
+# -- seeds: every seed Imagine computes comes from these three ----------------------------------
+
+
+def random_seed() -> int:
+    """A fresh seed from the whole range: a prompt without --seed, a reroll, new variations."""
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+def offset_seed(seed: int, offset: int) -> int:
+    """``seed + offset``, wrapping at the top of the range."""
+    return (seed + offset) % (MAX_SEED + 1)
+
+
+def repeat_seed(seed: int, run: int, count: int) -> int:
+    """The seed of run ``run`` of ``--repeat``: past the ``count`` images of every earlier run,
+    so no image of one run shares its seed with an image of another."""
+    return offset_seed(seed, run * count)
 
 
 class StyleRef(BaseModel):
@@ -62,7 +82,7 @@ class Recipe(BaseModel):
 
     def seed_for(self, index: int) -> int:
         """The seed of image ``index`` of this generation."""
-        return (self.seed + index) % (MAX_SEED + 1)
+        return offset_seed(self.seed, index)
 
     def to_json(self) -> str:
         return self.model_dump_json()

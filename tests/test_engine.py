@@ -100,7 +100,7 @@ def test_each_png_carries_its_own_recipe(tiny_engine: Engine) -> None:
     with Image.open(io.BytesIO(images[3].png)) as png:
         parameters = png.info["parameters"]
     assert parameters.startswith("a red bicycle on a beach\nNegative prompt: blurry\n")
-    assert "Seed: 45" in parameters and "Sampler: EulerAncestralDiscreteScheduler" in parameters
+    assert "Seed: 45" in parameters and "Sampler: Euler a," in parameters
     assert f"Model hash: {tiny_engine.model_hash}" in parameters
 
 
@@ -278,7 +278,7 @@ def test_a_dedicated_upscaler_gives_exactly_twice_the_size(
     upscaled = engine.upscale(recipe(width=96, height=64, scale=2), source, progress=events.append)
     assert upscaled.image.size == (192, 128)  # the x4 stand-in's output fitted to 2x
     assert [e.step for e in events] == [1, 2, 3, 4] and events[-1].total == 4
-    assert "Sampler: DDIMScheduler" in Image.open(io.BytesIO(upscaled.png)).info["parameters"]
+    assert "Sampler: DDIM," in Image.open(io.BytesIO(upscaled.png)).info["parameters"]
 
 
 def test_an_upscaler_setting_that_is_no_upscaler_is_refused(engine_settings: Settings) -> None:

@@ -13,12 +13,13 @@ from bot.prompt import (
     SAMPLERS,
     PromptDefaults,
     PromptError,
+    PromptOverrides,
     format_recipe,
     parse_prompt,
     size_for,
 )
 from storage.families import FAMILIES
-from storage.recipe import StyleRef
+from storage.recipe import StyleRef, repeat_seed
 
 SD15 = PromptDefaults(model="sd", family=FAMILIES["sd15"], style_weights={"watercolor": 0.8})
 STYLES = ["watercolor", "inkwash", "pixel-art"]
@@ -218,4 +219,172 @@ def test_formatting_a_parsed_recipe_parses_back_to_the_same_recipe(text: str) ->
     except PromptError:
         return
     for recipe in recipes:
+        assert parse(format_recipe(recipe)) == [recipe]
+
+
+# -- typed options: a command's own fields reach the recipe without passing through text ------
+
+
+def test_typed_options_give_the_recipe_their_flags_give() -> None:
+    typed = PromptOverrides(
+        aspect_ratio="6:4",
+        seed=7,
+        negative="people,  text ,,",
+        steps=20,
+        cfg=4.5,
+        sampler="Euler_A",
+        styles=("watercolor", "inkwash:-0.5"),
+    )
+    flags = (
+        "a cat --ar 6:4 --seed 7 --no people,  text ,, --steps 20 --cfg 4.5 --sampler Euler_A "
+        "--style watercolor --style inkwash:-0.5"
+    )
+    assert parse("a cat", overrides=typed, known_styles=STYLES) == parse(flags, known_styles=STYLES)
+
+
+def test_an_option_wins_over_the_same_flag_in_the_text() -> None:
+    (recipe,) = parse(
+        "a cat --seed 1 --ar 1:1 --no boats --style watercolor:0.3 --style inkwash --steps 9",
+        overrides=PromptOverrides(
+            seed=7, aspect_ratio="16:9", negative="people", styles=("watercolor:1.5", "pixel-art")
+        ),
+    )
+    assert (recipe.seed, recipe.aspect_ratio, recipe.negative_prompt) == (7, "16:9", "people")
+    assert recipe.steps == 9  # no option for it: the text's flag stands
+    assert recipe.styles == (  # styles add up; one named twice keeps the option's weight
+        StyleRef(name="watercolor", weight=1.5),
+        StyleRef(name="inkwash", weight=1.0),
+        StyleRef(name="pixel-art", weight=1.0),
+    )
+
+
+def test_a_typed_seed_applies_to_every_permutation_and_repeat() -> None:
+    recipes = parse("a {red, blue} dog --repeat 2", overrides=PromptOverrides(seed=2**32 - 3))
+    assert [r.seed for r in recipes] == [
+        repeat_seed(2**32 - 3, run, 4) for _ in range(2) for run in range(2)
+    ]
+    assert [r.seed for r in recipes] == [2**32 - 3, 1, 2**32 - 3, 1]
+
+
+@pytest.mark.parametrize(
+    ("typed", "text"),
+    [
+        (PromptOverrides(seed=-1), "a --seed -1"),
+        (PromptOverrides(seed=2**32), "a --seed 4294967296"),
+        (PromptOverrides(aspect_ratio="5:1"), "a --ar 5:1"),
+        (PromptOverrides(aspect_ratio="wide"), "a --ar wide"),
+        (PromptOverrides(steps=0), "a --steps 0"),
+        (PromptOverrides(cfg=31.0), "a --cfg 31.0"),
+        (PromptOverrides(cfg=float("nan")), "a --cfg nan"),
+        (PromptOverrides(sampler="warp"), "a --sampler warp"),
+        (PromptOverrides(styles=("bad name",)), "a --style bad name"),
+        (PromptOverrides(styles=("ok:9",)), "a --style ok:9"),
+        (PromptOverrides(negative=","), "a --no ,"),
+        (PromptOverrides(styles=("ok", "ok:0.5")), "a --style ok --style ok:0.5"),
+    ],
+)
+def test_typed_values_are_refused_with_the_sentences_of_their_flags(
+    typed: PromptOverrides, text: str
+) -> None:
+    with pytest.raises(PromptError) as by_option:
+        parse("a", overrides=typed)
+    with pytest.raises(PromptError) as by_text:
+        parse(text)
+    assert str(by_option.value) == str(by_text.value)
+    assert (by_option.value.flag, by_option.value.value) == (
+        by_text.value.flag,
+        by_text.value.value,
+    )
+
+
+def test_typed_unknown_style_is_refused_like_the_flag() -> None:
+    with pytest.raises(PromptError, match="did you mean watercolor"):
+        parse("a cat", overrides=PromptOverrides(styles=("watercolour",)), known_styles=STYLES)
+
+
+def test_a_typed_negative_is_never_read_as_flags() -> None:
+    for negative in ("people --seed 3", "people —ar 2:1", "{people, boats}"):
+        with pytest.raises(PromptError, match=r"without --flags or \{\} braces") as refused:
+            parse("a cat", overrides=PromptOverrides(negative=negative))
+        assert refused.value.flag == "--no"
+    (recipe,) = parse("a cat", overrides=PromptOverrides(negative="state-of-the-art—robots"))
+    assert recipe.negative_prompt == "state-of-the-art--robots"
+    assert parse(format_recipe(recipe)) == [recipe]
+    (blank,) = parse("a cat", overrides=PromptOverrides(negative="   "))
+    assert blank.negative_prompt == ""
+
+
+def test_user_defaults_fill_in_what_neither_the_text_nor_the_options_give() -> None:
+    defaults = PromptOverrides.from_user_defaults(
+        {"aspect_ratio": "3:2", "steps": 2, "guidance": 4.0, "style": "inkwash", "private": True}
+    )
+    assert defaults == PromptOverrides(aspect_ratio="3:2", steps=2, cfg=4.0, styles=("inkwash",))
+    (plain,) = parse("a boat", fallbacks=defaults)
+    assert (plain.aspect_ratio, plain.steps, plain.guidance) == ("3:2", 2, 4.0)
+    assert [s.name for s in plain.styles] == ["inkwash"]
+    (given,) = parse(
+        "a boat --aspect 1:1 --guidance 6 --style watercolor",
+        fallbacks=defaults,
+        overrides=PromptOverrides(steps=5),
+    )
+    assert (given.aspect_ratio, given.steps, given.guidance) == ("1:1", 5, 6.0)
+    assert [s.name for s in given.styles] == ["watercolor"]
+    (by_option,) = parse(
+        "a boat", fallbacks=defaults, overrides=PromptOverrides(styles=("pixel-art",))
+    )
+    assert [s.name for s in by_option.styles] == ["pixel-art"]
+    assert parse("a boat", fallbacks=PromptOverrides.from_user_defaults({})) == parse("a boat")
+
+
+def test_a_stale_user_default_refuses_only_where_it_applies() -> None:
+    stale = PromptOverrides(styles=("deleted-style",), aspect_ratio="9:1")
+    (given,) = parse(
+        "a boat --style inkwash", fallbacks=stale, overrides=PromptOverrides(aspect_ratio="1:1")
+    )
+    assert [s.name for s in given.styles] == ["inkwash"] and given.aspect_ratio == "1:1"
+    with pytest.raises(PromptError, match="There is no style 'deleted-style'"):
+        parse("a boat --ar 1:1", fallbacks=stale, known_styles=STYLES)
+    with pytest.raises(PromptError, match="--ar 9:1 is not allowed"):
+        parse("a boat --style inkwash", fallbacks=stale, known_styles=STYLES)
+
+
+typed_overrides = st.builds(
+    PromptOverrides,
+    aspect_ratio=st.none() | st.sampled_from(["1:1", " 3:2 ", "6:4", "16:9", "5:1", "0:1", "x"]),
+    seed=st.none() | st.integers(min_value=-5, max_value=2**32 + 5),
+    negative=st.none() | st.text(max_size=20),
+    steps=st.none() | st.integers(min_value=-1, max_value=160),
+    cfg=st.none() | st.floats(allow_nan=True, allow_infinity=True),
+    sampler=st.none() | st.sampled_from([*SAMPLERS, "EULER", "nope"]),
+    styles=st.lists(
+        st.sampled_from(["watercolor", "inkwash:0.5", "pixel-art:-2.0", "x:3", "bad name"]),
+        max_size=3,
+    ).map(tuple),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts, typed_overrides, typed_overrides)
+def test_any_text_with_any_options_parses_to_the_options_or_raises_a_sentence(
+    text: str, typed: PromptOverrides, fallbacks: PromptOverrides
+) -> None:
+    try:
+        recipes = parse(text, overrides=typed, fallbacks=fallbacks)
+    except PromptError as error:
+        assert str(error).endswith((".", "?"))
+        return
+    assert 1 <= len(recipes) <= MAX_GENERATIONS
+    if typed.seed is not None:
+        assert recipes[0].seed == typed.seed
+    for recipe in recipes:
+        if typed.steps is not None:
+            assert recipe.steps == typed.steps
+        if typed.cfg is not None:
+            assert recipe.guidance == typed.cfg
+        if typed.sampler is not None:
+            assert recipe.sampler == typed.sampler.lower()
+        if typed.aspect_ratio is not None:
+            (alone,) = parse(f"a --ar {typed.aspect_ratio}")
+            assert recipe.aspect_ratio == alone.aspect_ratio
+        assert {s.name for s in recipe.styles} >= {s.partition(":")[0] for s in typed.styles}
         assert parse(format_recipe(recipe)) == [recipe]

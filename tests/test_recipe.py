@@ -7,7 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from storage.recipe import MAX_SEED, Recipe, StyleRef
+from storage.recipe import (
+    MAX_SEED,
+    Recipe,
+    StyleRef,
+    offset_seed,
+    random_seed,
+    repeat_seed,
+)
 
 sizes = st.integers(min_value=8, max_value=512).map(lambda n: n * 8)
 finite = {"allow_nan": False, "allow_infinity": False}
@@ -71,3 +78,46 @@ def test_unknown_fields_are_refused() -> None:
             '{"model":"m","prompt":"p","seed":1,"width":64,"height":64,"steps":1,'
             '"guidance":1,"colour":"red"}'
         )
+
+
+def test_seed_arithmetic_wraps_and_never_repeats_a_seed_across_runs() -> None:
+    assert offset_seed(MAX_SEED - 1, 3) == 1
+    top = MAX_SEED - 5
+    runs = [[offset_seed(repeat_seed(top, run, 4), i) for i in range(4)] for run in range(3)]
+    assert runs[0] == [top, top + 1, top + 2, top + 3]
+    assert runs[1] == [top + 4, top + 5, 0, 1]
+    seeds = [seed for run in runs for seed in run]
+    assert len(set(seeds)) == len(seeds)
+    assert all(0 <= random_seed() <= MAX_SEED for _ in range(100))
+    assert len({random_seed() for _ in range(100)}) > 90
+
+
+def test_rerolls_and_variations_draw_their_seeds_from_the_one_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import storage.derive as derive
+
+    monkeypatch.setattr(derive, "random_seed", lambda: 1234)
+    parent = Recipe(model="m", prompt="p", seed=1, width=64, height=64, steps=1, guidance=1.0)
+    assert derive.reroll_recipe(parent).seed == 1234
+    assert derive.reroll_recipe(parent, seed=5).seed == 5
+
+
+def test_no_module_draws_or_computes_seeds_outside_storage_recipe() -> None:
+    """Seed arithmetic lives in storage/recipe.py: a second copy would drift."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    pattern = re.compile(
+        r"\bsecrets\b|\brandom\.|randbelow|randint|getrandbits|seed \+|seed\s*%|MAX_SEED \+ 1"
+    )
+    found = [
+        f"{path.relative_to(root)}:{number}: {line.strip()}"
+        for folder in ("bot", "generation", "storage")
+        for path in sorted((root / folder).rglob("*.py"))
+        if path.relative_to(root).as_posix() != "storage/recipe.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert found == []

@@ -17,7 +17,7 @@ from discord.ext import commands
 
 from bot.choices import ASPECT_RATIOS, style_choices
 from bot.modals import RemixModal
-from bot.prompt import format_recipe
+from bot.prompt import PromptOverrides, format_recipe
 from bot.records import load_generation, load_image
 from bot.replies import Refusal, refuse, send_rendered
 from bot.submit import run_prompt, submit
@@ -33,27 +33,6 @@ if TYPE_CHECKING:
     from bot.app import ImagineBot
 
 S = GenerationStatus
-
-
-def compose_prompt(
-    prompt: str,
-    *,
-    style: str | None = None,
-    aspect_ratio: str | None = None,
-    negative: str | None = None,
-    seed: int | None = None,
-) -> str:
-    """The slash command's options as prompt-language flags after the prompt text."""
-    parts = [prompt.strip()]
-    if style:
-        parts.append(f"--style {style.strip()}")
-    if aspect_ratio:
-        parts.append(f"--ar {aspect_ratio}")
-    if seed is not None:
-        parts.append(f"--seed {seed}")
-    if negative and negative.strip():
-        parts.append(f"--no {negative.strip()}")
-    return " ".join(parts)
 
 
 def can_manage_messages(interaction: discord.Interaction[ImagineBot]) -> bool:
@@ -228,10 +207,13 @@ class ImagineCog(commands.Cog):
         negative: app_commands.Range[str, 1, 1000] | None = None,
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
     ) -> None:
-        text = compose_prompt(
-            prompt, style=style, aspect_ratio=aspect_ratio, negative=negative, seed=seed
+        options = PromptOverrides(
+            aspect_ratio=aspect_ratio,
+            seed=seed,
+            negative=negative,
+            styles=(style,) if style else (),
         )
-        await run_prompt(interaction, text)
+        await run_prompt(interaction, prompt, options)
 
     # -- /info /show /queue /cancel ------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from discord.ext import commands
 from bot.choices import style_choices
 from bot.delivery import Rendered
 from bot.modals import TryModal
+from bot.prompt import PromptOverrides
 from bot.replies import refuse
 from bot.services import Services
 from bot.submit import parse_text, submit
@@ -290,8 +291,8 @@ class StylesCog(commands.Cog):
             return
         self.services.guild_style_names.setdefault(interaction.guild_id, set()).add(name)
         prompt = ", ".join([*words, description or name])
-        text = f"{prompt} --style {name} --seed {PREVIEW_SEED}"
-        recipes = parse_text(self.services, text, interaction.guild_id)
+        options = PromptOverrides(seed=PREVIEW_SEED, styles=(name,))
+        recipes = parse_text(self.services, prompt, interaction.guild_id, options)
         preview = recipes[0].model_copy(update={"count": 1})
         generations = await submit(interaction, GenerationKind.IMAGINE, [preview])
         if generations:
