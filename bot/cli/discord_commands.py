@@ -12,7 +12,7 @@ import signal
 import socket
 from typing import Any
 
-from storage.errors import ConfigError
+from storage.errors import ConfigError, ImagineError
 from storage.families import configured_family
 from storage.settings import Settings, load_settings
 
@@ -115,6 +115,7 @@ async def run_bot(settings: Settings) -> int:
 
 
 async def _run(settings: Settings, runtime: Any, queue: Any) -> int:
+    import aiohttp
     import discord
 
     from bot.app import ImagineBot
@@ -164,6 +165,11 @@ async def _run(settings: Settings, runtime: Any, queue: Any) -> int:
     except discord.LoginFailure:
         raise ConfigError(
             "Discord refused the token; copy it again from the Bot page of your application."
+        ) from None
+    except (aiohttp.ClientConnectionError, discord.GatewayNotFound) as exc:
+        raise ImagineError(
+            f"Cannot reach Discord ({exc}); check this machine's network connection and proxy, "
+            "then run `imagine bot` again."
         ) from None
     finally:
         stop.set()

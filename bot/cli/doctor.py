@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import os
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -117,6 +118,16 @@ async def check_database(settings: Settings) -> Check:
             )
         state = await runner.state(database)
     except ImagineError as exc:
+        host, port = database.url.host or "localhost", database.url.port or 5432
+        if not settings.is_embedded and not await asyncio.to_thread(_answers, host, port):
+            return Check(
+                "database",
+                FAIL,
+                f"{where} is unreachable: nothing answers at {host}:{port}; start PostgreSQL "
+                "(`docker compose up -d db` with this repository's compose.yaml, or "
+                "`sudo systemctl start postgresql` where it is installed) or fix "
+                "IMAGINE_DATABASE_URL",
+            )
         return Check("database", FAIL, str(exc))
     finally:
         await database.dispose()
@@ -125,6 +136,14 @@ async def check_database(settings: Settings) -> Check:
     if settings.is_embedded:
         return Check("database", WARN, f"{where}, schema {state.describe()} (done at start)")
     return Check("database", FAIL, f"{where}, schema {state.describe()}")
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return True
+    except OSError:
+        return False
 
 
 async def check_blobs(settings: Settings) -> Check:
@@ -137,6 +156,7 @@ async def check_blobs(settings: Settings) -> Check:
         store = make_blob_store(settings, database)
         if isinstance(store, LocalBlobStore):
             return Check("blob store", OK, f"folder {store.root} is writable")
+        await database.check()  # unreachable is said so, not taken for a missing table
         key = await store.put(b"imagine doctor")
         if await store.get(key) != b"imagine doctor":
             return Check("blob store", FAIL, "the database blob store returned other bytes")
