@@ -193,7 +193,7 @@ async def _run(
     if outcome.generation.status is GenerationStatus.CANCELLED and cancel and cancel.cancelled:
         from bot.cli import Interrupted
 
-        raise Interrupted(f"stopped: generation {generation.id} is cancelled.")
+        raise Interrupted(f"interrupted; generation {generation.id} is cancelled.")
     if outcome.generation.status is not GenerationStatus.SUCCEEDED:
         raise ImagineError(
             f"Generation {generation.id} {outcome.generation.status.value}: "
