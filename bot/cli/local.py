@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import io
 import os
 import signal
@@ -143,6 +144,8 @@ def check_out(out: Path) -> None:
             pass
         if out.exists() and not out.is_file():
             raise IsADirectoryError(f"{out} is not a regular file")
+        if out.exists() and not os.access(out, os.W_OK):
+            raise PermissionError(errno.EACCES, "the file is read-only")
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ImagineError(
