@@ -159,11 +159,21 @@ def detect_family(pipe: Pipeline, source: ModelSource) -> ModelFamily:
     return FAMILIES["sd2" if cross_attention == 1024 else "sd15"]
 
 
-def _single_file_class(path: Path) -> Any:
-    from safetensors import safe_open
+def _unreadable(path: Path, exc: Exception) -> ConfigError:
+    return ConfigError(
+        f"{path} is not a readable .safetensors file ({exc}); it may be empty or cut short, "
+        "so download it again or point IMAGINE_MODEL at another checkpoint."
+    )
 
-    with safe_open(str(path), framework="pt") as handle:
-        keys = set(handle.keys())
+
+def _single_file_class(path: Path) -> Any:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+    except (SafetensorError, OSError) as exc:
+        raise _unreadable(path, exc) from None
     if any(key.startswith("conditioner.embedders.1") for key in keys):
         return StableDiffusionXLPipeline
     if any(key.startswith(("model.diffusion_model.", "cond_stage_model.")) for key in keys):
@@ -261,8 +271,13 @@ def load_model(settings: Settings, model: str | None = None) -> LoadedModel:
     dtype = pick_dtype(settings.dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if source.kind == "single_file":
+        from safetensors import SafetensorError
+
         pipe_class = _single_file_class(source.path)
-        pipe = pipe_class.from_single_file(str(source.path), **kwargs)
+        try:
+            pipe = pipe_class.from_single_file(str(source.path), **kwargs)
+        except SafetensorError as exc:  # a header that reads, over tensors that do not
+            raise _unreadable(source.path, exc) from None
     else:
         pipe = AutoPipelineForText2Image.from_pretrained(str(source.path), **kwargs)
     pipe.to(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,9 +11,11 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.engine import URL, Connection
 
 from storage.database import Database, describe_url
+from storage.errors import ConfigError
 
 SCRIPT_LOCATION = Path(__file__).resolve().parent
 
@@ -31,6 +34,22 @@ def head_revision() -> str:
     head = ScriptDirectory.from_config(alembic_config(URL.create("sqlite"))).get_current_head()
     assert head is not None, "the migration history is empty"
     return head
+
+
+def known_revisions() -> list[str]:
+    """Every revision id of the history, oldest first."""
+    script = ScriptDirectory.from_config(alembic_config(URL.create("sqlite")))
+    return [revision.revision for revision in reversed(list(script.walk_revisions()))]
+
+
+def _migrate(step: Callable[[Config, str], None], url: URL, revision: str) -> None:
+    try:
+        step(alembic_config(url), revision)
+    except CommandError as exc:
+        raise ConfigError(
+            f"Cannot migrate to revision {revision!r} ({exc}); the known revisions are "
+            f"{', '.join(known_revisions())}, plus `head` (the newest) and `base` (empty)."
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -55,12 +74,12 @@ class SchemaState:
 
 async def upgrade(database: Database, revision: str = "head") -> None:
     await database.check()
-    await asyncio.to_thread(command.upgrade, alembic_config(database.url), revision)
+    await asyncio.to_thread(_migrate, command.upgrade, database.url, revision)
 
 
 async def downgrade(database: Database, revision: str) -> None:
     await database.check()
-    await asyncio.to_thread(command.downgrade, alembic_config(database.url), revision)
+    await asyncio.to_thread(_migrate, command.downgrade, database.url, revision)
 
 
 def _current(connection: Connection) -> str | None:

@@ -8,6 +8,7 @@ switches to the scaled mode.
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,7 +167,13 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         toml_path = config_file_path()
         if toml_path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+            try:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+            except tomllib.TOMLDecodeError as exc:
+                # The message ends in "(at line L, column C)".
+                raise ConfigError(
+                    f"{toml_path.resolve()} is not valid TOML: {exc}; fix it or move it aside."
+                ) from None
         return tuple(sources)
 
     @field_validator("database_url")

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from storage.errors import ImagineError
+
+
+class Interrupted(ImagineError):
+    """Ctrl-C or SIGTERM stopped a command after it put its rows in order (exit code 130)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # transformers warns at import about optional image backends (torchvision); nothing
+    # a user of Imagine can act on.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -41,6 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         code: int = args.handler(args)
+        sys.stdout.flush()  # a closed pipe (`imagine show 1 | head -1`) shows up here
+    except BrokenPipeError:
+        # The reader left: say nothing, and keep the flush at exit from failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
+    except Interrupted as exc:
+        print(f"imagine: {exc}", file=sys.stderr)
+        return 130
     except ImagineError as exc:
         print(f"imagine: {exc}", file=sys.stderr)
         return 2

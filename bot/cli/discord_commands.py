@@ -12,7 +12,7 @@ import signal
 import socket
 from typing import TYPE_CHECKING, Any
 
-from storage.errors import ConfigError
+from storage.errors import ConfigError, ImagineError
 from storage.families import configured_family
 from storage.settings import Settings, load_settings
 
@@ -105,6 +105,7 @@ def _bot(args: argparse.Namespace) -> int:
 
 async def run_bot(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT: the bot, and in the embedded mode the worker beside it."""
+    import aiohttp
     import discord
 
     from bot.app import ImagineBot
@@ -144,6 +145,11 @@ async def run_bot(settings: Settings) -> int:
         except discord.LoginFailure:
             raise ConfigError(
                 "Discord refused the token; copy it again from the Bot page of your application."
+            ) from None
+        except (aiohttp.ClientConnectionError, discord.GatewayNotFound) as exc:
+            raise ImagineError(
+                f"Cannot reach Discord ({exc}); check this machine's network connection and "
+                "proxy, then run `imagine bot` again."
             ) from None
         finally:
             stop.set()

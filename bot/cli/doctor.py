@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import os
 import re
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -117,6 +118,16 @@ async def check_database(settings: Settings) -> Check:
             )
         state = await runner.state(database)
     except ImagineError as exc:
+        host, port = database.url.host, database.url.port or 5432
+        if host and not await asyncio.to_thread(_answers, host, port):
+            return Check(
+                "database",
+                FAIL,
+                f"{where} is unreachable: nothing answers at {host}:{port}; start PostgreSQL "
+                "(`docker compose up -d db` with this repository's compose.yaml, or "
+                "`sudo systemctl start postgresql` where it is installed) or fix "
+                "IMAGINE_DATABASE_URL",
+            )
         return Check("database", FAIL, str(exc))
     finally:
         await database.dispose()
@@ -125,6 +136,18 @@ async def check_database(settings: Settings) -> Check:
     if settings.uses_sqlite:
         return Check("database", WARN, f"{where}, schema {state.describe()} (done at start)")
     return Check("database", FAIL, f"{where}, schema {state.describe()}")
+
+
+def _answers(host: str, port: int) -> bool:
+    """Whether something accepts connections there (a name that does not resolve: yes,
+    so that the database check's own sentence about the name stands)."""
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            return True
+    except socket.gaierror:
+        return True
+    except OSError:
+        return False
 
 
 async def check_blobs(settings: Settings) -> Check:
@@ -137,6 +160,7 @@ async def check_blobs(settings: Settings) -> Check:
         store = make_blob_store(settings, database)
         if isinstance(store, LocalBlobStore):
             return Check("blob store", OK, f"folder {store.root} is writable")
+        await database.check()  # unreachable is said so, not taken for a missing table
         key = await store.put(b"imagine doctor")
         if await store.get(key) != b"imagine doctor":
             return Check("blob store", FAIL, "the database blob store returned other bytes")

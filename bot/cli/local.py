@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
+import io
+import os
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,9 +30,10 @@ from storage.recipe import Recipe
 from storage.settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    from generation.engine import Engine, Progress
+    from generation.engine import CancelToken, Engine, Progress
 
 LOCAL_USER_ID = 0  # the requester of generations made from the command line
+OUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
 def register(commands: Any) -> None:
@@ -102,7 +108,61 @@ class ProgressBar:
             print(file=sys.stderr, flush=True)
 
 
-async def _run(runtime: Runtime, engine: Engine, generation: Generation, out: Path | None) -> Path:
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` that could not be written, before any model loads or row exists."""
+    if out.is_dir():
+        raise ImagineError(
+            f"--out {out} is a folder; give a file name in it, such as {out / 'image.png'}."
+        )
+    if out.suffix.lower() not in OUT_FORMATS:
+        raise ImagineError(
+            f"--out {out} does not end in an image suffix Imagine writes; "
+            f"use {', '.join(OUT_FORMATS)}."
+        )
+    above = next((folder for folder in out.absolute().parents if folder.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ImagineError(f"--out {out} cannot be written: {above} is a file, not a folder.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+        if out.exists() and not out.is_file():
+            raise IsADirectoryError(f"{out} is not a regular file")
+        if out.exists() and not os.access(out, os.W_OK):
+            raise PermissionError(errno.EACCES, "the file is read-only")
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ImagineError(
+            f"--out {out} cannot be written ({reason}); choose a place you may write to."
+        ) from None
+
+
+def encode_for(out: Path, png: bytes) -> bytes:
+    """The image in the format ``out``'s suffix names; a PNG keeps its recipe chunks."""
+    from PIL import Image as PILImage
+
+    image_format = OUT_FORMATS[out.suffix.lower()]
+    if image_format == "PNG":
+        return png
+    with PILImage.open(io.BytesIO(png)) as image:
+        parameters = image.info.get("parameters")
+        converted = image.convert("RGB") if image_format == "JPEG" else image.copy()
+    exif = PILImage.Exif()
+    if parameters:
+        # A1111 keeps the parameters of a JPEG or WebP in the EXIF UserComment.
+        exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + parameters.encode("utf-16-be")
+    buffer = io.BytesIO()
+    converted.save(buffer, format=image_format, quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+async def _run(
+    runtime: Runtime,
+    engine: Engine,
+    generation: Generation,
+    out: Path | None,
+    cancel: CancelToken | None = None,
+) -> Path:
     from generation.jobs import run_generation
 
     bar = ProgressBar(f"generation {generation.id}")
@@ -113,8 +173,13 @@ async def _run(runtime: Runtime, engine: Engine, generation: Generation, out: Pa
         generation.id,
         worker_name="cli",
         progress=bar,
+        cancel=cancel,
     )
     bar.finish()
+    if outcome.generation.status is GenerationStatus.CANCELLED and cancel and cancel.cancelled:
+        from bot.cli import Interrupted
+
+        raise Interrupted(f"interrupted; generation {generation.id} is cancelled.")
     if outcome.generation.status is not GenerationStatus.SUCCEEDED:
         raise ImagineError(
             f"Generation {generation.id} {outcome.generation.status.value}: "
@@ -122,12 +187,19 @@ async def _run(runtime: Runtime, engine: Engine, generation: Generation, out: Pa
         )
     if out is None:
         out = runtime.settings.data_dir / "outputs" / f"generation-{generation.id}.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
     if len(outcome.images) == 1:
-        out.write_bytes(outcome.images[0].png)
+        png = outcome.images[0].png
     else:
         assert outcome.generation.grid_blob_key is not None  # the worker stores every grid
-        out.write_bytes(await runtime.blobs.get(outcome.generation.grid_blob_key))
+        png = await runtime.blobs.get(outcome.generation.grid_blob_key)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(encode_for(out, png))
+    except OSError as exc:
+        raise ImagineError(
+            f"Generation {generation.id} succeeded but {out} could not be written "
+            f"({exc.strerror or exc}); its images are kept, see `imagine show {generation.id}`."
+        ) from None
     print(
         f"generation {generation.id}: {len(outcome.images)} image(s) in "
         f"{outcome.seconds:.2f}s, image ids "
@@ -144,9 +216,18 @@ async def _submit_and_run(
     out: Path | None,
     parent_image_id: int | None = None,
 ) -> int:
+    if out is not None:
+        check_out(out)
     runtime = await open_runtime(settings)
+    loop = asyncio.get_running_loop()
     try:
         engine = load_engine(settings)
+        from generation.engine import CancelToken
+
+        cancel = CancelToken()
+        # From here a Ctrl-C or SIGTERM stops the engine within a step and cancels the row.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, cancel.cancel)
         for number, recipe in enumerate(recipes):
             async with runtime.database.session() as session:
                 generation = await create_generation(
@@ -159,8 +240,10 @@ async def _submit_and_run(
             target = out
             if out is not None and len(recipes) > 1:
                 target = out.with_name(f"{out.stem}-{number + 1}{out.suffix}")
-            await _run(runtime, engine, generation, target)
+            await _run(runtime, engine, generation, target, cancel)
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
         await runtime.close()
     return 0
 
