@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot.cli.engine import load_engine
-from bot.deployment import start_deployment as open_runtime
+from bot.deployment import start_deployment
 from storage.blobs import LocalBlobStore
-from storage.deployment import Deployment as Runtime
+from storage.deployment import Deployment
 from storage.derive import reroll_recipe, upscale_recipe, variation_recipe
 from storage.errors import ImagineError
 from storage.families import configured_family
@@ -157,7 +157,7 @@ def encode_for(out: Path, png: bytes) -> bytes:
 
 
 async def _run(
-    runtime: Runtime,
+    deployment: Deployment,
     engine: Engine,
     generation: Generation,
     out: Path | None,
@@ -167,8 +167,8 @@ async def _run(
 
     bar = ProgressBar(f"generation {generation.id}")
     outcome = await run_generation(
-        runtime.database,
-        runtime.blobs,
+        deployment.database,
+        deployment.blobs,
         engine,
         generation.id,
         worker_name="cli",
@@ -186,12 +186,12 @@ async def _run(
             f"{outcome.generation.error or 'no reason recorded'}"
         )
     if out is None:
-        out = runtime.settings.data_dir / "outputs" / f"generation-{generation.id}.png"
+        out = deployment.settings.data_dir / "outputs" / f"generation-{generation.id}.png"
     if len(outcome.images) == 1:
         png = outcome.images[0].png
     else:
         assert outcome.generation.grid_blob_key is not None  # the worker stores every grid
-        png = await runtime.blobs.get(outcome.generation.grid_blob_key)
+        png = await deployment.blobs.get(outcome.generation.grid_blob_key)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(encode_for(out, png))
@@ -218,7 +218,7 @@ async def _submit_and_run(
 ) -> int:
     if out is not None:
         check_out(out)
-    runtime = await open_runtime(settings)
+    deployment = await start_deployment(settings)
     loop = asyncio.get_running_loop()
     try:
         engine = load_engine(settings)
@@ -229,7 +229,7 @@ async def _submit_and_run(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, cancel.cancel)
         for number, recipe in enumerate(recipes):
-            async with runtime.database.session() as session:
+            async with deployment.database.session() as session:
                 generation = await create_generation(
                     session,
                     kind=kind,
@@ -240,11 +240,11 @@ async def _submit_and_run(
             target = out
             if out is not None and len(recipes) > 1:
                 target = out.with_name(f"{out.stem}-{number + 1}{out.suffix}")
-            await _run(runtime, engine, generation, target, cancel)
+            await _run(deployment, engine, generation, target, cancel)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-        await runtime.close()
+        await deployment.close()
     return 0
 
 
@@ -265,25 +265,25 @@ def _generate(args: argparse.Namespace) -> int:
 async def _submit_only(settings: Settings, recipes: list[Recipe]) -> int:
     from storage.queue import Submission
 
-    runtime = await open_runtime(settings)
+    deployment = await start_deployment(settings)
     try:
         for recipe in recipes:
             submission = Submission(GenerationKind.IMAGINE, recipe, LOCAL_USER_ID)
-            print((await runtime.queue.submit(submission)).id)
+            print((await deployment.queue.submit(submission)).id)
     finally:
-        await runtime.close()
+        await deployment.close()
     return 0
 
 
 async def _parent(settings: Settings, image_id: int) -> tuple[Recipe, Image]:
-    runtime = await open_runtime(settings)
+    deployment = await start_deployment(settings)
     try:
-        async with runtime.database.session() as session:
+        async with deployment.database.session() as session:
             image = await get_image(session, image_id)
             generation = await get_generation(session, image.generation_id)
             return generation.recipe, image
     finally:
-        await runtime.close()
+        await deployment.close()
 
 
 def _upscale(args: argparse.Namespace) -> int:
@@ -308,12 +308,12 @@ def _reroll(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
     async def parent_recipe() -> Recipe:
-        runtime = await open_runtime(settings)
+        deployment = await start_deployment(settings)
         try:
-            async with runtime.database.session() as session:
+            async with deployment.database.session() as session:
                 return (await get_generation(session, args.generation_id)).recipe
         finally:
-            await runtime.close()
+            await deployment.close()
 
     recipe = reroll_recipe(asyncio.run(parent_recipe()))
     return asyncio.run(_submit_and_run(settings, GenerationKind.REROLL, [recipe], args.out))
@@ -323,12 +323,12 @@ def _show(args: argparse.Namespace) -> int:
     from bot.prompt import format_recipe
 
     async def show() -> int:
-        runtime = await open_runtime(load_settings())
+        deployment = await start_deployment(load_settings())
         try:
-            async with runtime.database.session() as session:
+            async with deployment.database.session() as session:
                 generation = await get_generation(session, args.generation_id)
         finally:
-            await runtime.close()
+            await deployment.close()
         recipe = generation.recipe
         print(f"generation {generation.id}: {generation.kind.value}, {generation.status.value}")
         if generation.error:
@@ -337,7 +337,7 @@ def _show(args: argparse.Namespace) -> int:
         print(f"model: {recipe.model} (hash {recipe.model_hash or 'unknown'})")
         print(f"size: {recipe.width}x{recipe.height}, steps {recipe.steps}, cfg {recipe.guidance}")
         for image in generation.images:
-            blobs = runtime.blobs
+            blobs = deployment.blobs
             where = blobs.path_for(image.blob_key) if isinstance(blobs, LocalBlobStore) else ""
             print(
                 f"image {image.id}: #{image.index + 1} seed {image.seed} {where or image.blob_key}"
