@@ -22,3 +22,17 @@ def test_bot_and_storage_do_not_import_torch() -> None:
         [sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == ""
+
+
+def test_the_embedded_bot_path_loads_no_postgresql_driver() -> None:
+    """Events, delivery and the deployment itself are driver-free; asyncpg, psycopg and
+    procrastinate come in only when a scaled deployment is opened."""
+    check = (
+        "import sys, bot.app, bot.delivery, bot.deployment, bot.cli.discord_commands, "
+        "storage.events, storage.queue; "
+        "print(','.join(m for m in ('asyncpg', 'psycopg', 'procrastinate') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == ""
