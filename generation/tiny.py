@@ -7,6 +7,7 @@ loading path. Nothing here downloads anything.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -192,14 +193,18 @@ def ensure_tiny_model(name: str, models_dir: Path) -> Path:
     folder = models_dir / ("tiny-sd" if name == "tiny" else name)
     if (folder / "model_index.json").is_file():
         return folder
-    # Built aside and renamed into place, so a half-built folder is never loaded.
-    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-    save_tiny_model(TINY_MODELS[name], partial)
-    shutil.rmtree(folder, ignore_errors=True)
-    try:
+    models_dir.mkdir(parents=True, exist_ok=True)
+    # Two workers starting at once: one builds while the other waits, so neither ever
+    # replaces a folder the other is already loading.
+    with (models_dir / f".{folder.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "model_index.json").is_file():
+            return folder
+        # Built aside and renamed into place, so a half-built folder is never loaded.
+        partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+        save_tiny_model(TINY_MODELS[name], partial)
+        shutil.rmtree(folder, ignore_errors=True)  # a leftover without its index
         partial.rename(folder)
-    except OSError:  # another process finished first
-        shutil.rmtree(partial, ignore_errors=True)
     return folder
 
 

@@ -117,3 +117,29 @@ def test_device_and_dtype_choice() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no usable CUDA GPU"):
             pick_device("cuda")
+
+
+def test_workers_starting_together_build_the_tiny_model_once(tmp_path: Path) -> None:
+    """Each process loads a whole folder: none deletes one another process is loading."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from pathlib import Path; from diffusers import AutoPipelineForText2Image; "
+        "from generation.tiny import ensure_tiny_model; "
+        "folder = ensure_tiny_model('tiny', Path(sys.argv[1])); "
+        "AutoPipelineForText2Image.from_pretrained(str(folder)); print('loaded')"
+    )
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    results = [process.communicate(timeout=240) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0], results
+    assert [out.strip() for out, _ in results] == ["loaded"] * 3
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".tiny-sd.lock", "tiny-sd"]
