@@ -106,8 +106,20 @@ async def create_generation(
     return generation
 
 
+MAX_ID = 2**63 - 1  # the database's 64-bit keys
+
+
+def _check_id(what: str, row_id: int) -> None:
+    """Ids come from text anyone can craft (a button's ``custom_id``, a command's
+    argument): one past the 64-bit keys names nothing, and gets the same sentence as any
+    other unknown id instead of the driver's ``OverflowError``."""
+    if not 0 < row_id <= MAX_ID:
+        raise NotFound(f"There is no {what} {row_id}; check the id.")
+
+
 async def get_generation(session: AsyncSession, generation_id: int) -> Generation:
     """The generation with its images; :class:`NotFound` with a sentence if absent."""
+    _check_id("generation", generation_id)
     generation = await session.scalar(
         select(Generation)
         .where(Generation.id == generation_id)
@@ -120,6 +132,7 @@ async def get_generation(session: AsyncSession, generation_id: int) -> Generatio
 
 
 async def get_image(session: AsyncSession, image_id: int) -> Image:
+    _check_id("image", image_id)
     image = await session.get(Image, image_id)
     if image is None:
         raise NotFound(f"There is no image {image_id}; check the id.")

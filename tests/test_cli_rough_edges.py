@@ -132,6 +132,17 @@ def test_an_unknown_revision_names_the_known_ones(
     assert "0001" in sentence and "`head`" in sentence and "`base`" in sentence
 
 
+@pytest.mark.parametrize("command", ["show", "status", "cancel", "reroll"])
+def test_an_id_past_the_database_s_keys_is_one_sentence(
+    clean_env: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    assert main([command, "99999999999999999999"]) == 2
+    assert (
+        one_sentence(capsys)
+        == "imagine: There is no generation 99999999999999999999; check the id."
+    )
+
+
 def test_a_malformed_config_file_names_its_line_and_column(
     clean_env: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
