@@ -39,6 +39,7 @@ from storage.samplers import (
     DEFAULT_SAMPLER,
     Sampler,
     a1111_name,
+    a1111_sampler,
     candidates,
     get_sampler,
     unknown_sampler_message,
@@ -379,9 +380,9 @@ class Engine:
 
     def a1111_sampler(self, sampler_name: str) -> str:
         """How AUTOMATIC1111 names what ``sampler_name`` runs on this model."""
-        sampler = get_sampler(sampler_name)
-        if sampler is not None:
-            return sampler.a1111
+        listed = a1111_sampler(sampler_name)
+        if listed is not None:
+            return listed
         if sampler_name == DEFAULT_SAMPLER:
             return self._default_a1111
         raise ImagineError(unknown_sampler_message(sampler_name))

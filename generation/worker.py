@@ -2,7 +2,7 @@
 
 One :class:`Worker` class serves both modes; what differs (claiming rows or taking
 procrastinate's jobs, in-process events or NOTIFY) comes from the ports that
-:func:`storage.deployment.open_deployment` hands out. One job at a time on one
+:func:`bot.deployment.open_deployment` hands out. One job at a time on one
 engine; the engine runs on a thread, so the event loop (and a Discord bot beside
 it) stays responsive. Rows left running by a stopped worker are re-queued.
 """
@@ -23,11 +23,10 @@ from storage.deployment import Deployment
 from storage.errors import ImagineError
 from storage.events import (
     EventBus,
-    JobCancelled,
     JobFailed,
     JobProgress,
     JobStarted,
-    JobSucceeded,
+    final_event,
 )
 from storage.generations import cancel_requested, transition
 from storage.models import Generation, GenerationStatus
@@ -179,15 +178,9 @@ class Worker:
             self.cancellations.register(generation_id, None)
         finished = outcome.generation
         self.metrics.job_finished(finished.status, outcome.seconds)
-        if finished.status is S.SUCCEEDED:
-            image_ids = [image.id for image in finished.images]
-            self.events.publish(JobSucceeded(generation_id=generation_id, image_ids=image_ids))
-        elif finished.status is S.CANCELLED:
-            self.events.publish(JobCancelled(generation_id=generation_id))
-        else:
-            self.events.publish(
-                JobFailed(generation_id=generation_id, error=finished.error or "unknown error")
-            )
+        final = final_event(finished)
+        if final is not None:
+            self.events.publish(final)
         log.info(
             "generation %s %s in %.2fs (queued %.2fs before) on %s",
             generation_id,

@@ -29,13 +29,12 @@ from sqlalchemy.engine import URL
 from storage.database import Database
 from storage.events import JobEvent, JobProgress, final_events_since
 from storage.generations import CANCEL_CHANNEL
-from storage.models import GenerationStatus, utcnow
+from storage.models import utcnow
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "imagine_events"
 _EVENT = TypeAdapter[JobEvent](JobEvent)
-S = GenerationStatus
 
 
 def _dsn(url: URL) -> str:

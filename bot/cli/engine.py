@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -15,8 +14,6 @@ if TYPE_CHECKING:
 
 def load_engine(settings: Settings) -> Engine:
     """The engine for ``settings.model``; imports torch and diffusers (seconds)."""
-    # transformers warns about optional image backends at import; nothing to act on here.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from generation.engine import Engine
 
     started = time.perf_counter()

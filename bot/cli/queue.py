@@ -39,8 +39,9 @@ def _status(args: argparse.Namespace) -> int:
     async def status() -> int:
         async with open_deployment(load_settings()) as deployment:
             where = await deployment.queue.position(args.generation_id)
-            model = await _model_of(deployment, args.generation_id)
-        if where.status is S.QUEUED and not where.workers:
+            idle = where.status is S.QUEUED and not where.workers
+            model = await _model_of(deployment, args.generation_id) if idle else ""
+        if idle:
             print(
                 f"generation {args.generation_id}: queued, #{where.position} in line; "
                 f"no worker is running for {model}: start `imagine bot` (embedded) "
