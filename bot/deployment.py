@@ -96,7 +96,6 @@ async def start_deployment(settings: Settings) -> Deployment:
         stack.push_async_callback(database.dispose)
         await _prepare_database(database, settings)
         blobs = make_blob_store(settings, database)
-        listener = _cancel_listener(database)
         queue: JobQueue
         jobs: JobSource
         events: EventBus
@@ -104,7 +103,7 @@ async def start_deployment(settings: Settings) -> Deployment:
             events = LocalEventBus()
             wakeup = asyncio.Event()
             queue = RowQueue(database, limits, events, cancellations, wakeup, stale)
-            jobs = RowJobs(database, limits, wakeup, listener)
+            jobs = RowJobs(database, limits, wakeup)
         else:
             from storage.pg_events import PostgresEventBus
             from storage.scaled_queue import ProcrastinateJobs, ProcrastinateQueue, make_app
@@ -114,9 +113,20 @@ async def start_deployment(settings: Settings) -> Deployment:
             await stack.enter_async_context(app.open_async())
             scaled = ProcrastinateQueue(database, limits, app, events, cancellations, stale)
             queue = scaled
-            jobs = ProcrastinateJobs(scaled, listener, settings.worker_heartbeat_seconds)
+            jobs = ProcrastinateJobs(scaled, settings.worker_heartbeat_seconds)
         stack.push_async_callback(events.close)
     except BaseException:
         await stack.aclose()
         raise
-    return Deployment(mode, settings, database, blobs, queue, events, jobs, cancellations, stack)
+    return Deployment(
+        mode,
+        settings,
+        database,
+        blobs,
+        queue,
+        events,
+        jobs,
+        cancellations,
+        _cancel_listener(database),
+        stack,
+    )

@@ -30,7 +30,7 @@ from storage.events import (
 )
 from storage.generations import cancel_requested, transition
 from storage.models import Generation, GenerationStatus
-from storage.queue import Cancellations, JobSource
+from storage.queue import Cancellations, CancelListener, JobSource
 from storage.scheduling import heartbeat, queue_depth, requeue_orphans
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class Worker:
         jobs: JobSource,
         events: EventBus,
         cancellations: Cancellations,
+        cancel_listener: CancelListener | None = None,
         name: str = "embedded",
         max_attempts: int = 3,
         heartbeat_seconds: float = 5.0,
@@ -60,6 +61,7 @@ class Worker:
         self.jobs = jobs
         self.events = events
         self.cancellations = cancellations
+        self.cancel_listener = cancel_listener
         self.name = name
         self.max_attempts = max_attempts
         self.heartbeat_seconds = heartbeat_seconds
@@ -85,6 +87,7 @@ class Worker:
             jobs=deployment.jobs,
             events=deployment.events,
             cancellations=deployment.cancellations,
+            cancel_listener=deployment.cancel_listener,
             name=name,
             max_attempts=max_attempts,
             heartbeat_seconds=heartbeat_seconds or settings.worker_heartbeat_seconds,
@@ -130,10 +133,9 @@ class Worker:
         await self.beat()
         await self.recover()
         await self.jobs.prepare(self.model)
-        background = [
-            asyncio.create_task(self._keep_alive()),
-            asyncio.create_task(self.jobs.hear_cancels(self.cancellations.stop)),
-        ]
+        background = [asyncio.create_task(self._keep_alive())]
+        if self.cancel_listener is not None:  # the row's flag is polled all the same
+            background.append(asyncio.create_task(self.cancel_listener(self.cancellations.stop)))
         try:
             await self.jobs.serve(self.model, self.name, self.run_claimed, stop)
         finally:

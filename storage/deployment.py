@@ -12,7 +12,8 @@ port             embedded (default on SQLite)        scaled (default on PostgreS
 ===============  ==================================  ====================================
 
 The queue and the job source share the in-process :class:`Cancellations` (and, when
-embedded, the wake-up of a waiting worker).
+embedded, the wake-up of a waiting worker). On PostgreSQL, ``cancel_listener`` lets a
+worker hear cancels requested by other processes, in either mode.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Literal
 from storage.blobs import BlobStore
 from storage.database import Database
 from storage.events import EventBus
-from storage.queue import Cancellations, JobQueue, JobSource
+from storage.queue import Cancellations, CancelListener, JobQueue, JobSource
 from storage.settings import Settings
 
 Mode = Literal["embedded", "scaled"]
@@ -42,6 +43,7 @@ class Deployment:
     events: EventBus
     jobs: JobSource
     cancellations: Cancellations
+    cancel_listener: CancelListener | None  # hears cancels from other processes, if it can
     _resources: contextlib.AsyncExitStack = field(
         default_factory=contextlib.AsyncExitStack, repr=False
     )

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from storage.database import Database
 from storage.events import EventBus, JobCancelled, LocalEventBus
@@ -43,9 +43,10 @@ IDLE_POLL_SECONDS = 1.0
 RunJob = Callable[[Generation], Awaitable[object]]
 """A worker's way to run one claimed generation (its row already ``running``)."""
 
-CancelListener = Callable[[Callable[[int], object]], Awaitable[None]]
+CancelListener = Callable[[Callable[[int], object]], Coroutine[Any, Any, None]]
 """Runs until cancelled, calling its argument with the id of every running generation
-that another process asked to cancel."""
+that another process asked to cancel (PostgreSQL's LISTEN; SQLite has none, and the
+worker polls the flag)."""
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,6 @@ class JobSource(Protocol):
     async def serve(self, model: str, worker_name: str, run: RunJob, stop: asyncio.Event) -> None:
         """Claim jobs of ``model`` one at a time and ``run`` them until ``stop`` is set; the
         job in hand finishes first."""
-        ...
-
-    async def hear_cancels(self, on_cancel: Callable[[int], object]) -> None:
-        """Until cancelled: call ``on_cancel`` for cancels requested by other processes
-        (returns at once where the database cannot tell; the worker also polls)."""
         ...
 
 
@@ -187,13 +183,11 @@ class RowJobs:
         database: Database,
         limits: Limits,
         wakeup: asyncio.Event | None = None,
-        cancel_listener: CancelListener | None = None,
         idle_poll_seconds: float = IDLE_POLL_SECONDS,
     ) -> None:
         self.database = database
         self.limits = limits
         self.wakeup = wakeup or asyncio.Event()
-        self.cancel_listener = cancel_listener
         self.idle_poll_seconds = idle_poll_seconds
 
     async def prepare(self, model: str) -> None:
@@ -216,7 +210,3 @@ class RowJobs:
             )
             for waiter in waiters:
                 waiter.cancel()
-
-    async def hear_cancels(self, on_cancel: Callable[[int], object]) -> None:
-        if self.cancel_listener is not None:
-            await self.cancel_listener(on_cancel)

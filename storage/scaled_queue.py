@@ -30,7 +30,6 @@ import asyncio
 import hashlib
 import logging
 import re
-from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -45,7 +44,6 @@ from storage.generations import get_generation, transition
 from storage.models import Generation, GenerationStatus, Guild
 from storage.queue import (
     Cancellations,
-    CancelListener,
     RunJob,
     Submission,
     record_cancel,
@@ -243,11 +241,9 @@ class ProcrastinateJobs:
     def __init__(
         self,
         queue: ProcrastinateQueue,
-        cancel_listener: CancelListener | None = None,
         heartbeat_seconds: float = 5.0,
     ) -> None:
         self.queue = queue
-        self.cancel_listener = cancel_listener
         self.heartbeat_seconds = heartbeat_seconds
 
     async def prepare(self, model: str) -> None:
@@ -297,7 +293,3 @@ class ProcrastinateJobs:
             if not running.done():
                 running.cancel()  # procrastinate stops fetching and lets the job in hand finish
             await asyncio.gather(running, stopping, return_exceptions=True)
-
-    async def hear_cancels(self, on_cancel: Callable[[int], object]) -> None:
-        if self.cancel_listener is not None:
-            await self.cancel_listener(on_cancel)

@@ -74,7 +74,7 @@ async def test_embedded_on_postgresql_is_one_process_without_procrastinate(
     ):
         assert isinstance(deployment.queue, RowQueue)
         assert isinstance(deployment.events, LocalEventBus)
-        assert deployment.jobs.cancel_listener is not None  # type: ignore[attr-defined]
+        assert deployment.cancel_listener is not None
 
 
 def test_the_scaled_mode_on_sqlite_is_refused_with_what_to_do(tmp_path: Path) -> None:
