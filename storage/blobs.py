@@ -2,28 +2,34 @@
 
 The contract is :class:`BlobStore`; :class:`LocalBlobStore` keeps blobs in a
 folder, writing each one to a temporary file, fsyncing it and renaming it into
-place, so a crash never leaves a half-written blob under a real key.
+place, so a crash never leaves a half-written blob under a real key. A store
+without room raises :class:`~storage.errors.BlobStoreFull` and keeps nothing of
+the blob it could not write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import re
+import sqlite3
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from storage.errors import BlobNotFound, ConfigError
+from storage.errors import BlobNotFound, BlobStoreFull, ConfigError
 
 if TYPE_CHECKING:
     from storage.database import Database
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT}
+DISK_FULL_SQLSTATE = "53100"  # PostgreSQL's disk_full: a table or its TOAST could not grow
 
 
 def blob_key(data: bytes) -> str:
@@ -93,19 +99,28 @@ class LocalBlobStore:
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            if exc.errno in _NO_ROOM:
+                raise BlobStoreFull() from exc
             raise ConfigError(
                 f"Cannot create {final.parent} ({exc.strerror}); "
                 "set IMAGINE_BLOB_DIR to a folder you can write to."
             ) from None
-        fd, temporary = tempfile.mkstemp(dir=final.parent, prefix=".tmp-", suffix=".part")
+        try:
+            fd, temporary = tempfile.mkstemp(dir=final.parent, prefix=".tmp-", suffix=".part")
+        except OSError as exc:
+            if exc.errno in _NO_ROOM:
+                raise BlobStoreFull() from exc
+            raise
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, final)
-        except BaseException:
+        except BaseException as exc:
             Path(temporary).unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
+                raise BlobStoreFull() from exc
             raise
         _fsync_dir(final.parent)
 
@@ -136,13 +151,20 @@ class DatabaseBlobStore:
         from storage.models import Blob, utcnow
 
         key = blob_key(data)
-        async with self.database.session() as session:
-            if await session.get(Blob, key) is None:
-                try:
-                    async with session.begin_nested():
-                        session.add(Blob(key=key, data=data, size=len(data), created_at=utcnow()))
-                except IntegrityError:  # the same bytes stored concurrently: same key, same data
-                    pass
+        try:
+            async with self.database.session() as session:
+                if await session.get(Blob, key) is None:
+                    try:
+                        async with session.begin_nested():
+                            session.add(
+                                Blob(key=key, data=data, size=len(data), created_at=utcnow())
+                            )
+                    except IntegrityError:  # the same bytes stored concurrently: same key
+                        pass
+        except DBAPIError as exc:
+            if _disk_full(exc):
+                raise BlobStoreFull() from exc
+            raise
         return key
 
     async def get(self, key: str) -> bytes:
@@ -168,3 +190,16 @@ class DatabaseBlobStore:
         check_key(key)
         async with self.database.session() as session:
             await session.execute(delete(Blob).where(Blob.key == key))
+
+
+def _disk_full(error: DBAPIError) -> bool:
+    """Whether the database refused a write for lack of room (PostgreSQL's SQLSTATE, or
+    SQLite's result code; the drivers' own exceptions hide under SQLAlchemy's)."""
+    cause: BaseException | None = error.orig
+    while cause is not None:
+        if getattr(cause, "sqlstate", None) == DISK_FULL_SQLSTATE:
+            return True
+        if getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
+        cause = cause.__cause__
+    return False

@@ -35,3 +35,10 @@ class IllegalTransition(ImagineError):
 
 class BlobNotFound(NotFound):
     """No blob is stored under a key."""
+
+
+class BlobStoreFull(ImagineError):
+    """The blob store has no room left (the disk or the database's disk is full, or a quota)."""
+
+    def __init__(self) -> None:
+        super().__init__("The image store is full; ask the bot's owner to free space.")

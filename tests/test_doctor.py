@@ -33,7 +33,15 @@ def test_a_fresh_machine_with_the_tiny_model_fails_only_the_token(
     monkeypatch.setenv("IMAGINE_DEVICE", "cpu")
     assert main(["doctor"]) == 1
     checks = lines(capsys)
-    assert set(checks) == {"discord token", "database", "blob store", "gpu", "model", "styles"}
+    assert set(checks) == {
+        "discord token",
+        "database",
+        "blob store",
+        "disk",
+        "gpu",
+        "model",
+        "styles",
+    }
     failed = {name for name, text in checks.items() if text.startswith("FAIL")}
     assert failed == {"discord token"}
     assert "export DISCORD_TOKEN" in checks["discord token"]

@@ -11,9 +11,11 @@ import argparse
 import asyncio
 import os
 import re
+import shutil
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bot.cli.discord_commands import client_id_from_token
@@ -22,6 +24,8 @@ from storage.families import configured_family
 from storage.settings import Settings, load_settings
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
+LOW_DISK_BYTES = 2**30
+LOW_DISK_FRACTION = 0.05
 TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_-]{17,40}\.[A-Za-z0-9_-]{4,10}\.[A-Za-z0-9_-]{20,}$")
 
 
@@ -71,6 +75,7 @@ async def run_checks(settings: Settings, *, quick: bool = False) -> list[Check]:
     if quick:
         return checks
     checks.insert(0, check_token(settings))
+    checks.append(await asyncio.to_thread(check_disk, settings))
     slow: list[Callable[[Settings], Check]] = [check_device, check_model]
     for step in slow:  # torch import, model files: off the event loop
         checks.append(await asyncio.to_thread(step, settings))
@@ -98,8 +103,6 @@ def check_token(settings: Settings) -> Check:
 
 
 async def check_database(settings: Settings) -> Check:
-    from pathlib import Path
-
     from migrations import runner
     from storage.database import Database, describe_url
 
@@ -173,6 +176,37 @@ async def check_blobs(settings: Settings) -> Check:
         )
     finally:
         await database.dispose()
+
+
+def check_disk(settings: Settings) -> Check:
+    """Room left where the database file and the image folder live (the data folder)."""
+    folders = [settings.data_dir]
+    if settings.blob_store != "database":
+        folders.append(settings.resolved_blob_dir)
+    seen: dict[int, str] = {}
+    for folder in folders:
+        existing = _nearest_existing(folder)
+        device = existing.stat().st_dev
+        if device in seen:
+            continue
+        usage = shutil.disk_usage(existing)
+        free = f"{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB"
+        if usage.free < LOW_DISK_BYTES or usage.free < LOW_DISK_FRACTION * usage.total:
+            return Check(
+                "disk",
+                WARN,
+                f"{folder} is low on space ({free}); when the disk is full, jobs fail: delete old "
+                "files there or move IMAGINE_DATA_DIR to a larger disk",
+            )
+        seen[device] = f"{folder}: {free}"
+    return Check("disk", OK, "; ".join(seen.values()))
+
+
+def _nearest_existing(folder: Path) -> Path:
+    folder = folder.expanduser().absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
 
 
 def check_device(settings: Settings) -> Check:
