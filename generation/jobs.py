@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 S = GenerationStatus
 ProgressCallback = Callable[[Progress], None]
+TEST_FAULT_ENV = "IMAGINE_TEST_FAULT"
 
 
 @dataclass(frozen=True)
@@ -106,12 +109,29 @@ def _run_engine(
     cancel: CancelToken | None,
 ) -> list[GeneratedImage]:
     recipe = generation.recipe
+    _injected_fault(recipe.prompt)
     if generation.kind is GenerationKind.UPSCALE:
         assert source is not None
         return [engine.upscale(recipe, source, progress=progress, cancel=cancel)]
     if source is not None:
         return engine.img2img(recipe, source, progress=progress, cancel=cancel)
     return engine.txt2img(recipe, progress=progress, cancel=cancel)
+
+
+def _injected_fault(prompt: str) -> None:
+    """For the fault tests only (never set it elsewhere): ``IMAGINE_TEST_FAULT=crash:WORD``
+    kills this process as a native crash in the engine would (SIGSEGV) when the prompt
+    contains WORD; ``fail:WORD`` makes the engine call raise instead."""
+    fault = os.environ.get(TEST_FAULT_ENV)
+    if not fault:
+        return
+    kind, _, word = fault.partition(":")
+    if not word or word not in prompt:
+        return
+    if kind == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if kind == "fail":
+        raise RuntimeError(f"{TEST_FAULT_ENV} failed this job on purpose")
 
 
 async def run_generation(

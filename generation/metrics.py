@@ -27,6 +27,16 @@ class WorkerMetrics:
         self.queue_depth = Gauge(
             "imagine_queue_depth", "Jobs waiting for this worker's model", registry=self.registry
         )
+        self.failures_in_a_row = Gauge(
+            "imagine_worker_failures_in_a_row",
+            "Jobs that failed on this worker since its last success",
+            registry=self.registry,
+        )
+        self.stopped = Gauge(
+            "imagine_worker_stopped",
+            "1 once this worker stopped claiming jobs after too many failures in a row",
+            registry=self.registry,
+        )
         self.gpu_memory = Gauge(
             "imagine_gpu_memory_bytes", "GPU memory allocated by torch", registry=self.registry
         )

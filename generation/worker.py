@@ -4,7 +4,10 @@ One :class:`Worker` class serves both modes; what differs (claiming rows or taki
 procrastinate's jobs, in-process events or NOTIFY) comes from the ports that
 :func:`bot.deployment.open_deployment` hands out. One job at a time on one
 engine; the engine runs on a thread, so the event loop (and a Discord bot beside
-it) stays responsive. Rows left running by a stopped worker are re-queued.
+it) stays responsive. Rows left running by a stopped worker are re-queued, up to
+``IMAGINE_MAX_ATTEMPTS`` starts in all. A worker whose jobs keep failing stops
+claiming (``max_consecutive_failures``) and says why, so that a supervisor can
+restart it.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from storage.events import (
     JobStarted,
     final_event,
 )
-from storage.generations import cancel_requested, transition
+from storage.generations import cancel_requested, get_generation, transition
 from storage.models import Generation, GenerationStatus
 from storage.queue import Cancellations, CancelListener, JobSource
 from storage.scheduling import heartbeat, queue_depth, requeue_orphans
@@ -51,6 +54,7 @@ class Worker:
         cancel_listener: CancelListener | None = None,
         name: str = "embedded",
         max_attempts: int = 3,
+        max_consecutive_failures: int = 0,
         heartbeat_seconds: float = 5.0,
         stale_seconds: float = 30.0,
         metrics: WorkerMetrics | None = None,
@@ -64,6 +68,11 @@ class Worker:
         self.cancel_listener = cancel_listener
         self.name = name
         self.max_attempts = max_attempts
+        self.max_consecutive_failures = max_consecutive_failures
+        self.failures_in_a_row = 0
+        self.gave_up: str | None = None
+        """Why this worker stopped claiming jobs; ``None`` while it serves."""
+        self._halt = asyncio.Event()
         self.heartbeat_seconds = heartbeat_seconds
         self.stale_after = timedelta(seconds=stale_seconds)
         self.metrics = metrics or WorkerMetrics()
@@ -76,9 +85,10 @@ class Worker:
         *,
         name: str,
         heartbeat_seconds: float | None = None,
-        max_attempts: int = 3,
+        max_consecutive_failures: int = 0,
     ) -> Worker:
-        """A worker on ``deployment``'s ports, with its settings' heartbeat timings."""
+        """A worker on ``deployment``'s ports, with its settings' heartbeat timings and
+        attempts; it stops after ``max_consecutive_failures`` failed jobs (0: never)."""
         settings = deployment.settings
         return cls(
             deployment.database,
@@ -89,7 +99,8 @@ class Worker:
             cancellations=deployment.cancellations,
             cancel_listener=deployment.cancel_listener,
             name=name,
-            max_attempts=max_attempts,
+            max_attempts=settings.max_attempts,
+            max_consecutive_failures=max_consecutive_failures,
             heartbeat_seconds=heartbeat_seconds or settings.worker_heartbeat_seconds,
             stale_seconds=settings.worker_stale_seconds,
         )
@@ -113,7 +124,18 @@ class Worker:
             )
         if orphans:
             log.warning("re-queued %d generation(s) of stopped workers: %s", len(orphans), orphans)
+            await self._announce_given_up(orphans)
         return orphans
+
+    async def _announce_given_up(self, orphans: list[int]) -> None:
+        """Orphans out of attempts were failed: their requesters hear it now."""
+        async with self.database.session() as session:
+            finished = [await get_generation(session, orphan) for orphan in orphans]
+        for generation in finished:
+            final = final_event(generation)
+            if generation.status is S.FAILED and final is not None:
+                log.error("generation %s failed: %s", generation.id, generation.error)
+                self.events.publish(final)
 
     async def _keep_alive(self) -> None:
         """Heartbeats, and every other beat a sweep for jobs of workers that went quiet."""
@@ -129,15 +151,20 @@ class Worker:
                 await self.jobs.sweep(self.model, self.stale_after.total_seconds())
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run jobs until ``stop`` is set; the job in hand is finished first."""
+        """Run jobs until ``stop`` is set, or until too many failed in a row
+        (:attr:`gave_up` says so); the job in hand is finished first."""
+        self._halt = asyncio.Event()
         await self.beat()
         await self.recover()
         await self.jobs.prepare(self.model)
-        background = [asyncio.create_task(self._keep_alive())]
+        background = [
+            asyncio.create_task(self._keep_alive()),
+            asyncio.create_task(_pass_on(stop, self._halt)),
+        ]
         if self.cancel_listener is not None:  # the row's flag is polled all the same
             background.append(asyncio.create_task(self.cancel_listener(self.cancellations.stop)))
         try:
-            await self.jobs.serve(self.model, self.name, self.run_claimed, stop)
+            await self.jobs.serve(self.model, self.name, self.run_claimed, self._halt)
         finally:
             for task in background:
                 task.cancel()
@@ -148,7 +175,7 @@ class Worker:
         the bookkeeping fails the job with a sentence: its row never stays ``running``
         under a live worker."""
         try:
-            return await self._execute(generation)
+            outcome = await self._execute(generation)
         except Exception as exc:
             log.exception("generation %s broke the worker's bookkeeping", generation.id)
             reason = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
@@ -158,7 +185,28 @@ class Worker:
                 self.events.publish(JobFailed(generation_id=generation.id, error=reason))
             except Exception:
                 log.exception("could not record the failure of generation %s", generation.id)
+            self._count(S.FAILED)
             return None
+        self._count(outcome.generation.status)
+        return outcome
+
+    def _count(self, status: GenerationStatus) -> None:
+        """Track failures in a row; at the limit, stop claiming (the caller's job is done)."""
+        if status is S.FAILED:
+            self.failures_in_a_row += 1
+        elif status is S.SUCCEEDED:
+            self.failures_in_a_row = 0
+        self.metrics.failures_in_a_row.set(self.failures_in_a_row)
+        limit = self.max_consecutive_failures
+        if limit and self.failures_in_a_row >= limit and self.gave_up is None:
+            self.gave_up = (
+                f"{self.failures_in_a_row} jobs in a row failed on worker {self.name}; "
+                "it stops claiming jobs so that its supervisor restarts it "
+                "(read the errors above: a broken GPU, a full disk, a bad model)"
+            )
+            log.error("stopping: %s", self.gave_up)
+            self.metrics.stopped.set(1)
+            self._halt.set()
 
     async def _execute(self, generation: Generation) -> JobOutcome:
         generation_id = generation.id
@@ -214,6 +262,11 @@ class Worker:
             loop.call_soon_threadsafe(self.events.publish, event)
 
         return publish
+
+
+async def _pass_on(stop: asyncio.Event, halt: asyncio.Event) -> None:
+    await stop.wait()
+    halt.set()
 
 
 def _waited(generation: Generation) -> float:

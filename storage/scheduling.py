@@ -216,6 +216,7 @@ async def requeue_orphans(
     own_name: str | None = None,
 ) -> list[int]:
     """Running rows whose worker is gone: back to queued, or failed after too many tries.
+    Returns the ids of the rows this call moved (another worker may move some first).
 
     A worker is gone when its last heartbeat is older than ``stale_after`` (or it
     never beat). Rows of ``own_name`` are orphans too: that is a restart under the
@@ -232,6 +233,7 @@ async def requeue_orphans(
             )
         )
     )
+    moved = []
     for generation_id in orphans:
         generation = await get_generation(session, generation_id)
         try:
@@ -241,14 +243,16 @@ async def requeue_orphans(
                     generation_id,
                     S.FAILED,
                     error=(
-                        f"The worker stopped {generation.attempts} times while running this job."
+                        f"This job crashed the worker {generation.attempts} times and was "
+                        "stopped; try different settings."
                     ),
                 )
             else:
                 await transition(session, generation_id, S.QUEUED)
-        except IllegalTransition:  # it finished meanwhile
+        except IllegalTransition:  # it finished meanwhile, or another worker moved it
             continue
-    return orphans
+        moved.append(generation_id)
+    return moved
 
 
 async def queue_depth(session: AsyncSession, model: str | None = None) -> int:

@@ -142,6 +142,22 @@ class Settings(BaseSettings):
         gt=0,
         description="A worker silent this long is taken for dead and its job runs elsewhere.",
     )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description=(
+            "Times a job may be started: one whose worker died (a crash, a kill) runs again "
+            "elsewhere until then, and is failed after."
+        ),
+    )
+    max_consecutive_failures: int = Field(
+        default=5,
+        ge=0,
+        description=(
+            "`imagine worker` stops claiming after this many failed jobs in a row and exits "
+            "with code 3, so that its supervisor restarts it; 0: never."
+        ),
+    )
     metrics_port: int = Field(
         default=9400,
         ge=0,

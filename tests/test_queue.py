@@ -122,7 +122,7 @@ async def test_rows_left_running_are_requeued_then_failed_after_too_many_tries(
         async with database.session() as session:
             row = await get_generation(session, generation.id)
         assert row.status is expected
-    assert row.error is not None and "stopped 2 times" in row.error
+    assert row.error is not None and "crashed the worker 2 times" in row.error
 
 
 async def test_a_worker_claims_only_jobs_for_its_model(database: Database) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import selectinload
 
 from bot.deployment import open_deployment
 from generation.engine import Engine
+from generation.jobs import TEST_FAULT_ENV
 from generation.worker import Worker
 from storage.database import Database
 from storage.deployment import Deployment
@@ -301,3 +302,29 @@ async def test_a_worker_runs_only_jobs_for_its_model(
     by_id = {row.id: row for row in await rows(backend.database)}
     assert by_id[other.id].status is S.QUEUED and by_id[other.id].started_at is None
     assert (await backend.queue.position(other.id)).position == 1
+
+
+async def test_a_worker_stops_claiming_after_too_many_failures_in_a_row(
+    backend: Backend, tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TEST_FAULT_ENV, "fail:broken")
+    prompts = ["broken 1", "fine 1", "broken 2", "broken 3", "fine 2"]
+    for prompt in prompts:
+        await backend.queue.submit(submission(A, prompt))
+    worker = Worker.for_deployment(
+        backend.deployment, tiny_engine, name="w", max_consecutive_failures=2
+    )
+    # Never stopped from outside: the worker ends by itself after "broken 3".
+    await asyncio.wait_for(worker.run(asyncio.Event()), timeout=90)
+    found = [(row.recipe.prompt, row.status) for row in await rows(backend.database)]
+    assert found == [
+        ("broken 1", S.FAILED),
+        ("fine 1", S.SUCCEEDED),
+        ("broken 2", S.FAILED),
+        ("broken 3", S.FAILED),
+        ("fine 2", S.QUEUED),
+    ]
+    assert worker.gave_up is not None and "2 jobs in a row failed" in worker.gave_up
+    metrics = worker.metrics.registry
+    assert metrics.get_sample_value("imagine_worker_stopped") == 1
+    assert metrics.get_sample_value("imagine_worker_failures_in_a_row") == 2

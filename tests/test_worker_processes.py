@@ -1,4 +1,5 @@
-"""Real `imagine worker` processes on PostgreSQL: a worker killed mid-job loses nothing."""
+"""Real `imagine worker` processes: a worker killed mid-job loses nothing, a job that
+crashes worker after worker is given up, a worker whose jobs keep failing exits."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ S = GenerationStatus
 IMAGINE = Path(sys.executable).parent / "imagine"
 
 
-def start_worker(url: URL, name: str, data_dir: Path) -> subprocess.Popen[str]:
+def start_worker(url: URL, name: str, data_dir: Path, **settings: str) -> subprocess.Popen[str]:
+    """``imagine worker --name name`` on the tiny model; ``settings``: more IMAGINE_* variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGINE_")}
     env |= {
         "IMAGINE_DATABASE_URL": url.render_as_string(hide_password=False),
@@ -38,8 +40,10 @@ def start_worker(url: URL, name: str, data_dir: Path) -> subprocess.Popen[str]:
         "IMAGINE_METRICS_PORT": "0",
         "HF_HUB_OFFLINE": "1",
     }
-    # A file, not a pipe: a worker that logs more than a pipe holds must not block.
-    log = (data_dir / f"{name}.log").open("w")
+    env |= settings
+    # A file, not a pipe: a worker that logs more than a pipe holds must not block. Appended
+    # to, so that a restarted worker's log follows its predecessor's.
+    log = (data_dir / f"{name}.log").open("a")
     return subprocess.Popen(
         [str(IMAGINE), "worker", "--name", name],
         env=env,
@@ -135,3 +139,82 @@ async def test_jobs_of_live_workers_are_left_alone(database: Database) -> None:
     async with database.session() as session:  # later: the worker has gone quiet
         taken = await requeue_orphans(session, 3, stale_after=timedelta(seconds=-1))
         assert taken == [generation.id]
+
+
+def small_job(prompt: str, requester: int) -> Submission:
+    recipe = Recipe(
+        model="tiny", prompt=prompt, seed=5, width=64, height=64, steps=2, guidance=5.0, count=2
+    )
+    return Submission(GenerationKind.IMAGINE, recipe, requester)
+
+
+async def test_a_job_that_crashes_every_worker_is_given_up_and_the_next_runs_once(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    async with migrated_database("postgresql", tmp_path, request) as database:
+        queue = RowQueue(database, Limits(max_running_per_user=1, max_queued_per_user=10))
+        poison = (await queue.submit(small_job("a poison pill", 1))).id
+        good = (await queue.submit(small_job("a lighthouse", 2))).id
+        crash = {"IMAGINE_TEST_FAULT": "crash:poison", "IMAGINE_MAX_ATTEMPTS": "2"}
+        exits: list[int] = []
+        worker = start_worker(database.url, "gpu0", tmp_path, **crash)
+        try:
+            deadline = time.monotonic() + 240  # three worker starts on a busy CI machine
+            while time.monotonic() < deadline:
+                if worker.poll() is not None:  # restarted, as systemd or Docker would
+                    exits.append(worker.returncode)
+                    worker = start_worker(database.url, "gpu0", tmp_path, **crash)
+                current = await statuses(database)
+                if current[poison][0].is_final and current[good][0].is_final:
+                    break
+                await asyncio.sleep(0.2)
+        finally:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=60)
+        log = (tmp_path / "gpu0.log").read_text()[-3000:]
+        assert exits == [-signal.SIGSEGV, -signal.SIGSEGV], log
+        # The worker that recorded the failure runs on, and stops cleanly when asked.
+        assert worker.returncode == 0, log
+
+        async with database.session() as session:
+            given_up = await get_generation(session, poison)
+            assert given_up.status is S.FAILED and given_up.attempts == 2
+            assert given_up.error == (
+                "This job crashed the worker 2 times and was stopped; try different settings."
+            )
+            ran = await get_generation(session, good)
+            assert ran.status is S.SUCCEEDED and ran.attempts == 1
+            assert [image.index for image in ran.images] == [0, 1]
+        for generation_id in (poison, good):  # each outcome is delivered once
+            async with database.session() as session:
+                assert await mark_delivered(session, generation_id) is True
+            async with database.session() as session:
+                assert await mark_delivered(session, generation_id) is False
+
+
+async def test_a_worker_whose_jobs_keep_failing_exits_for_its_supervisor(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    async with migrated_database("sqlite", tmp_path, request) as database:
+        queue = RowQueue(database, Limits(max_running_per_user=1, max_queued_per_user=10))
+        jobs = [(await queue.submit(small_job(f"broken {n}", 1))).id for n in range(3)]
+        worker = start_worker(
+            database.url,
+            "flaky",
+            tmp_path,
+            IMAGINE_TEST_FAULT="fail:broken",
+            IMAGINE_MAX_CONSECUTIVE_FAILURES="2",
+        )
+        try:
+            returncode = await asyncio.to_thread(worker.wait, 120)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+        log = (tmp_path / "flaky.log").read_text()
+        assert returncode == 3, log[-3000:]
+        assert "stopping: 2 jobs in a row failed on worker flaky" in log
+        assert "worker flaky exits with code 3" in log
+        current = await statuses(database)
+        assert [current[job][0] for job in jobs] == [S.FAILED, S.FAILED, S.QUEUED]

@@ -16,6 +16,8 @@ from storage.models import GenerationStatus
 from storage.settings import Settings, load_settings
 
 S = GenerationStatus
+EXIT_TOO_MANY_FAILURES = 3
+"""`imagine worker`'s exit code after it stopped over failed jobs: restart it."""
 
 
 def register(commands: Any) -> None:
@@ -84,8 +86,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     async def work() -> int:
         async with open_deployment(settings) as deployment:
-            await serve_worker(deployment, name)
-        return 0
+            return await serve_worker(deployment, name)
 
     return asyncio.run(work())
 
@@ -97,16 +98,21 @@ async def _model_of(deployment: Deployment, generation_id: int) -> str:
         return (await get_generation(session, generation_id)).model
 
 
-async def serve_worker(deployment: Deployment, name: str) -> None:
+async def serve_worker(deployment: Deployment, name: str) -> int:
     """Load the engine, warm it up, and run jobs until SIGTERM/SIGINT (the job in hand
-    finishes first)."""
+    finishes first) or until too many fail in a row; returns the process's exit code."""
     from bot.cli.engine import load_engine
     from generation.worker import Worker
 
     log = logging.getLogger(__name__)
     settings = deployment.settings
     engine = await asyncio.to_thread(load_engine, settings)
-    worker = Worker.for_deployment(deployment, engine, name=name)
+    worker = Worker.for_deployment(
+        deployment,
+        engine,
+        name=name,
+        max_consecutive_failures=settings.max_consecutive_failures,
+    )
     if settings.metrics_port:
         worker.metrics.serve(settings.metrics_port)
     seconds = await asyncio.to_thread(engine.warm_up)
@@ -123,3 +129,7 @@ async def serve_worker(deployment: Deployment, name: str) -> None:
         deployment.mode,
     )
     await worker.run(stop)
+    if worker.gave_up is not None:
+        log.error("worker %s exits with code %d: %s", name, EXIT_TOO_MANY_FAILURES, worker.gave_up)
+        return EXIT_TOO_MANY_FAILURES
+    return 0
