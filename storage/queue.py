@@ -57,6 +57,9 @@ class Submission:
     origin: Origin = field(default_factory=Origin)
     parent_image_id: int | None = None
     priority: int = 0
+    # Kept off the web gallery: an ephemeral reply, and a prompt that tripped the NSFW check.
+    private: bool = False
+    nsfw: bool = False
 
 
 class JobQueue(Protocol):
@@ -125,6 +128,8 @@ async def record_submission(
             origin=submission.origin,
             parent_image_id=submission.parent_image_id,
             priority=submission.priority,
+            private=submission.private,
+            nsfw=submission.nsfw,
         )
 
 

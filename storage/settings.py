@@ -148,6 +148,27 @@ class Settings(BaseSettings):
         le=65535,
         description="Port of a worker's Prometheus metrics (/metrics); 0 turns them off.",
     )
+    web_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the web gallery inside `imagine bot`; 0 runs none there "
+        "(`imagine web` serves it on its own).",
+    )
+    web_host: str = Field(
+        default="127.0.0.1",
+        description="Address the web gallery listens on; 0.0.0.0 for every interface.",
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="The web gallery's address as the world sees it (https://imagine.example); "
+        "Discord links and link previews point there.",
+    )
+    web_requests_per_minute: int = Field(
+        default=120,
+        ge=1,
+        description="Requests one client may make to the web gallery per minute, before 429.",
+    )
     max_running_per_user: int = Field(
         default=1, ge=1, description="Jobs one user may have running at once."
     )
@@ -180,6 +201,16 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_default(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        value = value.strip().rstrip("/") if value is not None else None
+        if not value:
+            return None
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must start with https:// (or http://), e.g. https://imagine.example")
+        return value
 
     @property
     def resolved_database_url(self) -> str:

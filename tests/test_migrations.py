@@ -22,6 +22,7 @@ TABLES = {
     "blobs",
     "workers",
     "policy_changes",
+    "thumbnails",
 }
 
 
