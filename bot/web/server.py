@@ -49,17 +49,23 @@ async def serve(app: Starlette, host: str, port: int, stop: asyncio.Event) -> No
         app, host=host, port=port, log_level="warning", proxy_headers=True, server_header=False
     )
     server = _Server(config)
-    serving = asyncio.create_task(server.serve(), name="imagine-web")
+
+    async def run() -> None:
+        try:
+            await server.serve()
+        except SystemExit:
+            # uvicorn's answer to a port it cannot open; caught inside the task, because
+            # asyncio lets SystemExit escape a task and stop the whole event loop.
+            raise ConfigError(
+                f"The web gallery cannot listen on {host}:{port} (in use, or not allowed); "
+                "pick another with IMAGINE_WEB_PORT or --port."
+            ) from None
+
+    serving = asyncio.create_task(run(), name="imagine-web")
     stopping = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         server.should_exit = True
         stopping.cancel()
-    try:
-        await serving
-    except SystemExit:  # uvicorn's answer to a port it could not open
-        raise ConfigError(
-            f"The web gallery cannot listen on {host}:{port} (in use, or not allowed); "
-            "pick another with IMAGINE_WEB_PORT or --port."
-        ) from None
+    await serving
