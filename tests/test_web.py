@@ -34,10 +34,21 @@ from storage.errors import ConfigError
 from storage.families import get_family
 from storage.gallery import like, remove_from_gallery
 from storage.generations import NewImage, Origin, add_images, create_generation, transition
-from storage.models import Generation, GenerationKind, GenerationStatus, Guild, Image, Style
+from storage.models import (
+    Generation,
+    GenerationKind,
+    GenerationStatus,
+    Guild,
+    Image,
+    PolicyChange,
+    Style,
+)
 from storage.recipe import Recipe
 from storage.thumbnails import THUMBNAIL_SIZES, record_thumbnails
 from storage.web_gallery import ImageDetail, WebImage
+from tests.fake_discord import BOB as DISCORD_BOB
+from tests.fake_discord import GUILD_ID, MANAGE_GUILD, MOD
+from tests.test_bot import Harness, harness, running
 from tests.test_prompt import texts
 
 GUILD = 900_000_000_000_000_100
@@ -47,6 +58,7 @@ BOB = 900_000_000_000_001_002
 PUBLIC = "https://imagine.example"
 DEFAULTS = PromptDefaults(model="tiny", family=get_family("tiny-sd"), count=1)
 S = GenerationStatus
+__all__ = ["harness", "running"]
 
 
 def recipe_of(text: str, seed: int = 5) -> Recipe:
@@ -563,3 +575,42 @@ async def test_the_server_answers_on_its_port_and_stops_with_its_owner(site: Sit
         busy = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{busy}"):
             await asyncio.wait_for(serve(app, "127.0.0.1", busy, asyncio.Event()), 10)
+
+
+# -- from Discord ---------------------------------------------------------------------------------
+
+
+async def test_policy_web_turns_the_site_on_and_discord_links_to_its_pages(
+    running: Harness,
+) -> None:
+    fake = running.fake
+    running.services.settings.public_url = PUBLIC
+    grid = await running.result(await running.imagine("a boat --steps 2 --seed 5"))
+    single = await running.result(await running.press(grid, "U2"))
+    [generation] = await running.generations()
+    image_id = next(image.id for image in generation.images if image.index == 1)
+
+    async def info() -> str:
+        click = await running.press(single, "Info")
+        await fake.wait_for(lambda: click.responses, what="the info")
+        return str(click.responses[0]["data"]["content"])
+
+    async def gallery() -> str:
+        page = await running.result(await fake.slash("gallery", options={"sort": "new"}))
+        return str(page["content"])
+
+    assert "On the web" not in await info() and "on the web" not in await gallery()
+    refused = await fake.slash("policy", subcommand="web", options={"state": "on"}, by=DISCORD_BOB)
+    await fake.wait_for(lambda: refused.responses, what="the refusal")
+    assert "Manage Server" in refused.responses[0]["data"]["content"]
+
+    done = await fake.slash(
+        "policy", subcommand="web", options={"state": "on"}, by=MOD, permissions=MANAGE_GUILD
+    )
+    await fake.wait_for(lambda: done.responses, what="the change")
+    assert f"Web gallery: on: {PUBLIC}/g/{GUILD_ID}" in done.responses[0]["data"]["content"]
+    assert f"On the web: <{PUBLIC}/i/{image_id}>" in await info()
+    assert f"<{PUBLIC}/g/{GUILD_ID}?sort=new&period=week>" in await gallery()
+    async with running.database.session() as session:
+        [change] = list(await session.scalars(select(PolicyChange)))
+    assert change.user_id == int(MOD["id"]) and change.change == "web gallery: on"
