@@ -34,7 +34,11 @@ def encode_thumbnails(
     encoded = []
     for size in sizes:
         width, height = thumbnail_dimensions(rgb.width, rgb.height, size)
-        small = rgb if (width, height) == rgb.size else rgb.resize((width, height), Image.LANCZOS)
+        small = (
+            rgb
+            if (width, height) == rgb.size
+            else rgb.resize((width, height), Image.Resampling.LANCZOS)
+        )
         buffer = io.BytesIO()
         small.save(buffer, format="WEBP", quality=WEBP_QUALITY, method=4)
         encoded.append((size, width, height, buffer.getvalue()))

@@ -222,9 +222,7 @@ def _after(
     sort: WebSort, like_total: ColumnElement[int], cursor: tuple[int | None, datetime, int]
 ) -> ColumnElement[bool]:
     likes, created, image_id = cursor
-    older = or_(
-        Image.created_at < created, and_(Image.created_at == created, Image.id < image_id)
-    )
+    older = or_(Image.created_at < created, and_(Image.created_at == created, Image.id < image_id))
     if sort is WebSort.TOP:
         assert likes is not None
         return or_(like_total < likes, and_(like_total == likes, older))

@@ -122,15 +122,16 @@ def _page_link(request: Request, path: str, **params: str | None) -> str:
 
 async def _images_page(request: Request, guild_id: int, user_id: int | None) -> HTMLResponse:
     gallery = _gallery(request)
-    sort = _choice(request, "sort", WebSort, "new")
-    period = _choice(request, "period", Period, "all")
-    style = request.query_params.get("style") or None
-    after = request.query_params.get("after") or None
     if user_id is not None and user_id > MAX_ID:
         raise _not_found()
     async with gallery.database.session() as session:
+        # First: a server whose gallery is off answers 404 whatever the query says.
         if not await web_enabled(session, guild_id):
             raise _not_found()
+        sort = _choice(request, "sort", WebSort, "new")
+        period = _choice(request, "period", Period, "all")
+        style = request.query_params.get("style") or None
+        after = request.query_params.get("after") or None
         try:
             page = await gallery_page(
                 session,
@@ -267,6 +268,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return gallery.render("error.html", exc.status_code, message=exc.detail)
 
 
+def make_templates() -> Environment:
+    return Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
 def create_app(
     database: Database,
     blobs: BlobStore,
@@ -278,12 +288,7 @@ def create_app(
 ) -> Starlette:
     """The gallery app. ``folder_styles`` lists the styles folder's (name, description,
     trigger words); ``clock`` drives the rate limiter (tests)."""
-    templates = Environment(
-        loader=FileSystemLoader(HERE / "templates"),
-        autoescape=select_autoescape(["html"]),
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
+    templates = make_templates()
     limiter = RateLimiter(requests_per_minute, clock) if clock else RateLimiter(requests_per_minute)
     app = Starlette(
         routes=[
