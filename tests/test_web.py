@@ -23,11 +23,13 @@ from hypothesis import HealthCheck, given, settings
 from PIL import Image as PILImage
 from sqlalchemy import select
 
+from bot.cli import main
+from bot.deployment import open_deployment
 from bot.prompt import PromptDefaults, PromptError, format_recipe, parse_prompt
 from bot.web.app import create_app, make_templates
 from bot.web.guard import CONTENT_SECURITY_POLICY
 from generation.thumbnails import backfill_thumbnails, store_thumbnails
-from storage.blobs import LocalBlobStore
+from storage.blobs import BlobStore, LocalBlobStore
 from storage.community import change_policy
 from storage.database import Database
 from storage.errors import ConfigError
@@ -42,8 +44,10 @@ from storage.models import (
     Image,
     PolicyChange,
     Style,
+    Thumbnail,
 )
 from storage.recipe import Recipe
+from storage.settings import load_settings
 from storage.thumbnails import THUMBNAIL_SIZES, record_thumbnails
 from storage.web_gallery import ImageDetail, WebImage
 from tests.fake_discord import BOB as DISCORD_BOB
@@ -69,8 +73,8 @@ def recipe_of(text: str, seed: int = 5) -> Recipe:
 @dataclass
 class Site:
     database: Database
-    blobs: LocalBlobStore
-    client: httpx.AsyncClient
+    blobs: BlobStore
+    client: httpx.AsyncClient | None = None
     colours: Iterator[int] = field(default_factory=lambda: iter(range(1, 10**6)))
 
     def png(self) -> bytes:
@@ -147,6 +151,7 @@ class Site:
             return image.blob_key
 
     async def get(self, path: str, **headers: str) -> httpx.Response:
+        assert self.client is not None
         return await self.client.get(path, headers=headers)
 
 
@@ -575,6 +580,31 @@ async def test_the_server_answers_on_its_port_and_stops_with_its_owner(site: Sit
         busy = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{busy}"):
             await asyncio.wait_for(serve(app, "127.0.0.1", busy, asyncio.Event()), 10)
+
+
+def test_imagine_thumbnails_makes_the_missing_ones_once(
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def seed() -> list[int]:
+        async with open_deployment(load_settings()) as deployment:
+            site = Site(deployment.database, deployment.blobs)
+            return await site.make(images=2, thumbnails=False) + await site.make()
+
+    older_a, older_b, newer = asyncio.run(seed())
+    assert main(["thumbnails"]) == 0
+    assert "Made thumbnails for 2 image(s); 0 had no readable PNG." in capsys.readouterr().out
+
+    async def recorded() -> set[tuple[int, int]]:
+        database = Database.from_settings(load_settings())
+        try:
+            async with database.session() as session:
+                rows = await session.execute(select(Thumbnail.image_id, Thumbnail.size))
+                return {(image, size) for image, size in rows}
+        finally:
+            await database.dispose()
+
+    expected = {(i, size) for i in (older_a, older_b, newer) for size in THUMBNAIL_SIZES}
+    assert asyncio.run(recorded()) == expected
 
 
 # -- from Discord ---------------------------------------------------------------------------------
