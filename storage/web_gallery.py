@@ -117,30 +117,39 @@ class StyleCard:
 # -- the rule --------------------------------------------------------------------------------
 
 
-def _likes() -> Any:
+def _likes() -> ColumnElement[int]:
+    # Counted per image through the likes index, not as one aggregate of every like joined
+    # to every image: that made each page cost the whole table (bench/web_pages.py).
     return (
-        select(Like.image_id, func.count().label("likes"))
-        .group_by(Like.image_id)
-        .subquery("like_counts")
+        select(func.count())
+        .select_from(Like)
+        .where(Like.image_id == Image.id)
+        .correlate(Image)
+        .scalar_subquery()
     )
 
 
-def _visible_query() -> tuple[Select[Any], ColumnElement[int]]:
-    """Every image the web may show, with what a card needs, and its like count."""
-    likes = _likes()
-    like_total = func.coalesce(likes.c.likes, 0)
+# An image with its generation's guild, requester, recipe and kind, and its like count.
+VisibleRows = Select[Image, int | None, int, Recipe, GenerationKind, int]
+
+
+def _card_query() -> VisibleRows:
+    """What a card needs of an image, whether the web may show it or not."""
+    return select(
+        Image,
+        Generation.guild_id,
+        Generation.requester_id,
+        Generation.recipe,
+        Generation.kind,
+        _likes().label("likes"),
+    ).join(Generation, Image.generation_id == Generation.id)
+
+
+def _visible_query() -> tuple[VisibleRows, ColumnElement[int]]:
+    """Every image the web may show, with what a card needs; and its like count, to order by."""
     query = (
-        select(
-            Image,
-            Generation.guild_id,
-            Generation.requester_id,
-            Generation.recipe,
-            Generation.kind,
-            like_total.label("likes"),
-        )
-        .join(Generation, Image.generation_id == Generation.id)
+        _card_query()
         .join(Guild, Guild.id == Generation.guild_id)
-        .outerjoin(likes, likes.c.image_id == Image.id)
         .where(
             Guild.web_enabled.is_(True),
             Generation.status == GenerationStatus.SUCCEEDED,
@@ -149,7 +158,7 @@ def _visible_query() -> tuple[Select[Any], ColumnElement[int]]:
             Image.removed_at.is_(None),
         )
     )
-    return query, like_total
+    return query, _likes()
 
 
 def _web_image(row: Any, thumbnails: dict[int, dict[int, Thumb]]) -> WebImage:
@@ -170,7 +179,7 @@ def _web_image(row: Any, thumbnails: dict[int, dict[int, Thumb]]) -> WebImage:
     )
 
 
-async def _rows(session: AsyncSession, query: Select[Any]) -> list[WebImage]:
+async def _rows(session: AsyncSession, query: VisibleRows) -> list[WebImage]:
     rows = (await session.execute(query)).all()
     ids = [row[0].id for row in rows]
     thumbnails: dict[int, dict[int, Thumb]] = {}
@@ -180,6 +189,14 @@ async def _rows(session: AsyncSession, query: Select[Any]) -> list[WebImage]:
                 thumb.blob_key, thumb.width, thumb.height
             )
     return [_web_image(row, thumbnails) for row in rows]
+
+
+async def _in_order(session: AsyncSession, ids: Sequence[int]) -> list[WebImage]:
+    """The images of ``ids`` (just found visible), in that order. Fetched by key alone: with
+    the visibility conditions too, SQLite walks every succeeded generation to find 24 ids."""
+    rows = await _rows(session, _card_query().where(Image.id.in_(ids)))
+    found = {image.id: image for image in rows}
+    return [found[image_id] for image_id in ids if image_id in found]
 
 
 async def web_enabled(session: AsyncSession, guild_id: int) -> bool:
@@ -268,9 +285,11 @@ async def gallery_page(
         query = query.order_by(like_total.desc(), Image.created_at.desc(), Image.id.desc())
     else:
         query = query.order_by(Image.created_at.desc(), Image.id.desc())
-    images = await _rows(session, query.limit(page_size + 1))
-    more = len(images) > page_size
-    images = images[:page_size]
+    # The page's ids first, then their rows: sorting ids only keeps the recipes (large JSON)
+    # out of the sort, which SQLite otherwise does over every visible image.
+    ids = list(await session.scalars(query.with_only_columns(Image.id).limit(page_size + 1)))
+    images = await _in_order(session, ids[:page_size])
+    more = len(ids) > page_size and bool(images)
     return WebPage(images, encode_cursor(sort, images[-1]) if more else None)
 
 
@@ -342,17 +361,56 @@ async def styles_page(
             list(style.trigger_words or []),
             style.preview_image_id,
         )
+    ranked = await _most_liked_by_style(session, guild_id, list(described), best)
+    preview_ids = [preview for _, _, preview in described.values() if preview is not None]
+    shown = await _in_order(session, sorted({i for ids in ranked.values() for i in ids}))
+    query, _ = _visible_query()
+    previews = await _rows(session, query.where(Image.id.in_(preview_ids))) if preview_ids else []
+    by_id = {image.id: image for image in shown}
     cards = []
     for name in sorted(described):
         description, words, preview_id = described[name]
-        page = await gallery_page(session, guild_id, sort=WebSort.TOP, style=name, page_size=best)
-        preview = await visible_image(session, preview_id) if preview_id is not None else None
-        if preview is not None and preview.guild_id != guild_id:
-            preview = None
-        if preview is None and page.images:
-            preview = page.images[0]
-        cards.append(StyleCard(name, description, words, preview, page.images))
+        images = [by_id[image_id] for image_id in ranked.get(name, []) if image_id in by_id]
+        preview = next(
+            (p for p in previews if p.id == preview_id and p.guild_id == guild_id),
+            images[0] if images else None,
+        )
+        cards.append(StyleCard(name, description, words, preview, images))
     return cards
+
+
+async def _most_liked_by_style(
+    session: AsyncSession, guild_id: int, names: Sequence[str], best: int
+) -> dict[str, list[int]]:
+    """The ids of each style's ``best`` most liked visible images, in one query for every
+    style (a query per style made the styles page slow)."""
+    if not names:
+        return {}
+    query, like_total = _visible_query()
+    ranked = (
+        query.join(GenerationStyle, GenerationStyle.generation_id == Generation.id)
+        .where(Generation.guild_id == guild_id, GenerationStyle.style_name.in_(names))
+        .with_only_columns(
+            GenerationStyle.style_name.label("style"),
+            Image.id.label("image_id"),
+            func.row_number()
+            .over(
+                partition_by=GenerationStyle.style_name,
+                order_by=(like_total.desc(), Image.created_at.desc(), Image.id.desc()),
+            )
+            .label("rank"),
+        )
+        .subquery()
+    )
+    rows = await session.execute(
+        select(ranked.c.style, ranked.c.image_id)
+        .where(ranked.c.rank <= best)
+        .order_by(ranked.c.style, ranked.c.rank)
+    )
+    found: dict[str, list[int]] = {}
+    for style, image_id in rows.tuples():
+        found.setdefault(style, []).append(image_id)
+    return found
 
 
 async def visible_blob(session: AsyncSession, blob_key: str) -> bool:
