@@ -99,7 +99,8 @@ def picture(seed: int, size: int = 512) -> PILImage.Image:
 
 @dataclass(frozen=True)
 class Blobs:
-    """The few real files every row shares: (png key, png size) and each thumbnail."""
+    """The few real files every row shares: the PNGs' keys, and each PNG's thumbnails
+    (size: key, width, height)."""
 
     pngs: list[str]
     thumbnails: list[dict[int, tuple[str, int, int]]]
