@@ -384,6 +384,7 @@ def test_the_copied_command_parses_back_to_the_image_recipe(text: str) -> None:
     image = WebImage(
         id=1,
         generation_id=1,
+        index=0,
         guild_id=GUILD,
         requester_id=ALICE,
         recipe=recipe,
@@ -532,20 +533,21 @@ async def test_a_client_past_its_budget_gets_429_with_retry_after(database: Data
         transport=httpx.ASGITransport(app=app, client=("203.0.113.7", 1234)),
         base_url="http://testserver",
     ) as client:
-        statuses = [(await client.get("/static/style.css")).status_code for _ in range(3)]
-        assert statuses == [200, 200, 200]
-        limited = await client.get(f"/g/{GUILD}")
+        statuses = [(await client.get(f"/g/{GUILD}")).status_code for _ in range(3)]
+        assert statuses == [404, 404, 404]  # a miss counts too
+        limited = await client.get(f"/i/{GUILD}")
         assert limited.status_code == 429 and limited.headers["retry-after"] == "20"
         assert limited.headers["x-content-type-options"] == "nosniff"
         assert (await client.get("/healthz")).status_code == 200  # never limited
-        now[0] += 21  # a token back
-        assert (await client.get("/static/style.css")).status_code == 200
-        assert (await client.get("/static/style.css")).status_code == 429
+        assert (await client.get("/static/style.css")).status_code == 200  # nor CSS and JS
+        now[0] += 21  # a request's worth of budget back
+        assert (await client.get(f"/g/{GUILD}")).status_code == 404
+        assert (await client.get(f"/g/{GUILD}")).status_code == 429
     async with httpx.AsyncClient(  # another client has its own budget
         transport=httpx.ASGITransport(app=app, client=("198.51.100.9", 1)),
         base_url="http://testserver",
     ) as other:
-        assert (await other.get("/static/style.css")).status_code == 200
+        assert (await other.get(f"/g/{GUILD}")).status_code == 404
 
 
 # -- serving -------------------------------------------------------------------------------------
