@@ -643,6 +643,16 @@ async def test_policy_web_turns_the_site_on_and_discord_links_to_its_pages(
     assert f"Web gallery: on: {PUBLIC}/g/{GUILD_ID}" in done.responses[0]["data"]["content"]
     assert f"On the web: <{PUBLIC}/i/{image_id}>" in await info()
     assert f"<{PUBLIC}/g/{GUILD_ID}?sort=new&period=week>" in await gallery()
+    nsfw = await fake.slash(
+        "policy", subcommand="web-nsfw", options={"state": "on"}, by=MOD, permissions=MANAGE_GUILD
+    )
+    await fake.wait_for(lambda: nsfw.responses, what="the second change")
+    assert "(NSFW prompts shown)" in nsfw.responses[0]["data"]["content"]
     async with running.database.session() as session:
-        [change] = list(await session.scalars(select(PolicyChange)))
-    assert change.user_id == int(MOD["id"]) and change.change == "web gallery: on"
+        changes = list(await session.scalars(select(PolicyChange).order_by(PolicyChange.id)))
+        guild = await session.get(Guild, GUILD_ID)
+    assert [(c.user_id, c.change) for c in changes] == [
+        (int(MOD["id"]), "web gallery: on"),
+        (int(MOD["id"]), "NSFW images on the web gallery: on"),
+    ]
+    assert guild is not None and guild.web_enabled and guild.web_nsfw
