@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import html
 import io
+import os
 import re
+import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -553,26 +556,33 @@ async def test_a_client_past_its_budget_gets_429_with_retry_after(database: Data
 # -- serving -------------------------------------------------------------------------------------
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def healthz(port: int) -> httpx.Response:
+    """/healthz of a server on ``port`` once it listens (within 10 s)."""
+    async with httpx.AsyncClient() as client:
+        for _ in range(200):
+            try:
+                return await client.get(f"http://127.0.0.1:{port}/healthz")
+            except httpx.ConnectError:
+                await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
 @sqlite_only
 async def test_the_server_answers_on_its_port_and_stops_with_its_owner(site: Site) -> None:
     from bot.web.server import serve
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     app = create_app(site.database, site.blobs)
     stop = asyncio.Event()
     serving = asyncio.create_task(serve(app, "127.0.0.1", port, stop))
-    response: httpx.Response | None = None
-    async with httpx.AsyncClient() as client:
-        for _ in range(100):
-            try:
-                response = await client.get(f"http://127.0.0.1:{port}/healthz")
-                break
-            except httpx.ConnectError:
-                await asyncio.sleep(0.05)
-        assert response is not None and response.text == "ok"
-        assert "server" not in response.headers
+    response = await healthz(port)
+    assert response.text == "ok" and "server" not in response.headers
     stop.set()
     await asyncio.wait_for(serving, 10)
 
@@ -582,6 +592,34 @@ async def test_the_server_answers_on_its_port_and_stops_with_its_owner(site: Sit
         busy = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{busy}"):
             await asyncio.wait_for(serve(app, "127.0.0.1", busy, asyncio.Event()), 10)
+
+
+async def test_imagine_web_serves_until_sigterm(clean_env: Path) -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot.cli",
+        "web",
+        "--port",
+        str(port),
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 60)
+        assert f"http://127.0.0.1:{port}/g/" in line.decode()
+        assert (await healthz(port)).text == "ok"
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"http://127.0.0.1:{port}/g/{GUILD}")).status_code == 404
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 def test_imagine_thumbnails_makes_the_missing_ones_once(
