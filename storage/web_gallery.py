@@ -118,18 +118,16 @@ class StyleCard:
 # -- the rule --------------------------------------------------------------------------------
 
 
-def _likes() -> Any:
-    return (
-        select(Like.image_id, func.count().label("likes"))
-        .group_by(Like.image_id)
-        .subquery("like_counts")
-    )
-
-
 def _visible_query() -> tuple[Select[Any], ColumnElement[int]]:
     """Every image the web may show, with what a card needs, and its like count."""
-    likes = _likes()
-    like_total = func.coalesce(likes.c.likes, 0)
+    # Counted per image (by the likes index), so a page of newest images counts only its own.
+    like_total = (
+        select(func.count())
+        .select_from(Like)
+        .where(Like.image_id == Image.id)
+        .correlate(Image)
+        .scalar_subquery()
+    )
     query = (
         select(
             Image,
@@ -141,7 +139,6 @@ def _visible_query() -> tuple[Select[Any], ColumnElement[int]]:
         )
         .join(Generation, Image.generation_id == Generation.id)
         .join(Guild, Guild.id == Generation.guild_id)
-        .outerjoin(likes, likes.c.image_id == Image.id)
         .where(
             Guild.web_enabled.is_(True),
             Generation.status == GenerationStatus.SUCCEEDED,
