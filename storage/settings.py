@@ -165,9 +165,10 @@ class Settings(BaseSettings):
         "Discord links and link previews point there.",
     )
     web_requests_per_minute: int = Field(
-        default=120,
+        default=600,
         ge=1,
-        description="Requests one client may make to the web gallery per minute, before 429.",
+        description="Requests (pages and images; not CSS or JS) one client may make to the web "
+        "gallery per minute, before 429.",
     )
     max_running_per_user: int = Field(
         default=1, ge=1, description="Jobs one user may have running at once."

@@ -75,6 +75,7 @@ class Thumb:
 class WebImage:
     id: int
     generation_id: int
+    index: int
     guild_id: int
     requester_id: int
     recipe: Recipe
@@ -166,6 +167,7 @@ def _web_image(row: Any, thumbnails: dict[int, dict[int, Thumb]]) -> WebImage:
     return WebImage(
         id=image.id,
         generation_id=image.generation_id,
+        index=image.index,
         guild_id=guild_id,
         requester_id=requester_id,
         recipe=recipe,

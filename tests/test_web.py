@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import html
 import io
+import os
 import re
+import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -384,6 +387,7 @@ def test_the_copied_command_parses_back_to_the_image_recipe(text: str) -> None:
     image = WebImage(
         id=1,
         generation_id=1,
+        index=0,
         guild_id=GUILD,
         requester_id=ALICE,
         recipe=recipe,
@@ -532,45 +536,53 @@ async def test_a_client_past_its_budget_gets_429_with_retry_after(database: Data
         transport=httpx.ASGITransport(app=app, client=("203.0.113.7", 1234)),
         base_url="http://testserver",
     ) as client:
-        statuses = [(await client.get("/static/style.css")).status_code for _ in range(3)]
-        assert statuses == [200, 200, 200]
-        limited = await client.get(f"/g/{GUILD}")
+        statuses = [(await client.get(f"/g/{GUILD}")).status_code for _ in range(3)]
+        assert statuses == [404, 404, 404]  # a miss counts too
+        limited = await client.get(f"/i/{GUILD}")
         assert limited.status_code == 429 and limited.headers["retry-after"] == "20"
         assert limited.headers["x-content-type-options"] == "nosniff"
         assert (await client.get("/healthz")).status_code == 200  # never limited
-        now[0] += 21  # a token back
-        assert (await client.get("/static/style.css")).status_code == 200
-        assert (await client.get("/static/style.css")).status_code == 429
+        assert (await client.get("/static/style.css")).status_code == 200  # nor CSS and JS
+        now[0] += 21  # a request's worth of budget back
+        assert (await client.get(f"/g/{GUILD}")).status_code == 404
+        assert (await client.get(f"/g/{GUILD}")).status_code == 429
     async with httpx.AsyncClient(  # another client has its own budget
         transport=httpx.ASGITransport(app=app, client=("198.51.100.9", 1)),
         base_url="http://testserver",
     ) as other:
-        assert (await other.get("/static/style.css")).status_code == 200
+        assert (await other.get(f"/g/{GUILD}")).status_code == 404
 
 
 # -- serving -------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def healthz(port: int) -> httpx.Response:
+    """/healthz of a server on ``port`` once it listens (within 10 s)."""
+    async with httpx.AsyncClient() as client:
+        for _ in range(200):
+            try:
+                return await client.get(f"http://127.0.0.1:{port}/healthz")
+            except httpx.ConnectError:
+                await asyncio.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port}")
 
 
 @sqlite_only
 async def test_the_server_answers_on_its_port_and_stops_with_its_owner(site: Site) -> None:
     from bot.web.server import serve
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     app = create_app(site.database, site.blobs)
     stop = asyncio.Event()
     serving = asyncio.create_task(serve(app, "127.0.0.1", port, stop))
-    response: httpx.Response | None = None
-    async with httpx.AsyncClient() as client:
-        for _ in range(100):
-            try:
-                response = await client.get(f"http://127.0.0.1:{port}/healthz")
-                break
-            except httpx.ConnectError:
-                await asyncio.sleep(0.05)
-        assert response is not None and response.text == "ok"
-        assert "server" not in response.headers
+    response = await healthz(port)
+    assert response.text == "ok" and "server" not in response.headers
     stop.set()
     await asyncio.wait_for(serving, 10)
 
@@ -580,6 +592,34 @@ async def test_the_server_answers_on_its_port_and_stops_with_its_owner(site: Sit
         busy = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{busy}"):
             await asyncio.wait_for(serve(app, "127.0.0.1", busy, asyncio.Event()), 10)
+
+
+async def test_imagine_web_serves_until_sigterm(clean_env: Path) -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot.cli",
+        "web",
+        "--port",
+        str(port),
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 60)
+        assert f"http://127.0.0.1:{port}/g/" in line.decode()
+        assert (await healthz(port)).text == "ok"
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"http://127.0.0.1:{port}/g/{GUILD}")).status_code == 404
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 def test_imagine_thumbnails_makes_the_missing_ones_once(
@@ -641,6 +681,16 @@ async def test_policy_web_turns_the_site_on_and_discord_links_to_its_pages(
     assert f"Web gallery: on: {PUBLIC}/g/{GUILD_ID}" in done.responses[0]["data"]["content"]
     assert f"On the web: <{PUBLIC}/i/{image_id}>" in await info()
     assert f"<{PUBLIC}/g/{GUILD_ID}?sort=new&period=week>" in await gallery()
+    nsfw = await fake.slash(
+        "policy", subcommand="web-nsfw", options={"state": "on"}, by=MOD, permissions=MANAGE_GUILD
+    )
+    await fake.wait_for(lambda: nsfw.responses, what="the second change")
+    assert "(NSFW prompts shown)" in nsfw.responses[0]["data"]["content"]
     async with running.database.session() as session:
-        [change] = list(await session.scalars(select(PolicyChange)))
-    assert change.user_id == int(MOD["id"]) and change.change == "web gallery: on"
+        changes = list(await session.scalars(select(PolicyChange).order_by(PolicyChange.id)))
+        guild = await session.get(Guild, GUILD_ID)
+    assert [(c.user_id, c.change) for c in changes] == [
+        (int(MOD["id"]), "web gallery: on"),
+        (int(MOD["id"]), "NSFW images on the web gallery: on"),
+    ]
+    assert guild is not None and guild.web_enabled and guild.web_nsfw

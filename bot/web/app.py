@@ -282,7 +282,7 @@ def create_app(
     blobs: BlobStore,
     *,
     public_url: str | None = None,
-    requests_per_minute: int = 120,
+    requests_per_minute: int = 600,
     folder_styles: Callable[[], Sequence[FolderStyle]] = tuple,
     clock: Callable[[], float] | None = None,
 ) -> Starlette:

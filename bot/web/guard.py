@@ -93,14 +93,16 @@ class RateLimiter:
 
 
 class RateLimit:
-    """Answers 429 with Retry-After to a client past its budget; /healthz is never limited."""
+    """Answers 429 with Retry-After to a client past its budget. /healthz and /static (a
+    few small files the browser caches) are not counted."""
 
     def __init__(self, app: ASGIApp, limiter: RateLimiter) -> None:
         self.app = app
         self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") == "/healthz":
+        path = str(scope.get("path", ""))
+        if scope["type"] != "http" or path == "/healthz" or path.startswith("/static/"):
             await self.app(scope, receive, send)
             return
         client = scope.get("client")
