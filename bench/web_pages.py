@@ -7,7 +7,7 @@ of an earlier image, eight styles, up to six likes an image. Then it asks for ea
 ``--requests`` times and prints p50 / p99 server time, and the SQL statements one
 request sends, of
 
-  floor    /healthz, the app's cheapest answer: what the machine's noise alone costs
+  floor    SELECT 1 in a session of its own: one statement's cost on this machine now
   gallery  /g/<guild> newest first, most liked (this week, all time), and five pages
            deep through the next link
   style    /g/<guild>?style=<name> and /g/<guild>/styles
@@ -339,6 +339,18 @@ async def page_bytes(app: App, url: str) -> tuple[int, int, int]:
     return len(thumbs), small, full
 
 
+async def round_trips(database: Database, count: int) -> list[float]:
+    """Milliseconds of ``SELECT 1`` in a session of its own: what one statement costs on
+    this machine now, before any page's work."""
+    spent = []
+    for _ in range(count):
+        began = time.perf_counter()
+        async with database.session() as session:
+            await session.execute(text("SELECT 1"))
+        spent.append((time.perf_counter() - began) * 1000)
+    return spent
+
+
 def count_statements(database: Database) -> list[str]:
     """The SQL statements sent from now on (cleared by the caller between pages)."""
     sent: list[str] = []
@@ -363,7 +375,6 @@ async def measure(label: str, url: URL, requests: int, images: int) -> bool:
             rng = random.Random(3)
             gallery = f"/g/{GUILD}"
             pages = {
-                "/healthz (the floor)": ["/healthz"],
                 "gallery, newest": [gallery],
                 "gallery, top of the week": [f"{gallery}?sort=top&period=week"],
                 "gallery, top of all time": [f"{gallery}?sort=top"],
@@ -373,6 +384,12 @@ async def measure(label: str, url: URL, requests: int, images: int) -> bool:
                 "image page": [f"/i/{rng.randint(1, images)}" for _ in range(50)],
             }
             statements = count_statements(database)
+            floor = await round_trips(database, requests)
+            print(
+                f"{label}: {'SELECT 1 (the floor)':26} p50 {statistics.median(floor):6.1f} ms  "
+                f"p99 {percentile(floor, 0.99):6.1f} ms  (1 SQL statement, no page)",
+                flush=True,
+            )
             worst = 0.0
             for name, urls in pages.items():
                 spent = await timings(app, urls, requests)
