@@ -25,6 +25,7 @@ from bot.delivery import Delivery
 from bot.modals import answer_modal
 from bot.replies import refuse
 from bot.services import Services
+from storage.errors import ImagineError
 
 log = logging.getLogger(__name__)
 EXTENSIONS = ("bot.cogs.imagine", "bot.cogs.community", "bot.cogs.gallery", "bot.cogs.styles")
@@ -44,6 +45,12 @@ class ImagineTree(app_commands.CommandTree["ImagineBot"]):
                     "You may not use this command here; a member who manages the server "
                     "can tell you why.",
                 )
+            return
+        original = getattr(error, "original", None)
+        if isinstance(original, ImagineError):
+            # A sentence for the member (the queue unavailable, say) rather than silence.
+            log.warning("/%s for user %s: %s", command, interaction.user.id, original)
+            await refuse(interaction, str(original))
             return
         log.error("/%s failed", command, exc_info=error)
 

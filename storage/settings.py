@@ -74,6 +74,14 @@ class Settings(BaseSettings):
             "only). auto: embedded on SQLite, scaled on PostgreSQL."
         ),
     )
+    sqlite_busy_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "Seconds a SQLite write waits for a lock another program holds before a member "
+            "is told the queue is unavailable and to try again."
+        ),
+    )
     blob_store: Literal["auto", "folder", "database"] = Field(
         default="auto",
         description=(
