@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.engine import URL
 
 from storage.blobs import BlobStore, LocalBlobStore, check_key
+from storage.database import explain_connection_error
 from storage.errors import ConfigError, ImagineError
 
 FORMAT = 1
@@ -199,7 +200,10 @@ async def _connect(url: URL) -> Any:
     import asyncpg
 
     password = None if url.password is None else str(url.password)
-    return await asyncpg.connect(libpq_dsn(url), password=password)
+    try:
+        return await asyncpg.connect(libpq_dsn(url), password=password)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise explain_connection_error(url, exc) from None
 
 
 async def postgres_facts(url: URL) -> DatabaseFacts:
@@ -226,8 +230,14 @@ async def run_tool(*args: str, url: URL) -> None:
         ) from None
     _, stderr = await process.communicate()
     if process.returncode != 0:
-        said = stderr.decode(errors="replace").strip().splitlines()
-        raise BackupError(f"{args[0]} failed: {said[-1] if said else 'no message'}.")
+        said = stderr.decode(errors="replace").strip()
+        if "version mismatch" in said:
+            raise ConfigError(
+                f"{args[0]} is older than the PostgreSQL server ({said.splitlines()[-1]}); "
+                "install the client tools of the server's major version."
+            )
+        last = said.splitlines()[-1] if said else "no message"
+        raise BackupError(f"{args[0]} failed: {last}")
 
 
 # -- taking a backup -----------------------------------------------------------------------------
@@ -436,10 +446,13 @@ def verify_backup(path: Path, manifest: Manifest) -> None:
 def sqlite_has_tables(path: Path) -> bool:
     if not path.is_file() or path.stat().st_size == 0:
         return False
-    with contextlib.closing(sqlite3.connect(path)) as connection:
-        row = connection.execute(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
-        ).fetchone()
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            row = connection.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+            ).fetchone()
+    except sqlite3.DatabaseError:
+        return True  # something that is not a database: not ours to overwrite unasked
     return bool(row[0])
 
 
