@@ -5,12 +5,13 @@ SQLite's online backup API, or ``database.pgdump``, ``pg_dump``'s custom format)
 files under ``blobs/`` in the blob folder's own layout (none when blobs are kept in the
 database: they come with it) and the styles folder under ``styles/``. The manifest lists
 every file with its size and sha256, the schema revision and the rows per table, so a
-restore can check the backup before it writes anything and check the database after.
+restore (:mod:`storage.restore`) can check the backup before it writes anything and check
+the database after.
 
-Blobs are content-addressed and never change, so the database is snapshotted first and
-every blob the snapshot references is copied after it: the copy can only hold more than
-the snapshot needs, never less. The folder is built under a temporary name and renamed
-at the end, so an interrupted backup never looks complete.
+Blobs are content-addressed and never change, and a worker stores a blob before the row
+that names it, so the database is snapshotted first and every blob the snapshot names is
+copied after it, checked against its key. The folder is built under a temporary name and
+renamed at the end, so an interrupted backup never looks complete.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import sqlite3
@@ -29,10 +29,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import URL
 
-from storage.blobs import BlobStore, LocalBlobStore, check_key
+from storage.blobs import LocalBlobStore, check_key
 from storage.database import explain_connection_error
 from storage.errors import ConfigError, ImagineError
 
@@ -84,7 +84,7 @@ class BackupError(ImagineError):
 # -- files ---------------------------------------------------------------------------------------
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -119,7 +119,7 @@ def _entry(folder: Path, path: Path, size: int, sha256: str) -> FileEntry:
     return FileEntry(path=path.relative_to(folder).as_posix(), size=size, sha256=sha256)
 
 
-def _files_under(root: Path) -> Iterator[Path]:
+def files_under(root: Path) -> Iterator[Path]:
     if root.is_dir():
         for path in sorted(root.rglob("*")):
             if path.is_file() and not path.name.startswith(".tmp-"):
@@ -196,7 +196,7 @@ def _tool_env(url: URL) -> dict[str, str]:
     return env
 
 
-async def _connect(url: URL) -> Any:
+async def connect(url: URL) -> Any:
     import asyncpg
 
     password = None if url.password is None else str(url.password)
@@ -207,7 +207,7 @@ async def _connect(url: URL) -> Any:
 
 
 async def postgres_facts(url: URL) -> DatabaseFacts:
-    connection = await _connect(url)
+    connection = await connect(url)
     try:
         return await _postgres_facts(connection)
     finally:
@@ -261,12 +261,12 @@ def snapshot_sqlite(source: Path, target: Path, busy_timeout: float) -> None:
     ):
         live.backup(copy)
         copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
-    _fsync(target)
+    fsync(target)
 
 
 async def dump_postgres(url: URL, target: Path) -> DatabaseFacts:
     """``pg_dump`` of the database, and its facts read in the very snapshot pg_dump uses."""
-    connection = await _connect(url)
+    connection = await connect(url)
     try:
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             snapshot = await connection.fetchval("SELECT pg_export_snapshot()")
@@ -281,7 +281,7 @@ async def dump_postgres(url: URL, target: Path) -> DatabaseFacts:
             )
     finally:
         await connection.close()
-    _fsync(target)
+    fsync(target)
     return facts
 
 
@@ -311,7 +311,7 @@ def copy_blobs(
 
 def copy_styles(styles_dir: Path, folder: Path) -> list[FileEntry]:
     entries = []
-    for path in _files_under(styles_dir):
+    for path in files_under(styles_dir):
         target = folder / "styles" / path.relative_to(styles_dir)
         size, sha256 = copy_file(path, target)
         entries.append(_entry(folder, target, size, sha256))
@@ -351,7 +351,7 @@ def _start(path: Path) -> Path:
 
 def _finish(building: Path, manifest: Manifest, path: Path) -> None:
     (building / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
-    _fsync(building / MANIFEST)
+    fsync(building / MANIFEST)
     os.rename(building, path)
 
 
@@ -392,129 +392,3 @@ async def _fill(source: Source, folder: Path, now: datetime) -> Manifest:
         missing_blobs=missing,
         styles=styles,
     )
-
-
-# -- restoring -----------------------------------------------------------------------------------
-
-
-def read_manifest(path: Path) -> Manifest:
-    manifest_file = path / MANIFEST
-    if not manifest_file.is_file():
-        raise BackupError(
-            f"{path} is not a complete Imagine backup (it has no {MANIFEST}); "
-            "give the folder `imagine backup` made."
-        )
-    damaged = BackupError(
-        f"{manifest_file} cannot be read; the backup is damaged: restore from another one."
-    )
-    try:
-        raw = json.loads(manifest_file.read_text())
-    except (OSError, ValueError):
-        raise damaged from None
-    newer = raw.get("format") if isinstance(raw, dict) else None
-    if isinstance(newer, int) and newer > FORMAT:
-        raise BackupError(
-            f"{path} was made by a newer Imagine (backup format {newer}); "
-            "upgrade Imagine, then restore."
-        )
-    try:
-        return Manifest.model_validate(raw)
-    except ValidationError:
-        raise damaged from None
-
-
-def verify_backup(path: Path, manifest: Manifest) -> None:
-    """Every file the manifest lists is there, with its size and sha256."""
-    for entry in [manifest.database_file, *manifest.blobs, *manifest.styles]:
-        file = path / entry.path
-        if not file.is_file():
-            problem = "is missing"
-        elif file.stat().st_size != entry.size:
-            problem = f"has {file.stat().st_size} bytes, not {entry.size}"
-        elif file_sha256(file) != entry.sha256:
-            problem = "does not have the sha256 the manifest lists"
-        elif entry.path.startswith("blobs/") and Path(entry.path).name != entry.sha256:
-            problem = "is not stored under its sha256"
-        else:
-            continue
-        raise BackupError(
-            f"The backup {path} is damaged: {entry.path} {problem}; nothing was restored. "
-            "Restore from another backup."
-        )
-
-
-def sqlite_has_tables(path: Path) -> bool:
-    if not path.is_file() or path.stat().st_size == 0:
-        return False
-    try:
-        with contextlib.closing(sqlite3.connect(path)) as connection:
-            row = connection.execute(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
-            ).fetchone()
-    except sqlite3.DatabaseError:
-        return True  # something that is not a database: not ours to overwrite unasked
-    return bool(row[0])
-
-
-async def postgres_has_tables(url: URL) -> bool:
-    connection = await _connect(url)
-    try:
-        count = await connection.fetchval(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
-        )
-    finally:
-        await connection.close()
-    return bool(count)
-
-
-def folder_has_files(folder: Path) -> bool:
-    return next(_files_under(folder), None) is not None
-
-
-def restore_sqlite(snapshot: Path, target: Path) -> None:
-    """Put the snapshot in place of ``target`` in one rename; the old WAL goes first, since
-    SQLite would replay it into the new file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=".restore-", suffix=".db")
-    os.close(fd)
-    temporary = Path(name)
-    try:
-        copy_file(snapshot, temporary)
-        for suffix in ("-wal", "-shm", "-journal"):
-            Path(f"{target}{suffix}").unlink(missing_ok=True)
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-async def restore_postgres(dump: Path, url: URL, *, replace: bool) -> None:
-    """``pg_restore`` in one transaction; ``replace`` first drops what the target holds."""
-    if replace:
-        connection = await _connect(url)
-        try:
-            await connection.execute("DROP SCHEMA IF EXISTS public CASCADE; CREATE SCHEMA public")
-        finally:
-            await connection.close()
-    await run_tool(
-        "pg_restore",
-        "--no-owner",
-        "--no-privileges",
-        "--exit-on-error",
-        "--single-transaction",
-        f"--dbname={libpq_dsn(url)}",
-        str(dump),
-        url=url,
-    )
-
-
-async def restore_blobs(path: Path, manifest: Manifest, blobs: BlobStore) -> None:
-    for entry in manifest.blobs:
-        data = await asyncio.to_thread((path / entry.path).read_bytes)
-        if await blobs.put(data) != entry.sha256:
-            raise BackupError(f"The blob {entry.path} changed while it was restored; try again.")
-
-
-def restore_styles(path: Path, manifest: Manifest, styles_dir: Path) -> None:
-    for entry in manifest.styles:
-        copy_file(path / entry.path, styles_dir / Path(entry.path).relative_to("styles"))

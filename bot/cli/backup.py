@@ -15,26 +15,21 @@ from typing import Any
 from sqlalchemy.engine import URL
 
 from bot.deployment import make_blob_store
-from storage.backup import (
-    BackupError,
-    Manifest,
-    Source,
+from storage.backup import BackupError, Manifest, Source, postgres_facts, sqlite_facts, take_backup
+from storage.blobs import BlobStore, LocalBlobStore
+from storage.database import Database, describe_url
+from storage.models import utcnow
+from storage.restore import (
     folder_has_files,
-    postgres_facts,
     postgres_has_tables,
     read_manifest,
     restore_blobs,
     restore_postgres,
     restore_sqlite,
     restore_styles,
-    sqlite_facts,
     sqlite_has_tables,
-    take_backup,
     verify_backup,
 )
-from storage.blobs import BlobStore, LocalBlobStore
-from storage.database import Database, describe_url
-from storage.models import utcnow
 from storage.settings import Settings, load_settings
 
 
