@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -152,7 +153,17 @@ async def test_restore_checks_the_backup_and_the_target_before_it_writes(
     async with open_deployment(settings) as deployment:
         assert isinstance(deployment.blobs, LocalBlobStore)
         key = await _one_generation(deployment.database, deployment.blobs)
+        source_blob = deployment.blobs.path_for(key)
     backup = tmp_path / "backup"
+    good = source_blob.read_bytes()
+
+    # A damaged blob in the blob folder fails the backup with a sentence, and leaves nothing.
+    source_blob.write_bytes(b"rot")
+    assert await run("backup", str(backup)) == 2
+    assert f"The blob file {source_blob} does not hold the bytes" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == [clean_env.name]  # no backup, no partial folder
+    source_blob.write_bytes(good)
+
     assert await run("backup", str(backup)) == 0
     assert not await asyncio.to_thread(lambda: list(tmp_path.glob(".backup.partial-*")))
     capsys.readouterr()
@@ -193,7 +204,7 @@ async def test_restore_checks_the_backup_and_the_target_before_it_writes(
     assert len(statuses_in(clean_env / "imagine.db")) == 1
 
 
-async def test_an_older_backup_is_migrated_forward(
+async def test_an_older_backup_is_migrated_forward_with_its_styles(
     clean_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     old = runner.known_revisions()[-2]
@@ -202,12 +213,16 @@ async def test_an_older_backup_is_migrated_forward(
         await runner.upgrade(database, old)
     finally:
         await database.dispose()
+    style = b'name = "ink"\nlora = "ink.safetensors"\n'
+    (clean_env / "styles").mkdir()
+    (clean_env / "styles" / "ink.toml").write_bytes(style)
     backup = tmp_path / "backup"
     assert await run("backup", str(backup)) == 0
     assert json.loads((backup / "manifest.json").read_text())["revision"] == old
 
     monkeypatch.setenv("IMAGINE_DATA_DIR", str(tmp_path / "fresh"))
     assert await run("restore", str(backup)) == 0
+    assert (tmp_path / "fresh" / "styles" / "ink.toml").read_bytes() == style
     with contextlib.closing(sqlite3.connect(tmp_path / "fresh" / "imagine.db")) as connection:
         [(revision,)] = connection.execute("SELECT version_num FROM alembic_version").fetchall()
     assert revision == runner.head_revision()
