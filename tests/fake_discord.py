@@ -161,6 +161,7 @@ class FakeDiscord:
         self._dispatched: list[tuple[int, str]] = []  # (seq, frame), replayed on RESUME
         self._gateway_up = asyncio.Event()
         self._gateway_up.set()
+        self._session_lost = False
         self._ids = itertools.count(950_000_000_000_000_000)
         self._sockets: list[web.WebSocketResponse] = []
         self._seq = itertools.count(1)
@@ -363,11 +364,14 @@ class FakeDiscord:
         self.faults.append(fault)
         return fault
 
-    async def drop_gateway(self, code: int = 4000) -> None:
+    async def drop_gateway(self, code: int = 4000, *, session_lost: bool = False) -> None:
         """Close the gateway connections with ``code`` (4000: resumable) and keep the
         gateway down: a reconnecting client is let in but hears nothing until
-        :meth:`restore_gateway`. Events dispatched meanwhile wait for its RESUME."""
+        :meth:`restore_gateway`. Events dispatched meanwhile wait for its RESUME;
+        ``session_lost`` answers that RESUME with an invalid session instead, so the
+        client identifies again and gets a new READY."""
         self._gateway_up.clear()
+        self._session_lost = session_lost
         sockets, self._sockets = list(self._sockets), []
         for socket in sockets:
             await socket.close(code=code)
@@ -468,7 +472,11 @@ class FakeDiscord:
                     await self._ready(socket)
                 elif op == 6:
                     self.resumes += 1
-                    await self._resume(socket, message["d"].get("seq") or 0)
+                    if self._session_lost:
+                        self._session_lost = False
+                        await socket.send_str(json.dumps({"op": 9, "d": False}))
+                    else:
+                        await self._resume(socket, message["d"].get("seq") or 0)
         finally:
             if socket in self._sockets:
                 self._sockets.remove(socket)

@@ -8,6 +8,7 @@ on the tiny model. Each ends with the job run once and its result shown once.
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from itertools import pairwise
 
@@ -58,7 +59,8 @@ async def assert_delivered_once(
     fake = harness.fake
     [delivered] = [call for call in result_calls(fake, generation_id) if call.status < 300]
     assert len(message["attachments"]) == 1
-    showing = [m for m in fake.messages.values() if f"#{generation_id}" in m["content"]]
+    headline = re.compile(rf"· #{generation_id}(?!\d)")
+    showing = [m for m in fake.messages.values() if headline.search(m["content"])]
     assert showing == [message]
     generation = await row(harness, generation_id)
     assert generation.status is S.SUCCEEDED and generation.attempts == 1
@@ -133,29 +135,46 @@ async def test_a_token_that_expires_during_an_outage_falls_back_to_the_bot_token
     assert expired and all("/webhooks/" in call.path for call in expired)
 
 
-async def test_results_finished_while_the_gateway_was_down_are_delivered_after_resume(
-    harness: Harness,
-) -> None:
-    # Delivery gives up quickly while all of Discord is down; the resume sweeps it up.
+async def gave_up_while_discord_was_down(
+    harness: Harness, *, session_lost: bool = False
+) -> tuple[Interaction, int]:
+    """A generation that finished while REST answered 503 and the gateway was down,
+    whose delivery gave up; REST is back, the gateway still down."""
     harness.services.retries = RetryPolicy(first=0.02, longest=0.05, give_up_after=0.3)
     harness.services.token_lifetime = timedelta(0)
     fake = harness.fake
-    first = await held_generation(harness)
+    interaction = await held_generation(harness)
     [generation] = await harness.generations()
     outage = fake.fail(503)
-    await fake.drop_gateway(4000)
+    await fake.drop_gateway(4000, session_lost=session_lost)
     await harness.start_worker()
     await fake.wait_for(lambda: result_calls_of(outage, generation.id), what="a refused result")
     assert harness.bot is not None
     await harness.bot.delivery.idle()  # it gave up
     gave_up = await row(harness, generation.id)
     assert gave_up.status is S.SUCCEEDED and gave_up.delivered_at is None
-
     outage.heal()
+    return interaction, generation.id
+
+
+async def test_results_finished_while_the_gateway_was_down_are_delivered_after_resume(
+    harness: Harness,
+) -> None:
+    fake = harness.fake
+    first, generation_id = await gave_up_while_discord_was_down(harness)
     second = await harness.imagine("a lighthouse --steps 2")  # sent while the bot is away
     fake.restore_gateway()
     await fake.wait_for(lambda: fake.resumes == 1, what="the resume")
-    await assert_delivered_once(harness, first, generation.id)
+    await assert_delivered_once(harness, first, generation_id)
     _, later = await harness.generations()
-    await assert_delivered_once(harness, second, later.id)
+    await assert_delivered_once(harness, second, later.id)  # replayed on RESUME
     assert fake.identifies == 1  # resumed, not a new session
+
+
+async def test_a_new_session_after_a_lost_one_delivers_what_gave_up(harness: Harness) -> None:
+    fake = harness.fake
+    interaction, generation_id = await gave_up_while_discord_was_down(harness, session_lost=True)
+    fake.restore_gateway()
+    await fake.wait_for(lambda: fake.identifies == 2, what="a new session")
+    await assert_delivered_once(harness, interaction, generation_id)
+    assert fake.resumes == 1
