@@ -203,6 +203,7 @@ class FakeDiscord:
             self._saved = None
 
     async def stop(self) -> None:
+        self._gateway_up.set()  # let held connections finish
         for socket in list(self._sockets):
             await socket.close()
         if self._runner is not None:
@@ -535,7 +536,7 @@ class FakeDiscord:
         call = Call(request.method, path, body, files, time.perf_counter())
         fault = next((f for f in self.faults if f.matches(request.method, path)), None)
         if fault is not None:
-            response = fault.response()
+            response: web.StreamResponse = fault.response()
             fault.answered.append(call)
         else:
             try:

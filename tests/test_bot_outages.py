@@ -70,24 +70,35 @@ async def assert_delivered_once(
     return delivered
 
 
-async def test_a_503_outage_longer_than_discord_py_retries_ends_in_one_post(
+async def test_a_503_outage_then_429s_on_the_bot_token_route_end_in_one_post(
     harness: Harness,
 ) -> None:
     harness.services.retries = FAST
     harness.services.token_lifetime = timedelta(0)  # the bot-token route: no 503 retry there
     interaction = await held_generation(harness)
     [generation] = await harness.generations()
-    outage = harness.fake.fail(503, "/channels/")
+    fake = harness.fake
+    outage = fake.fail(503, "/channels/")
     await harness.start_worker()
-    await harness.fake.wait_for(
+    await fake.wait_for(
         lambda: len(result_calls_of(outage, generation.id)) > DISCORD_PY_TRIES,
         what="the result refused more often than discord.py tries",
     )
     assert (await row(harness, generation.id)).delivered_at is None
+    # Then 429s from in front of the API (no Via): discord.py gives them straight to us.
+    limited = fake.fail(429, "/channels/", retry_after=0.2, via=False)
     outage.heal()
+    await fake.wait_for(lambda: len(result_calls_of(limited, generation.id)) >= 3, what="429s")
+    limited.heal()
     delivered = await assert_delivered_once(harness, interaction, generation.id)
     assert "/channels/" in delivered.path
     assert all(call.status == 503 for call in result_calls_of(outage, generation.id))
+    assert min(waited(result_calls_of(limited, generation.id))) >= 0.19  # its retry_after
+
+
+def waited(calls: list[Call]) -> list[float]:
+    """Seconds between one call and the next."""
+    return [later.at - earlier.at for earlier, later in pairwise(calls)]
 
 
 async def test_429s_past_discord_py_retries_are_waited_out_and_post_once(
@@ -105,8 +116,7 @@ async def test_429s_past_discord_py_retries_are_waited_out_and_post_once(
     limited.heal()
     delivered = await assert_delivered_once(harness, interaction, generation.id)
     assert "/webhooks/" in delivered.path  # a 429 is no reason to leave the interaction
-    refused = result_calls_of(limited, generation.id)
-    gaps = [later.at - earlier.at for earlier, later in pairwise(refused)]
+    gaps = waited(result_calls_of(limited, generation.id))
     assert min(gaps) >= 0.045, gaps  # retry_after was honoured, by discord.py and by us
 
 
