@@ -113,6 +113,25 @@ class Settings(BaseSettings):
         description="The Discord bot token (DISCORD_TOKEN is read too).",
         repr=False,
     )
+    discord_retry_first_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "Wait before a result Discord refused (5xx, 429, no answer) is sent again; "
+            "each later wait doubles, with jitter."
+        ),
+    )
+    discord_retry_max_seconds: float = Field(
+        default=60.0, gt=0, description="Longest wait between two tries of one result."
+    )
+    discord_retry_give_up_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description=(
+            "After this long a result stops being retried; it stays undelivered and is sent "
+            "when the bot reconnects to Discord or starts again."
+        ),
+    )
     model_family: str = Field(
         default="auto",
         description="Base model family (sd15, sd2, sdxl, ...); auto guesses it from the name.",
