@@ -115,7 +115,7 @@ async def submit(
         first_message_id = callback.message_id if callback is not None else None
     try:
         await check_policy(interaction, recipes)
-    except Refusal as exc:
+    except ImagineError as exc:  # a refusal, or a database that cannot answer now
         await refuse(interaction, str(exc))
         return []
     if first_message_id is None:

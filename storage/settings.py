@@ -74,6 +74,14 @@ class Settings(BaseSettings):
             "only). auto: embedded on SQLite, scaled on PostgreSQL."
         ),
     )
+    sqlite_busy_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "Seconds a SQLite write waits for a lock another program holds before a member "
+            "is told the queue is unavailable and to try again."
+        ),
+    )
     blob_store: Literal["auto", "folder", "database"] = Field(
         default="auto",
         description=(
@@ -104,6 +112,25 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("IMAGINE_DISCORD_TOKEN", "DISCORD_TOKEN", "discord_token"),
         description="The Discord bot token (DISCORD_TOKEN is read too).",
         repr=False,
+    )
+    discord_retry_first_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "Wait before a result Discord refused (5xx, 429, no answer) is sent again; "
+            "each later wait doubles, with jitter."
+        ),
+    )
+    discord_retry_max_seconds: float = Field(
+        default=60.0, gt=0, description="Longest wait between two tries of one result."
+    )
+    discord_retry_give_up_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description=(
+            "After this long a result stops being retried; it stays undelivered and is sent "
+            "when the bot reconnects to Discord or starts again."
+        ),
     )
     model_family: str = Field(
         default="auto",

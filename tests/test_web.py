@@ -53,9 +53,11 @@ from storage.recipe import Recipe
 from storage.settings import load_settings
 from storage.thumbnails import THUMBNAIL_SIZES, record_thumbnails
 from storage.web_gallery import ImageDetail, WebImage
+from tests.fake_discord import ALICE as DISCORD_ALICE
 from tests.fake_discord import BOB as DISCORD_BOB
 from tests.fake_discord import GUILD_ID, MANAGE_GUILD, MOD
 from tests.test_bot import Harness, harness, running
+from tests.test_bot_edges import bot_only, click
 from tests.test_prompt import texts
 
 GUILD = 900_000_000_000_000_100
@@ -65,7 +67,7 @@ BOB = 900_000_000_000_001_002
 PUBLIC = "https://imagine.example"
 DEFAULTS = PromptDefaults(model="tiny", family=get_family("tiny-sd"), count=1)
 S = GenerationStatus
-__all__ = ["harness", "running"]
+__all__ = ["bot_only", "harness", "running"]
 
 
 def recipe_of(text: str, seed: int = 5) -> Recipe:
@@ -694,3 +696,33 @@ async def test_policy_web_turns_the_site_on_and_discord_links_to_its_pages(
         (int(MOD["id"]), "NSFW images on the web gallery: on"),
     ]
     assert guild is not None and guild.web_enabled and guild.web_nsfw
+
+
+async def test_a_private_image_and_what_is_made_from_it_stay_private(bot_only: Harness) -> None:
+    png = io.BytesIO()
+    PILImage.new("RGB", (64, 64), "green").save(png, format="PNG")
+    key = await bot_only.services.blobs.put(png.getvalue())
+    async with bot_only.database.session() as session:
+        generation = await create_generation(
+            session,
+            kind=GenerationKind.IMAGINE,
+            recipe=recipe_of("a secret garden"),
+            requester_id=int(DISCORD_ALICE["id"]),
+            origin=Origin(guild_id=GUILD_ID),
+            private=True,
+        )
+        await transition(session, generation.id, S.RUNNING, worker_name="w")
+        [image] = await add_images(session, generation.id, [NewImage(0, 5, 64, 64, key, key)])
+        await transition(session, generation.id, S.SUCCEEDED)
+    # The server's /gallery in Discord does not show it either: it is its author's alone.
+    page = await bot_only.result(await bot_only.fake.slash("gallery", options={"sort": "new"}))
+    assert "No images here yet" in page["content"]
+    await click(bot_only, f"img:{image.id}:subtle")  # Vary (Subtle), by its author
+    for _ in range(400):
+        rows = await bot_only.generations()
+        if len(rows) == 2:
+            break
+        await asyncio.sleep(0.05)
+    _, variation = rows
+    assert variation.kind is GenerationKind.VARIATION and variation.parent_image_id == image.id
+    assert variation.private  # its prompt is the private one's
