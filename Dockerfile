@@ -1,4 +1,4 @@
-# Imagine: one image for `imagine bot`, `imagine worker` and `imagine db upgrade`.
+# Imagine: one image for `imagine bot`, `imagine worker`, `imagine web` and `imagine db upgrade`.
 # Build: docker build -t imagine .   (CUDA 12.8 runtime with torch's cu128 build)
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
@@ -27,7 +27,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/imagine/bin:${PATH} \
     HF_HOME=/models \
     IMAGINE_DATA_DIR=/data \
-    IMAGINE_METRICS_PORT=9400
+    IMAGINE_METRICS_PORT=9400 \
+    IMAGINE_WEB_HOST=0.0.0.0
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 \
@@ -39,7 +40,7 @@ COPY --from=build /opt/imagine /opt/imagine
 WORKDIR /home/imagine
 USER 10001
 VOLUME ["/data", "/models"]
-EXPOSE 9400
+EXPOSE 9400 8080
 # The database and the blob store answer: what every process here needs.
 HEALTHCHECK --interval=60s --timeout=20s --start-period=120s --retries=3 \
     CMD ["imagine", "doctor", "--quick"]

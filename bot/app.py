@@ -25,6 +25,7 @@ from bot.delivery import Delivery
 from bot.modals import answer_modal
 from bot.replies import refuse
 from bot.services import Services
+from storage.errors import ImagineError
 
 log = logging.getLogger(__name__)
 EXTENSIONS = ("bot.cogs.imagine", "bot.cogs.community", "bot.cogs.gallery", "bot.cogs.styles")
@@ -44,6 +45,12 @@ class ImagineTree(app_commands.CommandTree["ImagineBot"]):
                     "You may not use this command here; a member who manages the server "
                     "can tell you why.",
                 )
+            return
+        original = getattr(error, "original", None)
+        if isinstance(original, ImagineError):
+            # A sentence for the member (the queue unavailable, say) rather than silence.
+            log.warning("/%s for user %s: %s", command, interaction.user.id, original)
+            await refuse(interaction, str(original))
             return
         log.error("/%s failed", command, exc_info=error)
 
@@ -65,6 +72,8 @@ class ImagineBot(commands.Bot):
         self.synced = 0
         self.started = time.perf_counter()
         self._delivering: asyncio.Task[None] | None = None
+        self._sweeps: set[asyncio.Task[None]] = set()
+        self._readies = 0
         # Personal defaults, read before the first await of /imagine: kept in memory.
         self.user_defaults: dict[int, dict[str, Any]] = {}
 
@@ -93,6 +102,10 @@ class ImagineBot(commands.Bot):
                 await asyncio.sleep(1)
 
     async def on_ready(self) -> None:
+        self._readies += 1
+        if self._readies > 1:  # the first session's sweep is the delivery loop's own
+            self._sweep("a new gateway session began")
+            return
         assert self.user is not None
         log.info(
             "ready as %s (id %s) in %d server(s); %d commands synced; started in %.1fs",
@@ -103,6 +116,21 @@ class ImagineBot(commands.Bot):
             time.perf_counter() - self.started,
         )
 
+    async def on_resumed(self) -> None:
+        self._sweep("the gateway resumed")
+
+    def _sweep(self, why: str) -> None:
+        # Discord is back: results whose delivery gave up during the outage go out now.
+        log.info("%s; delivering what is not delivered yet", why)
+        task = asyncio.create_task(self.delivery.sweep(), name="imagine-sweep")
+        self._sweeps.add(task)
+        task.add_done_callback(self._swept)
+
+    def _swept(self, task: asyncio.Task[None]) -> None:
+        self._sweeps.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the delivery sweep failed", exc_info=task.exception())
+
     async def on_interaction(self, interaction: discord.Interaction[ImagineBot]) -> None:
         # Modals are answered here, not by the Modal objects, so that one opened before a
         # restart still works after it (buttons are matched by their dynamic items).
@@ -112,5 +140,6 @@ class ImagineBot(commands.Bot):
         if self._delivering is not None:
             self._delivering.cancel()
             await asyncio.gather(self._delivering, return_exceptions=True)
+        await asyncio.gather(*self._sweeps, return_exceptions=True)
         await self.delivery.idle()
         await super().close()

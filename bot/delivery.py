@@ -2,9 +2,14 @@
 
 Each generation owns one message, recorded on its row (channel, message id,
 interaction token and when it was issued). Progress edits are throttled to one
-per ``progress_interval`` and dropped while one is in flight; the final edit
-waits for them and happens once: ``delivered_at`` is set after it, and a sweep
-at start delivers what finished while the bot was away. While the interaction
+per ``progress_interval`` and dropped while one is in flight or Discord refuses
+it; the final edit waits for them and happens once: ``delivered_at`` is set
+after it. While Discord is down or rate limits us the final edit is tried again
+(see :mod:`bot.retries`); editing a message twice shows the same thing, so a try
+that Discord took without our hearing back does no harm. One that still fails
+after ``give_up_after`` stays undelivered: a sweep delivers such results, and what
+finished while the bot was away, at start and whenever the gateway comes back
+(:meth:`ImagineBot.on_resumed`). While the interaction
 token is fresh the message is edited through the interaction webhook; after
 ``token_lifetime`` (Discord's tokens live 15 minutes) or if the webhook refuses,
 through the channel with the bot token.
@@ -21,6 +26,7 @@ from datetime import timedelta
 
 import discord
 
+from bot.retries import GaveUp, transient, with_retries
 from bot.services import Services
 from bot.uploads import Upload, fit_upload
 from bot.views import grid_view, image_view, retry_view
@@ -75,14 +81,19 @@ class Delivery:
         self._locks: dict[int, asyncio.Lock] = {}
         self._last_edit: dict[int, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._finals: set[int] = set()  # generations whose final edit is pending
 
     # -- the event loop ----------------------------------------------------------------------
 
     async def run(self) -> None:
         """Deliver what finished while away, then every event as it comes."""
-        for event in await final_events_since(self.services.database, utcnow() - SWEEP_LOOKBACK):
-            self.handle(event)
+        await self.sweep()
         async for event in self.services.events.subscribe():
+            self.handle(event)
+
+    async def sweep(self) -> None:
+        """Deliver every result of the last day that is not delivered yet."""
+        for event in await final_events_since(self.services.database, utcnow() - SWEEP_LOOKBACK):
             self.handle(event)
 
     def handle(self, event: JobEvent) -> None:
@@ -93,7 +104,8 @@ class Delivery:
             if lock.locked() or since < self.services.progress_interval:
                 return  # coalesced: the next one shows newer progress anyway
             self._spawn(self._progress(event))
-        else:
+        elif generation_id not in self._finals:
+            self._finals.add(generation_id)
             self._spawn(self._final(generation_id))
 
     def _spawn(self, coroutine: object) -> None:
@@ -103,8 +115,13 @@ class Delivery:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("delivery failed", exc_info=task.exception())
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        if isinstance(error, GaveUp):
+            log.error("%s; it is sent when the bot reconnects to Discord or restarts", error)
+        else:
+            log.error("delivery failed", exc_info=error)
 
     async def idle(self) -> None:
         """Wait until no delivery is in flight (for tests and shutdown)."""
@@ -133,17 +150,33 @@ class Delivery:
                 )
                 if event.preview:
                     rendered.upload = Upload(event.preview, f"preview-{generation.id}.jpg")
+            await self._edit_or_drop(generation, rendered, "progress")
+
+    async def _edit_or_drop(self, generation: Generation, rendered: Rendered, what: str) -> None:
+        """An edit that a later one supersedes: not worth waiting for Discord."""
+        try:
             await self.edit(generation, rendered)
+        except Exception as error:
+            if not transient(error):
+                raise
+            log.info("%s edit of generation %d dropped: %s", what, generation.id, error)
 
     async def _final(self, generation_id: int) -> None:
-        async with self._lock(generation_id):
-            generation = await self._load(generation_id)
-            if generation.delivered_at is not None or generation.message_id is None:
-                return
-            rendered = await self.render(generation, self._limit(generation_id))
-            await self.edit(generation, rendered)
-            async with self.services.database.session() as session:
-                await mark_delivered(session, generation_id)
+        try:
+            async with self._lock(generation_id):
+                generation = await self._load(generation_id)
+                if generation.delivered_at is not None or generation.message_id is None:
+                    return
+                rendered = await self.render(generation, self._limit(generation_id))
+                await with_retries(
+                    self.services.retries,
+                    lambda: self.edit(generation, rendered),
+                    f"the result of generation {generation_id}",
+                )
+                async with self.services.database.session() as session:
+                    await mark_delivered(session, generation_id)
+        finally:
+            self._finals.discard(generation_id)
         self._locks.pop(generation_id, None)
         self._last_edit.pop(generation_id, None)
         self.upload_limits.pop(generation_id, None)
@@ -157,7 +190,7 @@ class Delivery:
             if generation.status is not S.QUEUED or generation.message_id is None:
                 return  # already running or finished: those events edit it
             self._last_edit[generation_id] = time.monotonic()
-            await self.edit(generation, await self.queued(generation))
+            await self._edit_or_drop(generation, await self.queued(generation), "queued")
 
     def _limit(self, generation_id: int) -> int:
         return self.upload_limits.get(generation_id, DEFAULT_UPLOAD_LIMIT)

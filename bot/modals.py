@@ -60,12 +60,14 @@ async def remix_submitted(
 ) -> None:
     services = interaction.client.services
     try:
-        await load_generation(services.database, generation_id)  # it must still exist
+        source = await load_generation(services.database, generation_id)  # it must still exist
         recipes = parse_text(services, text, interaction.guild_id)
     except ImagineError as exc:
         await refuse(interaction, str(exc))
         return
-    await submit(interaction, GenerationKind.REMIX, recipes)
+    # The remix hangs under the first image of what it remixed, for the web gallery's lineage.
+    parent = min(source.images, key=lambda image: image.index).id if source.images else None
+    await submit(interaction, GenerationKind.REMIX, recipes, parent_image_id=parent)
 
 
 REMIX = re.compile(r"remix:(?P<id>[0-9]{1,20})")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
 
+from bot.retries import RetryPolicy
 from storage.blobs import BlobStore
 from storage.database import Database
 from storage.deployment import Deployment
@@ -39,6 +40,7 @@ class Services:
     style_weights: Mapping[str, float] = field(default_factory=dict)
     progress_interval: float = 1.5  # seconds between progress edits of one message
     token_lifetime: timedelta = timedelta(minutes=14)  # Discord's is 15
+    retries: RetryPolicy = field(default_factory=RetryPolicy)  # for a result Discord refused
 
     # Styles added from Discord, by server; kept current by the /style commands.
     guild_style_names: dict[int, set[str]] = field(default_factory=dict)
@@ -63,6 +65,7 @@ class Services:
             events=deployment.events,
             style_weights=styles.default_weights(),
             progress_interval=progress_interval,
+            retries=RetryPolicy.from_settings(deployment.settings),
         )
 
     def known_styles(self, guild_id: int | None = None) -> list[str]:

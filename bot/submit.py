@@ -19,7 +19,7 @@ from bot.replies import Refusal, refuse
 from bot.services import Services
 from storage.community import NSFW_WORDS, guild_policy
 from storage.errors import ImagineError
-from storage.generations import Origin
+from storage.generations import Origin, image_is_private
 from storage.models import Generation, GenerationKind, NsfwPolicy, utcnow
 from storage.queue import Submission
 from storage.recipe import Recipe
@@ -115,7 +115,7 @@ async def submit(
         first_message_id = callback.message_id if callback is not None else None
     try:
         await check_policy(interaction, recipes)
-    except Refusal as exc:
+    except ImagineError as exc:  # a refusal, or a database that cannot answer now
         await refuse(interaction, str(exc))
         return []
     if first_message_id is None:
@@ -123,6 +123,8 @@ async def submit(
     bot = interaction.client
     submitted: list[Generation] = []
     limit = interaction.filesize_limit
+    # What is made from a private result stays off the web too.
+    private_on_web = private or await _made_from_private(bot, parent_image_id)
     for number, recipe in enumerate(recipes):
         if number == 0:
             message_id = first_message_id
@@ -136,7 +138,13 @@ async def submit(
             interaction_at=received,
         )
         submission = Submission(
-            kind, recipe, interaction.user.id, origin, parent_image_id=parent_image_id
+            kind,
+            recipe,
+            interaction.user.id,
+            origin,
+            parent_image_id=parent_image_id,
+            private=private_on_web,
+            nsfw=banned_word_in(recipe.prompt, NSFW_WORDS),
         )
         try:
             generation = await bot.services.queue.submit(submission)
@@ -149,6 +157,13 @@ async def submit(
         submitted.append(generation)
         await bot.delivery.show_queued(generation.id, limit)
     return submitted
+
+
+async def _made_from_private(bot: ImagineBot, parent_image_id: int | None) -> bool:
+    if parent_image_id is None:
+        return False
+    async with bot.services.database.session() as session:
+        return await image_is_private(session, parent_image_id)
 
 
 async def run_prompt(

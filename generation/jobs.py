@@ -30,11 +30,13 @@ from generation.engine import (
     Progress,
 )
 from generation.grid import compose_grid
+from generation.thumbnails import store_thumbnails
 from storage.blobs import BlobStore
 from storage.database import Database
 from storage.errors import ImagineError
 from storage.generations import NewImage, add_images, get_generation, record_grid, transition
 from storage.models import Generation, GenerationKind, GenerationStatus
+from storage.thumbnails import record_thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +183,12 @@ async def execute_generation(
             grid = asyncio.get_running_loop().run_in_executor(
                 PNG_ENCODERS, compose_grid, images, recipe, engine.a1111_sampler(recipe.sampler)
             )
+        thumbnails = asyncio.gather(
+            *(store_thumbnails(blobs, image.image, executor=PNG_ENCODERS) for image in images)
+        )
         keys = [await blobs.put(image.png) for image in images]
         grid_key = None if grid is None else await blobs.put(await grid)
+        made = await thumbnails
     except GenerationCancelled:
         async with database.session() as session:
             generation = await transition(session, generation_id, S.CANCELLED)
@@ -197,7 +203,7 @@ async def execute_generation(
     async with database.session() as session:
         stored = await get_generation(session, generation_id)
         stored.recipe = recipe
-        await add_images(
+        rows = await add_images(
             session,
             generation_id,
             [
@@ -212,6 +218,8 @@ async def execute_generation(
                 for image, key in zip(images, keys, strict=True)
             ],
         )
+        for row, thumbs in zip(rows, made, strict=True):
+            await record_thumbnails(session, row.id, thumbs)
         if grid_key is not None:
             await record_grid(session, generation_id, grid_key)
         await session.flush()

@@ -23,7 +23,7 @@ from generation.metrics import WorkerMetrics
 from storage.blobs import BlobStore
 from storage.database import Database
 from storage.deployment import Deployment
-from storage.errors import ImagineError
+from storage.errors import ImagineError, QueueUnavailable
 from storage.events import (
     EventBus,
     JobFailed,
@@ -142,13 +142,16 @@ class Worker:
         beats = 0
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
-            await self.beat()
-            async with self.database.session() as session:
-                self.metrics.queue_depth.set(await queue_depth(session, self.model))
-            beats += 1
-            if beats % 2 == 0:
-                await self.recover(at_start=False)
-                await self.jobs.sweep(self.model, self.stale_after.total_seconds())
+            try:
+                await self.beat()
+                async with self.database.session() as session:
+                    self.metrics.queue_depth.set(await queue_depth(session, self.model))
+                beats += 1
+                if beats % 2 == 0:
+                    await self.recover(at_start=False)
+                    await self.jobs.sweep(self.model, self.stale_after.total_seconds())
+            except QueueUnavailable:
+                log.warning("heartbeat skipped: the queue is locked by another program")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run jobs until ``stop`` is set, or until too many failed in a row

@@ -75,6 +75,8 @@ async def guild_policy(session: AsyncSession, guild_id: int) -> Guild:
             banned_words=[],
             nsfw_policy=NsfwPolicy.AGE_RESTRICTED_CHANNELS,
             style_roles={},
+            web_enabled=False,
+            web_nsfw=False,
         )
     return guild
 
@@ -94,6 +96,8 @@ async def change_policy(
             banned_words=[],
             nsfw_policy=NsfwPolicy.AGE_RESTRICTED_CHANNELS,
             style_roles={},
+            web_enabled=False,
+            web_nsfw=False,
         )
         session.add(guild)
     apply(guild)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from storage.errors import ConfigError, DatabaseUnavailable
+from storage.errors import ConfigError, DatabaseUnavailable, QueueUnavailable
 from storage.settings import Settings
 
 URL_EXAMPLES = (
@@ -93,20 +93,36 @@ def ensure_writable_dir(path: Path, setting: str) -> Path:
     return path
 
 
-def _enable_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")
-    # FULL: a commit that returned is on disk, even if the process is killed next.
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()
+DEFAULT_BUSY_TIMEOUT = 10.0
 
 
-def create_engine(url: URL, **kwargs: Any) -> AsyncEngine:
+def _sqlite_pragmas(busy_timeout: float) -> Callable[[Any, Any], None]:
+    def enable(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit that returned is on disk, even if the process is killed next.
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={round(busy_timeout * 1000)}")
+        cursor.close()
+
+    return enable
+
+
+def is_locked(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite giving up on a lock another connection holds (a backup,
+    another writer) after its busy timeout."""
+    root = exc.orig if isinstance(exc, DBAPIError) else exc
+    name = str(getattr(root, "sqlite_errorname", ""))
+    return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in str(root)
+
+
+def create_engine(
+    url: URL, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, **kwargs: Any
+) -> AsyncEngine:
     if url.get_backend_name() == "sqlite":
         engine = create_async_engine(url, **kwargs)
-        event.listen(engine.sync_engine, "connect", _enable_sqlite_pragmas)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas(busy_timeout))
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_async_engine(url, **kwargs)
@@ -157,9 +173,11 @@ def explain_connection_error(url: URL, exc: BaseException) -> DatabaseUnavailabl
 class Database:
     """The engine and session factory of one process."""
 
-    def __init__(self, url: URL, **engine_kwargs: Any) -> None:
+    def __init__(
+        self, url: URL, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, **engine_kwargs: Any
+    ) -> None:
         self.url = url
-        self.engine = create_engine(url, **engine_kwargs)
+        self.engine = create_engine(url, busy_timeout, **engine_kwargs)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod
@@ -167,7 +185,7 @@ class Database:
         url = parse_database_url(settings.resolved_database_url)
         if url.get_backend_name() == "sqlite" and url.database:
             ensure_writable_dir(Path(url.database).expanduser().parent, "IMAGINE_DATA_DIR")
-        return cls(url, **engine_kwargs)
+        return cls(url, settings.sqlite_busy_timeout, **engine_kwargs)
 
     @property
     def backend(self) -> str:
@@ -175,9 +193,17 @@ class Database:
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
-        """A session inside one transaction: committed on success, rolled back on error."""
-        async with self.sessions() as session, session.begin():
-            yield session
+        """A session inside one transaction: committed on success, rolled back on error.
+
+        A SQLite file locked past the busy timeout raises :class:`QueueUnavailable`.
+        """
+        try:
+            async with self.sessions() as session, session.begin():
+                yield session
+        except OperationalError as exc:
+            if self.backend == "sqlite" and is_locked(exc):
+                raise QueueUnavailable() from exc
+            raise
 
     async def check(self) -> None:
         """Connect once, raising :class:`DatabaseUnavailable` with a sentence if that fails."""

@@ -37,6 +37,16 @@ class BlobNotFound(NotFound):
     """No blob is stored under a key."""
 
 
+class QueueUnavailable(DatabaseUnavailable):
+    """The queue's database is there but cannot be written now (locked, restarting): a
+    member is told to try again, and nothing is lost."""
+
+    MESSAGE = "The queue is unavailable right now; try again in a minute."
+
+    def __init__(self, message: str = MESSAGE) -> None:
+        super().__init__(message)
+
+
 class BlobStoreFull(ImagineError):
     """The blob store has no room left (the disk or the database's disk is full, or a quota)."""
 

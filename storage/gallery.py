@@ -105,7 +105,12 @@ def _gallery_query(
         select(Image, like_total, Generation.recipe, Generation.requester_id)
         .join(Generation, Image.generation_id == Generation.id)
         .outerjoin(likes, likes.c.image_id == Image.id)
-        .where(Generation.status == GenerationStatus.SUCCEEDED, Image.removed_at.is_(None))
+        .where(
+            Generation.status == GenerationStatus.SUCCEEDED,
+            Image.removed_at.is_(None),
+            # A private result was answered to its author alone: not the server's to browse.
+            Generation.private.is_(False),
+        )
     )
     if style is not None:
         query = query.where(

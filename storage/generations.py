@@ -79,6 +79,8 @@ async def create_generation(
     origin: Origin | None = None,
     parent_image_id: int | None = None,
     priority: int = 0,
+    private: bool = False,
+    nsfw: bool = False,
 ) -> Generation:
     """Insert a queued generation (and its requester, if new); returns it with its id."""
     await ensure_user(session, requester_id)
@@ -96,6 +98,8 @@ async def create_generation(
         interaction_at=origin.interaction_at,
         status=S.QUEUED,
         priority=priority,
+        private=private,
+        nsfw=nsfw,
         attempts=0,
         queued_at=utcnow(),
         styles=[GenerationStyle(style_name=s.name, weight=s.weight) for s in recipe.styles],
@@ -182,6 +186,16 @@ async def transition(
             raise NotFound(f"There is no generation {generation_id}; check the id.")
         raise IllegalTransition(generation_id, current.value, target.value)
     return await get_generation(session, generation_id)
+
+
+async def image_is_private(session: AsyncSession, image_id: int) -> bool:
+    """Whether the image belongs to a private generation (answered only to its requester)."""
+    private = await session.scalar(
+        select(Generation.private)
+        .join(Image, Image.generation_id == Generation.id)
+        .where(Image.id == image_id)
+    )
+    return bool(private)
 
 
 async def add_images(

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -155,6 +156,10 @@ class Guild(Base):
     updated_by: Mapped[int | None] = mapped_column(BigInteger)
     # style name → ids of the roles that may use it; a style not listed is open to all.
     style_roles: Mapped[dict[str, list[int]] | None] = mapped_column(JSON)
+    # The web gallery shows the server only once a manager turns it on; NSFW prompts
+    # need a second switch.
+    web_enabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    web_nsfw: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class PolicyChange(Base):
@@ -208,6 +213,10 @@ class Generation(Base):
     job_id: Mapped[int | None] = mapped_column(BigInteger)
     # The images composed into one, stored once by the worker; none for a single image.
     grid_blob_key: Mapped[str | None] = mapped_column(String(64))
+    # Answered only to its requester (an ephemeral reply): never on the web.
+    private: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The prompt tripped the NSFW word check: on the web only where the server allows it.
+    nsfw: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     images: Mapped[list[Image]] = relationship(
         back_populates="generation",
@@ -248,7 +257,8 @@ class Image(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
-    blob_key: Mapped[str] = mapped_column(String(64))
+    # Indexed: the web gallery finds the image behind a /media/ URL by it.
+    blob_key: Mapped[str] = mapped_column(String(64), index=True)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     # Deleted from Discord by its author or a moderator: out of the gallery, kept here.
@@ -258,6 +268,21 @@ class Image(Base):
     generation: Mapped[Generation] = relationship(
         back_populates="images", foreign_keys=[generation_id]
     )
+
+
+class Thumbnail(Base):
+    """A smaller WebP of an image, made once and kept in the blob store for the web gallery."""
+
+    __tablename__ = "thumbnails"
+
+    image_id: Mapped[int] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    size: Mapped[int] = mapped_column(Integer, primary_key=True)
+    blob_key: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Style(Base):

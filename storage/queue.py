@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from storage.database import Database
+from storage.errors import QueueUnavailable
 from storage.events import EventBus, JobCancelled, LocalEventBus
 from storage.generations import Origin, create_generation, request_cancel
 from storage.models import Generation, GenerationKind, GenerationStatus
@@ -57,6 +58,9 @@ class Submission:
     origin: Origin = field(default_factory=Origin)
     parent_image_id: int | None = None
     priority: int = 0
+    # Kept off the web gallery: an ephemeral reply, and a prompt that tripped the NSFW check.
+    private: bool = False
+    nsfw: bool = False
 
 
 class JobQueue(Protocol):
@@ -125,6 +129,8 @@ async def record_submission(
             origin=submission.origin,
             parent_image_id=submission.parent_image_id,
             priority=submission.priority,
+            private=submission.private,
+            nsfw=submission.nsfw,
         )
 
 
@@ -198,8 +204,12 @@ class RowJobs:
 
     async def serve(self, model: str, worker_name: str, run: RunJob, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            async with self.database.session() as session:
-                generation = await claim_next(session, worker_name, self.limits, model)
+            try:
+                async with self.database.session() as session:
+                    generation = await claim_next(session, worker_name, self.limits, model)
+            except QueueUnavailable:
+                log.warning("the queue is locked by another program; claiming again soon")
+                generation = None
             if generation is not None:
                 await run(generation)
                 continue

@@ -74,6 +74,14 @@ class Settings(BaseSettings):
             "only). auto: embedded on SQLite, scaled on PostgreSQL."
         ),
     )
+    sqlite_busy_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "Seconds a SQLite write waits for a lock another program holds before a member "
+            "is told the queue is unavailable and to try again."
+        ),
+    )
     blob_store: Literal["auto", "folder", "database"] = Field(
         default="auto",
         description=(
@@ -104,6 +112,25 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("IMAGINE_DISCORD_TOKEN", "DISCORD_TOKEN", "discord_token"),
         description="The Discord bot token (DISCORD_TOKEN is read too).",
         repr=False,
+    )
+    discord_retry_first_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "Wait before a result Discord refused (5xx, 429, no answer) is sent again; "
+            "each later wait doubles, with jitter."
+        ),
+    )
+    discord_retry_max_seconds: float = Field(
+        default=60.0, gt=0, description="Longest wait between two tries of one result."
+    )
+    discord_retry_give_up_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description=(
+            "After this long a result stops being retried; it stays undelivered and is sent "
+            "when the bot reconnects to Discord or starts again."
+        ),
     )
     model_family: str = Field(
         default="auto",
@@ -164,6 +191,28 @@ class Settings(BaseSettings):
         le=65535,
         description="Port of a worker's Prometheus metrics (/metrics); 0 turns them off.",
     )
+    web_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the web gallery inside `imagine bot`; 0 runs none there "
+        "(`imagine web` serves it on its own).",
+    )
+    web_host: str = Field(
+        default="127.0.0.1",
+        description="Address the web gallery listens on; 0.0.0.0 for every interface.",
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="The web gallery's address as the world sees it (https://imagine.example); "
+        "Discord links and link previews point there.",
+    )
+    web_requests_per_minute: int = Field(
+        default=600,
+        ge=1,
+        description="Requests (pages and images; not CSS or JS) one client may make to the web "
+        "gallery per minute, before 429.",
+    )
     max_running_per_user: int = Field(
         default=1, ge=1, description="Jobs one user may have running at once."
     )
@@ -196,6 +245,16 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_default(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        value = value.strip().rstrip("/") if value is not None else None
+        if not value:
+            return None
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must start with https:// (or http://), e.g. https://imagine.example")
+        return value
 
     @property
     def resolved_database_url(self) -> str:

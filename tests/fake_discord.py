@@ -9,6 +9,12 @@ command, click a button, submit a modal, and then read what the bot did from
 It enforces what matters to a bot's correctness: one initial response per
 interaction (40060), unknown interactions (10062), the upload limit (40005),
 expired interaction tokens (50027), message ownership on edits and deletes.
+
+Outages are injected explicitly: :meth:`FakeDiscord.fail` makes matching REST
+calls answer 5xx or 429 (with the headers Discord sends) until healed, and
+:meth:`FakeDiscord.drop_gateway` closes the bot's gateway connection and holds
+it down until :meth:`FakeDiscord.restore_gateway`; a RESUME gets the events
+dispatched meanwhile, then RESUMED, as Discord does.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,6 +90,50 @@ class Interaction:
         return self.responses[0]["type"] if self.responses else None
 
 
+@dataclass
+class Fault:
+    """Discord answering ``status`` to the REST calls that match, until :meth:`heal`."""
+
+    status: int
+    fragment: str = ""
+    method: str | None = None
+    retry_after: float = 0.05  # what a 429 asks for
+    via: bool = True  # discord.py retries a 429 only when it came through Discord's proxy
+    answered: list[Call] = field(default_factory=list)
+    healed: bool = False
+
+    def matches(self, method: str, path: str) -> bool:
+        return (
+            not self.healed
+            and self.fragment in path
+            and (self.method is None or self.method == method)
+        )
+
+    def heal(self) -> None:
+        self.healed = True
+
+    def response(self) -> web.Response:
+        if self.status != 429:
+            # What comes back while Discord is down is rarely JSON.
+            return web.Response(status=self.status, text=f"{self.status}: upstream unavailable")
+        body = {"message": "You are being rate limited.", "retry_after": self.retry_after}
+        response = _json({**body, "global": False, "code": 0}, 429)
+        response.headers.update(
+            {
+                "Retry-After": str(math.ceil(self.retry_after)),
+                "X-RateLimit-Limit": "5",
+                "X-RateLimit-Remaining": "0",
+                "X-RateLimit-Reset": f"{time.time() + self.retry_after:.3f}",
+                "X-RateLimit-Reset-After": f"{self.retry_after:.3f}",
+                "X-RateLimit-Bucket": "fake-bucket",
+                "X-RateLimit-Scope": "user",
+            }
+        )
+        if self.via:
+            response.headers["Via"] = "1.1 google"
+        return response
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     # discord.py compares the content type to exactly "application/json".
     return web.Response(
@@ -105,6 +156,12 @@ class FakeDiscord:
         self.interactions: dict[str, Interaction] = {}
         self.commands: list[dict[str, Any]] = []
         self.identifies = 0
+        self.resumes = 0
+        self.faults: list[Fault] = []
+        self._dispatched: list[tuple[int, str]] = []  # (seq, frame), replayed on RESUME
+        self._gateway_up = asyncio.Event()
+        self._gateway_up.set()
+        self._session_lost = False
         self._ids = itertools.count(950_000_000_000_000_000)
         self._sockets: list[web.WebSocketResponse] = []
         self._seq = itertools.count(1)
@@ -146,6 +203,7 @@ class FakeDiscord:
             self._saved = None
 
     async def stop(self) -> None:
+        self._gateway_up.set()  # let held connections finish
         for socket in list(self._sockets):
             await socket.close()
         if self._runner is not None:
@@ -283,10 +341,44 @@ class FakeDiscord:
         interaction.expired = True
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
-        assert self._sockets, "no bot is connected to the gateway"
-        frame = json.dumps({"op": 0, "t": event, "s": next(self._seq), "d": data})
+        down = not self._gateway_up.is_set()
+        assert self._sockets or down, "no bot is connected to the gateway"
+        seq = next(self._seq)
+        frame = json.dumps({"op": 0, "t": event, "s": seq, "d": data})
+        self._dispatched.append((seq, frame))
         for socket in list(self._sockets):
             await socket.send_str(frame)
+
+    # -- outages -----------------------------------------------------------------------------
+
+    def fail(
+        self,
+        status: int,
+        fragment: str = "",
+        *,
+        method: str | None = None,
+        retry_after: float = 0.05,
+        via: bool = True,
+    ) -> Fault:
+        """Answer REST calls whose path contains ``fragment`` with ``status`` until healed."""
+        fault = Fault(status, fragment, method, retry_after, via)
+        self.faults.append(fault)
+        return fault
+
+    async def drop_gateway(self, code: int = 4000, *, session_lost: bool = False) -> None:
+        """Close the gateway connections with ``code`` (4000: resumable) and keep the
+        gateway down: a reconnecting client is let in but hears nothing until
+        :meth:`restore_gateway`. Events dispatched meanwhile wait for its RESUME;
+        ``session_lost`` answers that RESUME with an invalid session instead, so the
+        client identifies again and gets a new READY."""
+        self._gateway_up.clear()
+        self._session_lost = session_lost
+        sockets, self._sockets = list(self._sockets), []
+        for socket in sockets:
+            await socket.close(code=code)
+
+    def restore_gateway(self) -> None:
+        self._gateway_up.set()
 
     async def wait_for(
         self, condition: Callable[[], Any], *, within: float = 60.0, what: str = "a condition"
@@ -367,6 +459,7 @@ class FakeDiscord:
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
         socket = web.WebSocketResponse()
         await socket.prepare(request)
+        await self._gateway_up.wait()
         await socket.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}}))
         try:
             async for frame in socket:
@@ -379,13 +472,27 @@ class FakeDiscord:
                     self._sockets.append(socket)
                     await self._ready(socket)
                 elif op == 6:
-                    self._sockets.append(socket)
-                    frame_out = {"op": 0, "t": "RESUMED", "s": next(self._seq), "d": {}}
-                    await socket.send_str(json.dumps(frame_out))
+                    self.resumes += 1
+                    if self._session_lost:
+                        self._session_lost = False
+                        await socket.send_str(json.dumps({"op": 9, "d": False}))
+                    else:
+                        await self._resume(socket, message["d"].get("seq") or 0)
         finally:
             if socket in self._sockets:
                 self._sockets.remove(socket)
         return socket
+
+    async def _resume(self, socket: web.WebSocketResponse, seen: int) -> None:
+        index = 0
+        while index < len(self._dispatched):  # what is dispatched while replaying, too
+            seq, frame = self._dispatched[index]
+            if seq > seen:
+                await socket.send_str(frame)
+            index += 1
+        self._sockets.append(socket)
+        frame_out = {"op": 0, "t": "RESUMED", "s": next(self._seq), "d": {}}
+        await socket.send_str(json.dumps(frame_out))
 
     async def _ready(self, socket: web.WebSocketResponse) -> None:
         ready = {
@@ -427,10 +534,17 @@ class FakeDiscord:
         path = "/" + request.match_info["tail"]
         body, files = await _read_body(request)
         call = Call(request.method, path, body, files, time.perf_counter())
-        try:
-            response = await self._route(request.method, path.split("/")[1:], body, files, request)
-        except KeyError as exc:
-            response = _error(404, 10008, f"Unknown {exc}")
+        fault = next((f for f in self.faults if f.matches(request.method, path)), None)
+        if fault is not None:
+            response: web.StreamResponse = fault.response()
+            fault.answered.append(call)
+        else:
+            try:
+                response = await self._route(
+                    request.method, path.split("/")[1:], body, files, request
+                )
+            except KeyError as exc:
+                response = _error(404, 10008, f"Unknown {exc}")
         call.status = response.status
         self.calls.append(call)
         async with self._changed:

@@ -342,9 +342,11 @@ async def test_the_remix_modal_runs_the_edited_prompt_with_the_same_seed(running
     edited = text_input["value"].replace("a boat", "a red boat")
     submitted = await fake.submit_modal(modal["data"]["custom_id"], {"prompt": edited})
     await running.result(submitted)
-    _, remix = await running.generations()
+    source, remix = await running.generations()
     assert remix.kind is GenerationKind.REMIX
     assert remix.recipe.prompt == "a red boat" and remix.recipe.seed == 11
+    # Its lineage, for the web gallery: it hangs under the first image of what it remixed.
+    assert remix.parent_image_id == min(source.images, key=lambda i: i.index).id
 
 
 async def test_buttons_keep_working_after_the_bot_restarts(running: Harness) -> None:

@@ -7,10 +7,12 @@ import base64
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import select
 
@@ -18,7 +20,7 @@ from bot.cli import main
 from bot.cli.discord_commands import client_id_from_token, invite_url
 from storage.models import Generation
 from tests.conftest import migrated_database
-from tests.fake_discord import FakeDiscord
+from tests.fake_discord import GUILD_ID, FakeDiscord
 from tests.test_worker_processes import start_worker
 
 SHIM = """\
@@ -80,6 +82,7 @@ async def test_imagine_bot_starts_syncs_answers_and_stops_on_sigterm(
         "DISCORD_TOKEN": "fake-token",
         "IMAGINE_MODEL": "tiny",
         "IMAGINE_DEVICE": "cpu",
+        "IMAGINE_WEB_PORT": str(free_port()),  # the web gallery inside the bot, in both modes
     }
     async with contextlib.AsyncExitStack() as stack:
         worker: subprocess.Popen[str] | None = None
@@ -98,6 +101,12 @@ async def test_imagine_bot_starts_syncs_answers_and_stops_on_sigterm(
             async with database.session() as session:
                 row = await session.scalar(select(Generation))
             assert row is not None and row.worker_name == "gpu-1" and row.delivered_at
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def stop_process(process: subprocess.Popen[str]) -> None:
@@ -140,6 +149,10 @@ async def run_the_bot(fake: FakeDiscord, env: dict[str, str], *, scaled: bool) -
             within=90,
             what="the grid",
         )
+        web = f"http://127.0.0.1:{env['IMAGINE_WEB_PORT']}"
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{web}/healthz")).text == "ok"
+            assert (await client.get(f"{web}/g/{GUILD_ID}")).status_code == 404  # off by default
         maps = await asyncio.to_thread(Path(f"/proc/{process.pid}/maps").read_text)
         assert ("libtorch" in maps) is not scaled, "the bot loads torch only when embedded"
         process.send_signal(signal.SIGTERM)

@@ -90,7 +90,8 @@ async def test_nsfw_prompts_follow_the_server_setting(running: Harness) -> None:
         ),
     )
     await running.result(await running.imagine("a nude statue --steps 2"))
-    assert len(await running.generations()) == 1
+    [generation] = await running.generations()
+    assert generation.nsfw and not generation.private  # kept off the web gallery by default
 
 
 async def test_a_style_reserved_for_a_role(running: Harness) -> None:
@@ -128,6 +129,8 @@ async def test_private_replies_keep_results_to_their_author(running: Harness) ->
     message = await running.result(interaction)
     assert interaction.responses[0] == {"type": 5, "data": {"flags": EPHEMERAL}}
     assert message["flags"] & EPHEMERAL and message["attachments"]
+    [generation] = await running.generations()
+    assert generation.private and not generation.nsfw  # never on the web gallery
 
 
 async def test_a_server_waiting_limit_refuses_with_the_count(harness: Harness) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sqlalchemy import select
 
 from generation.engine import CancelToken, Engine, Progress
 from generation.grid import compose_grid, compose_grid_image
@@ -17,8 +18,9 @@ from storage.blobs import LocalBlobStore
 from storage.database import Database
 from storage.errors import IllegalTransition
 from storage.generations import create_generation, get_generation
-from storage.models import GenerationKind, GenerationStatus
+from storage.models import GenerationKind, GenerationStatus, Thumbnail
 from storage.recipe import Recipe
+from storage.thumbnails import THUMBNAIL_SIZES
 
 S = GenerationStatus
 
@@ -67,6 +69,15 @@ async def test_a_job_stores_its_images_and_completes_the_recipe(
     for image in stored.images:
         png = await blobs.get(image.blob_key)
         assert read_recipe(png).seed == image.seed
+    # The web gallery's thumbnails were made beside the PNGs, one of each size per image.
+    thumbnails = await stored_thumbnails(database)
+    assert sorted((t.image_id, t.size) for t in thumbnails) == sorted(
+        (image.id, size) for image in stored.images for size in THUMBNAIL_SIZES
+    )
+    for thumbnail in thumbnails:
+        with Image.open(io.BytesIO(await blobs.get(thumbnail.blob_key))) as webp:
+            assert webp.format == "WEBP" and webp.size == (thumbnail.width, thumbnail.height)
+            assert webp.size == (64, 64)  # never larger than the image
 
     # A variation of image 2 reads its source back from the blob store.
     source = stored.images[2]
@@ -85,6 +96,11 @@ def stored_files(blobs: LocalBlobStore) -> set[str]:
     return {path.name for path in blobs.root.rglob("*") if path.is_file()}
 
 
+async def stored_thumbnails(database: Database) -> list[Thumbnail]:
+    async with database.session() as session:
+        return list(await session.scalars(select(Thumbnail)))
+
+
 async def test_the_worker_stores_one_grid_composed_of_its_tiles(
     database: Database, tiny_engine: Engine, tmp_path: Path
 ) -> None:
@@ -96,7 +112,10 @@ async def test_the_worker_stores_one_grid_composed_of_its_tiles(
     assert outcome.generation.grid_blob_key == stored.grid_blob_key is not None
     tile_keys = {image.blob_key for image in stored.images}
     assert len(tile_keys) == 4
-    assert stored_files(blobs) == tile_keys | {stored.grid_blob_key}  # exactly one grid
+    thumbnail_keys = {t.blob_key for t in await stored_thumbnails(database)}
+    assert len(thumbnail_keys) == 4  # 96×64 is under both sizes: the same WebP, stored once
+    # Exactly one grid (and the web gallery's thumbnails).
+    assert stored_files(blobs) == tile_keys | {stored.grid_blob_key} | thumbnail_keys
 
     grid = await blobs.get(stored.grid_blob_key)
     tiles = [Image.open(io.BytesIO(await blobs.get(image.blob_key))) for image in stored.images]
@@ -114,7 +133,8 @@ async def test_the_worker_stores_one_grid_composed_of_its_tiles(
     assert upscaled.generation.status is S.SUCCEEDED
     assert upscaled.generation.grid_blob_key is None
     [image] = upscaled.generation.images
-    assert stored_files(blobs) - before == {image.blob_key}
+    thumbnail_keys = {t.blob_key for t in await stored_thumbnails(database)} - thumbnail_keys
+    assert stored_files(blobs) - before == {image.blob_key} | thumbnail_keys
 
 
 async def test_a_cancelled_job_is_recorded_as_cancelled(

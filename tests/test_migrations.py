@@ -22,6 +22,7 @@ TABLES = {
     "blobs",
     "workers",
     "policy_changes",
+    "thumbnails",
 }
 
 
@@ -106,3 +107,46 @@ async def test_0002_fills_in_the_model_of_existing_jobs(empty_database: Database
         assert (await session.execute(text("SELECT model FROM generations"))).scalar() == (
             "old/model"
         )
+
+
+async def test_0010_keeps_existing_servers_off_the_web_and_their_generations_public(
+    empty_database: Database,
+) -> None:
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    now = datetime(2026, 11, 27, tzinfo=UTC)
+    await runner.upgrade(empty_database, "0009")
+    async with empty_database.session() as session:
+        await session.execute(
+            text(
+                "INSERT INTO guilds (id, banned_words, nsfw_policy, updated_at) "
+                "VALUES (7, '[]', 'allow', :now)"
+            ),
+            {"now": now},
+        )
+        await session.execute(
+            text("INSERT INTO users (id, settings, created_at) VALUES (1, '{}', :now)"),
+            {"now": now},
+        )
+        await session.execute(
+            text(
+                "INSERT INTO generations (kind, requester_id, guild_id, recipe, model, status,"
+                " priority, attempts, queued_at) VALUES ('imagine', 1, 7, :recipe, 'm',"
+                " 'succeeded', 0, 0, :now)"
+            ),
+            {
+                "recipe": '{"model": "m", "prompt": "p", "seed": 1, "width": 64, "height": 64, '
+                '"steps": 1, "guidance": 1.0}',
+                "now": now,
+            },
+        )
+    await runner.upgrade(empty_database)
+    async with empty_database.session() as session:
+        guild = (await session.execute(text("SELECT web_enabled, web_nsfw FROM guilds"))).one()
+        generation = (await session.execute(text("SELECT private, nsfw FROM generations"))).one()
+    assert tuple(guild) == (False, False) and tuple(generation) == (False, False)
+    await runner.downgrade(empty_database, "0009")
+    async with empty_database.engine.connect() as connection:
+        assert "thumbnails" not in await connection.run_sync(_tables)

@@ -21,7 +21,7 @@ class Interrupted(ImagineError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bot.cli import db, discord_commands, doctor, local, queue
+    from bot.cli import backup, db, discord_commands, doctor, local, queue, web
 
     parser = argparse.ArgumentParser(
         prog="imagine",
@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     queue.register(commands)
     discord_commands.register(commands)
     doctor.register(commands)
+    backup.register(commands)
+    web.register(commands)
     return parser
 
 

@@ -122,6 +122,13 @@ async def run_bot(settings: Settings) -> int:
     async with open_deployment(settings) as deployment:
         if deployment.bot_runs_worker:
             background.append(asyncio.create_task(_embedded_worker(deployment, stop)))
+        if settings.web_port:
+            from bot.web.server import gallery_app, serve
+
+            app = gallery_app(deployment, registry)
+            web = serve(app, settings.web_host, settings.web_port, stop)
+            background.append(asyncio.create_task(web, name="imagine-web"))
+            log.info("web gallery on http://%s:%d", settings.web_host, settings.web_port)
         services = Services.for_deployment(
             deployment, registry, configured_family(settings.model, settings.model_family)
         )

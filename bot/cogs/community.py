@@ -32,6 +32,7 @@ NSFW_CHOICES = [
     ),
     app_commands.Choice(name="everywhere", value=NsfwPolicy.ALLOW.value),
 ]
+ON_OFF = [app_commands.Choice(name="on", value="on"), app_commands.Choice(name="off", value="off")]
 
 
 def describe_defaults(values: dict[str, Any]) -> str:
@@ -118,7 +119,7 @@ def _words(text: str) -> list[str]:
     return [word.strip().lower() for word in re.split(r"[,\n]", text) if word.strip()]
 
 
-def describe_policy(guild: Guild) -> str:
+def describe_policy(guild: Guild, public_url: str | None = None) -> str:
     banned = ", ".join(guild.banned_words) if guild.banned_words else "none"
     nsfw = {
         NsfwPolicy.BLOCK: "never",
@@ -134,6 +135,12 @@ def describe_policy(guild: Guild) -> str:
     ]
     for style, roles in sorted((guild.style_roles or {}).items()):
         lines.append(f"Style `{style}`: " + ", ".join(f"<@&{role}>" for role in roles))
+    if guild.web_enabled:
+        where = f": {public_url}/g/{guild.id}" if public_url else ""
+        nsfw_web = "shown" if guild.web_nsfw else "hidden"
+        lines.append(f"Web gallery: on{where} (NSFW prompts {nsfw_web})")
+    else:
+        lines.append("Web gallery: off")
     return "\n".join(lines)
 
 
@@ -164,7 +171,7 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
             guild = await record_policy_change(
                 session, interaction.guild_id, interaction.user.id, change, apply
             )
-            text = describe_policy(guild)
+            text = describe_policy(guild, self.services.settings.public_url)
         await interaction.response.send_message(f"{change}.\n{text}", ephemeral=True)
 
     @app_commands.command(name="show", description="The server's rules and their latest changes.")
@@ -176,7 +183,9 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
         history = "\n".join(
             f"<t:{int(c.at.timestamp())}:R> <@{c.user_id}>: {c.change}" for c in changes
         )
-        text = describe_policy(guild) + ("\nLatest changes:\n" + history if history else "")
+        text = describe_policy(guild, self.services.settings.public_url) + (
+            "\nLatest changes:\n" + history if history else ""
+        )
         await interaction.response.send_message(text[:2000], ephemeral=True)
 
     @app_commands.command(name="ban", description="Refuse prompts with these words.")
@@ -208,6 +217,30 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
             guild.nsfw_policy = mode
 
         await self._change(interaction, f"NSFW prompts: {mode.value}", apply)
+
+    @app_commands.command(
+        name="web", description="Show this server's gallery on the web (off by default)."
+    )
+    @app_commands.choices(state=ON_OFF)
+    async def web(self, interaction: discord.Interaction[ImagineBot], state: str) -> None:
+        enabled = state == "on"
+
+        def apply(guild: Guild) -> None:
+            guild.web_enabled = enabled
+
+        await self._change(interaction, f"web gallery: {state}", apply)
+
+    @app_commands.command(
+        name="web-nsfw", description="Show NSFW prompts' images on the web gallery too."
+    )
+    @app_commands.choices(state=ON_OFF)
+    async def web_nsfw(self, interaction: discord.Interaction[ImagineBot], state: str) -> None:
+        shown = state == "on"
+
+        def apply(guild: Guild) -> None:
+            guild.web_nsfw = shown
+
+        await self._change(interaction, f"NSFW images on the web gallery: {state}", apply)
 
     @app_commands.command(
         name="limits", description="Jobs one member may have running and waiting."

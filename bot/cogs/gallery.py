@@ -20,6 +20,7 @@ from bot.choices import style_choices
 from bot.delivery import Rendered
 from bot.records import load_image
 from bot.replies import refuse, send_rendered
+from bot.web_links import gallery_link
 from storage.errors import ImagineError
 from storage.gallery import GalleryEntry, GallerySort, gallery_page, toggle_like
 from storage.generations import get_generation
@@ -150,6 +151,9 @@ async def render_page(
         generation = await get_generation(session, entry.generation_id)
     rendered = await bot.delivery.render_image(generation, entry.image, limit)
     rendered.content = _caption(style, sort, period, page, entry)
+    web = await gallery_link(bot.services, guild_id, sort=sort, period=period, style=style)
+    if web is not None:
+        rendered.content = f"{rendered.content}\n🌐 All of them on the web: <{web}>"[:2000]
     rendered.view = page_view(style, sort, period, page, entry, found.has_next)
     return rendered
 

@@ -22,6 +22,7 @@ from bot.records import load_generation, load_image
 from bot.replies import Refusal, refuse, send_rendered
 from bot.submit import run_prompt, submit
 from bot.views import GRID_TEMPLATE, IMAGE_TEMPLATE, grid_button, image_button, image_view
+from bot.web_links import image_link
 from storage.derive import remix_base, reroll_recipe, upscale_recipe, variation_recipe
 from storage.errors import ImagineError, NotFound
 from storage.gallery import remove_from_gallery, toggle_like
@@ -159,7 +160,11 @@ async def image_action(
             _liked, count = await toggle_like(session, interaction.user.id, image.id)
         await interaction.response.edit_message(view=image_view(image, count))
     elif action == "info":
-        await interaction.response.send_message(describe(generation, image), ephemeral=True)
+        text = describe(generation, image)
+        link = await image_link(services, image.id)
+        if link is not None:
+            text = f"{text}\nOn the web: <{link}>"[:2000]
+        await interaction.response.send_message(text, ephemeral=True)
     elif action == "delete":
         await _delete(interaction, generation, image)
 

@@ -1,0 +1,1 @@
+"""The web gallery: server-rendered pages of the images servers chose to show (read-only)."""

@@ -1,0 +1,81 @@
+"""WebP thumbnails of images: made once (by the worker, or ``imagine thumbnails`` for older
+images), kept in the blob store and recorded here; the web gallery only reads them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.models import Generation, GenerationStatus, Image, Thumbnail, utcnow
+
+# Longest side in pixels: cards in the gallery grid, and the image page's picture.
+THUMBNAIL_SIZES = (256, 768)
+
+
+@dataclass(frozen=True)
+class NewThumbnail:
+    size: int
+    blob_key: str
+    width: int
+    height: int
+
+
+def thumbnail_dimensions(width: int, height: int, size: int) -> tuple[int, int]:
+    """The size of a thumbnail whose longest side is ``size`` (never larger than the image)."""
+    scale = min(1.0, size / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+async def record_thumbnails(
+    session: AsyncSession, image_id: int, thumbnails: Iterable[NewThumbnail]
+) -> None:
+    """Record an image's thumbnails; one recorded already (a backfill racing the worker) stays."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    for thumbnail in thumbnails:
+        await session.execute(
+            insert(Thumbnail)
+            .values(
+                image_id=image_id,
+                size=thumbnail.size,
+                blob_key=thumbnail.blob_key,
+                width=thumbnail.width,
+                height=thumbnail.height,
+                created_at=utcnow(),
+            )
+            .on_conflict_do_nothing(index_elements=["image_id", "size"])
+        )
+
+
+async def images_missing_thumbnails(
+    session: AsyncSession,
+    sizes: Iterable[int] = THUMBNAIL_SIZES,
+    *,
+    after_id: int = 0,
+    limit: int = 100,
+) -> list[Image]:
+    """Images of finished generations past ``after_id`` that lack one of ``sizes``, oldest
+    first."""
+    wanted = list(sizes)
+    have = (
+        select(func.count())
+        .select_from(Thumbnail)
+        .where(Thumbnail.image_id == Image.id, Thumbnail.size.in_(wanted))
+        .scalar_subquery()
+    )
+    rows = await session.scalars(
+        select(Image)
+        .join(Generation, Image.generation_id == Generation.id)
+        .where(
+            Generation.status == GenerationStatus.SUCCEEDED,
+            Image.id > after_id,
+            have < len(wanted),
+        )
+        .order_by(Image.id)
+        .limit(limit)
+    )
+    return list(rows)
