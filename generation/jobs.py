@@ -99,8 +99,12 @@ async def materialize_styles(
 def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    partial.write_bytes(data)
-    partial.replace(path)
+    try:
+        partial.write_bytes(data)
+        partial.replace(path)
+    except BaseException:  # a full disk: no half-written LoRA stays behind
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _run_engine(

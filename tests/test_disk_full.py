@@ -92,6 +92,18 @@ async def test_a_full_folder_store_says_so_and_keeps_no_partial_file(tmp_path: P
         assert await store.get(key) == b"room again"
 
 
+def test_a_style_s_lora_copied_onto_a_full_disk_leaves_no_partial_file(tmp_path: Path) -> None:
+    from generation.jobs import _write_atomically
+
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        filler = fill(disk, leave=64 * 1024)
+        with pytest.raises(OSError) as raised:
+            _write_atomically(disk / "loras" / "style.safetensors", os.urandom(256 * 1024))
+        assert raised.value.errno == errno.ENOSPC
+        assert list((disk / "loras").iterdir()) == []
+        filler.unlink()
+
+
 async def test_a_full_sqlite_database_store_says_so(tmp_path: Path) -> None:
     from migrations import runner
 
