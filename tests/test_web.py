@@ -350,7 +350,8 @@ async def test_the_image_page_has_its_recipe_command_lineage_and_link_preview(si
     assert f'<meta property="og:image" content="{PUBLIC}/media/{key}.png">' in page
     assert f'<meta property="og:url" content="{PUBLIC}/i/{first}">' in page
     assert '<meta name="twitter:card" content="summary_large_image">' in page
-    assert f'<img class="full" src="/media/{key}-768.webp"' in page
+    # 96 x 64 px: shown in square pixels, scaled up to the column.
+    assert f'<img class="full pixels" src="/media/{key}-768.webp"' in page
     assert '<span class="likes">2</span>' in page
     assert f'<a class="user" href="/g/{GUILD}/u/{ALICE}">' in page
     assert f'<a class="download" href="/media/{key}.png"' in page
