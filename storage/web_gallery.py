@@ -279,10 +279,19 @@ async def gallery_page(
 
 async def used_styles(session: AsyncSession, guild_id: int) -> list[str]:
     """The styles the server's visible images were made with, for the gallery's filter."""
-    used = _visible_query().where(Generation.guild_id == guild_id).with_only_columns(Generation.id)
+    # Each styled generation asked whether it has a visible image: on SQLite, listing every
+    # visible image's generation first walked the whole gallery on each page.
+    visible = (
+        _visible_query()
+        .with_only_columns(Image.id)
+        .where(
+            Generation.guild_id == guild_id,
+            Image.generation_id == GenerationStyle.generation_id,
+        )
+    )
     names = await session.scalars(
         select(GenerationStyle.style_name)
-        .where(GenerationStyle.generation_id.in_(used))
+        .where(visible.exists())
         .distinct()
         .order_by(GenerationStyle.style_name)
     )

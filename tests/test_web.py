@@ -308,8 +308,10 @@ async def test_the_gallery_filters_by_style_and_falls_back_to_the_png_without_th
     await site.policy(web_enabled=True)
     [plain] = await site.make("a plain fox", thumbnails=False)
     [styled] = await site.make("a washed fox --style watercolor")
+    await site.make("a hidden fox --style neon", private=True)  # no visible image: no filter
     page = (await site.get(f"/g/{GUILD}")).text
     assert f'<a class="style-filter" href="/g/{GUILD}?style=watercolor">watercolor</a>' in page
+    assert "style=neon" not in page
     assert card_ids(page) == [styled, plain]
     key = await site.blob_key(plain)
     # Without a thumbnail the browser scales the PNG itself.
