@@ -179,6 +179,7 @@ async def seed(database: Database, blobs: Blobs, images: int) -> None:
         for index in range(4):
             image_id = (number - 1) * 4 + index + 1
             shared = image_id % len(blobs.pngs)
+            fans = rng.sample(range(1, USERS + 1), rng.choice([0, 0, 0, 1, 2, 3, 6]))
             image_rows.append(
                 {
                     "id": image_id,
@@ -190,6 +191,7 @@ async def seed(database: Database, blobs: Blobs, images: int) -> None:
                     "blob_key": blobs.pngs[shared],
                     "sha256": blobs.pngs[shared],
                     "created_at": at,
+                    "like_count": len(fans),
                 }
             )
             for size, (key, width, height) in blobs.thumbnails[shared].items():
@@ -203,7 +205,7 @@ async def seed(database: Database, blobs: Blobs, images: int) -> None:
                         "created_at": at,
                     }
                 )
-            for user in rng.sample(range(1, USERS + 1), rng.choice([0, 0, 0, 1, 2, 3, 6])):
+            for user in fans:
                 like_rows.append({"user_id": user, "image_id": image_id, "created_at": at})
     async with database.session() as session:
         await session.execute(insert(Guild).values(id=GUILD, web_enabled=True))

@@ -40,6 +40,12 @@ def run_migrations_offline() -> None:
 
 
 def _run_sync(connection: Connection) -> None:
+    if connection.dialect.name == "sqlite":
+        # Batch mode rebuilds a SQLite table by copying it and dropping the old one; with
+        # foreign keys on, that DROP deletes every row referencing it through ON DELETE
+        # CASCADE (rebuilding generations emptied images and likes). Set before any BEGIN:
+        # SQLite ignores this pragma inside a transaction.
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
     _configure(connection=connection)
     with context.begin_transaction():
         context.run_migrations()

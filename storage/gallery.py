@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select
+from sqlalchemy import Select, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -44,8 +44,18 @@ class GalleryPage:
 
 
 async def like_count(session: AsyncSession, image_id: int) -> int:
+    count = await session.scalar(select(Image.like_count).where(Image.id == image_id))
+    return int(count or 0)
+
+
+async def _add_to_count(session: AsyncSession, image_id: int, change: int) -> int:
+    # One atomic UPDATE: concurrent likers of an image queue on its row, each adding to the
+    # count the one before it committed.
     count = await session.scalar(
-        select(func.count()).select_from(Like).where(Like.image_id == image_id)
+        update(Image)
+        .where(Image.id == image_id)
+        .values(like_count=Image.like_count + change)
+        .returning(Image.like_count)
     )
     return int(count or 0)
 
@@ -56,19 +66,28 @@ async def like(session: AsyncSession, user_id: int, image_id: int) -> int:
     await ensure_user(session, user_id)
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    await session.execute(
+    added = await session.scalar(
         insert(Like)
         .values(user_id=user_id, image_id=image_id, created_at=utcnow())
         .on_conflict_do_nothing(index_elements=["user_id", "image_id"])
+        .returning(Like.image_id)
     )
-    return await like_count(session, image_id)
+    if added is None:  # liked already, perhaps a moment ago by a second click
+        return await like_count(session, image_id)
+    return await _add_to_count(session, image_id, 1)
 
 
 async def unlike(session: AsyncSession, user_id: int, image_id: int) -> int:
     """Remove the user's like if there is one; returns the image's like count."""
     await get_image(session, image_id)
-    await session.execute(delete(Like).where(Like.user_id == user_id, Like.image_id == image_id))
-    return await like_count(session, image_id)
+    removed = await session.scalar(
+        delete(Like)
+        .where(Like.user_id == user_id, Like.image_id == image_id)
+        .returning(Like.image_id)
+    )
+    if removed is None:
+        return await like_count(session, image_id)
+    return await _add_to_count(session, image_id, -1)
 
 
 async def has_liked(session: AsyncSession, user_id: int, image_id: int) -> bool:
@@ -95,16 +114,9 @@ async def remove_from_gallery(session: AsyncSession, image_id: int, by: int) -> 
 def _gallery_query(
     style: str | None, sort: GallerySort, since: datetime | None, guild_id: int | None = None
 ) -> Select[Image, Any, Recipe, int]:
-    likes = (
-        select(Like.image_id, func.count().label("likes"))
-        .group_by(Like.image_id)
-        .subquery("like_counts")
-    )
-    like_total = func.coalesce(likes.c.likes, 0)
     query = (
-        select(Image, like_total, Generation.recipe, Generation.requester_id)
+        select(Image, Image.like_count, Generation.recipe, Generation.requester_id)
         .join(Generation, Image.generation_id == Generation.id)
-        .outerjoin(likes, likes.c.image_id == Image.id)
         .where(
             Generation.status == GenerationStatus.SUCCEEDED,
             Image.removed_at.is_(None),
@@ -126,7 +138,7 @@ def _gallery_query(
     if guild_id is not None:
         query = query.where(Generation.guild_id == guild_id)
     if sort is GallerySort.TOP:
-        query = query.order_by(like_total.desc(), Image.created_at.desc(), Image.id.desc())
+        query = query.order_by(Image.like_count.desc(), Image.created_at.desc(), Image.id.desc())
     else:
         query = query.order_by(Image.created_at.desc(), Image.id.desc())
     return query

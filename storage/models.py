@@ -186,10 +186,11 @@ class Generation(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     kind: Mapped[GenerationKind] = mapped_column(_enum(GenerationKind, "generation_kind"))
     parent_image_id: Mapped[int | None] = mapped_column(
-        ForeignKey("images.id", ondelete="SET NULL", use_alter=True)
+        ForeignKey("images.id", ondelete="SET NULL", use_alter=True), index=True
     )
     requester_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
-    guild_id: Mapped[int | None] = mapped_column(BigInteger)
+    # Indexed: galleries list a server's images, and an image page finds what was made from it.
+    guild_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     channel_id: Mapped[int | None] = mapped_column(BigInteger)
     message_id: Mapped[int | None] = mapped_column(BigInteger)
     interaction_token: Mapped[str | None] = mapped_column(Text)
@@ -247,7 +248,11 @@ class Image(Base):
     """One picture a generation produced."""
 
     __tablename__ = "images"
-    __table_args__ = (UniqueConstraint("generation_id", "index"),)
+    __table_args__ = (
+        UniqueConstraint("generation_id", "index"),
+        # The "top" order of the galleries, most liked first.
+        Index("ix_images_top", "like_count", "created_at", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     generation_id: Mapped[int] = mapped_column(
@@ -264,6 +269,9 @@ class Image(Base):
     # Deleted from Discord by its author or a moderator: out of the gallery, kept here.
     removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     removed_by: Mapped[int | None] = mapped_column(BigInteger)
+    # The rows of ``likes`` for this image, kept by storage/gallery.py in the same transaction
+    # as each like, so that ranking by likes does not count them on every page.
+    like_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     generation: Mapped[Generation] = relationship(
         back_populates="images", foreign_keys=[generation_id]

@@ -31,7 +31,6 @@ from storage.models import (
     GenerationStyle,
     Guild,
     Image,
-    Like,
     Style,
     Thumbnail,
     utcnow,
@@ -118,20 +117,8 @@ class StyleCard:
 # -- the rule --------------------------------------------------------------------------------
 
 
-def _likes() -> ColumnElement[int]:
-    # Counted per image through the likes index, not as one aggregate of every like joined
-    # to every image: that made each page cost the whole table (bench/web_pages.py).
-    return (
-        select(func.count())
-        .select_from(Like)
-        .where(Like.image_id == Image.id)
-        .correlate(Image)
-        .scalar_subquery()
-    )
-
-
-# An image with its generation's guild, requester, recipe and kind, and its like count.
-VisibleRows = Select[Image, int | None, int, Recipe, GenerationKind, int]
+# An image (its like count included) with its generation's guild, requester, recipe and kind.
+VisibleRows = Select[Image, int | None, int, Recipe, GenerationKind]
 
 
 def _card_query() -> VisibleRows:
@@ -142,13 +129,12 @@ def _card_query() -> VisibleRows:
         Generation.requester_id,
         Generation.recipe,
         Generation.kind,
-        _likes().label("likes"),
     ).join(Generation, Image.generation_id == Generation.id)
 
 
-def _visible_query() -> tuple[VisibleRows, ColumnElement[int]]:
-    """Every image the web may show, with what a card needs; and its like count, to order by."""
-    query = (
+def _visible_query() -> VisibleRows:
+    """Every image the web may show, with what a card needs."""
+    return (
         _card_query()
         .join(Guild, Guild.id == Generation.guild_id)
         .where(
@@ -159,11 +145,10 @@ def _visible_query() -> tuple[VisibleRows, ColumnElement[int]]:
             Image.removed_at.is_(None),
         )
     )
-    return query, _likes()
 
 
 def _web_image(row: Any, thumbnails: dict[int, dict[int, Thumb]]) -> WebImage:
-    image, guild_id, requester_id, recipe, kind, likes = row
+    image, guild_id, requester_id, recipe, kind = row
     return WebImage(
         id=image.id,
         generation_id=image.generation_id,
@@ -176,7 +161,7 @@ def _web_image(row: Any, thumbnails: dict[int, dict[int, Thumb]]) -> WebImage:
         width=image.width,
         height=image.height,
         created_at=image.created_at,
-        likes=int(likes),
+        likes=image.like_count,
         thumbnails=thumbnails.get(image.id, {}),
     )
 
@@ -237,14 +222,12 @@ def decode_cursor(sort: WebSort, cursor: str) -> tuple[int | None, datetime, int
         raise BadCursor(cursor) from None
 
 
-def _after(
-    sort: WebSort, like_total: ColumnElement[int], cursor: tuple[int | None, datetime, int]
-) -> ColumnElement[bool]:
+def _after(sort: WebSort, cursor: tuple[int | None, datetime, int]) -> ColumnElement[bool]:
     likes, created, image_id = cursor
     older = or_(Image.created_at < created, and_(Image.created_at == created, Image.id < image_id))
     if sort is WebSort.TOP:
         assert likes is not None
-        return or_(like_total < likes, and_(like_total == likes, older))
+        return or_(Image.like_count < likes, and_(Image.like_count == likes, older))
     return older
 
 
@@ -265,8 +248,7 @@ async def gallery_page(
 ) -> WebPage:
     """One page of the server's visible images; :class:`BadCursor` for a forged ``after``."""
     cursor = decode_cursor(sort, after) if after else None
-    query, like_total = _visible_query()
-    query = query.where(Generation.guild_id == guild_id)
+    query = _visible_query().where(Generation.guild_id == guild_id)
     if user_id is not None:
         query = query.where(Generation.requester_id == user_id)
     if style is not None:
@@ -282,9 +264,9 @@ async def gallery_page(
     if since is not None:
         query = query.where(Image.created_at >= since)
     if cursor is not None:
-        query = query.where(_after(sort, like_total, cursor))
+        query = query.where(_after(sort, cursor))
     if sort is WebSort.TOP:
-        query = query.order_by(like_total.desc(), Image.created_at.desc(), Image.id.desc())
+        query = query.order_by(Image.like_count.desc(), Image.created_at.desc(), Image.id.desc())
     else:
         query = query.order_by(Image.created_at.desc(), Image.id.desc())
     # The page's ids first, then their rows: sorting ids only keeps the recipes (large JSON)
@@ -297,11 +279,19 @@ async def gallery_page(
 
 async def used_styles(session: AsyncSession, guild_id: int) -> list[str]:
     """The styles the server's visible images were made with, for the gallery's filter."""
-    query, _ = _visible_query()
-    used = query.where(Generation.guild_id == guild_id).with_only_columns(Generation.id)
+    # Each styled generation asked whether it has a visible image: on SQLite, listing every
+    # visible image's generation first walked the whole gallery on each page.
+    visible = (
+        _visible_query()
+        .with_only_columns(Image.id)
+        .where(
+            Generation.guild_id == guild_id,
+            Image.generation_id == GenerationStyle.generation_id,
+        )
+    )
     names = await session.scalars(
         select(GenerationStyle.style_name)
-        .where(GenerationStyle.generation_id.in_(used))
+        .where(visible.exists())
         .distinct()
         .order_by(GenerationStyle.style_name)
     )
@@ -311,8 +301,7 @@ async def used_styles(session: AsyncSession, guild_id: int) -> list[str]:
 async def visible_image(session: AsyncSession, image_id: int) -> WebImage | None:
     if not 0 < image_id <= MAX_ID:
         return None
-    query, _ = _visible_query()
-    found = await _rows(session, query.where(Image.id == image_id))
+    found = await _rows(session, _visible_query().where(Image.id == image_id))
     return found[0] if found else None
 
 
@@ -326,17 +315,15 @@ async def image_detail(session: AsyncSession, image_id: int) -> ImageDetail | No
     parent = None
     if generation.parent_image_id is not None:
         parent = await visible_image(session, generation.parent_image_id)
-    query, _ = _visible_query()
     children = await _rows(
         session,
-        query.where(Generation.parent_image_id == image_id).order_by(Image.id).limit(48),
+        _visible_query().where(Generation.parent_image_id == image_id).order_by(Image.id).limit(48),
     )
-    query, _ = _visible_query()
     siblings = await _rows(
         session,
-        query.where(Image.generation_id == image.generation_id, Image.id != image_id).order_by(
-            Image.index
-        ),
+        _visible_query()
+        .where(Image.generation_id == image.generation_id, Image.id != image_id)
+        .order_by(Image.index),
     )
     return ImageDetail(image, parent, children, siblings)
 
@@ -366,8 +353,11 @@ async def styles_page(
     ranked = await _most_liked_by_style(session, guild_id, list(described), best)
     preview_ids = [preview for _, _, preview in described.values() if preview is not None]
     shown = await _in_order(session, sorted({i for ids in ranked.values() for i in ids}))
-    query, _ = _visible_query()
-    previews = await _rows(session, query.where(Image.id.in_(preview_ids))) if preview_ids else []
+    previews = (
+        await _rows(session, _visible_query().where(Image.id.in_(preview_ids)))
+        if preview_ids
+        else []
+    )
     by_id = {image.id: image for image in shown}
     cards = []
     for name in sorted(described):
@@ -388,9 +378,9 @@ async def _most_liked_by_style(
     style (a query per style made the styles page slow)."""
     if not names:
         return {}
-    query, like_total = _visible_query()
     ranked = (
-        query.join(GenerationStyle, GenerationStyle.generation_id == Generation.id)
+        _visible_query()
+        .join(GenerationStyle, GenerationStyle.generation_id == Generation.id)
         .where(Generation.guild_id == guild_id, GenerationStyle.style_name.in_(names))
         .with_only_columns(
             GenerationStyle.style_name.label("style"),
@@ -398,7 +388,7 @@ async def _most_liked_by_style(
             func.row_number()
             .over(
                 partition_by=GenerationStyle.style_name,
-                order_by=(like_total.desc(), Image.created_at.desc(), Image.id.desc()),
+                order_by=(Image.like_count.desc(), Image.created_at.desc(), Image.id.desc()),
             )
             .label("rank"),
         )
@@ -417,15 +407,15 @@ async def _most_liked_by_style(
 
 async def visible_blob(session: AsyncSession, blob_key: str) -> bool:
     """Whether a full PNG may be served: some visible image is stored under ``blob_key``."""
-    query, _ = _visible_query()
-    found = await session.execute(query.where(Image.blob_key == blob_key).limit(1))
+    found = await session.execute(_visible_query().where(Image.blob_key == blob_key).limit(1))
     return found.first() is not None
 
 
 async def visible_thumbnail(session: AsyncSession, image_blob_key: str, size: int) -> Thumb | None:
     """The thumbnail of ``size`` of a visible image stored under ``image_blob_key``."""
-    query, _ = _visible_query()
-    visible_ids = query.where(Image.blob_key == image_blob_key).with_only_columns(Image.id)
+    visible_ids = (
+        _visible_query().where(Image.blob_key == image_blob_key).with_only_columns(Image.id)
+    )
     thumb = await session.scalar(
         select(Thumbnail)
         .where(Thumbnail.image_id.in_(visible_ids), Thumbnail.size == size)

@@ -150,3 +150,54 @@ async def test_0010_keeps_existing_servers_off_the_web_and_their_generations_pub
     await runner.downgrade(empty_database, "0009")
     async with empty_database.engine.connect() as connection:
         assert "thumbnails" not in await connection.run_sync(_tables)
+
+
+async def test_0010_and_0011_keep_images_and_likes_and_count_them(
+    empty_database: Database,
+) -> None:
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    now = datetime(2026, 11, 27, tzinfo=UTC)
+    # From before 0010: rebuilding a SQLite table for it once deleted every image and like.
+    await runner.upgrade(empty_database, "0009")
+    async with empty_database.session() as session:
+        for user in (1, 2):
+            await session.execute(
+                text("INSERT INTO users (id, settings, created_at) VALUES (:id, '{}', :now)"),
+                {"id": user, "now": now},
+            )
+        await session.execute(
+            text(
+                "INSERT INTO generations (id, kind, requester_id, recipe, model, status,"
+                " priority, attempts, queued_at) VALUES (1, 'imagine', 1, '{}', 'm',"
+                " 'succeeded', 0, 0, :now)"
+            ),
+            {"now": now},
+        )
+        for image in (1, 2):
+            await session.execute(
+                text(
+                    'INSERT INTO images (id, generation_id, "index", seed, width, height,'
+                    " blob_key, sha256, created_at)"
+                    " VALUES (:id, 1, :index, 1, 64, 64, 'k', 'k', :now)"
+                ),
+                {"id": image, "index": image - 1, "now": now},
+            )
+        for user in (1, 2):
+            await session.execute(
+                text("INSERT INTO likes (user_id, image_id, created_at) VALUES (:user, 2, :now)"),
+                {"user": user, "now": now},
+            )
+    await runner.upgrade(empty_database)
+    async with empty_database.session() as session:
+        counts = (await session.execute(text("SELECT id, like_count FROM images"))).all()
+    assert sorted(tuple(row) for row in counts) == [(1, 0), (2, 2)]
+    await runner.downgrade(empty_database, "0009")
+    async with empty_database.session() as session:
+        likes = (await session.execute(text("SELECT user_id, image_id FROM likes"))).all()
+        images = (await session.execute(text("SELECT * FROM images ORDER BY id"))).mappings()
+        rows = [dict(row) for row in images]
+    assert sorted(tuple(row) for row in likes) == [(1, 2), (2, 2)]
+    assert [row["id"] for row in rows] == [1, 2] and "like_count" not in rows[0]

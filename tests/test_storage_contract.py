@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from storage import gallery
 from storage.database import Database
@@ -17,13 +18,14 @@ from storage.generations import (
     add_images,
     count_by_status,
     create_generation,
+    ensure_user,
     get_generation,
     mark_delivered,
     recent_generations,
     record_grid,
     transition,
 )
-from storage.models import Generation, GenerationKind, GenerationStatus, Image, User
+from storage.models import Generation, GenerationKind, GenerationStatus, Image, Like, User
 from storage.recipe import Recipe, StyleRef
 
 S = GenerationStatus
@@ -261,6 +263,37 @@ async def test_toggling_a_like_twice_returns_to_the_start(database: Database) ->
         assert await gallery.toggle_like(session, BOB, image_id) == (True, 1)
     async with database.session() as session:
         assert await gallery.toggle_like(session, BOB, image_id) == (False, 0)
+
+
+async def _stored_and_counted(database: Database, image_id: int) -> tuple[int, int]:
+    async with database.session() as session:
+        stored = await session.scalar(select(Image.like_count).where(Image.id == image_id))
+        rows = await session.scalar(
+            select(func.count()).select_from(Like).where(Like.image_id == image_id)
+        )
+    return int(stored or 0), int(rows or 0)
+
+
+async def test_concurrent_likes_and_unlikes_keep_the_stored_count_exact(
+    database: Database,
+) -> None:
+    generation = await finished_generation(database, ALICE)
+    image_id = generation.images[0].id
+    async with database.session() as session:
+        for user in (BOB, CAROL):
+            await ensure_user(session, user)
+
+    async def each_in_its_own_transaction(change: Any, user: int) -> int:
+        async with database.session() as session:
+            return int(await change(session, user, image_id))
+
+    # Bob's double click counts once; Carol and Alice like at the same moment.
+    likes = [(gallery.like, BOB), (gallery.like, BOB), (gallery.like, CAROL), (gallery.like, ALICE)]
+    await asyncio.gather(*(each_in_its_own_transaction(*args) for args in likes))
+    assert await _stored_and_counted(database, image_id) == (3, 3)
+    unlikes = [(gallery.unlike, BOB), (gallery.unlike, BOB), (gallery.unlike, CAROL)]
+    await asyncio.gather(*(each_in_its_own_transaction(*args) for args in unlikes))
+    assert await _stored_and_counted(database, image_id) == (1, 1)
 
 
 async def test_liking_a_missing_image_is_not_found(database: Database) -> None:

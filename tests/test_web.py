@@ -308,8 +308,10 @@ async def test_the_gallery_filters_by_style_and_falls_back_to_the_png_without_th
     await site.policy(web_enabled=True)
     [plain] = await site.make("a plain fox", thumbnails=False)
     [styled] = await site.make("a washed fox --style watercolor")
+    await site.make("a hidden fox --style neon", private=True)  # no visible image: no filter
     page = (await site.get(f"/g/{GUILD}")).text
     assert f'<a class="style-filter" href="/g/{GUILD}?style=watercolor">watercolor</a>' in page
+    assert "style=neon" not in page
     assert card_ids(page) == [styled, plain]
     key = await site.blob_key(plain)
     # Without a thumbnail the browser scales the PNG itself.
@@ -350,7 +352,8 @@ async def test_the_image_page_has_its_recipe_command_lineage_and_link_preview(si
     assert f'<meta property="og:image" content="{PUBLIC}/media/{key}.png">' in page
     assert f'<meta property="og:url" content="{PUBLIC}/i/{first}">' in page
     assert '<meta name="twitter:card" content="summary_large_image">' in page
-    assert f'<img class="full" src="/media/{key}-768.webp"' in page
+    # 96 x 64 px: shown in square pixels, scaled up to the column.
+    assert f'<img class="full pixels" src="/media/{key}-768.webp"' in page
     assert '<span class="likes">2</span>' in page
     assert f'<a class="user" href="/g/{GUILD}/u/{ALICE}">' in page
     assert f'<a class="download" href="/media/{key}.png"' in page

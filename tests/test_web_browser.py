@@ -334,6 +334,11 @@ def test_a_visitor_scrolls_filters_and_follows_an_images_lineage(
         likes = driver.find_element(By.CSS_SELECTOR, "span.likes").text
         assert likes == str(gallery.likes[gallery.variation_image])
         wait_for(lambda: loaded(driver, "img.full"), "the image itself")
+        full = driver.find_element(By.CSS_SELECTOR, "img.full")
+        column = full.find_element(By.XPATH, "./..")  # the link that is the grid's cell
+        # The 64-px picture fills its column, in square pixels rather than a blur.
+        assert full.size["width"] > 4 * 64 and full.size["width"] >= column.size["width"] - 1
+        assert full.value_of_css_property("image-rendering") == "pixelated"
         screenshot(driver, shots, "image")
 
         parent = driver.find_element(By.CSS_SELECTOR, "section.lineage a.parent")

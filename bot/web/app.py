@@ -214,6 +214,7 @@ async def image_page(request: Request) -> Response:
         "image.html",
         image=image,
         shown=picture(image, PAGE_SIZE),
+        pixels=max(image.width, image.height) * 2 <= PAGE_SIZE,
         command=format_recipe(image.recipe),
         detail=detail,
         page_url=gallery.absolute(request, f"/i/{image.id}"),
