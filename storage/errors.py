@@ -19,6 +19,15 @@ class DatabaseUnavailable(ImagineError):
     """The configured database cannot be reached or used."""
 
 
+class QueueUnavailable(DatabaseUnavailable):
+    """The queue's database cannot be reached for a moment (a restart, an outage)."""
+
+    def __init__(
+        self, message: str = "The queue is unavailable right now; try again in a minute."
+    ) -> None:
+        super().__init__(message)
+
+
 class NotFound(ImagineError):
     """A record asked for by id does not exist."""
 
