@@ -18,7 +18,7 @@ from generation.engine import CancelToken, Engine, Progress
 from generation.jobs import JobOutcome, execute_generation
 from generation.metrics import WorkerMetrics
 from storage.blobs import BlobStore
-from storage.database import Database
+from storage.database import Database, is_outage
 from storage.deployment import Deployment
 from storage.errors import ImagineError
 from storage.events import (
@@ -28,7 +28,7 @@ from storage.events import (
     JobStarted,
     final_event,
 )
-from storage.generations import cancel_requested, transition
+from storage.generations import cancel_requested, get_generation, transition
 from storage.models import Generation, GenerationStatus
 from storage.queue import Cancellations, CancelListener, JobSource
 from storage.scheduling import heartbeat, queue_depth, requeue_orphans
@@ -120,13 +120,18 @@ class Worker:
         beats = 0
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
-            await self.beat()
-            async with self.database.session() as session:
-                self.metrics.queue_depth.set(await queue_depth(session, self.model))
-            beats += 1
-            if beats % 2 == 0:
-                await self.recover(at_start=False)
-                await self.jobs.sweep(self.model, self.stale_after.total_seconds())
+            try:
+                await self.beat()
+                async with self.database.session() as session:
+                    self.metrics.queue_depth.set(await queue_depth(session, self.model))
+                beats += 1
+                if beats % 2 == 0:
+                    await self.recover(at_start=False)
+                    await self.jobs.sweep(self.model, self.stale_after.total_seconds())
+            except Exception as exc:  # a restarting database: beat again next time
+                if not is_outage(exc):
+                    raise
+                log.warning("no heartbeat: the database is unavailable (%s)", exc)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run jobs until ``stop`` is set; the job in hand is finished first."""
@@ -150,6 +155,9 @@ class Worker:
         try:
             return await self._execute(generation)
         except Exception as exc:
+            if is_outage(exc):
+                await self._run_again_later(generation.id, exc)
+                return None
             log.exception("generation %s broke the worker's bookkeeping", generation.id)
             reason = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
             try:
@@ -159,6 +167,16 @@ class Worker:
             except Exception:
                 log.exception("could not record the failure of generation %s", generation.id)
             return None
+
+    async def _run_again_later(self, generation_id: int, exc: Exception) -> None:
+        """The database went away during the job: once it is back, the row is queued
+        again (if it is still this worker's) and runs again; its result is never lost."""
+        log.warning("generation %s lost the database (%s); it will run again", generation_id, exc)
+        await self.database.wait_until_back()
+        async with self.database.session() as session:
+            row = await get_generation(session, generation_id)
+            if row.status is S.RUNNING and row.worker_name == self.name:
+                await transition(session, generation_id, S.QUEUED)
 
     async def _execute(self, generation: Generation) -> JobOutcome:
         generation_id = generation.id
@@ -197,9 +215,13 @@ class Worker:
         """Another process (``imagine cancel``) flags the row; stop the run when it does."""
         while not token.cancelled:
             await asyncio.sleep(CANCEL_POLL_SECONDS)
-            async with self.database.session() as session:
-                if await cancel_requested(session, generation_id):
-                    token.cancel()
+            try:
+                async with self.database.session() as session:
+                    if await cancel_requested(session, generation_id):
+                        token.cancel()
+            except Exception as exc:  # a restarting database: ask again next time
+                if not is_outage(exc):
+                    raise
 
     def _progress_publisher(self, generation_id: int) -> Callable[[Progress], None]:
         loop = asyncio.get_running_loop()
