@@ -198,7 +198,11 @@ async def test_a_restarted_and_a_stopped_server_lose_no_job_and_answer_every_mem
                 found = await rows()
                 assert len(found) == len(asked), [row.id for row in found]
                 blobs = DatabaseBlobStore(database)
-                for row, interaction in zip(found, asked, strict=True):
+                # Each /imagine's own message holds exactly one generation.
+                assert sorted(row.message_id or 0 for row in found) == sorted(
+                    interaction.original_id or -1 for interaction in asked
+                )
+                for row in found:
                     assert row.status is S.SUCCEEDED, (row.id, row.status, row.error, report())
                     assert row.attempts <= 2, (row.id, row.attempts)
                     assert sorted(image.index for image in row.images) == list(range(4))
@@ -206,7 +210,6 @@ async def test_a_restarted_and_a_stopped_server_lose_no_job_and_answer_every_mem
                         assert await blobs.get(image.blob_key)
                     assert row.grid_blob_key is not None and await blobs.get(row.grid_blob_key)
                     assert row.message_id is not None
-                    assert interaction.original_id == row.message_id
                     assert results_posted(fake, row.message_id) == 1, row.id
                 async with database.session() as session:
                     jobs = set(
