@@ -30,6 +30,7 @@ from bot.retries import GaveUp, transient, with_retries
 from bot.services import Services
 from bot.uploads import Upload, fit_upload
 from bot.views import grid_view, image_view, retry_view
+from storage.database import is_outage
 from storage.events import JobEvent, JobProgress, JobStarted, final_events_since
 from storage.gallery import like_count
 from storage.generations import get_generation, mark_delivered
@@ -173,13 +174,28 @@ class Delivery:
                     lambda: self.edit(generation, rendered),
                     f"the result of generation {generation_id}",
                 )
-                async with self.services.database.session() as session:
-                    await mark_delivered(session, generation_id)
+                await self._mark_delivered(generation_id)
         finally:
             self._finals.discard(generation_id)
         self._locks.pop(generation_id, None)
         self._last_edit.pop(generation_id, None)
         self.upload_limits.pop(generation_id, None)
+
+    async def _mark_delivered(self, generation_id: int) -> None:
+        """Record the delivery that was just made. A database that went away since the edit
+        is waited for: otherwise the sweep would post the result a second time."""
+        while True:
+            try:
+                async with self.services.database.session() as session:
+                    await mark_delivered(session, generation_id)
+                return
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                log.warning(
+                    "generation %s is delivered; recording it waits for the database", generation_id
+                )
+                await self.services.database.wait_until_back()
 
     async def show_queued(self, generation_id: int, upload_limit: int | None = None) -> None:
         """Edit a just-submitted generation's message to its place in line."""

@@ -18,7 +18,8 @@ from bot.prompt import PromptDefaults, PromptError, PromptOverrides, parse_promp
 from bot.replies import Refusal, refuse
 from bot.services import Services
 from storage.community import NSFW_WORDS, guild_policy
-from storage.errors import ImagineError
+from storage.database import is_outage
+from storage.errors import ImagineError, QueueUnavailable
 from storage.generations import Origin, image_is_private
 from storage.models import Generation, GenerationKind, NsfwPolicy, utcnow
 from storage.queue import Submission
@@ -118,6 +119,11 @@ async def submit(
     except ImagineError as exc:  # a refusal, or a database that cannot answer now
         await refuse(interaction, str(exc))
         return []
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        await refuse(interaction, str(QueueUnavailable()))
+        return []
     if first_message_id is None:
         first_message_id = (await interaction.original_response()).id
     bot = interaction.client
@@ -155,7 +161,11 @@ async def submit(
                 await interaction.followup.send(str(exc), ephemeral=True)
             break
         submitted.append(generation)
-        await bot.delivery.show_queued(generation.id, limit)
+        try:
+            await bot.delivery.show_queued(generation.id, limit)
+        except Exception as exc:  # queued all the same: its result edits the message later
+            if not is_outage(exc):
+                raise
     return submitted
 
 

@@ -32,7 +32,7 @@ from generation.engine import (
 from generation.grid import compose_grid
 from generation.thumbnails import store_thumbnails
 from storage.blobs import BlobStore
-from storage.database import Database
+from storage.database import Database, is_outage
 from storage.errors import ImagineError
 from storage.generations import NewImage, add_images, get_generation, record_grid, transition
 from storage.models import Generation, GenerationKind, GenerationStatus
@@ -198,6 +198,8 @@ async def execute_generation(
             generation = await transition(session, generation_id, S.CANCELLED)
         return JobOutcome(generation, [], time.perf_counter() - started)
     except Exception as exc:
+        if is_outage(exc):
+            raise  # not the job's fault: the worker runs it again once the database is back
         message = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
         log.exception("generation %s failed", generation_id)
         async with database.session() as session:

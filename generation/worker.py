@@ -21,9 +21,9 @@ from generation.engine import CancelToken, Engine, Progress
 from generation.jobs import JobOutcome, execute_generation
 from generation.metrics import WorkerMetrics
 from storage.blobs import BlobStore
-from storage.database import Database
+from storage.database import Database, is_outage
 from storage.deployment import Deployment
-from storage.errors import ImagineError, QueueUnavailable
+from storage.errors import ImagineError
 from storage.events import (
     EventBus,
     JobFailed,
@@ -150,8 +150,10 @@ class Worker:
                 if beats % 2 == 0:
                     await self.recover(at_start=False)
                     await self.jobs.sweep(self.model, self.stale_after.total_seconds())
-            except QueueUnavailable:
-                log.warning("heartbeat skipped: the queue is locked by another program")
+            except Exception as exc:  # a restarting database: beat again next time
+                if not is_outage(exc):
+                    raise
+                log.warning("no heartbeat: the database is unavailable or locked (%s)", exc)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run jobs until ``stop`` is set, or until too many failed in a row
@@ -180,6 +182,9 @@ class Worker:
         try:
             outcome = await self._execute(generation)
         except Exception as exc:
+            if is_outage(exc):
+                await self._run_again_later(generation.id, exc)
+                return None
             log.exception("generation %s broke the worker's bookkeeping", generation.id)
             reason = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
             try:
@@ -210,6 +215,16 @@ class Worker:
             log.error("stopping: %s", self.gave_up)
             self.metrics.stopped.set(1)
             self._halt.set()
+
+    async def _run_again_later(self, generation_id: int, exc: Exception) -> None:
+        """The database went away during the job: once it is back, the row is queued
+        again (if it is still this worker's) and runs again; its result is never lost."""
+        log.warning("generation %s lost the database (%s); it will run again", generation_id, exc)
+        await self.database.wait_until_back()
+        async with self.database.session() as session:
+            row = await get_generation(session, generation_id)
+            if row.status is S.RUNNING and row.worker_name == self.name:
+                await transition(session, generation_id, S.QUEUED)
 
     async def _execute(self, generation: Generation) -> JobOutcome:
         generation_id = generation.id
@@ -248,9 +263,13 @@ class Worker:
         """Another process (``imagine cancel``) flags the row; stop the run when it does."""
         while not token.cancelled:
             await asyncio.sleep(CANCEL_POLL_SECONDS)
-            async with self.database.session() as session:
-                if await cancel_requested(session, generation_id):
-                    token.cancel()
+            try:
+                async with self.database.session() as session:
+                    if await cancel_requested(session, generation_id):
+                        token.cancel()
+            except Exception as exc:  # a restarting database: ask again next time
+                if not is_outage(exc):
+                    raise
 
     def _progress_publisher(self, generation_id: int) -> Callable[[Progress], None]:
         loop = asyncio.get_running_loop()

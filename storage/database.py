@@ -6,7 +6,9 @@ synchronous commits and foreign keys on; PostgreSQL goes through asyncpg.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import math
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -117,6 +119,68 @@ def is_locked(exc: BaseException) -> bool:
     return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in str(root)
 
 
+# How the drivers say "the server went away or is not back yet" (asyncpg, psycopg under
+# procrastinate): a restart, a failover, an operator stopping the server.
+_GONE = {
+    "AdminShutdownError",
+    "CannotConnectNowError",
+    "ConnectionDoesNotExistError",
+    "ConnectionFailureError",
+    "CrashShutdownError",
+    "ClientCannotConnectError",
+}
+_NETWORK_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNRESET}
+_GONE_TEXT = (
+    "another operation is in progress",  # asyncpg, on a connection the server dropped mid-query
+    "connection is closed",
+    "connection failed",
+    "server closed the connection",
+    "the database system is",  # ... shutting down / starting up / in recovery mode
+    "terminating connection due to administrator command",
+)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the database server cannot be reached right
+    now, as during a restart: worth waiting and trying again, never a reason to fail a job."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DatabaseUnavailable):
+            return True
+        if isinstance(current, ConnectionError | TimeoutError) or (
+            isinstance(current, OSError) and current.errno in _NETWORK_ERRNOS
+        ):  # refused, reset, unreachable; a full disk is not one of these
+            return True
+        if type(current).__name__ in _GONE:
+            return True
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        message = str(current).lower()
+        if type(current).__module__.split(".")[0] in {"asyncpg", "psycopg", "sqlalchemy"} and any(
+            text in message for text in _GONE_TEXT
+        ):
+            return True
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return False
+
+
+def is_outage(exc: BaseException) -> bool:
+    """:func:`is_unavailable`, unless this task is being cancelled: a query cancelled midway
+    fails with a broken connection rather than ``CancelledError``, and a loop that waits
+    out outages must still stop when asked to."""
+    task = asyncio.current_task()
+    return is_unavailable(exc) and (task is None or not task.cancelling())
+
+
+def _drop_dead_connections(context: Any) -> None:
+    # SQLAlchemy takes only "connection is closed" for a disconnect on asyncpg; a connection
+    # the server ended mid-query (a restart) would go back to the pool and fail again.
+    if not context.is_disconnect and is_unavailable(context.original_exception):
+        context.is_disconnect = True
+
+
 def create_engine(
     url: URL, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, **kwargs: Any
 ) -> AsyncEngine:
@@ -125,7 +189,9 @@ def create_engine(
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas(busy_timeout))
         return engine
     kwargs.setdefault("pool_pre_ping", True)
-    return create_async_engine(url, **kwargs)
+    engine = create_async_engine(url, **kwargs)
+    event.listen(engine.sync_engine, "handle_error", _drop_dead_connections)
+    return engine
 
 
 def explain_connection_error(url: URL, exc: BaseException) -> DatabaseUnavailable:
@@ -216,6 +282,19 @@ class Database:
             if type(exc).__module__.startswith("asyncpg"):
                 raise explain_connection_error(self.url, exc) from None
             raise
+
+    async def wait_until_back(self, *, within: float = math.inf, every: float = 1.0) -> None:
+        """Return once the database answers again (by default however long that takes);
+        :class:`QueueUnavailable` after ``within`` seconds of trying."""
+        deadline = asyncio.get_running_loop().time() + within
+        while True:
+            try:
+                await self.check()
+                return
+            except DatabaseUnavailable:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise QueueUnavailable() from None
+            await asyncio.sleep(every)
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -38,7 +38,7 @@ class BlobNotFound(NotFound):
 
 
 class QueueUnavailable(DatabaseUnavailable):
-    """The queue's database is there but cannot be written now (locked, restarting): a
+    """The queue's database cannot be written now (locked, restarting, down a while): a
     member is told to try again, and nothing is lost."""
 
     MESSAGE = "The queue is unavailable right now; try again in a minute."

@@ -26,7 +26,7 @@ import asyncpg
 from pydantic import TypeAdapter
 from sqlalchemy.engine import URL
 
-from storage.database import Database
+from storage.database import Database, is_outage
 from storage.events import JobEvent, JobProgress, final_events_since
 from storage.generations import CANCEL_CHANNEL
 from storage.models import utcnow
@@ -41,6 +41,7 @@ def _dsn(url: URL) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+CONNECT_TIMEOUT = 10.0  # seconds; a server that is starting may accept and then stall
 NOTIFY_LIMIT = 8000  # bytes in a NOTIFY payload, PostgreSQL's default
 
 
@@ -96,28 +97,47 @@ class Notifier:
     async def send(self, event: JobEvent) -> None:
         async with self._lock:
             if self._connection is None or self._connection.is_closed():
-                self._connection = await asyncpg.connect(_dsn(self.url))
-            await self._connection.execute("SELECT pg_notify($1, $2)", CHANNEL, encode(event))
+                self._connection = await asyncpg.connect(_dsn(self.url), timeout=CONNECT_TIMEOUT)
+            try:
+                await self._connection.execute("SELECT pg_notify($1, $2)", CHANNEL, encode(event))
+            except BaseException:
+                # A restart may leave the connection looking open; the next event opens a new one.
+                self._connection.terminate()
+                self._connection = None
+                raise
 
     async def close(self) -> None:
         if self._connection is not None:
             await self._connection.close()
 
 
-async def listen_forever(url: URL, channel: str, on_notify: Callable[..., None]) -> None:
-    """LISTEN on ``channel`` until cancelled, reconnecting when the connection drops."""
+async def listen_forever(
+    url: URL,
+    channel: str,
+    on_notify: Callable[..., None],
+    on_listening: Callable[[], None] | None = None,
+) -> None:
+    """LISTEN on ``channel`` until cancelled, reconnecting when the connection drops (the
+    server restarted, or is down for a while). ``on_listening`` is called each time the
+    LISTEN is in place again: what was sent while nobody listened is lost."""
     while True:
         try:
-            connection = await asyncpg.connect(_dsn(url))
+            connection = await asyncpg.connect(_dsn(url), timeout=CONNECT_TIMEOUT)
             closed = asyncio.Event()
             connection.add_termination_listener(lambda _c, closed=closed: closed.set())
             try:
                 await connection.add_listener(channel, on_notify)
+                if on_listening is not None:
+                    on_listening()
                 await closed.wait()
             finally:
-                await connection.close()
-        except (OSError, asyncpg.PostgresError) as exc:
-            log.warning("listener on %s lost its connection (%s); reconnecting", channel, exc)
+                connection.terminate()
+            log.warning("listener on %s lost its connection; reconnecting", channel)
+        except Exception as exc:  # asyncpg raises OSError, PostgresError and InterfaceError
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            log.warning("listener on %s cannot connect (%s); retrying in 1 s", channel, exc)
             await asyncio.sleep(1)
 
 
@@ -145,17 +165,33 @@ async def listen(
         except ValueError:
             log.warning("ignored a malformed event: %.200s", payload)
 
+    sweep_now = asyncio.Event()
+
     async def keep_sweeping() -> None:
         nonlocal swept_from
         while True:
+            sweep_now.clear()
             started = utcnow()
-            for event in await final_events_since(database, swept_from):
-                inbox.put_nowait(event)
-            swept_from = started - timedelta(seconds=sweep_seconds)  # overlap: no gap
-            await asyncio.sleep(sweep_seconds)
+            try:
+                for event in await final_events_since(database, swept_from):
+                    inbox.put_nowait(event)
+            except Exception as exc:  # the database is away: the next sweep starts as far back
+                if not is_outage(exc):
+                    raise
+                log.warning("could not sweep for finished generations (%s); will retry", exc)
+            else:
+                swept_from = started - timedelta(seconds=sweep_seconds)  # overlap: no gap
+            # asyncio.wait, not wait_for: on 3.11 wait_for may swallow a cancel that races
+            # its timeout, and this loop would never end.
+            waking = asyncio.ensure_future(sweep_now.wait())
+            try:
+                await asyncio.wait({waking}, timeout=sweep_seconds)
+            finally:
+                waking.cancel()
 
     tasks = [
-        asyncio.create_task(listen_forever(database.url, CHANNEL, on_notify)),
+        # Every (re)connection sweeps at once: results finished during an outage arrive now.
+        asyncio.create_task(listen_forever(database.url, CHANNEL, on_notify, sweep_now.set)),
         asyncio.create_task(keep_sweeping()),
     ]
     try:

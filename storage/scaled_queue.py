@@ -27,6 +27,7 @@ hands it the jobs of its model's queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -37,8 +38,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.database import Database
-from storage.errors import IllegalTransition
+from storage.database import Database, is_outage
+from storage.errors import IllegalTransition, QueueUnavailable
 from storage.events import EventBus
 from storage.generations import get_generation, transition
 from storage.models import Generation, GenerationStatus, Guild
@@ -114,10 +115,22 @@ class ProcrastinateQueue:
         self.stale_seconds = stale_seconds
 
     async def submit(self, submission: Submission) -> Generation:
-        generation = await record_submission(self.database, self.limits, submission)
-        await self.defer(generation.id)
-        async with self.database.session() as session:
-            return await get_generation(session, generation.id)
+        try:
+            generation = await record_submission(self.database, self.limits, submission)
+        except Exception as exc:
+            if is_outage(exc):
+                raise QueueUnavailable() from exc
+            raise
+        try:
+            await self.defer(generation.id)
+            async with self.database.session() as session:
+                return await get_generation(session, generation.id)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            # The row is recorded: a worker's reconcile gives it its job once the database is back.
+            log.warning("generation %s is queued without its job yet (%s)", generation.id, exc)
+            return generation
 
     async def defer(self, generation_id: int) -> int | None:
         """Give a queued row its job; ``None`` if the row is no longer queued."""
@@ -227,8 +240,14 @@ class ProcrastinateQueue:
         stalled = await self.app.job_manager.get_stalled_jobs(
             queue=queue_name(model), seconds_since_heartbeat=stale_seconds
         )
+        from procrastinate.exceptions import UniqueViolation
+        from procrastinate.jobs import Status
+
         for job in stalled:
-            await self.app.job_manager.retry_job(job)
+            try:
+                await self.app.job_manager.retry_job(job)
+            except UniqueViolation:  # the row was given a new job meanwhile (reconcile)
+                await self.app.job_manager.finish_job(job, Status.FAILED, delete_job=False)
         return len(list(stalled))
 
 
@@ -273,16 +292,32 @@ class ProcrastinateJobs:
             await run(generation)
 
         self.queue.app.task(name=TASK, pass_context=False)(run_generation)
-        stale = self.queue.stale_seconds
+        while not stop.is_set():
+            try:
+                await self._run_procrastinate(name, worker_name, stop)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                log.warning("the queue's database is unavailable (%s)", exc)
+            if stop.is_set():
+                break
+            # procrastinate's worker stops when it loses the database (its listener or its
+            # heartbeat fails); the job in hand has finished. Start a new one once it is back.
+            await asyncio.sleep(1)
+            await self.queue.database.wait_until_back()
+            log.warning("the database is back; %s fetches jobs again", worker_name)
+
+    async def _run_procrastinate(self, queue: str, worker_name: str, stop: asyncio.Event) -> None:
+        """procrastinate's worker on ``queue``, until ``stop`` is set or it stops by itself."""
         running = asyncio.create_task(
             self.queue.app.run_worker_async(
-                queues=[name],
+                queues=[queue],
                 concurrency=1,
                 name=worker_name,
                 wait=True,
                 install_signal_handlers=False,
                 update_heartbeat_interval=self.heartbeat_seconds,
-                stalled_worker_timeout=stale,
+                stalled_worker_timeout=self.queue.stale_seconds,
             )
         )
         stopping = asyncio.create_task(stop.wait())
@@ -292,4 +327,6 @@ class ProcrastinateJobs:
             stopping.cancel()
             if not running.done():
                 running.cancel()  # procrastinate stops fetching and lets the job in hand finish
-            await asyncio.gather(running, stopping, return_exceptions=True)
+            await asyncio.gather(stopping, return_exceptions=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await running

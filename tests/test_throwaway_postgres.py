@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import asyncpg
 import pytest
 
-from tests.throwaway_postgres import ThrowawayPostgres, server_bin_dir
+from tests.throwaway_postgres import ThrowawayPostgres, required_bin_dir
 
 
 async def test_a_throwaway_server_starts_accepts_trust_logins_and_leaves_nothing_behind() -> None:
-    bin_dir = server_bin_dir()
-    if bin_dir is None:
-        reason = "no PostgreSQL server is installed (Debian/Ubuntu: apt-get install postgresql)"
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(f"CI must check the throwaway PostgreSQL: {reason}.")
-        pytest.skip(reason)
-    server = ThrowawayPostgres(bin_dir)
+    server = ThrowawayPostgres(required_bin_dir("the throwaway PostgreSQL's test"))
     url = server.start()
     root = server.root
     try:

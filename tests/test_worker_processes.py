@@ -28,7 +28,9 @@ S = GenerationStatus
 IMAGINE = Path(sys.executable).parent / "imagine"
 
 
-def start_worker(url: URL, name: str, data_dir: Path, **settings: str) -> subprocess.Popen[str]:
+def start_worker(
+    url: URL, name: str, data_dir: Path, *, stale_seconds: float = 3, **settings: str
+) -> subprocess.Popen[str]:
     """``imagine worker --name name`` on the tiny model; ``settings``: more IMAGINE_* variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGINE_")}
     env |= {
@@ -36,7 +38,7 @@ def start_worker(url: URL, name: str, data_dir: Path, **settings: str) -> subpro
         "IMAGINE_DATA_DIR": str(data_dir),
         "IMAGINE_MODEL": "tiny",
         "IMAGINE_WORKER_HEARTBEAT_SECONDS": "0.5",
-        "IMAGINE_WORKER_STALE_SECONDS": "3",
+        "IMAGINE_WORKER_STALE_SECONDS": str(stale_seconds),
         "IMAGINE_METRICS_PORT": "0",
         "HF_HUB_OFFLINE": "1",
     }

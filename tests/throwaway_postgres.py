@@ -43,6 +43,20 @@ def server_bin_dir() -> Path | None:
     return Path(initdb).parent if initdb else None
 
 
+def required_bin_dir(what: str) -> Path:
+    """:func:`server_bin_dir` for a test that needs its own server: skipped without one,
+    except under CI, where ``what`` must run."""
+    import pytest
+
+    bin_dir = server_bin_dir()
+    if bin_dir is None:
+        reason = "no PostgreSQL server is installed (Debian/Ubuntu: apt-get install postgresql)"
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(f"CI must run {what}: {reason}.")
+        pytest.skip(reason)
+    return bin_dir
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -58,6 +72,7 @@ class ThrowawayPostgres:
         self.root: Path | None = None
         self.port = 0
         self._as_user: list[str] = []
+        self._options = ""
 
     @property
     def data_dir(self) -> Path:
@@ -101,27 +116,11 @@ class ThrowawayPostgres:
         )
         self.port = free_port()
         # Durability is worthless here; these settings make test databases cheap to create.
-        options = (
+        self._options = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         )
-        log = self.root / "postgres.log"
-        try:
-            self._run(
-                "pg_ctl",
-                "--pgdata",
-                str(self.data_dir),
-                "--log",
-                str(log),
-                "--wait",
-                "--timeout",
-                "60",
-                "--options",
-                options,
-                "start",
-            )
-        except ThrowawayPostgresError as exc:
-            raise ThrowawayPostgresError(f"{exc}; its log ends: {self.log_tail()}") from None
+        self.start_again()
         return URL.create(
             "postgresql+asyncpg",
             username="postgres",
@@ -129,6 +128,33 @@ class ThrowawayPostgres:
             port=self.port,
             database="postgres",
         )
+
+    def _pg_ctl(self, *args: str) -> None:
+        try:
+            self._run("pg_ctl", "--pgdata", str(self.data_dir), *args)
+        except ThrowawayPostgresError as exc:
+            raise ThrowawayPostgresError(f"{exc}; its log ends: {self.log_tail()}") from None
+
+    def _serve(self, action: str) -> None:
+        # The log file matters: without one the server keeps pg_ctl's output pipe open.
+        log = str(self.data_dir.parent / "postgres.log")
+        self._pg_ctl(
+            "--log", log, "--mode", "fast", "--wait", "--timeout", "60",
+            "--options", self._options, action,
+        )  # fmt: skip
+
+    def start_again(self) -> None:
+        """Start the server of a cluster that :meth:`start` made (after :meth:`shut_down`)."""
+        self._serve("start")
+
+    def shut_down(self) -> None:
+        """Stop the server as an operator would (``-m fast``: sessions are ended), keeping
+        the cluster for :meth:`start_again`."""
+        self._serve("stop")
+
+    def restart(self) -> None:
+        """``pg_ctl restart -m fast``: every session is ended, the server comes back."""
+        self._serve("restart")
 
     def stop(self) -> None:
         if self.root is None:
