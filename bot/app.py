@@ -23,6 +23,7 @@ from discord.ext import commands
 
 from bot.delivery import Delivery
 from bot.modals import answer_modal
+from bot.rate_limit import RateLimiter
 from bot.replies import refuse
 from bot.services import Services
 
@@ -67,6 +68,7 @@ class ImagineBot(commands.Bot):
         self._delivering: asyncio.Task[None] | None = None
         # Personal defaults, read before the first await of /imagine: kept in memory.
         self.user_defaults: dict[int, dict[str, Any]] = {}
+        self.rate_limiter = RateLimiter.from_settings(services.settings)
 
     async def setup_hook(self) -> None:
         from storage.community import all_user_defaults

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import discord
 
 from bot.prompt import PromptDefaults, PromptError, PromptOverrides, parse_prompt
+from bot.rate_limit import too_fast
 from bot.replies import Refusal, refuse
 from bot.services import Services
 from storage.community import NSFW_WORDS, guild_policy
@@ -95,6 +96,20 @@ async def check_policy(
                 )
 
 
+async def within_rate_limit(interaction: discord.Interaction[ImagineBot]) -> bool:
+    """Whether the member may send this command now (``IMAGINE_RATE_LIMIT``); if not,
+    they are told when they may try again. Memory only, so it costs no round trip
+    before the first response."""
+    limiter = interaction.client.rate_limiter
+    if limiter is None:
+        return True
+    wait = limiter.try_acquire(interaction.user.id)
+    if wait <= 0:
+        return True
+    await refuse(interaction, too_fast(wait))
+    return False
+
+
 async def submit(
     interaction: discord.Interaction[ImagineBot],
     kind: GenerationKind,
@@ -102,13 +117,17 @@ async def submit(
     *,
     parent_image_id: int | None = None,
     private: bool = False,
+    rate_limited: bool = True,
 ) -> list[Generation]:
     """Defer, check policy, submit one generation per recipe, show each one's place in line.
 
     The first generation takes the deferred response's message; the others get
-    a followup message each.
+    a followup message each. ``rate_limited``: the member's command counts against
+    their rate limit, and nothing is queued when it is over.
     """
     received = utcnow()
+    if rate_limited and not await within_rate_limit(interaction):
+        return []
     first_message_id: int | None = None
     if not interaction.response.is_done():
         callback = await interaction.response.defer(thinking=True, ephemeral=private)

@@ -20,7 +20,7 @@ from bot.modals import RemixModal
 from bot.prompt import PromptOverrides, format_recipe
 from bot.records import load_generation, load_image
 from bot.replies import Refusal, refuse, send_rendered
-from bot.submit import run_prompt, submit
+from bot.submit import run_prompt, submit, within_rate_limit
 from bot.views import GRID_TEMPLATE, IMAGE_TEMPLATE, grid_button, image_button, image_view
 from storage.derive import remix_base, reroll_recipe, upscale_recipe, variation_recipe
 from storage.errors import ImagineError, NotFound
@@ -98,6 +98,8 @@ async def grid_action(
         return
     image = _tile(generation, int(action[1:]))
     if action[0] == "u":
+        if not await within_rate_limit(interaction):
+            return
         await interaction.response.defer(thinking=True)
         delivery = interaction.client.delivery
         rendered = await delivery.render_image(generation, image, interaction.filesize_limit)
