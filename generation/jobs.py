@@ -31,7 +31,7 @@ from generation.grid import compose_grid
 from storage.blobs import BlobStore
 from storage.database import Database
 from storage.errors import ImagineError
-from storage.generations import NewImage, add_images, get_generation, record_grid, transition
+from storage.generations import NewImage, add_images, record_grid, transition
 from storage.models import Generation, GenerationKind, GenerationStatus
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,6 @@ async def execute_generation(
         return JobOutcome(generation, [], time.perf_counter() - started)
 
     async with database.session() as session:
-        stored = await get_generation(session, generation_id)
-        stored.recipe = recipe
         await add_images(
             session,
             generation_id,
@@ -194,6 +192,5 @@ async def execute_generation(
         )
         if grid_key is not None:
             await record_grid(session, generation_id, grid_key)
-        await session.flush()
-        generation = await transition(session, generation_id, S.SUCCEEDED)
+        generation = await transition(session, generation_id, S.SUCCEEDED, recipe=recipe)
     return JobOutcome(generation, images, time.perf_counter() - started)
