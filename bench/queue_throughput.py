@@ -160,12 +160,14 @@ async def throughput(queue: ProcrastinateQueue, jobs: int, workers: int, users: 
 
 
 class NoopEngine:
-    """What the worker needs of an engine, answering at once with one 8x8 image."""
+    """What the worker needs of an engine, answering at once with 8x8 images: one, or
+    with ``grids`` the recipe's count (then the worker composes a grid of them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_id: str = "noop-bookkeeping", *, grids: bool = False) -> None:
         from PIL import Image as PILImage
 
-        self.model_id = "noop-bookkeeping"
+        self.model_id = model_id
+        self.grids = grids
         self.styles = StyleRegistry()
         self.calls: list[float] = []
         self.image = PILImage.new("RGB", (8, 8), (200, 120, 40))
@@ -175,10 +177,21 @@ class NoopEngine:
 
     def txt2img(self, recipe: Recipe, **_: Any) -> list[GeneratedImage]:
         self.calls.append(time.perf_counter())
-        return [GeneratedImage(0, recipe.seed or 0, self.image, self.png, recipe)]
+        seed = recipe.seed or 0
+        count = recipe.count if self.grids else 1
+        return [GeneratedImage(n, seed + n, self.image, self.png, recipe) for n in range(count)]
+
+    def img2img(self, recipe: Recipe, source: Any, **_: Any) -> list[GeneratedImage]:
+        return self.txt2img(recipe)
+
+    def upscale(self, recipe: Recipe, source: Any, **_: Any) -> GeneratedImage:
+        return self.txt2img(recipe)[0]
 
     def complete_recipe(self, recipe: Recipe) -> Recipe:
         return recipe
+
+    def a1111_sampler(self, sampler: str) -> str:
+        return "Euler"
 
 
 async def median_fetch_ms(deployment: Deployment, samples: int) -> float:

@@ -28,6 +28,7 @@ from bot.replies import refuse
 from bot.services import Services
 
 log = logging.getLogger(__name__)
+SUBMISSIONS_AT_ONCE = 8
 EXTENSIONS = ("bot.cogs.imagine", "bot.cogs.community", "bot.cogs.gallery", "bot.cogs.styles")
 
 
@@ -69,6 +70,9 @@ class ImagineBot(commands.Bot):
         # Personal defaults, read before the first await of /imagine: kept in memory.
         self.user_defaults: dict[int, dict[str, Any]] = {}
         self.rate_limiter = RateLimiter.from_settings(services.settings)
+        # Submissions at once, each a few database sessions: below the connection pool,
+        # so that deliveries find connections during a burst.
+        self.submitting = asyncio.Semaphore(SUBMISSIONS_AT_ONCE)
 
     async def setup_hook(self) -> None:
         from storage.community import all_user_defaults

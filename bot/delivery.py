@@ -16,8 +16,10 @@ import asyncio
 import io
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import discord
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 MAX_CONTENT = 2000
 SWEEP_LOOKBACK = timedelta(days=1)
+DELIVERIES_AT_ONCE = 6
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Delivery:
         self._locks: dict[int, asyncio.Lock] = {}
         self._last_edit: dict[int, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._working = asyncio.Semaphore(DELIVERIES_AT_ONCE)
 
     # -- the event loop ----------------------------------------------------------------------
 
@@ -92,14 +96,21 @@ class Delivery:
             since = time.monotonic() - self._last_edit.get(generation_id, 0.0)
             if lock.locked() or since < self.services.progress_interval:
                 return  # coalesced: the next one shows newer progress anyway
+            self._last_edit[generation_id] = time.monotonic()  # also while it waits its turn
             self._spawn(self._progress(event))
         else:
             self._spawn(self._final(generation_id))
 
-    def _spawn(self, coroutine: object) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coroutine)  # type: ignore[arg-type]
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(self._in_turn(coroutine))
         self._tasks.add(task)
         task.add_done_callback(self._done)
+
+    async def _in_turn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        # Deliveries at once are bounded: a burst of events waits here rather than for
+        # more database connections than the pool has (which fails after its timeout).
+        async with self._working:
+            await coroutine
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -138,12 +149,13 @@ class Delivery:
     async def _final(self, generation_id: int) -> None:
         async with self._lock(generation_id):
             generation = await self._load(generation_id)
-            if generation.delivered_at is not None or generation.message_id is None:
-                return
-            rendered = await self.render(generation, self._limit(generation_id))
-            await self.edit(generation, rendered)
-            async with self.services.database.session() as session:
-                await mark_delivered(session, generation_id)
+            # Delivered already (a replayed event) or nowhere to go: nothing to do, but
+            # nothing to keep either.
+            if generation.delivered_at is None and generation.message_id is not None:
+                rendered = await self.render(generation, self._limit(generation_id))
+                await self.edit(generation, rendered)
+                async with self.services.database.session() as session:
+                    await mark_delivered(session, generation_id)
         self._locks.pop(generation_id, None)
         self._last_edit.pop(generation_id, None)
         self.upload_limits.pop(generation_id, None)

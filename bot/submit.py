@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import discord
@@ -110,6 +111,15 @@ async def within_rate_limit(interaction: discord.Interaction[ImagineBot]) -> boo
     return False
 
 
+async def defer_within_rate_limit(interaction: discord.Interaction[ImagineBot]) -> bool:
+    """A button's first response before any database work, so that it is in time however
+    busy the database is: refused if over the rate limit, else deferred."""
+    if not await within_rate_limit(interaction):
+        return False
+    await interaction.response.defer(thinking=True)
+    return True
+
+
 async def submit(
     interaction: discord.Interaction[ImagineBot],
     kind: GenerationKind,
@@ -132,6 +142,20 @@ async def submit(
     if not interaction.response.is_done():
         callback = await interaction.response.defer(thinking=True, ephemeral=private)
         first_message_id = callback.message_id if callback is not None else None
+    # A burst of members waits here, in turn, rather than for more database connections
+    # than the pool has (which fails after its timeout).
+    async with interaction.client.submitting:
+        return await _queue(interaction, kind, recipes, first_message_id, received, parent_image_id)
+
+
+async def _queue(
+    interaction: discord.Interaction[ImagineBot],
+    kind: GenerationKind,
+    recipes: Sequence[Recipe],
+    first_message_id: int | None,
+    received: datetime,
+    parent_image_id: int | None,
+) -> list[Generation]:
     try:
         await check_policy(interaction, recipes)
     except Refusal as exc:
