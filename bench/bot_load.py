@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -53,6 +54,27 @@ def _settings(url: str, folder: Path) -> Any:
 
     (folder / "styles").mkdir(parents=True, exist_ok=True)
     return Settings(data_dir=folder, database_url=url, model=MODEL, styles_dir=folder / "styles")
+
+
+def _trace_memory(folder: Path) -> None:
+    """With --trace-memory: each SIGUSR1 writes where memory grew since the previous one."""
+    import signal
+    import tracemalloc
+
+    tracemalloc.start(8)
+    snapshots = [tracemalloc.take_snapshot()]
+
+    def dump(*_: Any) -> None:
+        snapshots.append(tracemalloc.take_snapshot())
+        stats = snapshots[-1].compare_to(snapshots[-2], "traceback")[:8]
+        lines = [f"-- since the previous snapshot: {len(snapshots) - 1}"]
+        for stat in stats:
+            lines.append(f"{stat.size_diff / 2**20:+.2f} MiB in {stat.count_diff:+d} blocks")
+            lines += [f"    {frame}" for frame in stat.traceback.format()[-8:]]
+        with (folder / "memory.txt").open("a") as out:
+            out.write("\n".join(lines) + "\n")
+
+    signal.signal(signal.SIGUSR1, dump)
 
 
 async def _serve_bot(url: str, folder: Path) -> None:
@@ -84,6 +106,8 @@ def serve(role: str, api: str, gateway: str, url: str, folder: str) -> None:
 
     if role == "bot":
         _patch(api, gateway)
+        if os.environ.get("IMAGINE_BENCH_TRACE_MEMORY"):
+            _trace_memory(Path(folder))
         asyncio.run(_serve_bot(url, Path(folder)))
     else:
         asyncio.run(_serve_worker(url, Path(folder)))
@@ -148,6 +172,13 @@ class Load:
             await asyncio.sleep(0.5)
 
 
+def cpu_seconds(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
+
+
 def rss_mib(pid: int) -> float:
     import psutil
 
@@ -168,7 +199,7 @@ async def _spawn(role: str, fake: Any, url: str, folder: Path) -> asyncio.subpro
     )
 
 
-async def measure(url: str, folder: Path, members: int, total: int, burst: int) -> int:
+async def measure(url: str, folder: Path, members: int, total: int, burst: int, trace: bool) -> int:
     from bench.bot_latency import until_ready
     from tests.fake_discord import FakeDiscord
 
@@ -184,6 +215,9 @@ async def measure(url: str, folder: Path, members: int, total: int, burst: int) 
         await load.burst(members, imagine_only=True)
         await load.until_results(members // 2, within=300)
         warm = rss_mib(bot.pid)
+        cpu_warm = cpu_seconds(bot.pid)
+        if trace:
+            bot.send_signal(signal.SIGUSR1)
         samples = [(len(load.sent), warm)]
         print(
             f"warm-up: {len(load.sent)} /imagine at once, {len(load.results)} results posted; "
@@ -195,14 +229,23 @@ async def measure(url: str, folder: Path, members: int, total: int, burst: int) 
             if len(load.sent) % 1000 < burst:
                 samples.append((len(load.sent), rss_mib(bot.pid)))
         seconds = time.perf_counter() - began
+        cpu_ms = 1000 * (cpu_seconds(bot.pid) - cpu_warm) / max(1, len(load.sent) - members)
         await asyncio.sleep(3)  # the last follow-ups and edits
         final = rss_mib(bot.pid)
+        if trace:
+            bot.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(20)
+            print((folder / "memory.txt").read_text())
     finally:
         for process in (worker, bot):
             if process is not None and process.returncode is None:
                 process.terminate()
                 await process.wait()
         await fake.stop()
+    print(
+        f"bot CPU per interaction after the warm-up: {cpu_ms:.1f} ms "
+        "(all its work, from the defer to the delivery)"
+    )
     return report(load.sent, samples, warm, final, seconds)
 
 
@@ -255,7 +298,7 @@ def report(
     return 0 if ok else 1
 
 
-async def main(admin_url: str, members: int, total: int, burst: int) -> int:
+async def main(admin_url: str, members: int, total: int, burst: int, trace: bool) -> int:
     import asyncpg
 
     from migrations import runner
@@ -275,7 +318,12 @@ async def main(admin_url: str, members: int, total: int, burst: int) -> int:
             await database.dispose()
         with tempfile.TemporaryDirectory(prefix="imagine-bench-load-") as folder:
             return await measure(
-                url.render_as_string(hide_password=False), Path(folder), members, total, burst
+                url.render_as_string(hide_password=False),
+                Path(folder),
+                members,
+                total,
+                burst,
+                trace,
             )
     finally:
         await connection.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
@@ -292,7 +340,22 @@ if __name__ == "__main__":
     parser.add_argument("--interactions", type=int, default=10_000)
     parser.add_argument("--burst", type=int, default=500)
     parser.add_argument("--url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument(
+        "--trace-memory",
+        action="store_true",
+        help="run the bot under tracemalloc and print where its memory grew (slower)",
+    )
     arguments = parser.parse_args()
+    if arguments.trace_memory:
+        os.environ["IMAGINE_BENCH_TRACE_MEMORY"] = "1"
     sys.exit(
-        asyncio.run(main(arguments.url, arguments.members, arguments.interactions, arguments.burst))
+        asyncio.run(
+            main(
+                arguments.url,
+                arguments.members,
+                arguments.interactions,
+                arguments.burst,
+                arguments.trace_memory,
+            )
+        )
     )
