@@ -70,8 +70,8 @@ class ImagineBot(commands.Bot):
         # Personal defaults, read before the first await of /imagine: kept in memory.
         self.user_defaults: dict[int, dict[str, Any]] = {}
         self.rate_limiter = RateLimiter.from_settings(services.settings)
-        # Submissions at once, each a few database sessions: below the connection pool,
-        # so that deliveries find connections during a burst.
+        # Submissions (and the reads of buttons' records) at once: below the connection
+        # pool, so that a burst takes turns here and deliveries find connections.
         self.submitting = asyncio.Semaphore(SUBMISSIONS_AT_ONCE)
 
     async def setup_hook(self) -> None:

@@ -96,7 +96,8 @@ async def grid_action(
         return
     if not await defer_within_rate_limit(interaction):
         return
-    generation = await load_generation(database, generation_id)
+    async with interaction.client.submitting:  # a burst takes turns for connections
+        generation = await load_generation(database, generation_id)
     if action == "reroll":
         await submit(
             interaction,
@@ -108,7 +109,8 @@ async def grid_action(
     image = _tile(generation, int(action[1:]))
     if action[0] == "u":
         delivery = interaction.client.delivery
-        rendered = await delivery.render_image(generation, image, interaction.filesize_limit)
+        async with interaction.client.submitting:
+            rendered = await delivery.render_image(generation, image, interaction.filesize_limit)
         await send_rendered(interaction, rendered)
     else:
         recipe = variation_recipe(generation.recipe, image, strong=True)
@@ -160,7 +162,8 @@ async def image_action(
     if action in ("subtle", "strong", "up"):
         if not await defer_within_rate_limit(interaction):
             return
-        image, generation = await load_image(services.database, image_id)
+        async with interaction.client.submitting:
+            image, generation = await load_image(services.database, image_id)
         if action == "up":
             kind, recipe = GenerationKind.UPSCALE, upscale_recipe(generation.recipe, image)
         else:
