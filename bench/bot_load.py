@@ -87,7 +87,22 @@ async def _serve_bot(url: str, folder: Path) -> None:
     async with open_deployment(_settings(url, folder)) as deployment:
         family = configured_family(MODEL, "auto")
         services = Services.for_deployment(deployment, StyleRegistry(), family)
-        await ImagineBot(services).start("fake-token")
+        bot = ImagineBot(services)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, _print_state, bot)
+        await bot.start("fake-token")
+
+
+def _print_state(bot: Any) -> None:
+    """What the bot keeps per member, generation or request (SIGUSR2, at warm-up and end)."""
+    delivery = bot.delivery
+    print(
+        f"bot state: {len(bot.rate_limiter or ())} members in the rate limiter; delivery "
+        f"{len(delivery._locks)} locks, {len(delivery._last_edit)} edit times, "
+        f"{len(delivery.upload_limits)} upload limits, {len(delivery._tasks)} tasks; "
+        f"discord.py {len(bot.http._buckets)} rate-limit buckets, "
+        f"{len(bot._connection._messages or ())} cached messages",
+        flush=True,
+    )
 
 
 async def _serve_worker(url: str, folder: Path) -> None:
@@ -179,6 +194,13 @@ def cpu_seconds(pid: int) -> float:
     return float(times.user + times.system)
 
 
+def own_cpu_ms_per(interactions: int) -> float:
+    import psutil
+
+    times = psutil.Process().cpu_times()
+    return 1000 * float(times.user + times.system) / max(1, interactions)
+
+
 def rss_mib(pid: int) -> float:
     import psutil
 
@@ -215,6 +237,7 @@ async def measure(url: str, folder: Path, members: int, total: int, burst: int, 
         await load.burst(members, imagine_only=True)
         await load.until_results(members // 2, within=300)
         warm = rss_mib(bot.pid)
+        bot.send_signal(signal.SIGUSR2)
         cpu_warm = cpu_seconds(bot.pid)
         if trace:
             bot.send_signal(signal.SIGUSR1)
@@ -232,6 +255,10 @@ async def measure(url: str, folder: Path, members: int, total: int, burst: int, 
         cpu_ms = 1000 * (cpu_seconds(bot.pid) - cpu_warm) / max(1, len(load.sent) - members)
         await asyncio.sleep(3)  # the last follow-ups and edits
         final = rss_mib(bot.pid)
+        bot.send_signal(signal.SIGUSR2)
+        await asyncio.sleep(1)
+        bench_cpu = own_cpu_ms_per(len(load.sent))
+        print(f"bench (fake Discord and driver) CPU per interaction: {bench_cpu:.1f} ms")
         if trace:
             bot.send_signal(signal.SIGUSR1)
             await asyncio.sleep(20)
