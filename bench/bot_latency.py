@@ -88,6 +88,18 @@ def _rss_mb(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
+async def until_ready(fake: Any, process: asyncio.subprocess.Process, what: str) -> None:
+    """Until the bot in ``process`` has connected, synced its commands and had its guild."""
+    await fake.wait_for(
+        lambda: process.returncode is not None or (fake._sockets and fake.commands),
+        within=120,
+        what=f"the {what} bot",
+    )
+    if process.returncode is not None:
+        raise SystemExit(f"the {what} bot exited with {process.returncode}")
+    await asyncio.sleep(2.5)  # past discord.py's guild_ready_timeout
+
+
 async def measure(mode: str, count: int, folder: Path) -> dict[str, Any]:
     from tests.fake_discord import FakeDiscord, user
 
@@ -105,15 +117,8 @@ async def measure(mode: str, count: int, folder: Path) -> dict[str, Any]:
         cwd=ROOT,
     )
     try:
-        await fake.wait_for(
-            lambda: process.returncode is not None or (fake._sockets and fake.commands),
-            within=60,
-            what="the bot",
-        )
-        if process.returncode is not None:
-            raise SystemExit(f"the {mode} bot exited with {process.returncode}")
+        await until_ready(fake, process, mode)
         ready = time.perf_counter() - started
-        await asyncio.sleep(2.5)  # past discord.py's guild_ready_timeout
         users = [user(800_000_000_000_000_000 + n, f"user{n}") for n in range(count)]
         interactions = await asyncio.gather(
             *(

@@ -6,28 +6,38 @@ Prints, measured in one run on a fresh database, through the scaled queue that
   - the cost of one procrastinate fetch as a ratio of a bare one-row UPDATE
     round trip measured in the same run,
   - jobs per second from submit to start with W workers, and p50 / p99 of that
-    latency.
+    latency,
+  - the worker's own bookkeeping per job: ``imagine worker``'s Worker, on the
+    scaled deployment's ports, running pre-queued jobs on an engine that returns
+    one 8x8 image at once. Its time per job (between two engine calls, median)
+    minus one bare procrastinate fetch is the bookkeeping (target: at most 5 ms).
 
     python bench/queue_throughput.py [--url postgresql+asyncpg://postgres@127.0.0.1/postgres]
+        [--only bookkeeping]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import statistics
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 from procrastinate.jobs import Status
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
+from generation.engine import GeneratedImage
+from generation.styles import StyleRegistry
+from generation.worker import Worker
 from migrations import runner
 from storage.database import Database, parse_database_url
+from storage.deployment import Deployment
 from storage.events import LocalEventBus
 from storage.generations import transition
 from storage.models import GenerationKind, GenerationStatus
@@ -149,11 +159,99 @@ async def throughput(queue: ProcrastinateQueue, jobs: int, workers: int, users: 
     )
 
 
+class NoopEngine:
+    """What the worker needs of an engine, answering at once with 8x8 images: one, or
+    with ``grids`` the recipe's count (then the worker composes a grid of them)."""
+
+    def __init__(self, model_id: str = "noop-bookkeeping", *, grids: bool = False) -> None:
+        from PIL import Image as PILImage
+
+        self.model_id = model_id
+        self.grids = grids
+        self.styles = StyleRegistry()
+        self.calls: list[float] = []
+        self.image = PILImage.new("RGB", (8, 8), (200, 120, 40))
+        buffer = io.BytesIO()
+        self.image.save(buffer, format="PNG")
+        self.png = buffer.getvalue()
+
+    def txt2img(self, recipe: Recipe, **_: Any) -> list[GeneratedImage]:
+        self.calls.append(time.perf_counter())
+        seed = recipe.seed or 0
+        count = recipe.count if self.grids else 1
+        return [GeneratedImage(n, seed + n, self.image, self.png, recipe) for n in range(count)]
+
+    def img2img(self, recipe: Recipe, source: Any, **_: Any) -> list[GeneratedImage]:
+        return self.txt2img(recipe)
+
+    def upscale(self, recipe: Recipe, source: Any, **_: Any) -> GeneratedImage:
+        return self.txt2img(recipe)[0]
+
+    def complete_recipe(self, recipe: Recipe) -> Recipe:
+        return recipe
+
+    def a1111_sampler(self, sampler: str) -> str:
+        return "Euler"
+
+
+async def median_fetch_ms(deployment: Deployment, samples: int) -> float:
+    """A bare procrastinate fetch of a waiting job (the job then finished, unrun)."""
+    queue: Any = deployment.queue
+    manager: Any = queue.app.job_manager
+    recipe = RECIPE.model_copy(update={"model": "noop-fetch"})
+    worker_id = await manager.register_worker()
+    fetches = []
+    for number in range(samples):
+        generation = await queue.submit(Submission(GenerationKind.IMAGINE, recipe, number % 50))
+        began = time.perf_counter()
+        job = await manager.fetch_job([queue_name(recipe.model)], worker_id)
+        fetches.append(time.perf_counter() - began)
+        assert job is not None
+        await manager.finish_job(job, status=Status.SUCCEEDED, delete_job=False)
+        async with queue.database.session() as session:
+            await transition(session, generation.id, S.CANCELLED)
+    await manager.unregister_worker(worker_id)
+    return statistics.median(fetches) * 1000
+
+
+async def bookkeeping(url: URL, jobs: int = 300) -> None:
+    from bot.deployment import open_deployment
+    from storage.settings import Settings
+
+    settings = Settings(
+        database_url=url.render_as_string(hide_password=False),
+        max_running_per_user=1,
+        max_queued_per_user=100_000,
+        model="noop-bookkeeping",
+    )
+    async with open_deployment(settings) as deployment:
+        fetch = await median_fetch_ms(deployment, 200)
+        engine = NoopEngine()
+        recipe = RECIPE.model_copy(update={"model": engine.model_id})
+        for number in range(jobs):
+            await deployment.queue.submit(Submission(GenerationKind.IMAGINE, recipe, number % 50))
+        worker = Worker.for_deployment(deployment, cast(Any, engine), name="bench-worker")
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        while len(engine.calls) < jobs and not running.done():  # noqa: ASYNC110 - polled by design
+            await asyncio.sleep(0.05)
+        stop.set()
+        await running
+    gaps = [(b - a) * 1000 for a, b in zip(engine.calls, engine.calls[1:], strict=False)]
+    per_job = statistics.median(gaps)
+    print(
+        f"worker bookkeeping ({jobs} jobs, no-op engine, scaled mode): bare procrastinate fetch "
+        f"{fetch:.2f} ms; worker {per_job:.2f} ms/job (median; p90 "
+        f"{percentile(gaps, 0.9):.2f} ms); bookkeeping {per_job - fetch:.2f} ms/job "
+        f"(target <= 5 ms); worker/fetch {per_job / fetch:.1f}x"
+    )
+
+
 def scaled_queue(database: Database, limits: Limits, app: Any) -> ProcrastinateQueue:
     return ProcrastinateQueue(database, limits, app, LocalEventBus(), Cancellations())
 
 
-async def main(admin_url: URL) -> int:
+async def main(admin_url: URL, only: str | None) -> int:
     name = f"imagine_bench_{uuid.uuid4().hex[:8]}"
     dsn = admin_url.set(drivername="postgresql").render_as_string(hide_password=False)
     connection = await asyncpg.connect(dsn)
@@ -162,14 +260,16 @@ async def main(admin_url: URL) -> int:
     try:
         await runner.upgrade(database)
         limits = Limits(max_running_per_user=1, max_queued_per_user=100000)
-        for step in (fairness, fetch_cost_ratio):
-            app = make_app(database.url)
-            async with app.open_async():
-                await step(scaled_queue(database, limits, app))
-        for jobs, workers in ((500, 1), (2000, 8)):
-            app = make_app(database.url)
-            async with app.open_async():
-                await throughput(scaled_queue(database, limits, app), jobs, workers, 50)
+        if only is None:
+            for step in (fairness, fetch_cost_ratio):
+                app = make_app(database.url)
+                async with app.open_async():
+                    await step(scaled_queue(database, limits, app))
+            for jobs, workers in ((500, 1), (2000, 8)):
+                app = make_app(database.url)
+                async with app.open_async():
+                    await throughput(scaled_queue(database, limits, app), jobs, workers, 50)
+        await bookkeeping(database.url)
     finally:
         await database.dispose()
         await connection.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
@@ -180,4 +280,6 @@ async def main(admin_url: URL) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/postgres")
-    sys.exit(asyncio.run(main(parse_database_url(parser.parse_args().url))))
+    parser.add_argument("--only", choices=["bookkeeping"], help="run only this part")
+    arguments = parser.parse_args()
+    sys.exit(asyncio.run(main(parse_database_url(arguments.url), arguments.only)))

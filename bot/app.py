@@ -23,11 +23,13 @@ from discord.ext import commands
 
 from bot.delivery import Delivery
 from bot.modals import answer_modal
+from bot.rate_limit import RateLimiter
 from bot.replies import refuse
 from bot.services import Services
 from storage.errors import ImagineError
 
 log = logging.getLogger(__name__)
+SUBMISSIONS_AT_ONCE = 8
 EXTENSIONS = ("bot.cogs.imagine", "bot.cogs.community", "bot.cogs.gallery", "bot.cogs.styles")
 
 
@@ -76,6 +78,10 @@ class ImagineBot(commands.Bot):
         self._readies = 0
         # Personal defaults, read before the first await of /imagine: kept in memory.
         self.user_defaults: dict[int, dict[str, Any]] = {}
+        self.rate_limiter = RateLimiter.from_settings(services.settings)
+        # Submissions (and the reads of buttons' records) at once: below the connection
+        # pool, so that a burst takes turns here and deliveries find connections.
+        self.submitting = asyncio.Semaphore(SUBMISSIONS_AT_ONCE)
 
     async def setup_hook(self) -> None:
         from storage.community import all_user_defaults

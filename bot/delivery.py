@@ -21,8 +21,10 @@ import asyncio
 import io
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import discord
 
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 MAX_CONTENT = 2000
 SWEEP_LOOKBACK = timedelta(days=1)
+DELIVERIES_AT_ONCE = 6
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Delivery:
         self._last_edit: dict[int, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._finals: set[int] = set()  # generations whose final edit is pending
+        self._working = asyncio.Semaphore(DELIVERIES_AT_ONCE)
 
     # -- the event loop ----------------------------------------------------------------------
 
@@ -104,15 +108,22 @@ class Delivery:
             since = time.monotonic() - self._last_edit.get(generation_id, 0.0)
             if lock.locked() or since < self.services.progress_interval:
                 return  # coalesced: the next one shows newer progress anyway
+            self._last_edit[generation_id] = time.monotonic()  # also while it waits its turn
             self._spawn(self._progress(event))
         elif generation_id not in self._finals:
             self._finals.add(generation_id)
             self._spawn(self._final(generation_id))
 
-    def _spawn(self, coroutine: object) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coroutine)  # type: ignore[arg-type]
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(self._in_turn(coroutine))
         self._tasks.add(task)
         task.add_done_callback(self._done)
+
+    async def _in_turn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        # Deliveries at once are bounded: a burst of events waits here rather than for
+        # more database connections than the pool has (which fails after its timeout).
+        async with self._working:
+            await coroutine
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -166,15 +177,16 @@ class Delivery:
         try:
             async with self._lock(generation_id):
                 generation = await self._load(generation_id)
-                if generation.delivered_at is not None or generation.message_id is None:
-                    return
-                rendered = await self.render(generation, self._limit(generation_id))
-                await with_retries(
-                    self.services.retries,
-                    lambda: self.edit(generation, rendered),
-                    f"the result of generation {generation_id}",
-                )
-                await self._mark_delivered(generation_id)
+                # Delivered already (a replayed event) or nowhere to go: nothing to do, but
+                # nothing to keep either.
+                if generation.delivered_at is None and generation.message_id is not None:
+                    rendered = await self.render(generation, self._limit(generation_id))
+                    await with_retries(
+                        self.services.retries,
+                        lambda: self.edit(generation, rendered),
+                        f"the result of generation {generation_id}",
+                    )
+                    await self._mark_delivered(generation_id)
         finally:
             self._finals.discard(generation_id)
         self._locks.pop(generation_id, None)

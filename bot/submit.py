@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import discord
 
 from bot.prompt import PromptDefaults, PromptError, PromptOverrides, parse_prompt
+from bot.rate_limit import too_fast
 from bot.replies import Refusal, refuse
 from bot.services import Services
 from storage.community import NSFW_WORDS, guild_policy
@@ -96,6 +98,29 @@ async def check_policy(
                 )
 
 
+async def within_rate_limit(interaction: discord.Interaction[ImagineBot]) -> bool:
+    """Whether the member may send this command now (``IMAGINE_RATE_LIMIT``); if not,
+    they are told when they may try again. Memory only, so it costs no round trip
+    before the first response."""
+    limiter = interaction.client.rate_limiter
+    if limiter is None:
+        return True
+    wait = limiter.try_acquire(interaction.user.id)
+    if wait <= 0:
+        return True
+    await refuse(interaction, too_fast(wait))
+    return False
+
+
+async def defer_within_rate_limit(interaction: discord.Interaction[ImagineBot]) -> bool:
+    """A button's first response before any database work, so that it is in time however
+    busy the database is: refused if over the rate limit, else deferred."""
+    if not await within_rate_limit(interaction):
+        return False
+    await interaction.response.defer(thinking=True)
+    return True
+
+
 async def submit(
     interaction: discord.Interaction[ImagineBot],
     kind: GenerationKind,
@@ -103,17 +128,38 @@ async def submit(
     *,
     parent_image_id: int | None = None,
     private: bool = False,
+    rate_limited: bool = True,
 ) -> list[Generation]:
     """Defer, check policy, submit one generation per recipe, show each one's place in line.
 
     The first generation takes the deferred response's message; the others get
-    a followup message each.
+    a followup message each. ``rate_limited``: the member's command counts against
+    their rate limit, and nothing is queued when it is over.
     """
     received = utcnow()
+    if rate_limited and not await within_rate_limit(interaction):
+        return []
     first_message_id: int | None = None
     if not interaction.response.is_done():
         callback = await interaction.response.defer(thinking=True, ephemeral=private)
         first_message_id = callback.message_id if callback is not None else None
+    # A burst of members waits here, in turn, rather than for more database connections
+    # than the pool has (which fails after its timeout).
+    async with interaction.client.submitting:
+        return await _queue(
+            interaction, kind, recipes, first_message_id, received, parent_image_id, private
+        )
+
+
+async def _queue(
+    interaction: discord.Interaction[ImagineBot],
+    kind: GenerationKind,
+    recipes: Sequence[Recipe],
+    first_message_id: int | None,
+    received: datetime,
+    parent_image_id: int | None,
+    private: bool,
+) -> list[Generation]:
     try:
         await check_policy(interaction, recipes)
     except ImagineError as exc:  # a refusal, or a database that cannot answer now

@@ -34,7 +34,7 @@ from generation.thumbnails import store_thumbnails
 from storage.blobs import BlobStore
 from storage.database import Database, is_outage
 from storage.errors import ImagineError
-from storage.generations import NewImage, add_images, get_generation, record_grid, transition
+from storage.generations import NewImage, add_images, record_grid, transition
 from storage.models import Generation, GenerationKind, GenerationStatus
 from storage.thumbnails import record_thumbnails
 
@@ -207,8 +207,6 @@ async def execute_generation(
         return JobOutcome(generation, [], time.perf_counter() - started)
 
     async with database.session() as session:
-        stored = await get_generation(session, generation_id)
-        stored.recipe = recipe
         rows = await add_images(
             session,
             generation_id,
@@ -228,6 +226,5 @@ async def execute_generation(
             await record_thumbnails(session, row.id, thumbs)
         if grid_key is not None:
             await record_grid(session, generation_id, grid_key)
-        await session.flush()
-        generation = await transition(session, generation_id, S.SUCCEEDED)
+        generation = await transition(session, generation_id, S.SUCCEEDED, recipe=recipe)
     return JobOutcome(generation, images, time.perf_counter() - started)

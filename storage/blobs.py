@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from sqlalchemy import delete, select
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DBAPIError
 
 from storage.errors import BlobNotFound, BlobStoreFull, ConfigError
 
@@ -153,14 +155,15 @@ class DatabaseBlobStore:
         key = blob_key(data)
         try:
             async with self.database.session() as session:
-                if await session.get(Blob, key) is None:
-                    try:
-                        async with session.begin_nested():
-                            session.add(
-                                Blob(key=key, data=data, size=len(data), created_at=utcnow())
-                            )
-                    except IntegrityError:  # the same bytes stored concurrently: same key
-                        pass
+                dialect = session.get_bind().dialect.name
+                insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+                # One statement: the same bytes stored already (or concurrently) have the same
+                # key and the same data, so the existing row stands.
+                await session.execute(
+                    insert(Blob)
+                    .values(key=key, data=data, size=len(data), created_at=utcnow())
+                    .on_conflict_do_nothing(index_elements=[Blob.key])
+                )
         except DBAPIError as exc:
             if _disk_full(exc):
                 raise BlobStoreFull() from exc

@@ -12,7 +12,7 @@ from datetime import datetime
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import joinedload, selectinload
 
 from storage.errors import IllegalTransition, NotFound
 from storage.models import (
@@ -124,12 +124,15 @@ def _check_id(what: str, row_id: int) -> None:
 async def get_generation(session: AsyncSession, generation_id: int) -> Generation:
     """The generation with its images; :class:`NotFound` with a sentence if absent."""
     _check_id("generation", generation_id)
-    generation = await session.scalar(
+    # One round trip: the row joined to its few images and styles (at most a grid's
+    # images times a recipe's styles rows), where selectinload would take three.
+    result = await session.execute(
         select(Generation)
         .where(Generation.id == generation_id)
-        .options(selectinload(Generation.images), selectinload(Generation.styles))
+        .options(joinedload(Generation.images), joinedload(Generation.styles))
         .execution_options(populate_existing=True)
     )
+    generation = result.unique().scalar_one_or_none()
     if generation is None:
         raise NotFound(f"There is no generation {generation_id}; check the id.")
     return generation
@@ -150,8 +153,10 @@ async def transition(
     *,
     worker_name: str | None = None,
     error: str | None = None,
+    recipe: Recipe | None = None,
 ) -> Generation:
-    """Move a generation to ``target``, or raise :class:`IllegalTransition`.
+    """Move a generation to ``target``, or raise :class:`IllegalTransition`; ``recipe``
+    replaces the row's in the same statement (the engine's completed one).
 
     The move is one conditional UPDATE, so two workers racing for the same row
     cannot both win: the loser sees the winner's status and gets the exception.
@@ -172,6 +177,8 @@ async def transition(
         values["finished_at"] = now
     if error is not None:
         values["error"] = error
+    if recipe is not None:
+        values["recipe"] = recipe
     result = await session.execute(
         update(Generation)
         .where(Generation.id == generation_id, Generation.status.in_(sources))

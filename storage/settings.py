@@ -8,6 +8,7 @@ switches to the scaled mode.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -219,6 +220,12 @@ class Settings(BaseSettings):
     max_queued_per_user: int = Field(
         default=10, ge=1, description="Jobs one user may have waiting at once."
     )
+    rate_limit: str = Field(
+        default="10/60",
+        description="Commands one member may send in a window, as COMMANDS/SECONDS "
+        "(/imagine and the buttons that make or post images; counted per bot process); "
+        "`off` or `0` turns the limit off.",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -240,6 +247,12 @@ class Settings(BaseSettings):
                     f"{toml_path.resolve()} is not valid TOML: {exc}; fix it or move it aside."
                 ) from None
         return tuple(sources)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_is_readable(cls, value: str) -> str:
+        parse_rate(value)
+        return value.strip()
 
     @field_validator("database_url")
     @classmethod
@@ -271,8 +284,32 @@ class Settings(BaseSettings):
         return self.styles_dir if self.styles_dir is not None else self.data_dir / "styles"
 
     @property
+    def member_rate(self) -> tuple[int, float] | None:
+        """The rate limit as (commands, seconds); ``None`` when it is off."""
+        return parse_rate(self.rate_limit)
+
+    @property
     def uses_sqlite(self) -> bool:
         return self.resolved_database_url.startswith("sqlite")
+
+
+_RATE = re.compile(r"(?P<count>[0-9]+)\s*/\s*(?P<window>[0-9]+(?:\.[0-9]+)?)")
+
+
+def parse_rate(setting: str) -> tuple[int, float] | None:
+    """``"10/60"`` as ``(10, 60.0)``; ``"off"``, ``"0"`` or ``"0/60"`` as ``None`` (no limit)."""
+    text = setting.strip().lower()
+    if text in ("", "0", "off", "none"):
+        return None
+    match = _RATE.fullmatch(text)
+    if match is None:
+        raise ValueError("write COMMANDS/SECONDS such as 10/60, or off")
+    count, window = int(match["count"]), float(match["window"])
+    if count == 0:
+        return None
+    if window <= 0:
+        raise ValueError("the window's seconds must be above 0, as in 10/60")
+    return count, window
 
 
 _DEFAULT_SHOWN = {

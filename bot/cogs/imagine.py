@@ -20,7 +20,7 @@ from bot.modals import RemixModal
 from bot.prompt import PromptOverrides, format_recipe
 from bot.records import load_generation, load_image
 from bot.replies import Refusal, refuse, send_rendered
-from bot.submit import run_prompt, submit
+from bot.submit import defer_within_rate_limit, run_prompt, submit
 from bot.views import GRID_TEMPLATE, IMAGE_TEMPLATE, grid_button, image_button, image_view
 from bot.web_links import image_link
 from storage.derive import remix_base, reroll_recipe, upscale_recipe, variation_recipe
@@ -89,23 +89,39 @@ class GridButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=GRID_T
 async def grid_action(
     interaction: discord.Interaction[ImagineBot], generation_id: int, action: str
 ) -> None:
-    generation = await load_generation(interaction.client.services.database, generation_id)
-    if action == "remix":
+    database = interaction.client.services.database
+    if action == "remix":  # a modal must be the first response, so it is read first
+        generation = await load_generation(database, generation_id)
         text = format_recipe(remix_base(generation.recipe))
         await interaction.response.send_modal(RemixModal(generation_id, text))
         return
+    if not await defer_within_rate_limit(interaction):
+        return
+    async with interaction.client.submitting:  # a burst takes turns for connections
+        generation = await load_generation(database, generation_id)
     if action == "reroll":
-        await submit(interaction, GenerationKind.REROLL, [reroll_recipe(generation.recipe)])
+        await submit(
+            interaction,
+            GenerationKind.REROLL,
+            [reroll_recipe(generation.recipe)],
+            rate_limited=False,
+        )
         return
     image = _tile(generation, int(action[1:]))
     if action[0] == "u":
-        await interaction.response.defer(thinking=True)
         delivery = interaction.client.delivery
-        rendered = await delivery.render_image(generation, image, interaction.filesize_limit)
+        async with interaction.client.submitting:
+            rendered = await delivery.render_image(generation, image, interaction.filesize_limit)
         await send_rendered(interaction, rendered)
     else:
         recipe = variation_recipe(generation.recipe, image, strong=True)
-        await submit(interaction, GenerationKind.VARIATION, [recipe], parent_image_id=image.id)
+        await submit(
+            interaction,
+            GenerationKind.VARIATION,
+            [recipe],
+            parent_image_id=image.id,
+            rate_limited=False,
+        )
 
 
 def _tile(generation: Generation, number: int) -> Image:
@@ -144,14 +160,20 @@ async def image_action(
     interaction: discord.Interaction[ImagineBot], image_id: int, action: str
 ) -> None:
     services = interaction.client.services
+    if action in ("subtle", "strong", "up"):
+        if not await defer_within_rate_limit(interaction):
+            return
+        async with interaction.client.submitting:
+            image, generation = await load_image(services.database, image_id)
+        if action == "up":
+            kind, recipe = GenerationKind.UPSCALE, upscale_recipe(generation.recipe, image)
+        else:
+            kind = GenerationKind.VARIATION
+            recipe = variation_recipe(generation.recipe, image, strong=action == "strong")
+        await submit(interaction, kind, [recipe], parent_image_id=image.id, rate_limited=False)
+        return
     image, generation = await load_image(services.database, image_id)
-    if action in ("subtle", "strong"):
-        recipe = variation_recipe(generation.recipe, image, strong=action == "strong")
-        await submit(interaction, GenerationKind.VARIATION, [recipe], parent_image_id=image.id)
-    elif action == "up":
-        recipe = upscale_recipe(generation.recipe, image)
-        await submit(interaction, GenerationKind.UPSCALE, [recipe], parent_image_id=image.id)
-    elif action == "remix":
+    if action == "remix":
         recipe = remix_base(generation.recipe).model_copy(update={"seed": image.seed})
         text = format_recipe(recipe.model_copy(update={"count": 4}))
         await interaction.response.send_modal(RemixModal(generation.id, text))

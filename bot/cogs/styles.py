@@ -294,7 +294,10 @@ class StylesCog(commands.Cog):
         options = PromptOverrides(seed=PREVIEW_SEED, styles=(name,))
         recipes = parse_text(self.services, prompt, interaction.guild_id, options)
         preview = recipes[0].model_copy(update={"count": 1})
-        generations = await submit(interaction, GenerationKind.IMAGINE, [preview])
+        # The moderator's /style add, already answered: its preview is not a member's command.
+        generations = await submit(
+            interaction, GenerationKind.IMAGINE, [preview], rate_limited=False
+        )
         if generations:
             async with self.services.database.session() as session:
                 row = await session.get_one(Style, style_id)
