@@ -7,6 +7,7 @@ Prints, never asserts:
   - the largest pixel difference compiled vs eager (the engine tests accept 1 of 255)
   - graphs compiled while switching among three styles, two at once and none
   - the pixel difference fused QKV projections make (eager; used only without LoRA slots)
+  - compiled / eager without style slots (IMAGINE_LORA_SLOTS=0): what the slots cost
 
     python bench/compile.py                      # tiny model, CPU (inductor needs g++)
     python bench/compile.py --arch sd15-full     # on a GPU
@@ -128,7 +129,19 @@ def main() -> int:
     fused.pipe.unet.fuse_qkv_projections()
     fused.pipe.vae.fuse_qkv_projections()
     difference = np.abs(pixels(fused, recipe) - pixels(eager, recipe)).max()
-    print(f"fused QKV projections (eager): largest pixel difference {difference}/255")
+    print(f"fused QKV projections (eager): largest pixel difference {difference}/255", flush=True)
+
+    # What the slots cost: the same compile with no style slots (and fused projections).
+    bare = Engine(load_model(settings), styles=registry, compile_plan=plan, lora_slots=0)
+    seconds = bare.warm_up(sizes=[(side, side)], count=1)
+    runs = {"eager": partial(eager.txt2img, recipe), "bare": partial(bare.txt2img, recipe)}
+    times = interleaved(runs, args.repeats)
+    difference = np.abs(pixels(bare, recipe) - pixels(eager, recipe)).max()
+    print(
+        f"no style slots (IMAGINE_LORA_SLOTS=0, fused QKV): warm-up {seconds:.1f}s; compiled "
+        f"{times['bare']:.3f}s / eager {times['eager']:.3f}s = "
+        f"{times['bare'] / times['eager']:.3f}; largest pixel difference {difference}/255"
+    )
     if torch.cuda.is_available():
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     return 0
