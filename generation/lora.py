@@ -174,6 +174,11 @@ class LoraSlots:
 
     def activate(self, styles: Sequence[tuple[StyleSpec, float]]) -> None:
         """Style *i* into slot *i* at its weight; the other slots emptied."""
+        if styles and not self.names:
+            raise StyleError(
+                "This worker runs no styles (IMAGINE_LORA_SLOTS is 0); generate without "
+                "--style, or ask the bot's owner to give it style slots."
+            )
         if len(styles) > len(self.names):
             raise StyleError(
                 f"A generation can combine at most {len(self.names)} styles on this worker "

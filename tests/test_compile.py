@@ -168,3 +168,12 @@ def test_a_style_above_the_slot_rank_is_refused(compiled: Engine, styles_dir: Pa
 def test_more_styles_than_slots_is_refused_with_the_setting(compiled: Engine) -> None:
     with pytest.raises(StyleError, match=r"at most 2 styles.*IMAGINE_LORA_SLOTS"):
         run(compiled, "watercolor", "inkwash", "pixel")
+
+
+def test_a_worker_without_slots_refuses_styles_with_a_sentence(
+    styles_dir: Path, tmp_path: Path
+) -> None:
+    settings = engine_settings(tmp_path, styles_dir, "on").model_copy(update={"lora_slots": 0})
+    engine = Engine.from_settings(settings)  # compiles lazily: nothing runs here
+    with pytest.raises(StyleError, match="This worker runs no styles"):
+        run(engine, "watercolor")
