@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -256,7 +257,10 @@ class Engine:
         graphs = compiled_graphs()
         sizes = sizes or self.warm_up_sizes()
         count = count or (WARM_UP_COUNT if self.compile_plan.enabled else 1)
-        for width, height in sizes:
+        styled_path = getattr(self.loras, "styled_path", None)
+        paths = [nullcontext, styled_path] if styled_path is not None else [nullcontext]
+        runs = [(size, path) for size in sizes for path in paths]
+        for (width, height), path in runs:
             recipe = Recipe(
                 model=self.model_id,
                 prompt="warm-up",
@@ -267,17 +271,19 @@ class Engine:
                 guidance=self.family.default_guidance,
                 count=count,
             )
-            size = {"width": width, "height": height}
-            self._run(self.pipe, recipe, size, None, None, encode=False)
+            with path():
+                self._run(
+                    self.pipe, recipe, {"width": width, "height": height}, None, None, encode=False
+                )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - started
         if self.compile_plan.enabled:
             mark_warm()
         log.info(
-            "compile %s; warmed up %d size(s) of %d image(s) in %.1fs, %d graph(s) compiled",
+            "compile %s; warmed up %d run(s) of %d image(s) in %.1fs, %d graph(s) compiled",
             self.compile_plan.reason,
-            len(sizes),
+            len(runs),
             count,
             seconds,
             compiled_graphs() - graphs,

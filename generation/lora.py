@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -139,7 +140,9 @@ class LoraSlots:
     rank ``max_rank``; a style fills slot *i* when it is the recipe's *i*-th style, its
     smaller rank padded with zeros. Scales are tensors filled in place. An unused slot
     holds zeros at scale zero, so its output adds exactly nothing: an image is the same
-    whatever the slots held before.
+    whatever the slots held before. A job without styles turns the slots off and runs a
+    second compiled graph without them, so it pays nothing for them; the warm-up compiles
+    both (:meth:`styled_path`).
     """
 
     def __init__(self, pipe: Pipeline, slots: int, max_rank: int, cache_size: int) -> None:
@@ -154,7 +157,10 @@ class LoraSlots:
         self._base: list[dict[Any, float]] = [{} for _ in range(slots)]
         self._states: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_size
+        self._warming = False
         denoiser = getattr(pipe, "unet", None) or pipe.transformer
+        self.denoiser = denoiser
+        self._enabled = True
         self.targets = slot_targets(denoiser)
         if not slots:
             self._layers: list[Any] = []
@@ -193,6 +199,25 @@ class LoraSlots:
         for index in range(len(styles), len(self.names)):
             if self._held[index] is not None:
                 self._empty(index)
+        self._enable(bool(styles) or self._warming)
+
+    @contextmanager
+    def styled_path(self) -> Iterator[None]:
+        """For the warm-up: jobs in here run the styled graph, their slots empty."""
+        self._warming = bool(self.names)
+        try:
+            yield
+        finally:
+            self._warming = False
+
+    def _enable(self, enabled: bool) -> None:
+        # peft's switch is a flag on every layer: compiled, each state is a graph of its own.
+        if enabled != self._enabled and self.names:
+            if enabled:
+                self.denoiser.enable_adapters()
+            else:
+                self.denoiser.disable_adapters()
+            self._enabled = enabled
 
     def _swap_in(self, index: int, style: StyleSpec) -> None:
         state = self._state(style)

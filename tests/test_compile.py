@@ -129,7 +129,8 @@ def test_switching_styles_after_warm_up_never_recompiles(
     compiled: Engine, switching: tuple[dict[str, np.ndarray], int]
 ) -> None:
     assert isinstance(compiled.loras, LoraSlots)
-    assert compiled_graphs() >= 2  # the denoiser and the VAE decoder, really compiled
+    # The denoiser with and without its style slots, and the VAE decoder: really compiled.
+    assert compiled_graphs() >= 3
     images, graphs = switching
     assert graphs == 0
     assert recompilations() == 0
