@@ -7,18 +7,24 @@ from typing import TYPE_CHECKING
 import discord
 from discord import app_commands
 
+from storage.families import ASPECT_RATIOS as COMMON_RATIOS
+
 if TYPE_CHECKING:
     from bot.app import ImagineBot
 
+_RATIO_NAMES = {
+    (1, 1): "square",
+    (3, 2): "landscape",
+    (2, 3): "portrait",
+    (4, 3): "landscape",
+    (3, 4): "portrait",
+    (16, 9): "wide",
+    (9, 16): "tall",
+    (21, 9): "cinema",
+}
 ASPECT_RATIOS = [
-    app_commands.Choice(name="1:1 square", value="1:1"),
-    app_commands.Choice(name="3:2 landscape", value="3:2"),
-    app_commands.Choice(name="2:3 portrait", value="2:3"),
-    app_commands.Choice(name="4:3 landscape", value="4:3"),
-    app_commands.Choice(name="3:4 portrait", value="3:4"),
-    app_commands.Choice(name="16:9 wide", value="16:9"),
-    app_commands.Choice(name="9:16 tall", value="9:16"),
-    app_commands.Choice(name="21:9 cinema", value="21:9"),
+    app_commands.Choice(name=f"{w}:{h} {_RATIO_NAMES[w, h]}", value=f"{w}:{h}")
+    for w, h in COMMON_RATIOS
 ]
 
 

@@ -35,7 +35,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from storage.errors import ImagineError
-from storage.families import ModelFamily
+from storage.families import ModelFamily, size_for
 from storage.recipe import (
     MAX_SEED,
     Recipe,
@@ -247,20 +247,6 @@ def _ratio(value: str) -> tuple[int, int]:
         raise _refuse("ar", value, allowed)
     divisor = math.gcd(width, height)
     return width // divisor, height // divisor
-
-
-def size_for(ratio: tuple[int, int] | None, family: ModelFamily) -> tuple[int, int]:
-    """Width and height near the family's pixel budget, multiples of 8, for a ratio."""
-    if ratio is None:
-        return family.native_side, family.native_side
-    aspect = ratio[0] / ratio[1]
-    width = math.sqrt(family.pixel_budget * aspect)
-    height = width / aspect
-
-    def snap(side: float) -> int:
-        return min(4096, max(64, 8 * round(side / 8)))
-
-    return snap(width), snap(height)
 
 
 def _style(value: str, defaults: PromptDefaults, known: Collection[str] | None) -> StyleRef:

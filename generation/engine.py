@@ -8,6 +8,7 @@ text-to-image one. Image *i* of a call gets its own CPU generator seeded
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -26,14 +28,21 @@ import torch
 from diffusers import AutoPipelineForImage2Image
 from PIL import Image
 
+from generation.compiled import (
+    CompilePlan,
+    compile_pipeline,
+    compiled_graphs,
+    mark_warm,
+    plan_compile,
+)
 from generation.loading import LoadedModel, Pipeline, load_model, load_upscaler
-from generation.lora import LoraSet
+from generation.lora import LoraSet, LoraSlots
 from generation.metadata import encode_png
 from generation.previews import latent_preview, preview_bytes, supports_preview
 from generation.styles import StyleRegistry, StyleSpec
 from storage.derive import UPSCALE_STRENGTH
 from storage.errors import ImagineError
-from storage.families import ModelFamily
+from storage.families import ASPECT_RATIOS, ModelFamily, size_for
 from storage.recipe import Recipe
 from storage.samplers import (
     DEFAULT_SAMPLER,
@@ -47,6 +56,9 @@ from storage.samplers import (
 from storage.settings import Settings
 
 UPSCALE_OVERLAP = 0.125  # of the tile side
+WARM_UP_COUNT = 4  # images of a default /imagine grid: the batch a compiled warm-up sizes for
+
+log = logging.getLogger(__name__)
 
 
 def build_scheduler(sampler: Sampler, model_default: Any) -> Any:
@@ -143,15 +155,25 @@ class Engine:
         upscale_tile: int = 0,
         upscaler: Pipeline | None = None,
         lora_folder: Path | None = None,
+        compile_plan: CompilePlan | None = None,
+        lora_slots: int = 2,
+        lora_max_rank: int = 64,
     ) -> None:
         self.loaded = loaded
         self.pipe: Pipeline = loaded.pipe
+        self.compile_plan = compile_plan or CompilePlan(False, "off")
+        self.loras: LoraSet | LoraSlots
+        if self.compile_plan.enabled:
+            # Slots before compiling: the compiled graph then has them, and swaps keep it.
+            self.loras = LoraSlots(self.pipe, lora_slots, lora_max_rank, lora_cache_size)
+            compile_pipeline(self.pipe, fuse_qkv=lora_slots == 0)
+        else:
+            self.loras = LoraSet(self.pipe, lora_cache_size)
         self.img2img_pipe: Pipeline = AutoPipelineForImage2Image.from_pipe(self.pipe)
         self.img2img_pipe.set_progress_bar_config(disable=True)
         self.styles = styles or StyleRegistry()
         # Where LoRAs of styles stored in the database are written before loading.
         self.lora_folder = lora_folder or Path(tempfile.gettempdir()) / "imagine-loras"
-        self.loras = LoraSet(self.pipe, lora_cache_size)
         self.preview_every = preview_every
         self.upscale_tile = upscale_tile or 2 * loaded.family.native_side
         self.upscaler = upscaler
@@ -178,6 +200,9 @@ class Engine:
             upscale_tile=settings.upscale_tile,
             upscaler=upscaler,
             lora_folder=settings.data_dir / "lora-cache",
+            compile_plan=plan_compile(settings.compile, loaded.device),
+            lora_slots=settings.lora_slots,
+            lora_max_rank=settings.lora_max_rank,
         )
 
     @property
@@ -216,25 +241,54 @@ class Engine:
             }
         )
 
-    def warm_up(self) -> float:
-        """One single-step image at the native size: kernels chosen and memory taken before
-        the first user's job. Returns the seconds it took."""
+    def warm_up_sizes(self) -> list[tuple[int, int]]:
+        """The native size; compiled, every size an ``--ar`` choice produces."""
+        if not self.compile_plan.enabled:
+            return [size_for(None, self.family)]
+        sizes = [size_for(ratio, self.family) for ratio in ASPECT_RATIOS]
+        return list(dict.fromkeys(sizes))
+
+    def warm_up(
+        self, sizes: Sequence[tuple[int, int]] | None = None, count: int | None = None
+    ) -> float:
+        """Single-step images before the first user's job: kernels chosen, memory taken
+        and, compiled, one graph per size. Returns the seconds it took."""
         started = time.perf_counter()
-        side = self.family.native_side
-        recipe = Recipe(
-            model=self.model_id,
-            prompt="warm-up",
-            seed=0,
-            width=side,
-            height=side,
-            steps=1,
-            guidance=self.family.default_guidance,
-            count=1,
-        )
-        self._run(self.pipe, recipe, {"width": side, "height": side}, None, None, encode=False)
+        graphs = compiled_graphs()
+        sizes = sizes or self.warm_up_sizes()
+        count = count or (WARM_UP_COUNT if self.compile_plan.enabled else 1)
+        styled_path = getattr(self.loras, "styled_path", None)
+        paths = [nullcontext, styled_path] if styled_path is not None else [nullcontext]
+        runs = [(size, path) for size in sizes for path in paths]
+        for (width, height), path in runs:
+            recipe = Recipe(
+                model=self.model_id,
+                prompt="warm-up",
+                seed=0,
+                width=width,
+                height=height,
+                steps=1,
+                guidance=self.family.default_guidance,
+                count=count,
+            )
+            with path():
+                self._run(
+                    self.pipe, recipe, {"width": width, "height": height}, None, None, encode=False
+                )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        if self.compile_plan.enabled:
+            mark_warm()
+        log.info(
+            "compile %s; warmed up %d run(s) of %d image(s) in %.1fs, %d graph(s) compiled",
+            self.compile_plan.reason,
+            len(runs),
+            count,
+            seconds,
+            compiled_graphs() - graphs,
+        )
+        return seconds
 
     def txt2img(
         self,

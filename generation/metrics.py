@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from generation.compiled import compiled_graphs, recompilations
 from storage.errors import ConfigError
 from storage.models import GenerationStatus
 
@@ -40,6 +41,18 @@ class WorkerMetrics:
         self.gpu_memory = Gauge(
             "imagine_gpu_memory_bytes", "GPU memory allocated by torch", registry=self.registry
         )
+        self.compiled_graphs = Gauge(
+            "imagine_compiled_graphs",
+            "torch.compile graphs built in this process, warm-up included",
+            registry=self.registry,
+        )
+        self.compiled_graphs.set_function(compiled_graphs)
+        self.recompilations = Gauge(
+            "imagine_recompilations",
+            "torch.compile graphs built after the warm-up (sizes or paths it did not cover)",
+            registry=self.registry,
+        )
+        self.recompilations.set_function(recompilations)
         for status in GenerationStatus:
             if status.is_final:
                 self.jobs.labels(status=status.value)

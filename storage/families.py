@@ -5,6 +5,7 @@ Shared by the prompt language (bot side, no torch) and the engine.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -34,6 +35,33 @@ FAMILIES: dict[str, ModelFamily] = {
         ModelFamily("tiny-sdxl", 96, 4, 5.0, 4),
     )
 }
+
+
+# The ratios /imagine offers as choices; a compiled engine warms up at each one's size.
+ASPECT_RATIOS: tuple[tuple[int, int], ...] = (
+    (1, 1),
+    (3, 2),
+    (2, 3),
+    (4, 3),
+    (3, 4),
+    (16, 9),
+    (9, 16),
+    (21, 9),
+)
+
+
+def size_for(ratio: tuple[int, int] | None, family: ModelFamily) -> tuple[int, int]:
+    """Width and height near the family's pixel budget, multiples of 8, for a ratio."""
+    if ratio is None:
+        return family.native_side, family.native_side
+    aspect = ratio[0] / ratio[1]
+    width = math.sqrt(family.pixel_budget * aspect)
+    height = width / aspect
+
+    def snap(side: float) -> int:
+        return min(4096, max(64, 8 * round(side / 8)))
+
+    return snap(width), snap(height)
 
 
 def get_family(name: str) -> ModelFamily:

@@ -154,6 +154,31 @@ class Settings(BaseSettings):
     lora_cache_size: int = Field(
         default=8, ge=1, description="Style LoRAs kept loaded on the GPU at once."
     )
+    lora_max_rank: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        description=(
+            "Highest LoRA rank a style may have; /style add refuses a larger one (a compiled "
+            "model swaps styles into slots of this rank)."
+        ),
+    )
+    lora_slots: int = Field(
+        default=2,
+        ge=0,
+        le=8,
+        description=(
+            "With IMAGINE_COMPILE: styles one image may combine (each slot costs a little "
+            "time on every step; 0: no styles)."
+        ),
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description=(
+            "torch.compile the denoiser and VAE decoder, warmed up at every --ar size: "
+            "auto is on with CUDA, off on CPU and MPS."
+        ),
+    )
     preview_every: int = Field(
         default=5, ge=1, description="Steps between two progress preview images."
     )

@@ -27,6 +27,8 @@ _TO_K_DOWN = re.compile(
     r"(attn2[._]to_k|attn2\.processor\.to_k_lora)[._](lora_A|lora\.down|lora_down|down)"
     r"(\.weight)?$"
 )
+# The down (A) half of a LoRA pair: its first dimension is the rank.
+_DOWN_WEIGHT = re.compile(r"[._](lora_A|lora\.down|lora_down|down)(\.[^.]+)?\.weight$")
 _DTYPE_BYTES = {
     "F64": 8,
     "F32": 4,
@@ -49,6 +51,7 @@ class StyleRefused(ImagineError):
 class LoraInfo:
     tensors: int
     cross_attention_width: int | None
+    rank: int = 0  # the largest rank among its layers
 
 
 def check_upload(filename: str, size: int, max_bytes: int) -> None:
@@ -83,6 +86,7 @@ def inspect_lora(data: bytes, filename: str, max_bytes: int) -> LoraInfo:
     body = len(data) - 8 - length
     width: int | None = None
     tensors = 0
+    rank = 0
     for key, entry in header.items():
         if key == "__metadata__":
             continue
@@ -96,11 +100,23 @@ def inspect_lora(data: bytes, filename: str, max_bytes: int) -> LoraInfo:
         if size is None or not 0 <= start <= end <= body or end - start != count * size:
             raise broken
         tensors += 1
+        if _DOWN_WEIGHT.search(key) and len(entry["shape"]) >= 2:
+            rank = max(rank, int(entry["shape"][0]))
         if width is None and _TO_K_DOWN.search(key) and len(entry["shape"]) == 2:
             width = int(entry["shape"][1])
     if tensors == 0:
         raise StyleRefused(f"{filename} holds no tensors; it is not a LoRA.")
-    return LoraInfo(tensors, width)
+    return LoraInfo(tensors, width, rank)
+
+
+def check_rank(info: LoraInfo, max_rank: int, filename: str) -> None:
+    """Refuse a LoRA of a rank above the slots a compiled model swaps styles into."""
+    if info.rank > max_rank:
+        raise StyleRefused(
+            f"{filename} is a rank-{info.rank} LoRA; this bot takes styles up to rank "
+            f"{max_rank} (IMAGINE_LORA_MAX_RANK). Upload a LoRA of rank {max_rank} or less, "
+            "or ask the bot's owner to raise that setting."
+        )
 
 
 def check_family(info: LoraInfo, family: str, filename: str) -> None:

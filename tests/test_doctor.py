@@ -39,9 +39,11 @@ def test_a_fresh_machine_with_the_tiny_model_fails_only_the_token(
         "blob store",
         "disk",
         "gpu",
+        "compile",
         "model",
         "styles",
     }
+    assert checks["compile"].startswith("ok off: auto compiles only on CUDA")
     failed = {name for name, text in checks.items() if text.startswith("FAIL")}
     assert failed == {"discord token"}
     assert "export DISCORD_TOKEN" in checks["discord token"]

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select
 
 from generation.engine import Engine
-from generation.tiny import build_tiny_lora, build_tiny_sdxl
+from generation.tiny import build_tiny_lora, build_tiny_sd, build_tiny_sdxl
 from storage.models import Style
 from storage.style_store import inspect_lora
 from tests.fake_discord import BOB, MANAGE_GUILD, MOD
@@ -88,6 +88,17 @@ async def test_uploads_that_cannot_be_styles_are_refused_and_nothing_is_kept(
     xl = build_tiny_lora(build_tiny_sdxl().unet, tmp_path / "xl.safetensors", seed=2)
     wrong = await add_style(running, "xl.safetensors", xl.read_bytes())
     assert "trained for tiny-sdxl" in await refusal(running, wrong)
+
+    running.services.settings = running.services.settings.model_copy(
+        update={"max_lora_mb": 256, "lora_max_rank": 4}
+    )
+    sd: Any = build_tiny_sd()
+    wide = build_tiny_lora(sd.unet, tmp_path / "wide.safetensors", rank=8)
+    too_wide = await add_style(running, "wide.safetensors", wide.read_bytes())
+    assert (
+        "wide.safetensors is a rank-8 LoRA; this bot takes styles up to rank 4 "
+        "(IMAGINE_LORA_MAX_RANK)" in await refusal(running, too_wide)
+    )
 
     garbage = await add_style(running, "junk.safetensors", b"\xff" * 64)
     assert "not a valid safetensors file" in await refusal(running, garbage)

@@ -76,7 +76,7 @@ async def run_checks(settings: Settings, *, quick: bool = False) -> list[Check]:
         return checks
     checks.insert(0, check_token(settings))
     checks.append(await asyncio.to_thread(check_disk, settings))
-    slow: list[Callable[[Settings], Check]] = [check_device, check_model]
+    slow: list[Callable[[Settings], Check]] = [check_device, check_compile, check_model]
     for step in slow:  # torch import, model files: off the event loop
         checks.append(await asyncio.to_thread(step, settings))
     checks.append(check_styles(settings))
@@ -235,6 +235,20 @@ def check_device(settings: Settings) -> Check:
             "real models (install a CUDA build of torch and the NVIDIA driver)",
         )
     return Check("gpu", OK, f"{device}, {name}")
+
+
+def check_compile(settings: Settings) -> Check:
+    """Whether the worker will torch.compile its model (IMAGINE_COMPILE), and why."""
+    try:
+        from generation.compiled import plan_compile
+        from generation.loading import pick_device
+
+        plan = plan_compile(settings.compile, pick_device(settings.device))
+    except ImportError as exc:
+        return Check("compile", FAIL, f"torch is not installed ({exc}); install Imagine with pip.")
+    except ImagineError as exc:
+        return Check("compile", FAIL, str(exc))
+    return Check("compile", OK, plan.reason)
 
 
 def check_model(settings: Settings) -> Check:

@@ -32,6 +32,7 @@ from storage.models import GenerationKind, GenerationStatus, Style
 from storage.style_store import (
     add_style,
     check_family,
+    check_rank,
     check_style_name,
     check_upload,
     guild_styles,
@@ -271,6 +272,7 @@ class StylesCog(commands.Cog):
             data = await file.read()
             info = inspect_lora(data, file.filename, max_bytes)
             check_family(info, family, file.filename)
+            check_rank(info, self.services.settings.lora_max_rank, file.filename)
             key = await self.services.blobs.put(data)
             async with self.services.database.session() as session:
                 row = await add_style(

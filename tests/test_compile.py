@@ -1,0 +1,180 @@
+"""IMAGINE_COMPILE=on on the CPU: inductor really compiles the tiny model, and styles
+swap into its LoRA slots without a single recompilation.
+
+One compiled engine, warmed up at one size, serves every test here: compiling is the
+expensive part (about a minute on two cores with a cold inductor cache).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+
+from generation.compiled import compiled_graphs, plan_compile, recompilations
+from generation.engine import Engine
+from generation.lora import LoraSlots
+from generation.metrics import WorkerMetrics
+from generation.styles import StyleError
+from generation.tiny import build_tiny_lora, build_tiny_sd
+from storage.errors import ConfigError
+from storage.recipe import Recipe, StyleRef
+from storage.settings import Settings
+from storage.style_store import StyleRefused, check_rank, inspect_lora
+from tests.test_styles import write_style
+
+MAX_RANK = 16
+STYLE_RANKS = {"watercolor": 4, "inkwash": 8, "pixel": 16, "huge": 32}
+
+
+@pytest.fixture(scope="module")
+def styles_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("compile-styles")
+    pipe: Any = build_tiny_sd()
+    unet = pipe.unet
+    for seed, (name, rank) in enumerate(STYLE_RANKS.items(), start=1):
+        build_tiny_lora(unet, folder / f"{name}.safetensors", seed=seed, rank=rank)
+        write_style(folder, name, f"{name}.safetensors")
+    return folder
+
+
+def engine_settings(data_dir: Path, styles_dir: Path, compile: Literal["on", "off"]) -> Settings:
+    return Settings(
+        data_dir=data_dir,
+        model="tiny",
+        device="cpu",
+        styles_dir=styles_dir,
+        compile=compile,
+        lora_slots=2,
+        lora_max_rank=MAX_RANK,
+    )
+
+
+@pytest.fixture(scope="module")
+def compiled(styles_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    data = tmp_path_factory.mktemp("compiled-data")
+    engine = Engine.from_settings(engine_settings(data, styles_dir, "on"))
+    engine.warm_up(sizes=[(64, 64)], count=1)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def eager(styles_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    data = tmp_path_factory.mktemp("eager-data")
+    return Engine.from_settings(engine_settings(data, styles_dir, "off"))
+
+
+def recipe(*styles: StyleRef) -> Recipe:
+    return Recipe(
+        model="tiny",
+        prompt="a lighthouse",
+        seed=5,
+        width=64,
+        height=64,
+        steps=2,
+        guidance=5.0,
+        count=1,
+        styles=styles,
+    )
+
+
+def run(engine: Engine, *styles: str) -> np.ndarray:
+    refs = [StyleRef(name=name, weight=0.9) for name in styles]
+    image = engine.txt2img(recipe(*refs))[0].image
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_auto_compiles_only_on_cuda() -> None:
+    import torch
+
+    assert not plan_compile("auto", torch.device("cpu")).enabled
+    assert "off" in plan_compile("auto", torch.device("mps")).reason
+    assert plan_compile("auto", torch.device("cuda")).enabled
+    assert plan_compile("on", torch.device("cpu")).enabled
+    assert not plan_compile("off", torch.device("cuda")).enabled
+
+
+def test_on_without_a_cpp_compiler_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(ConfigError, match=r"needs a C\+\+ compiler"):
+        plan_compile("on", torch.device("cpu"))
+
+
+# Switching among three styles, two at once, and none, then back: the order matters.
+SEQUENCE = {
+    "plain": (),
+    "watercolor": ("watercolor",),
+    "inkwash": ("inkwash",),
+    "pixel": ("pixel",),
+    "none": (),
+    "both": ("inkwash", "watercolor"),
+    "again": ("watercolor",),
+}
+
+
+@pytest.fixture(scope="module")
+def switching(compiled: Engine) -> tuple[dict[str, np.ndarray], int]:
+    """The images of :data:`SEQUENCE` and the graphs compiled while making them."""
+    graphs = compiled_graphs()
+    images = {name: run(compiled, *styles) for name, styles in SEQUENCE.items()}
+    return images, compiled_graphs() - graphs
+
+
+def test_switching_styles_after_warm_up_never_recompiles(
+    compiled: Engine, switching: tuple[dict[str, np.ndarray], int]
+) -> None:
+    assert isinstance(compiled.loras, LoraSlots)
+    # The denoiser with and without its style slots, and the VAE decoder: really compiled.
+    assert compiled_graphs() >= 3
+    images, graphs = switching
+    assert graphs == 0
+    assert recompilations() == 0
+    metrics = generate_latest(WorkerMetrics().registry).decode()
+    assert "imagine_recompilations 0.0" in metrics
+    first = images["watercolor"]
+    assert np.abs(first - images["plain"]).mean() > 0.5
+    for name in ("inkwash", "pixel", "both"):
+        assert np.abs(images[name] - first).mean() > 0.5, name
+    # Same recipe, same pixels, whatever the slots held before.
+    assert np.array_equal(images["none"], images["plain"])
+    assert np.array_equal(images["again"], first)
+
+
+def test_compiled_images_equal_eager_ones_within_one_level(
+    switching: tuple[dict[str, np.ndarray], int], eager: Engine
+) -> None:
+    images, _ = switching
+    for name in ("plain", "pixel", "both"):
+        difference = np.abs(images[name] - run(eager, *SEQUENCE[name])).max()
+        assert difference <= 1, (name, difference)
+
+
+def test_a_style_above_the_slot_rank_is_refused(compiled: Engine, styles_dir: Path) -> None:
+    with pytest.raises(StyleError, match="has rank 32, above the 16"):
+        run(compiled, "huge")
+    data = (styles_dir / "huge.safetensors").read_bytes()
+    info = inspect_lora(data, "huge.safetensors", 2**30)
+    assert info.rank == 32
+    with pytest.raises(StyleRefused, match="rank-32 LoRA; this bot takes styles up to rank 16"):
+        check_rank(info, MAX_RANK, "huge.safetensors")
+    pixel = inspect_lora((styles_dir / "pixel.safetensors").read_bytes(), "p.safetensors", 2**30)
+    check_rank(pixel, MAX_RANK, "p.safetensors")  # rank 16 is fine
+
+
+def test_more_styles_than_slots_is_refused_with_the_setting(compiled: Engine) -> None:
+    with pytest.raises(StyleError, match=r"at most 2 styles.*IMAGINE_LORA_SLOTS"):
+        run(compiled, "watercolor", "inkwash", "pixel")
+
+
+def test_a_worker_without_slots_refuses_styles_with_a_sentence(
+    styles_dir: Path, tmp_path: Path
+) -> None:
+    settings = engine_settings(tmp_path, styles_dir, "on").model_copy(update={"lora_slots": 0})
+    engine = Engine.from_settings(settings)  # compiles lazily: nothing runs here
+    with pytest.raises(StyleError, match="This worker runs no styles"):
+        run(engine, "watercolor")
