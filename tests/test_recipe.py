@@ -109,6 +109,8 @@ def test_no_module_draws_or_computes_seeds_outside_storage_recipe() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
+    # Randomness that is not a seed: the jitter that spreads retries after a Discord outage.
+    not_seeds = {"bot/retries.py": "random.uniform(backoff / 2, backoff)"}
     pattern = re.compile(
         r"\bsecrets\b|\brandom\.|randbelow|randint|getrandbits|seed \+|seed\s*%|MAX_SEED \+ 1"
     )
@@ -119,5 +121,6 @@ def test_no_module_draws_or_computes_seeds_outside_storage_recipe() -> None:
         if path.relative_to(root).as_posix() != "storage/recipe.py"
         for number, line in enumerate(path.read_text().splitlines(), 1)
         if pattern.search(line)
+        and not_seeds.get(path.relative_to(root).as_posix(), "\0") not in line
     ]
     assert found == []
