@@ -92,15 +92,83 @@ async def _serve_bot(url: str, folder: Path) -> None:
         await bot.start("fake-token")
 
 
+_TYPE_COUNTS: Counter[str] = Counter()
+MALLINFO2_FIELDS = (
+    "arena",
+    "ordblks",
+    "smblks",
+    "hblks",
+    "hblkhd",
+    "usmblks",
+    "fsmblks",
+    "uordblks",
+    "fordblks",
+    "keepcost",
+)
+
+
+def _waits_at(task: asyncio.Task[Any]) -> str:
+    """Where a task waits: the innermost of our frames in its chain of awaits."""
+    where = "?"
+    coroutine: Any = task.get_coro()
+    while coroutine is not None:
+        frame = getattr(coroutine, "cr_frame", None) or getattr(coroutine, "ag_frame", None)
+        if frame is not None and "/site-packages/" not in frame.f_code.co_filename:
+            where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
+        coroutine = getattr(coroutine, "cr_await", None) or getattr(coroutine, "ag_await", None)
+    return where
+
+
+def _heap_state() -> str:
+    """With --trace-memory: the bot's tasks by coroutine and by where they wait, the
+    objects by type that grew since the previous call, and C malloc's held and in-use
+    bytes. Python objects that pile up show in the first two, fragmentation in the last."""
+    import ctypes
+    import gc
+
+    collected = gc.collect()
+    objects = gc.get_objects()
+    counts = Counter(type(o).__name__ for o in objects)
+    tasks = asyncio.all_tasks()
+    by_coroutine = Counter(getattr(t.get_coro(), "__qualname__", "?") for t in tasks)
+    grown = (counts - _TYPE_COUNTS).most_common(8)
+    _TYPE_COUNTS.clear()
+    _TYPE_COUNTS.update(counts)
+    lines = [
+        f"gc collected {collected}; {len(objects)} objects; {len(tasks)} tasks: "
+        f"{by_coroutine.most_common(4)}",
+        f"tasks wait at {Counter(_waits_at(t) for t in tasks).most_common(5)}",
+        "objects grown: " + ", ".join(f"{name} +{n}" for name, n in grown),
+    ]
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return "\n".join(lines)
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in MALLINFO2_FIELDS]
+
+    mallinfo2.restype = Mallinfo2
+    info = mallinfo2()
+    lines.append(
+        f"malloc arenas {info.arena / 2**20:.1f} MiB ({info.uordblks / 2**20:.1f} in use), "
+        f"mmapped {info.hblkhd / 2**20:.1f} MiB"
+    )
+    return "\n".join(lines)
+
+
 def _print_state(bot: Any) -> None:
     """What the bot keeps per member, generation or request (SIGUSR2, at warm-up and end)."""
+    if os.environ.get("IMAGINE_BENCH_TRACE_MEMORY"):
+        print(_heap_state(), flush=True)
     delivery = bot.delivery
     print(
         f"bot state: {len(bot.rate_limiter or ())} members in the rate limiter; delivery "
         f"{len(delivery._locks)} locks, {len(delivery._last_edit)} edit times, "
         f"{len(delivery.upload_limits)} upload limits, {len(delivery._tasks)} tasks; "
         f"discord.py {len(bot.http._buckets)} rate-limit buckets, "
-        f"{len(bot._connection._messages or ())} cached messages",
+        f"{len(bot._connection._messages or ())} cached messages; "
+        f"{bot.submitting.waiting} commands waiting their turn",
         flush=True,
     )
 
@@ -251,6 +319,7 @@ async def measure(url: str, folder: Path, members: int, total: int, burst: int, 
             await load.burst(min(burst, total - len(load.sent)))
             if len(load.sent) % 1000 < burst:
                 samples.append((len(load.sent), rss_mib(bot.pid)))
+                bot.send_signal(signal.SIGUSR2)
         seconds = time.perf_counter() - began
         cpu_ms = 1000 * (cpu_seconds(bot.pid) - cpu_warm) / max(1, len(load.sent) - members)
         await asyncio.sleep(3)  # the last follow-ups and edits
@@ -370,7 +439,8 @@ if __name__ == "__main__":
     parser.add_argument(
         "--trace-memory",
         action="store_true",
-        help="run the bot under tracemalloc and print where its memory grew (slower)",
+        help="run the bot under tracemalloc and print where its memory grew, and its tasks "
+        "and objects at each sample (slower; the snapshots themselves take memory)",
     )
     arguments = parser.parse_args()
     if arguments.trace_memory:

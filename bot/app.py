@@ -23,13 +23,15 @@ from discord.ext import commands
 
 from bot.delivery import Delivery
 from bot.modals import answer_modal
-from bot.rate_limit import RateLimiter
+from bot.rate_limit import RateLimiter, Turns
 from bot.replies import refuse
 from bot.services import Services
 from storage.errors import ImagineError
 
 log = logging.getLogger(__name__)
 SUBMISSIONS_AT_ONCE = 8
+# Commands that may wait for a turn: about 11 MiB of interactions at most (see Turns).
+SUBMISSIONS_WAITING = 1000
 EXTENSIONS = ("bot.cogs.imagine", "bot.cogs.community", "bot.cogs.gallery", "bot.cogs.styles")
 
 
@@ -81,7 +83,7 @@ class ImagineBot(commands.Bot):
         self.rate_limiter = RateLimiter.from_settings(services.settings)
         # Submissions (and the reads of buttons' records) at once: below the connection
         # pool, so that a burst takes turns here and deliveries find connections.
-        self.submitting = asyncio.Semaphore(SUBMISSIONS_AT_ONCE)
+        self.submitting = Turns(SUBMISSIONS_AT_ONCE, SUBMISSIONS_WAITING)
 
     async def setup_hook(self) -> None:
         from storage.community import all_user_defaults

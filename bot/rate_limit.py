@@ -7,11 +7,13 @@ front as new commands arrive: the table holds only the members who sent a
 command within the last window, however many members a server has.
 
 One bot process keeps one table; the limit is per process, not shared between
-bots on one database.
+bots on one database. :class:`Turns` bounds all members together: how many commands
+are worked on at once, and how many may wait for that.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import OrderedDict, deque
@@ -72,3 +74,34 @@ def too_fast(seconds: float) -> str:
     """The sentence a member over the limit gets."""
     whole = max(1, math.ceil(seconds))
     return f"You're going too fast: try again in {whole} second{'s' if whole != 1 else ''}."
+
+
+class Turns:
+    """Work done a few at a time, and a bound on how much may wait its turn.
+
+    Each command waiting here holds its interaction and what discord.py built for it
+    (about 11 KiB); when members send commands faster than they can be queued, the
+    line would grow without end. :attr:`full` says when it is as long as allowed, so
+    a new command is refused, before any work, rather than kept."""
+
+    def __init__(self, at_once: int, most_waiting: int) -> None:
+        self._semaphore = asyncio.Semaphore(at_once)
+        self.most_waiting = most_waiting
+        self.waiting = 0
+
+    @property
+    def full(self) -> bool:
+        return self.waiting >= self.most_waiting
+
+    async def __aenter__(self) -> None:
+        self.waiting += 1
+        try:
+            await self._semaphore.acquire()
+        finally:
+            self.waiting -= 1
+
+    async def __aexit__(self, *_: object) -> None:
+        self._semaphore.release()
+
+
+BUSY = "Imagine has more requests waiting than it can keep right now; try again in a minute."

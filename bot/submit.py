@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import discord
 
 from bot.prompt import PromptDefaults, PromptError, PromptOverrides, parse_prompt
-from bot.rate_limit import too_fast
+from bot.rate_limit import BUSY, too_fast
 from bot.replies import Refusal, refuse
 from bot.services import Services
 from storage.community import NSFW_WORDS, guild_policy
@@ -99,9 +99,12 @@ async def check_policy(
 
 
 async def within_rate_limit(interaction: discord.Interaction[ImagineBot]) -> bool:
-    """Whether the member may send this command now (``IMAGINE_RATE_LIMIT``); if not,
-    they are told when they may try again. Memory only, so it costs no round trip
-    before the first response."""
+    """Whether the member may send this command now (``IMAGINE_RATE_LIMIT``, and room in
+    the line of commands waiting their turn); if not, they are told when they may try
+    again. Memory only, so it costs no round trip before the first response."""
+    if interaction.client.submitting.full:
+        await refuse(interaction, BUSY)
+        return False
     limiter = interaction.client.rate_limiter
     if limiter is None:
         return True

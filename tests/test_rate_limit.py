@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bot.rate_limit import RateLimiter, too_fast
+from bot.rate_limit import BUSY, RateLimiter, Turns, too_fast
 from storage.errors import ConfigError
 from storage.models import GenerationKind
 from storage.settings import Settings, load_settings, parse_rate
@@ -153,3 +154,39 @@ async def test_a_member_over_the_limit_is_refused_before_anything_is_queued(
         (GenerationKind.REROLL, int(ALICE["id"])),
         (GenerationKind.IMAGINE, int(BOB["id"])),
     ]
+
+
+# -- the line of commands waiting their turn ---------------------------------------------------
+
+
+async def test_turns_count_who_waits_and_say_when_the_line_is_full() -> None:
+    turns = Turns(at_once=1, most_waiting=2)
+    async with turns:
+        waiters = [asyncio.create_task(turns.__aenter__()) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert turns.waiting == 2 and turns.full
+    await waiters[0]  # its turn came when the first left
+    assert turns.waiting == 1 and not turns.full
+    await turns.__aexit__(None, None, None)
+    await waiters[1]
+    await turns.__aexit__(None, None, None)
+    assert turns.waiting == 0
+
+
+async def test_a_command_is_refused_while_the_line_is_full_and_queued_after(
+    harness: Harness,
+) -> None:
+    fake = harness.fake
+    bot = await harness.start_bot()
+    bot.submitting = Turns(at_once=1, most_waiting=1)
+    async with bot.submitting:  # every turn taken: the first command waits in line
+        waiting = await harness.imagine("a boat in line")
+        await fake.wait_for(lambda: bot.submitting.full, what="the first command in line")
+        refused = await harness.imagine("one more boat", by=BOB)
+        said = await fake.wait_for(lambda: fake.said_privately(refused), what="a refusal")
+        assert said == BUSY
+        assert refused.response_type == 4  # refused as the first response, not deferred
+    await queued(harness, waiting)  # the line moves on
+    await queued(harness, await harness.imagine("bob tries again", by=BOB))
+    rows = await harness.generations()
+    assert [row.requester_id for row in rows] == [int(ALICE["id"]), int(BOB["id"])]
