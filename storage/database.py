@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -181,6 +181,16 @@ def _drop_dead_connections(context: Any) -> None:
         context.is_disconnect = True
 
 
+def _skip_closed_connections(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    # In place of pool_pre_ping, whose ping costs three round trips (BEGIN, a query,
+    # ROLLBACK) per session: a server that restarted or shut down ended its connections,
+    # and asyncpg has seen the socket close. One dropped silently fails its first query,
+    # which _drop_dead_connections then treats as a disconnect (the pool starts afresh).
+    driver = getattr(dbapi_connection, "driver_connection", None)
+    if driver is not None and driver.is_closed():
+        raise DisconnectionError("the server closed this connection")  # the pool takes another
+
+
 def create_engine(
     url: URL, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, **kwargs: Any
 ) -> AsyncEngine:
@@ -188,9 +198,9 @@ def create_engine(
         engine = create_async_engine(url, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas(busy_timeout))
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
     engine = create_async_engine(url, **kwargs)
     event.listen(engine.sync_engine, "handle_error", _drop_dead_connections)
+    event.listen(engine.sync_engine.pool, "checkout", _skip_closed_connections)
     return engine
 
 
