@@ -20,6 +20,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -273,9 +274,23 @@ class Database:
 
         A SQLite file locked past the busy timeout raises :class:`QueueUnavailable`.
         """
+        async with self._locked_as_unavailable(), self.sessions() as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """A connection on which each statement commits by itself: for writes that are one
+        statement (atomic on its own), it saves the round trips of a BEGIN and a COMMIT.
+
+        A SQLite file locked past the busy timeout raises :class:`QueueUnavailable`.
+        """
+        async with self._locked_as_unavailable(), self.engine.connect() as connection:
+            yield await connection.execution_options(isolation_level="AUTOCOMMIT")
+
+    @asynccontextmanager
+    async def _locked_as_unavailable(self) -> AsyncIterator[None]:
         try:
-            async with self.sessions() as session, session.begin():
-                yield session
+            yield
         except OperationalError as exc:
             if self.backend == "sqlite" and is_locked(exc):
                 raise QueueUnavailable() from exc
