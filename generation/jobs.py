@@ -30,13 +30,13 @@ from generation.engine import (
     Progress,
 )
 from generation.grid import compose_grid
-from generation.thumbnails import store_thumbnails
+from generation.thumbnails import encode_thumbnails, stored_thumbnails
 from storage.blobs import BlobStore
 from storage.database import Database, is_outage
 from storage.errors import ImagineError
 from storage.generations import NewImage, add_images, record_grid, transition
 from storage.models import Generation, GenerationKind, GenerationStatus
-from storage.thumbnails import record_thumbnails
+from storage.thumbnails import record_images_thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -182,17 +182,31 @@ async def execute_generation(
             source = await _source_image(database, blobs, generation.recipe.source_image_id)
         images = await asyncio.to_thread(_run_engine, engine, generation, source, progress, cancel)
         recipe = engine.complete_recipe(generation.recipe)
+        loop = asyncio.get_running_loop()
         grid: asyncio.Future[bytes] | None = None
         if len(images) > 1:  # one image (an upscale) is shown as it is: no grid
-            grid = asyncio.get_running_loop().run_in_executor(
+            grid = loop.run_in_executor(
                 PNG_ENCODERS, compose_grid, images, recipe, engine.a1111_sampler(recipe.sampler)
             )
-        thumbnails = asyncio.gather(
-            *(store_thumbnails(blobs, image.image, executor=PNG_ENCODERS) for image in images)
+        encoded = await asyncio.gather(
+            *(loop.run_in_executor(PNG_ENCODERS, encode_thumbnails, one.image) for one in images)
         )
-        keys = [await blobs.put(image.png) for image in images]
-        grid_key = None if grid is None else await blobs.put(await grid)
-        made = await thumbnails
+        grid_png = None if grid is None else await grid
+        # Every blob of the job in one write (one transaction for a database store), before
+        # the rows that refer to them: the PNGs, the thumbnails, then the grid.
+        thumbnail_blobs = [data for per_image in encoded for *_, data in per_image]
+        stored = await blobs.put_many(
+            [image.png for image in images]
+            + thumbnail_blobs
+            + ([] if grid_png is None else [grid_png])
+        )
+        keys = stored[: len(images)]
+        grid_key = None if grid_png is None else stored[-1]
+        thumbnail_keys = iter(stored[len(images) : len(images) + len(thumbnail_blobs)])
+        made = [
+            stored_thumbnails(per_image, [next(thumbnail_keys) for _ in per_image])
+            for per_image in encoded
+        ]
     except GenerationCancelled:
         async with database.session() as session:
             generation = await transition(session, generation_id, S.CANCELLED)
@@ -222,8 +236,9 @@ async def execute_generation(
                 for image, key in zip(images, keys, strict=True)
             ],
         )
-        for row, thumbs in zip(rows, made, strict=True):
-            await record_thumbnails(session, row.id, thumbs)
+        await record_images_thumbnails(
+            session, {row.id: thumbs for row, thumbs in zip(rows, made, strict=True)}
+        )
         if grid_key is not None:
             await record_grid(session, generation_id, grid_key)
         generation = await transition(session, generation_id, S.SUCCEEDED, recipe=recipe)

@@ -54,9 +54,16 @@ async def store_thumbnails(
     """Encode and store an image's thumbnails; returns what to record for it."""
     loop = asyncio.get_running_loop()
     encoded = await loop.run_in_executor(executor, encode_thumbnails, image, sizes)
+    return stored_thumbnails(encoded, await blobs.put_many([data for *_, data in encoded]))
+
+
+def stored_thumbnails(
+    encoded: Sequence[tuple[int, int, int, bytes]], keys: Sequence[str]
+) -> list[NewThumbnail]:
+    """What to record of :func:`encode_thumbnails`' output, stored under ``keys``."""
     return [
-        NewThumbnail(size=size, blob_key=await blobs.put(data), width=width, height=height)
-        for size, width, height, data in encoded
+        NewThumbnail(size=size, blob_key=key, width=width, height=height)
+        for (size, width, height, _), key in zip(encoded, keys, strict=True)
     ]
 
 

@@ -16,6 +16,7 @@ import os
 import re
 import sqlite3
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -51,6 +52,10 @@ class BlobStore(Protocol):
         """Store ``data``; returns its key. Storing the same bytes twice is harmless."""
         ...
 
+    async def put_many(self, datas: Sequence[bytes]) -> list[str]:
+        """Store each of ``datas`` (as :meth:`put` would); returns their keys, in order."""
+        ...
+
     async def get(self, key: str) -> bytes:
         """The bytes under ``key``; :class:`BlobNotFound` if there are none."""
         ...
@@ -81,6 +86,9 @@ class LocalBlobStore:
         key = blob_key(data)
         await asyncio.to_thread(self._write, key, data)
         return key
+
+    async def put_many(self, datas: Sequence[bytes]) -> list[str]:
+        return [await self.put(data) for data in datas]
 
     async def get(self, key: str) -> bytes:
         try:
@@ -150,25 +158,37 @@ class DatabaseBlobStore:
         self.database = database
 
     async def put(self, data: bytes) -> str:
+        return (await self.put_many([data]))[0]
+
+    async def put_many(self, datas: Sequence[bytes]) -> list[str]:
         from storage.models import Blob, utcnow
 
-        key = blob_key(data)
+        keys = [blob_key(data) for data in datas]
+        rows = {key: data for key, data in zip(keys, datas, strict=True)}
+        if not rows:
+            return keys
+        now = utcnow()
         try:
-            async with self.database.session() as session:
-                dialect = session.get_bind().dialect.name
+            async with self.database.autocommit() as connection:
+                dialect = connection.dialect.name
                 insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
-                # One statement: the same bytes stored already (or concurrently) have the same
-                # key and the same data, so the existing row stands.
-                await session.execute(
+                # One statement, so one transaction of its own: the same bytes stored already
+                # (or concurrently) have the same key and the same data; the existing row stands.
+                await connection.execute(
                     insert(Blob)
-                    .values(key=key, data=data, size=len(data), created_at=utcnow())
+                    .values(
+                        [
+                            {"key": key, "data": data, "size": len(data), "created_at": now}
+                            for key, data in rows.items()
+                        ]
+                    )
                     .on_conflict_do_nothing(index_elements=[Blob.key])
                 )
         except DBAPIError as exc:
             if _disk_full(exc):
                 raise BlobStoreFull() from exc
             raise
-        return key
+        return keys
 
     async def get(self, key: str) -> bytes:
         from storage.models import Blob

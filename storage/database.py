@@ -18,8 +18,9 @@ from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -181,6 +182,16 @@ def _drop_dead_connections(context: Any) -> None:
         context.is_disconnect = True
 
 
+def _skip_closed_connections(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    # In place of pool_pre_ping, whose ping costs three round trips (BEGIN, a query,
+    # ROLLBACK) per session: a server that restarted or shut down ended its connections,
+    # and asyncpg has seen the socket close. One dropped silently fails its first query,
+    # which _drop_dead_connections then treats as a disconnect (the pool starts afresh).
+    driver = getattr(dbapi_connection, "driver_connection", None)
+    if driver is not None and driver.is_closed():
+        raise DisconnectionError("the server closed this connection")  # the pool takes another
+
+
 def create_engine(
     url: URL, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, **kwargs: Any
 ) -> AsyncEngine:
@@ -188,9 +199,9 @@ def create_engine(
         engine = create_async_engine(url, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas(busy_timeout))
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
     engine = create_async_engine(url, **kwargs)
     event.listen(engine.sync_engine, "handle_error", _drop_dead_connections)
+    event.listen(engine.sync_engine.pool, "checkout", _skip_closed_connections)
     return engine
 
 
@@ -263,9 +274,23 @@ class Database:
 
         A SQLite file locked past the busy timeout raises :class:`QueueUnavailable`.
         """
+        async with self._locked_as_unavailable(), self.sessions() as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[AsyncConnection]:
+        """A connection on which each statement commits by itself: for writes that are one
+        statement (atomic on its own), it saves the round trips of a BEGIN and a COMMIT.
+
+        A SQLite file locked past the busy timeout raises :class:`QueueUnavailable`.
+        """
+        async with self._locked_as_unavailable(), self.engine.connect() as connection:
+            yield await connection.execution_options(isolation_level="AUTOCOMMIT")
+
+    @asynccontextmanager
+    async def _locked_as_unavailable(self) -> AsyncIterator[None]:
         try:
-            async with self.sessions() as session, session.begin():
-                yield session
+            yield
         except OperationalError as exc:
             if self.backend == "sqlite" and is_locked(exc):
                 raise QueueUnavailable() from exc

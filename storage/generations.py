@@ -6,11 +6,13 @@ Functions take an :class:`AsyncSession` so that callers decide the transaction
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import Table, Update, bindparam, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload
 
@@ -121,17 +123,22 @@ def _check_id(what: str, row_id: int) -> None:
         raise NotFound(f"There is no {what} {row_id}; check the id.")
 
 
+# One round trip: the row joined to its few images and styles (at most a grid's images
+# times a recipe's styles rows), where selectinload would take three. Built once: a
+# worker reads a generation twice per job, and building the statement costs more than
+# running it.
+_GET_GENERATION = (
+    select(Generation)
+    .where(Generation.id == bindparam("generation_id"))
+    .options(joinedload(Generation.images), joinedload(Generation.styles))
+    .execution_options(populate_existing=True)
+)
+
+
 async def get_generation(session: AsyncSession, generation_id: int) -> Generation:
     """The generation with its images; :class:`NotFound` with a sentence if absent."""
     _check_id("generation", generation_id)
-    # One round trip: the row joined to its few images and styles (at most a grid's
-    # images times a recipe's styles rows), where selectinload would take three.
-    result = await session.execute(
-        select(Generation)
-        .where(Generation.id == generation_id)
-        .options(joinedload(Generation.images), joinedload(Generation.styles))
-        .execution_options(populate_existing=True)
-    )
+    result = await session.execute(_GET_GENERATION, {"generation_id": generation_id})
     generation = result.unique().scalar_one_or_none()
     if generation is None:
         raise NotFound(f"There is no generation {generation_id}; check the id.")
@@ -161,29 +168,16 @@ async def transition(
     The move is one conditional UPDATE, so two workers racing for the same row
     cannot both win: the loser sees the winner's status and gets the exception.
     """
-    sources = [s for s, targets in ALLOWED_TRANSITIONS.items() if target in targets]
     now = utcnow()
-    values: dict[str, object] = {"status": target}
-    if target is S.RUNNING:
-        values |= {
-            "started_at": now,
-            "attempts": Generation.attempts + 1,
-            "worker_name": worker_name,
-            "finished_at": None,
-        }
-    elif target is S.QUEUED:
-        values |= {"worker_name": None, "started_at": None}
-    else:
-        values["finished_at"] = now
+    parameters: dict[str, object] = {"generation_id": generation_id, "now": now}
+    if worker_name is not None:
+        parameters["worker_name"] = worker_name
     if error is not None:
-        values["error"] = error
+        parameters["error"] = error
     if recipe is not None:
-        values["recipe"] = recipe
+        parameters["recipe"] = recipe
     result = await session.execute(
-        update(Generation)
-        .where(Generation.id == generation_id, Generation.status.in_(sources))
-        .values(**values)
-        .execution_options(synchronize_session=False)
+        _transition_statement(target, tuple(sorted(parameters))), parameters
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         current = await session.scalar(
@@ -193,6 +187,36 @@ async def transition(
             raise NotFound(f"There is no generation {generation_id}; check the id.")
         raise IllegalTransition(generation_id, current.value, target.value)
     return await get_generation(session, generation_id)
+
+
+@functools.cache
+def _transition_statement(target: GenerationStatus, parameters: tuple[str, ...]) -> Update:
+    """The conditional UPDATE of :func:`transition`, with these bound parameters; built
+    once for each, as building it costs more than running it."""
+    table = cast(Table, Generation.__table__)
+    sources = [s for s, targets in ALLOWED_TRANSITIONS.items() if target in targets]
+    values: dict[str, object] = {"status": target}
+    if target is S.RUNNING:
+        values |= {
+            "started_at": bindparam("now", type_=table.c.started_at.type),
+            "attempts": table.c.attempts + 1,
+            "worker_name": bindparam("worker_name", type_=table.c.worker_name.type)
+            if "worker_name" in parameters
+            else None,
+            "finished_at": None,
+        }
+    elif target is S.QUEUED:
+        values |= {"worker_name": None, "started_at": None}
+    else:
+        values["finished_at"] = bindparam("now", type_=table.c.finished_at.type)
+    for optional in ("error", "recipe"):
+        if optional in parameters:
+            values[optional] = bindparam(optional, type_=table.c[optional].type)
+    return (
+        update(table)
+        .where(table.c.id == bindparam("generation_id"), table.c.status.in_(sources))
+        .values(**values)
+    )
 
 
 async def image_is_private(session: AsyncSession, image_id: int) -> bool:

@@ -3,7 +3,7 @@ images), kept in the blob store and recorded here; the web gallery only reads th
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
@@ -34,21 +34,33 @@ async def record_thumbnails(
     session: AsyncSession, image_id: int, thumbnails: Iterable[NewThumbnail]
 ) -> None:
     """Record an image's thumbnails; one recorded already (a backfill racing the worker) stays."""
+    await record_images_thumbnails(session, {image_id: thumbnails})
+
+
+async def record_images_thumbnails(
+    session: AsyncSession, thumbnails: Mapping[int, Iterable[NewThumbnail]]
+) -> None:
+    """:func:`record_thumbnails` for several images (by image id), in one statement."""
+    now = utcnow()
+    rows = [
+        {
+            "image_id": image_id,
+            "size": thumbnail.size,
+            "blob_key": thumbnail.blob_key,
+            "width": thumbnail.width,
+            "height": thumbnail.height,
+            "created_at": now,
+        }
+        for image_id, made in thumbnails.items()
+        for thumbnail in made
+    ]
+    if not rows:
+        return
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    for thumbnail in thumbnails:
-        await session.execute(
-            insert(Thumbnail)
-            .values(
-                image_id=image_id,
-                size=thumbnail.size,
-                blob_key=thumbnail.blob_key,
-                width=thumbnail.width,
-                height=thumbnail.height,
-                created_at=utcnow(),
-            )
-            .on_conflict_do_nothing(index_elements=["image_id", "size"])
-        )
+    await session.execute(
+        insert(Thumbnail).values(rows).on_conflict_do_nothing(index_elements=["image_id", "size"])
+    )
 
 
 async def images_missing_thumbnails(
