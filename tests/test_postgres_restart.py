@@ -1,14 +1,16 @@
 """The scaled mode survives PostgreSQL restarts: a throwaway server of its own, restarted
 (``pg_ctl restart -m fast``) while jobs are queued, running and finishing, then stopped
-for a while. Two real ``imagine worker`` processes; the real discord.py client (in this
-process) against the fake Discord.
+for a while. Real processes: ``imagine bot`` (scaled mode) against the fake Discord
+served by this test, two ``imagine worker`` processes and the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,18 +22,13 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import selectinload
 
-from bot.app import ImagineBot
-from bot.deployment import open_deployment
-from bot.services import Services
-from generation.styles import StyleRegistry
 from storage.blobs import DatabaseBlobStore
 from storage.database import Database
 from storage.errors import QueueUnavailable
-from storage.families import FAMILIES
 from storage.models import Generation, GenerationStatus
 from storage.models import Worker as WorkerRow
-from storage.settings import Settings
 from tests.fake_discord import ALICE, BOB, MOD, FakeDiscord, Interaction, user
+from tests.test_bot_cli import SHIM
 from tests.test_worker_processes import start_worker
 from tests.throwaway_postgres import ThrowawayPostgres, required_bin_dir
 
@@ -83,156 +80,200 @@ def results_posted(fake: FakeDiscord, message_id: int) -> int:
     return sum(1 for state in states if state["components"])
 
 
+def start_bot(url: URL, fake: FakeDiscord, data_dir: Path) -> subprocess.Popen[str]:
+    """``imagine bot`` in the scaled mode against ``fake``; its log in data_dir/bot.log."""
+    shim = data_dir / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SHIM)
+    (data_dir / "styles").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGINE_")}
+    env |= {
+        "PYTHONPATH": os.pathsep.join([str(shim), str(Path(__file__).parent.parent)]),
+        "FAKE_DISCORD_API": f"{fake.base}/api/v10",
+        "FAKE_DISCORD_GATEWAY": f"ws://127.0.0.1:{fake.port}/gateway",
+        "DISCORD_TOKEN": "fake-token",
+        "IMAGINE_DATABASE_URL": url.render_as_string(hide_password=False),
+        "IMAGINE_DATA_DIR": str(data_dir),
+        "IMAGINE_STYLES_DIR": str(data_dir / "styles"),
+        "IMAGINE_MODEL": "tiny",
+        "IMAGINE_MAX_RUNNING_PER_USER": "1",
+        "IMAGINE_MAX_QUEUED_PER_USER": "10",
+        "IMAGINE_WORKER_STALE_SECONDS": "10",
+        "IMAGINE_WEB_PORT": "0",
+        "HF_HUB_OFFLINE": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "bot"],
+        env=env,
+        cwd=Path(__file__).parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=(data_dir / "bot.log").open("a"),
+        text=True,
+    )
+
+
 async def test_a_restarted_and_a_stopped_server_lose_no_job_and_answer_every_member(
     tmp_path: Path,
 ) -> None:
     async with own_server() as (server, url):
-        logs = {name: tmp_path / f"{name}.log" for name in WORKERS}
+        names = ("bot", *WORKERS)
+        logs = {name: tmp_path / f"{name}.log" for name in names}
 
         def report() -> str:
-            parts = [f"--- {name}.log ---\n{log.read_text()[-8000:]}" for name, log in logs.items()]
+            parts = [
+                f"--- {name}.log ---\n{log.read_text()[-8000:]}"
+                for name, log in logs.items()
+                if log.exists()
+            ]
             return "\n".join([*parts, f"--- postgres.log ---\n{server.log_tail()}"])
 
         workers = [start_worker(url, name, tmp_path, stale_seconds=10) for name in WORKERS]
         fake = FakeDiscord()
         await fake.start()
-        fake.install()
-        settings = Settings(
-            data_dir=tmp_path,
-            database_url=url.render_as_string(hide_password=False),
-            model="tiny",
-            styles_dir=tmp_path / "styles",
-            max_running_per_user=1,
-            max_queued_per_user=10,
-            worker_stale_seconds=10,
-        )
-        (tmp_path / "styles").mkdir()
-        bot: ImagineBot | None = None
+        bot: subprocess.Popen[str] | None = None
+        database = Database(url)
         try:
-            async with open_deployment(settings) as deployment:
-                services = Services.for_deployment(
-                    deployment,
-                    StyleRegistry.from_folder(tmp_path / "styles"),
-                    FAMILIES["tiny-sd"],
-                    progress_interval=0.05,
-                )
-                bot = ImagineBot(services)
-                await bot.login("fake-token")
-                connecting = asyncio.create_task(bot.connect(reconnect=False))
-                await asyncio.wait_for(bot.wait_until_ready(), 20)
-                database = deployment.database
+            bot = start_bot(url, fake, tmp_path)
 
-                async def workers_ready() -> bool:
-                    async with database.session() as session:
-                        beating = await session.scalars(select(WorkerRow.name))
-                        return set(beating) == set(WORKERS)
+            async def bot_ready() -> bool:
+                assert bot is not None and bot.poll() is None, f"imagine bot exited\n{report()}"
+                return "ready as imagine" in logs["bot"].read_text()
 
-                # Loading torch and warming up is slow on a busy CI machine; not under test.
-                await until(workers_ready, "both workers to start", 240, report)
+            await until(bot_ready, "imagine bot to be ready", 60, report)
 
-                async def rows() -> list[Generation]:
-                    async with database.session() as session:
-                        found = await session.scalars(
-                            select(Generation)
-                            .options(selectinload(Generation.images))
-                            .order_by(Generation.id)
-                        )
-                        return list(found)
-
-                asked: list[Interaction] = []
-                for number in range(6):
-                    asked.append(
-                        await fake.slash(
-                            "imagine",
-                            by=MEMBERS[number % len(MEMBERS)],
-                            options={"prompt": f"a lighthouse number {number} --steps 4"},
-                        )
-                    )
-                    if number < len(MEMBERS):  # a member's first job creates their record
-
-                        async def recorded(count: int = number + 1) -> bool:
-                            return len(await rows()) == count
-
-                        await until(recorded, "the first job of a member", 20, report)
-
-                async def mid_run() -> bool:
-                    statuses = [row.status for row in await rows()]
-                    return (
-                        len(statuses) == len(asked)
-                        and S.RUNNING in statuses
-                        and S.QUEUED in statuses
-                        and S.SUCCEEDED in statuses
-                    )
-
-                await until(mid_run, "jobs queued, running and finished at once", 120, report)
-                await asyncio.to_thread(server.restart)
-
-                async def all_delivered() -> bool:
-                    found = await rows()
-                    return len(found) == len(asked) and all(
-                        row.delivered_at is not None for row in found
-                    )
-
-                await until(all_delivered, "every result delivered", 180, report)
-                await bot.delivery.idle()
-                for worker, name in zip(workers, WORKERS, strict=True):
-                    assert worker.poll() is None, f"worker {name} exited\n{report()}"
-
-                # The server is down: /imagine answers with a sentence, and works again after.
-                await asyncio.to_thread(server.shut_down)
-                during = await fake.slash(
-                    "imagine", by=ALICE, options={"prompt": "a boat in the outage --steps 4"}
-                )
-                said = await fake.wait_for(
-                    lambda: fake.said_privately(during), within=30, what="an answer"
-                )
-                assert said == str(QueueUnavailable())
-                await asyncio.to_thread(server.start_again)
-                after = await fake.slash(
-                    "imagine", by=BOB, options={"prompt": "a boat after the outage --steps 4"}
-                )
-                asked.append(after)
-
-                await until(all_delivered, "the result after the outage", 120, report)
-                await bot.delivery.idle()
-                found = await rows()
-                assert len(found) == len(asked), [row.id for row in found]
-                blobs = DatabaseBlobStore(database)
-                # Each /imagine's own message holds exactly one generation.
-                assert sorted(row.message_id or 0 for row in found) == sorted(
-                    interaction.original_id or -1 for interaction in asked
-                )
-                for row in found:
-                    assert row.status is S.SUCCEEDED, (row.id, row.status, row.error, report())
-                    assert row.attempts <= 2, (row.id, row.attempts)
-                    assert sorted(image.index for image in row.images) == list(range(4))
-                    for image in row.images:
-                        assert await blobs.get(image.blob_key)
-                    assert row.grid_blob_key is not None and await blobs.get(row.grid_blob_key)
-                    assert row.message_id is not None
-                    assert results_posted(fake, row.message_id) == 1, row.id
+            async def workers_ready() -> bool:
                 async with database.session() as session:
-                    jobs = set(
-                        await session.scalars(
-                            text("SELECT DISTINCT status FROM procrastinate_jobs")
+                    beating = await session.scalars(select(WorkerRow.name))
+                    return set(beating) == set(WORKERS)
+
+            # Loading torch and warming up is slow on a busy CI machine; not under test.
+            await until(workers_ready, "both workers to start", 240, report)
+
+            async def rows() -> list[Generation]:
+                async with database.session() as session:
+                    found = await session.scalars(
+                        select(Generation)
+                        .options(selectinload(Generation.images))
+                        .order_by(Generation.id)
+                    )
+                    return list(found)
+
+            asked: list[Interaction] = []
+            for number in range(6):
+                asked.append(
+                    await fake.slash(
+                        "imagine",
+                        by=MEMBERS[number % len(MEMBERS)],
+                        options={"prompt": f"a lighthouse number {number} --steps 4"},
+                    )
+                )
+                if number < len(MEMBERS):  # a member's first job creates their record
+
+                    async def recorded(count: int = number + 1) -> bool:
+                        return len(await rows()) == count
+
+                    await until(recorded, "the first job of a member", 20, report)
+
+            async def mid_run() -> bool:
+                statuses = [row.status for row in await rows()]
+                return (
+                    len(statuses) == len(asked)
+                    and S.RUNNING in statuses
+                    and S.QUEUED in statuses
+                    and S.SUCCEEDED in statuses
+                )
+
+            await until(mid_run, "jobs queued, running and finished at once", 120, report)
+            await asyncio.to_thread(server.restart)
+
+            async def all_delivered() -> bool:
+                found = await rows()
+                return (
+                    len(found) == len(asked)
+                    and all(row.delivered_at is not None for row in found)
+                    # delivered_at is written once the result is posted; the bot's own
+                    # edits still in flight then have landed when the fake shows them.
+                    and all(
+                        row.message_id is not None and results_posted(fake, row.message_id)
+                        for row in found
+                    )
+                )
+
+            # The bot's LISTEN reconnects by itself: results finished after the restart arrive.
+            await until(all_delivered, "every result delivered", 180, report)
+            assert bot.poll() is None, f"imagine bot exited\n{report()}"
+            for worker, name in zip(workers, WORKERS, strict=True):
+                assert worker.poll() is None, f"worker {name} exited\n{report()}"
+
+            # The server is down: /imagine answers with a sentence, and works again after.
+            await asyncio.to_thread(server.shut_down)
+            during = await fake.slash(
+                "imagine", by=ALICE, options={"prompt": "a boat in the outage --steps 4"}
+            )
+            said = await fake.wait_for(
+                lambda: fake.said_privately(during), within=30, what="an answer"
+            )
+            assert said == str(QueueUnavailable())
+            await asyncio.to_thread(server.start_again)
+            after = await fake.slash(
+                "imagine", by=BOB, options={"prompt": "a boat after the outage --steps 4"}
+            )
+            asked.append(after)
+
+            await until(all_delivered, "the result after the outage", 120, report)
+            assert bot.poll() is None, f"imagine bot exited after the outage\n{report()}"
+
+            async def bot_listens_again() -> bool:
+                # Only the bot LISTENs for job events, and every backend is new since the
+                # server came back: this one is the bot's listener, reconnected by itself.
+                async with database.session() as session:
+                    listening = await session.scalar(
+                        text(
+                            "SELECT count(*) FROM pg_stat_activity"
+                            " WHERE query ILIKE 'LISTEN %imagine_events%'"
                         )
                     )
-                # Nothing left to run or stuck "doing" under a worker that lost the database.
-                assert jobs <= {"succeeded", "failed"}, (jobs, report())
+                    return bool(listening)
+
+            await until(bot_listens_again, "the bot's LISTEN after the outage", 30, report)
+            found = await rows()
+            assert len(found) == len(asked), [row.id for row in found]
+            blobs = DatabaseBlobStore(database)
+            # Each /imagine's own message holds exactly one generation.
+            assert sorted(row.message_id or 0 for row in found) == sorted(
+                interaction.original_id or -1 for interaction in asked
+            )
+            for row in found:
+                assert row.status is S.SUCCEEDED, (row.id, row.status, row.error, report())
+                assert row.attempts <= 2, (row.id, row.attempts)
+                assert sorted(image.index for image in row.images) == list(range(4))
+                for image in row.images:
+                    assert await blobs.get(image.blob_key)
+                assert row.grid_blob_key is not None and await blobs.get(row.grid_blob_key)
+                assert row.message_id is not None
+                assert results_posted(fake, row.message_id) == 1, row.id
+            async with database.session() as session:
+                jobs = set(
+                    await session.scalars(text("SELECT DISTINCT status FROM procrastinate_jobs"))
+                )
+            # Nothing left to run or stuck "doing" under a worker that lost the database.
+            assert jobs <= {"succeeded", "failed"}, (jobs, report())
+            for worker, name in zip(workers, WORKERS, strict=True):
+                assert worker.poll() is None, f"worker {name} exited\n{report()}"
         finally:
-            if bot is not None:
-                await bot.close()
-                await asyncio.gather(connecting, return_exceptions=True)
-            fake.uninstall()
-            await fake.stop()
-            for worker in workers:
-                if worker.poll() is None:
-                    worker.send_signal(signal.SIGTERM)
-            for worker in workers:
+            processes = [p for p in (bot, *workers) if p is not None]
+            for process in processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            for process in processes:
                 try:
-                    worker.wait(timeout=30)
+                    await asyncio.to_thread(process.wait, 30)
                 except subprocess.TimeoutExpired:
-                    worker.kill()
+                    process.kill()
+                    process.wait()
+            await fake.stop()
+            await database.dispose()
+        assert bot.returncode == 0, f"imagine bot: exit {bot.returncode}\n{report()}"
         for worker in workers:
             assert worker.returncode == 0, report()
 
