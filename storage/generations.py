@@ -13,6 +13,8 @@ from datetime import datetime
 from typing import cast
 
 from sqlalchemy import Table, Update, bindparam, func, select, text, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload
 
@@ -65,10 +67,19 @@ class NewImage:
 
 async def ensure_user(session: AsyncSession, user_id: int) -> User:
     user = await session.get(User, user_id)
-    if user is None:
-        user = User(id=user_id, settings={})
-        session.add(user)
-        await session.flush()
+    if user is not None:
+        return user
+    # A new member's first commands may arrive together: each transaction finds no row,
+    # and a plain INSERT in all but one would fail on the key (the member saw silence).
+    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    await session.execute(
+        insert(User)
+        .values(id=user_id, settings={}, created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=[User.id])
+    )
+    user = await session.get(User, user_id)
+    if user is None:  # cannot happen: the row is ours or a committed one
+        raise NotFound(f"User {user_id} could not be recorded.")
     return user
 
 

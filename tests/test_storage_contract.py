@@ -377,3 +377,22 @@ async def test_a_failed_transaction_leaves_nothing_behind(database: Database) ->
             raise RuntimeError("crash before commit")
     async with database.session() as session:
         assert list(await session.scalars(select(Generation))) == []
+
+
+async def test_a_new_member_s_first_commands_at_once_both_find_their_user_row(
+    database: Database,
+) -> None:
+    """Two first commands of a new member, each in its own transaction: neither fails on
+    the other's row (on PostgreSQL both used to insert it, and one died on the key)."""
+    newcomer = 7_000_000_000_000_001
+
+    async def first_command() -> int:
+        async with database.session() as session:
+            user = await ensure_user(session, newcomer)
+            await asyncio.sleep(0.05)  # both transactions open at once
+            return user.id
+
+    assert await asyncio.gather(*(first_command() for _ in range(4))) == [newcomer] * 4
+    async with database.session() as session:
+        assert await session.scalar(select(func.count()).select_from(User)) >= 1
+        assert await session.get(User, newcomer) is not None
