@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from sqlalchemy import delete, select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 
 from storage.errors import BlobNotFound, BlobStoreFull, ConfigError
@@ -161,6 +159,7 @@ class DatabaseBlobStore:
         return (await self.put_many([data]))[0]
 
     async def put_many(self, datas: Sequence[bytes]) -> list[str]:
+        from storage.database import insert_or_ignore
         from storage.models import Blob, utcnow
 
         keys = [blob_key(data) for data in datas]
@@ -170,19 +169,18 @@ class DatabaseBlobStore:
         now = utcnow()
         try:
             async with self.database.autocommit() as connection:
-                dialect = connection.dialect.name
-                insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
                 # One statement, so one transaction of its own: the same bytes stored already
                 # (or concurrently) have the same key and the same data; the existing row stands.
                 await connection.execute(
-                    insert(Blob)
-                    .values(
+                    insert_or_ignore(
+                        connection.dialect.name,
+                        Blob,
                         [
                             {"key": key, "data": data, "size": len(data), "created_at": now}
                             for key, data in rows.items()
-                        ]
+                        ],
+                        [Blob.key],
                     )
-                    .on_conflict_do_nothing(index_elements=[Blob.key])
                 )
         except DBAPIError as exc:
             if _disk_full(exc):

@@ -11,12 +11,13 @@ import errno
 import math
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.ext.asyncio import (
@@ -40,6 +41,15 @@ _DRIVERS = {
     "postgres": "postgresql+asyncpg",
     "postgresql+asyncpg": "postgresql+asyncpg",
 }
+
+
+def insert_or_ignore(
+    dialect: str, table: Any, values: Any, conflict: Sequence[Any]
+) -> postgresql.Insert | sqlite.Insert:
+    """``INSERT … ON CONFLICT (conflict) DO NOTHING`` in ``dialect`` (PostgreSQL or SQLite):
+    a row that is there already, or arrives concurrently, stands."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(table).values(values).on_conflict_do_nothing(index_elements=conflict)
 
 
 def parse_database_url(raw: str) -> URL:

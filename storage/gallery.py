@@ -11,9 +11,9 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Select, delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage.database import insert_or_ignore
 from storage.generations import ensure_user, get_image
 from storage.models import Generation, GenerationStatus, GenerationStyle, Image, Like, utcnow
 from storage.recipe import Recipe
@@ -64,13 +64,13 @@ async def like(session: AsyncSession, user_id: int, image_id: int) -> int:
     """Record that ``user_id`` likes the image (once); returns the image's like count."""
     await get_image(session, image_id)
     await ensure_user(session, user_id)
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     added = await session.scalar(
-        insert(Like)
-        .values(user_id=user_id, image_id=image_id, created_at=utcnow())
-        .on_conflict_do_nothing(index_elements=["user_id", "image_id"])
-        .returning(Like.image_id)
+        insert_or_ignore(
+            session.get_bind().dialect.name,
+            Like,
+            {"user_id": user_id, "image_id": image_id, "created_at": utcnow()},
+            ["user_id", "image_id"],
+        ).returning(Like.image_id)
     )
     if added is None:  # liked already, perhaps a moment ago by a second click
         return await like_count(session, image_id)

@@ -13,11 +13,10 @@ from datetime import datetime
 from typing import cast
 
 from sqlalchemy import Table, Update, bindparam, func, select, text, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload
 
+from storage.database import insert_or_ignore
 from storage.errors import IllegalTransition, NotFound
 from storage.models import (
     Generation,
@@ -71,11 +70,13 @@ async def ensure_user(session: AsyncSession, user_id: int) -> User:
         return user
     # A new member's first commands may arrive together: each transaction finds no row,
     # and a plain INSERT in all but one would fail on the key (the member saw silence).
-    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     await session.execute(
-        insert(User)
-        .values(id=user_id, settings={}, created_at=utcnow())
-        .on_conflict_do_nothing(index_elements=[User.id])
+        insert_or_ignore(
+            session.get_bind().dialect.name,
+            User,
+            {"id": user_id, "settings": {}, "created_at": utcnow()},
+            [User.id],
+        )
     )
     user = await session.get(User, user_id)
     if user is None:  # cannot happen: the row is ours or a committed one

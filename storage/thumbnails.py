@@ -7,9 +7,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from storage.database import insert_or_ignore
 from storage.models import Generation, GenerationStatus, Image, Thumbnail, utcnow
 
 # Longest side in pixels: cards in the gallery grid, and the image page's picture.
@@ -56,10 +56,8 @@ async def record_images_thumbnails(
     ]
     if not rows:
         return
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     await session.execute(
-        insert(Thumbnail).values(rows).on_conflict_do_nothing(index_elements=["image_id", "size"])
+        insert_or_ignore(session.get_bind().dialect.name, Thumbnail, rows, ["image_id", "size"])
     )
 
 
