@@ -26,14 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.engine_overhead import interleaved, save_full_size
-from generation.compiled import CompilePlan, compiled_graphs, plan_compile
-from generation.engine import Engine
-from generation.loading import load_model
-from generation.styles import StyleRegistry
-from generation.tiny import build_tiny_lora
-from storage.recipe import Recipe, StyleRef
-from storage.settings import Settings
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as `python bench/compile.py`, like the other benches
+
+from bench.engine_overhead import interleaved, save_full_size, write_styles  # noqa: E402
+from generation.compiled import CompilePlan, compiled_graphs, plan_compile  # noqa: E402
+from generation.engine import Engine  # noqa: E402
+from generation.loading import load_model  # noqa: E402
+from generation.styles import StyleRegistry  # noqa: E402
+from storage.recipe import Recipe, StyleRef  # noqa: E402
+from storage.settings import Settings  # noqa: E402
 
 STYLE_RANKS = {"first": 4, "second": 8, "third": 16}
 
@@ -62,14 +64,7 @@ def main() -> int:
     steps = args.steps or (4 if args.arch == "tiny" else 20)
 
     styles_dir = work / "styles"
-    styles_dir.mkdir()
-    for seed, (name, rank) in enumerate(STYLE_RANKS.items(), start=1):
-        build_tiny_lora(
-            eager_model.pipe.unet, styles_dir / f"{name}.safetensors", seed=seed, rank=rank
-        )
-        (styles_dir / f"{name}.toml").write_text(
-            f'name = "{name}"\nlora = "{name}.safetensors"\nbase_model_family = "{family.name}"\n'
-        )
+    write_styles(eager_model.pipe.unet, styles_dir, family.name, STYLE_RANKS)
     registry = StyleRegistry.from_folder(styles_dir)
     eager = Engine(eager_model, styles=registry)
     plan = plan_compile("on", eager_model.device)

@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -131,6 +132,16 @@ def save_full_size(arch: str, folder: Path) -> Path:
     return folder
 
 
+def write_styles(unet: Any, styles_dir: Path, family: str, ranks: dict[str, int]) -> None:
+    """A random LoRA of each rank in ``ranks`` and its style file, in a new ``styles_dir``."""
+    styles_dir.mkdir()
+    for seed, (name, rank) in enumerate(ranks.items(), start=1):
+        build_tiny_lora(unet, styles_dir / f"{name}.safetensors", seed=seed, rank=rank)
+        (styles_dir / f"{name}.toml").write_text(
+            f'name = "{name}"\nlora = "{name}.safetensors"\nbase_model_family = "{family}"\n'
+        )
+
+
 def median_seconds(run: Callable[[], object], repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
@@ -175,12 +186,7 @@ def main() -> int:
     steps = args.steps or (4 if args.arch == "tiny" else 20)
 
     styles_dir = work / "styles"
-    styles_dir.mkdir()
-    for seed, name in enumerate(("first", "second"), start=1):
-        build_tiny_lora(loaded.pipe.unet, styles_dir / f"{name}.safetensors", seed=seed)
-        (styles_dir / f"{name}.toml").write_text(
-            f'name = "{name}"\nlora = "{name}.safetensors"\nbase_model_family = "{family.name}"\n'
-        )
+    write_styles(loaded.pipe.unet, styles_dir, family.name, {"first": 4, "second": 4})
     engine = Engine(loaded, styles=StyleRegistry.from_folder(styles_dir))
     recipe = Recipe(
         model=settings.model,
