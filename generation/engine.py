@@ -200,7 +200,7 @@ class Engine:
             upscale_tile=settings.upscale_tile,
             upscaler=upscaler,
             lora_folder=settings.data_dir / "lora-cache",
-            compile_plan=plan_compile(settings.compile, loaded.device),
+            compile_plan=plan_compile(settings.compile, loaded.device, loaded.offload),
             lora_slots=settings.lora_slots,
             lora_max_rank=settings.lora_max_rank,
         )
@@ -233,6 +233,7 @@ class Engine:
                 "model_hash": self.model_hash,
                 "model_family": self.family.name,
                 "dtype": str(self.loaded.dtype).removeprefix("torch."),
+                "quantization": self.loaded.quantization,
                 "versions": self._versions,
                 "styles": styles,
                 "sampler": self.default_sampler

@@ -21,6 +21,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
+from generation.memory import check_offload, place, quantize_weights, recipe_quantization
 from generation.tiny import TINY_MODELS, ensure_tiny_model
 from storage.errors import ConfigError, ImagineError
 from storage.families import FAMILIES, ModelFamily
@@ -53,6 +54,8 @@ class LoadedModel:
     model_hash: str
     device: torch.device
     dtype: torch.dtype
+    quantization: str | None = None  # IMAGINE_QUANTIZE, as the recipe records it
+    offload: str = "none"  # IMAGINE_OFFLOAD
 
 
 def pick_device(setting: str) -> torch.device:
@@ -268,6 +271,7 @@ def load_model(settings: Settings, model: str | None = None) -> LoadedModel:
     quiet_libraries()
     source = resolve_source(model or settings.model, settings)
     device = pick_device(settings.device)
+    check_offload(settings.offload, device)
     dtype = pick_dtype(settings.dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if source.kind == "single_file":
@@ -280,7 +284,11 @@ def load_model(settings: Settings, model: str | None = None) -> LoadedModel:
             raise _unreadable(source.path, exc) from None
     else:
         pipe = AutoPipelineForText2Image.from_pretrained(str(source.path), **kwargs)
-    pipe.to(device)
+    if settings.offload == "none":
+        pipe.to(device)  # quantised where the kernels will run
+    quantize_weights(pipe, settings.quantize)
+    if settings.offload != "none":
+        place(pipe, device, settings.offload)
     pipe.set_progress_bar_config(disable=True)
     family = detect_family(pipe, source)
     return LoadedModel(
@@ -290,4 +298,6 @@ def load_model(settings: Settings, model: str | None = None) -> LoadedModel:
         model_hash=model_hash(source, settings.data_dir / "cache"),
         device=device,
         dtype=dtype,
+        quantization=recipe_quantization(settings.quantize),
+        offload=settings.offload,
     )

@@ -35,6 +35,8 @@ def a1111_parameters(recipe: Recipe, sampler: str | None = None) -> str:
     if recipe.model_hash:
         fields.append(f"Model hash: {recipe.model_hash}")
     fields.append(f"Model: {recipe.model}")
+    if recipe.quantization:  # Forge's field for weights run in fewer bits
+        fields.append(f"Diffusion in Low Bits: {recipe.quantization}")
     if recipe.strength is not None:
         fields.append(f"Denoising strength: {recipe.strength:g}")
     if recipe.styles:

@@ -76,6 +76,10 @@ class Recipe(BaseModel):
     )
     scale: int | None = Field(default=None, ge=2, le=4, description="Upscale factor.")
     dtype: str | None = None
+    quantization: str | None = Field(
+        default=None,
+        description="Weight quantisation the model ran with (int8, float8); None: its dtype.",
+    )
     versions: dict[str, str] = Field(
         default_factory=dict, description="Library versions the generation ran with."
     )

@@ -179,6 +179,20 @@ class Settings(BaseSettings):
             "auto is on with CUDA, off on CPU and MPS."
         ),
     )
+    offload: Literal["none", "model", "sequential"] = Field(
+        default="none",
+        description=(
+            "Keep weights in CPU memory until the GPU needs them: model moves one part at a "
+            "time (a little slower), sequential one layer at a time (much slower, least memory)."
+        ),
+    )
+    quantize: Literal["none", "int8", "float8"] = Field(
+        default="none",
+        description=(
+            "Weight-only quantisation of the denoiser and T5 through torchao: about half the "
+            "memory of bf16, different pixels (recipes record it); float8 needs an L4/L40/H100."
+        ),
+    )
     preview_every: int = Field(
         default=5, ge=1, description="Steps between two progress preview images."
     )

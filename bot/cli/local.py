@@ -334,7 +334,8 @@ def _show(args: argparse.Namespace) -> int:
         if generation.error:
             print(f"error: {generation.error}")
         print(f"prompt: {format_recipe(recipe)}")
-        print(f"model: {recipe.model} (hash {recipe.model_hash or 'unknown'})")
+        low_bits = f", {recipe.quantization} weights" if recipe.quantization else ""
+        print(f"model: {recipe.model} (hash {recipe.model_hash or 'unknown'}{low_bits})")
         print(f"size: {recipe.width}x{recipe.height}, steps {recipe.steps}, cfg {recipe.guidance}")
         for image in generation.images:
             blobs = deployment.blobs
