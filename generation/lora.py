@@ -289,7 +289,10 @@ def slot_targets(denoiser: Any) -> list[str]:
     blocks, where LoRAs trained for Stable Diffusion put their weights."""
     names = []
     for name, module in denoiser.named_modules():
-        inside = ".attentions." in name or name.startswith("transformer_blocks")
+        # UNet attention blocks; SD3's and FLUX's (double and single stream) blocks.
+        inside = ".attentions." in name or name.startswith(
+            ("transformer_blocks", "single_transformer_blocks")
+        )
         if not inside:
             continue
         if isinstance(module, torch.nn.Linear) or (

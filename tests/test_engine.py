@@ -132,8 +132,8 @@ def _final_latents(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[torc
     captured: list[torch.Tensor] = []
     original = engine._step_callback
 
-    def recording(progress: object, cancel: object) -> object:
-        inner = original(progress, cancel)  # type: ignore[arg-type]
+    def recording(progress: object, cancel: object, **how: object) -> object:
+        inner = original(progress, cancel, **how)  # type: ignore[arg-type]
 
         def on_step_end(pipe: object, step: int, t: object, tensors: dict) -> dict:
             if step + 1 == pipe.num_timesteps:  # type: ignore[attr-defined]

@@ -160,6 +160,23 @@ def test_the_exact_t5_count_refuses_what_the_word_count_let_through(
         family_engine.txt2img(_recipe(family_engine, prompt=prompt))
 
 
+@pytest.mark.parametrize("model", NEW_MODELS)
+def test_a_compiled_worker_style_slots_take_a_transformer_lora(model: str, tmp_path: Path) -> None:
+    from generation.lora import LoraSlots
+    from generation.styles import StyleRegistry
+    from generation.tiny import build_tiny_flux, build_tiny_sd3
+
+    build = build_tiny_flux if model == "tiny-flux" else build_tiny_sd3
+    build_tiny_lora(build().transformer, tmp_path / "l.safetensors", seed=3)
+    (tmp_path / "s.toml").write_text(
+        f'name = "s"\nlora = "l.safetensors"\nbase_model_family = "{model}"\n'
+    )
+    style = StyleRegistry.from_folder(tmp_path).get("s")
+    slots = LoraSlots(build(), slots=1, max_rank=8, cache_size=2)
+    slots.activate([(style, 1.0)])  # FLUX's single-stream blocks are slot targets too
+    assert len(slots.resident) == 1
+
+
 # -- the local CLI ------------------------------------------------------------------------
 
 
