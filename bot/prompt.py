@@ -35,7 +35,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 from storage.errors import ImagineError
-from storage.families import ModelFamily, size_for
+from storage.families import FAMILIES, ModelFamily, size_for
 from storage.recipe import (
     MAX_SEED,
     Recipe,
@@ -346,6 +346,31 @@ def _unknown_flag(name: str) -> PromptError:
     )
 
 
+def _refuse_unhonoured(values: _Values, family: ModelFamily) -> None:
+    """Flags the model family cannot honour, refused with the family's own sentence."""
+    for flag, value in values.items():
+        reason = family.refusal(flag)
+        if reason is not None and not (flag == "sampler" and value == DEFAULT_SAMPLER):
+            raise PromptError(reason, flag=f"--{flag}", value=str(value), allowed="leave it out")
+
+
+def _check_t5_length(prompt: str, family: ModelFamily) -> None:
+    """Refuse a prompt surely longer than the family's T5 reads: every word is at least
+    one token, plus the end-of-text token. The worker counts exactly (styles' words
+    included) and refuses the rest; neither ever cuts a prompt silently."""
+    limit = family.max_sequence_length
+    words = len(prompt.split())
+    if limit is not None and words + 1 > limit:
+        raise PromptError(
+            f"The prompt is {words} words long, but {family.shown_name} reads at most "
+            f"{limit} T5 tokens (a word is a token or more) and Imagine does not cut prompts "
+            f"silently; shorten it to well under {limit - 1} words.",
+            flag="prompt",
+            value=_shown(prompt),
+            allowed=f"at most {limit} T5 tokens",
+        )
+
+
 def _parse_one(
     text: str,
     defaults: PromptDefaults,
@@ -393,8 +418,10 @@ def _parse_one(
             styles[named.index(ref.name)] = ref
         else:
             styles.append(ref)
+    _refuse_unhonoured(values, defaults.family)
     # Only the defaults that apply are checked: a stale one the text replaces refuses nothing.
-    given = set(values) | ({"style"} if styles else set())
+    # A member's default the family cannot honour (their --cfg on FLUX schnell) is left out.
+    given = set(values) | ({"style"} if styles else set()) | set(defaults.family.refused_flags)
     fallback_values, fallback_styles = _typed(
         fallbacks, defaults, known_styles, _TYPED_FLAGS - given
     )
@@ -416,6 +443,7 @@ def _parse_one(
             value=_shown(prompt),
             allowed=f"at most {MAX_PROMPT_LENGTH} characters",
         )
+    _check_t5_length(prompt, defaults.family)
     ratio = values.get("ar")
     assert ratio is None or isinstance(ratio, tuple)
     width, height = size_for(ratio, defaults.family)
@@ -480,7 +508,13 @@ def parse_prompt(
 
 
 def format_recipe(recipe: Recipe) -> str:
-    """The recipe as prompt text; parsing it gives the same recipe back."""
+    """The recipe as prompt text; parsing it gives the same recipe back.
+
+    Flags the recipe's family refuses (``--cfg`` on FLUX schnell) are left out: their
+    values are the family's defaults, which parsing gives back.
+    """
+    family = FAMILIES.get(recipe.model_family or "")
+    refused = family.refused_flags if family is not None else {}
     parts = [recipe.prompt]
     if recipe.aspect_ratio:
         parts.append(f"--ar {recipe.aspect_ratio}")
@@ -488,7 +522,8 @@ def format_recipe(recipe: Recipe) -> str:
     if recipe.negative_prompt:
         parts.append(f"--no {recipe.negative_prompt}")
     parts.append(f"--steps {recipe.steps}")
-    parts.append(f"--cfg {recipe.guidance!r}")
+    if "cfg" not in refused:
+        parts.append(f"--cfg {recipe.guidance!r}")
     if recipe.sampler != DEFAULT_SAMPLER:
         parts.append(f"--sampler {recipe.sampler}")
     parts.extend(f"--style {style.name}:{style.weight!r}" for style in recipe.styles)

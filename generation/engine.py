@@ -8,6 +8,7 @@ text-to-image one. Image *i* of a call gets its own CPU generator seeded
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ from generation.compiled import (
 from generation.loading import LoadedModel, Pipeline, load_model, load_upscaler
 from generation.lora import LoraSet, LoraSlots
 from generation.metadata import encode_png
-from generation.previews import latent_preview, preview_bytes, supports_preview
+from generation.previews import latent_preview, preview_bytes, supports_preview, unpack_latent
 from generation.styles import StyleRegistry, StyleSpec
 from storage.derive import UPSCALE_STRENGTH
 from storage.errors import ImagineError
@@ -171,6 +172,9 @@ class Engine:
             self.loras = LoraSet(self.pipe, lora_cache_size)
         self.img2img_pipe: Pipeline = AutoPipelineForImage2Image.from_pipe(self.pipe)
         self.img2img_pipe.set_progress_bar_config(disable=True)
+        # FLUX's img2img sizes its output from width and height (else 1024 for every
+        # image); the SD pipelines take the size of the image they are given.
+        self._img2img_takes_size = "width" in inspect.signature(self.img2img_pipe).parameters
         self.styles = styles or StyleRegistry()
         # Where LoRAs of styles stored in the database are written before loading.
         self.lora_folder = lora_folder or Path(tempfile.gettempdir()) / "imagine-loras"
@@ -316,8 +320,16 @@ class Engine:
         image = source.convert("RGB").resize(
             (recipe.width, recipe.height), Image.Resampling.LANCZOS
         )
-        extra = {"image": image, "strength": recipe.strength}
+        extra = self._img2img_inputs(image, recipe.strength, recipe.count)
         return self._run(self.img2img_pipe, _at_least_one_step(recipe), extra, progress, cancel)
+
+    def _img2img_inputs(self, image: Image.Image, strength: float, count: int) -> dict[str, Any]:
+        # One copy per image: each is encoded with its own generator, so image i of a batch
+        # is image i alone (and SD3's img2img needs it: it slices the batch per generator).
+        extra: dict[str, Any] = {"image": [image] * count, "strength": strength}
+        if self._img2img_takes_size:
+            extra |= {"width": image.width, "height": image.height}
+        return extra
 
     def upscale(
         self,
@@ -359,7 +371,7 @@ class Engine:
             (detailed,) = self._run(
                 self.img2img_pipe,
                 tile_recipe,
-                {"image": tile, "strength": strength},
+                self._img2img_inputs(tile, strength, 1),
                 tile_progress,
                 cancel,
                 encode=False,
@@ -389,19 +401,21 @@ class Engine:
         if cancel is not None and cancel.cancelled:
             raise GenerationCancelled()
         prompt, negative = self._apply_styles(recipe)
+        text = self._text_inputs(pipe, prompt, negative)
         sampler = self._use_scheduler(pipe, recipe.sampler)
         generators = [
             torch.Generator("cpu").manual_seed(recipe.seed_for(i)) for i in range(recipe.count)
         ]
         result = pipe(
-            prompt=prompt,
-            negative_prompt=negative or None,
             num_images_per_prompt=recipe.count,
             num_inference_steps=recipe.steps,
             guidance_scale=recipe.guidance,
             generator=generators,
-            callback_on_step_end=self._step_callback(progress, cancel),
+            callback_on_step_end=self._step_callback(
+                progress, cancel, size=(recipe.width, recipe.height)
+            ),
             callback_on_step_end_tensor_inputs=["latents"],
+            **text,
             **extra,
         )
         final = self.complete_recipe(recipe)
@@ -422,6 +436,33 @@ class Engine:
             GeneratedImage(index, own.seed, image, png, own)
             for index, (image, own, png) in enumerate(zip(result.images, owns, pngs, strict=True))
         ]
+
+    def _text_inputs(self, pipe: Pipeline, prompt: str, negative: str) -> dict[str, Any]:
+        """The prompt arguments the family takes; refuses what it would drop or cut."""
+        family = self.family
+        text: dict[str, Any] = {"prompt": prompt}
+        if family.negative_prompt:
+            text["negative_prompt"] = negative or None
+        elif negative:
+            raise ImagineError(
+                f"{family.shown_name} has no negative prompt, but this generation has one "
+                f"({_shown(negative)}), probably from a style's negative template; describe "
+                "what you want instead, or use a style made for this model."
+            )
+        if family.max_sequence_length is not None:
+            limit = family.max_sequence_length
+            text["max_sequence_length"] = limit
+            tokenizer = getattr(pipe, family.t5_tokenizer or "", None)
+            if tokenizer is not None:
+                tokens = len(tokenizer(prompt).input_ids)  # with its end-of-text token
+                if tokens > limit:
+                    raise ImagineError(
+                        f"The prompt is {tokens} T5 tokens long (styles' words included); "
+                        f"{family.shown_name} reads at most {limit}, and Imagine does not cut "
+                        f"prompts silently. Shorten it by {tokens - limit} tokens or more "
+                        "(a token is a short word or a piece of a longer one)."
+                    )
+        return text
 
     def _apply_styles(self, recipe: Recipe) -> tuple[str, str]:
         prompt, negative = recipe.prompt, recipe.negative_prompt
@@ -493,10 +534,17 @@ class Engine:
         *,
         total: int | None = None,
         previews: bool = True,
+        size: tuple[int, int] = (0, 0),
     ) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
-        family = self.family.name if previews else ""
+        latent_format = self.family.latent_format if previews else ""
+        packed = self.family.packed_latents
         fixed_total = total
         every = self.preview_every
+
+        def first_latent(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+            if packed:
+                return unpack_latent(latents[0], size, pipe.vae_scale_factor)
+            return latents[0]
 
         def on_step_end(
             pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]
@@ -507,12 +555,17 @@ class Engine:
                 total = fixed_total or int(getattr(pipe, "num_timesteps", 0) or step + 1)
                 done = step + 1
                 preview = None
-                if supports_preview(family) and (done % every == 0) and done < total:
-                    preview = preview_bytes(latent_preview(tensors["latents"][0], family))
+                if supports_preview(latent_format) and (done % every == 0) and done < total:
+                    latent = first_latent(pipe, tensors["latents"])
+                    preview = preview_bytes(latent_preview(latent, latent_format))
                 progress(Progress(done, total, preview))
             return tensors
 
         return on_step_end
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
 def _at_least_one_step(recipe: Recipe) -> Recipe:

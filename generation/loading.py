@@ -14,17 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
-from diffusers import (
-    AutoPipelineForText2Image,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-)
+from diffusers import AutoPipelineForText2Image
 
 from generation.memory import check_offload, place, quantize_weights, recipe_quantization
 from generation.tiny import TINY_MODELS, ensure_tiny_model
 from storage.errors import ConfigError, ImagineError
-from storage.families import FAMILIES, ModelFamily
+from storage.families import (
+    FAMILIES,
+    PIPELINE_FAMILIES,
+    TINY_FAMILIES,
+    ModelFamily,
+    single_file_family,
+    variant_family,
+)
 from storage.settings import Settings
 
 # Only what a pipeline needs: skips root-level single-file checkpoints and other formats.
@@ -149,17 +153,18 @@ def _snapshot(repo_id: str, settings: Settings) -> Path:
 
 
 def detect_family(pipe: Pipeline, source: ModelSource) -> ModelFamily:
+    """The family of the loaded pipeline: its class, then its weights, then its name."""
     if source.kind == "tiny":
-        return FAMILIES["tiny-sdxl" if source.model == "tiny-sdxl" else "tiny-sd"]
-    name = type(pipe).__name__
-    if "Flux" in name:
-        return FAMILIES["flux"]
-    if "StableDiffusion3" in name:
-        return FAMILIES["sd3"]
-    if "XL" in name:
-        return FAMILIES["sdxl"]
-    cross_attention = getattr(getattr(pipe, "unet", None), "config", {}).get("cross_attention_dim")
-    return FAMILIES["sd2" if cross_attention == 1024 else "sd15"]
+        return FAMILIES[TINY_FAMILIES[source.model]]
+    base = PIPELINE_FAMILIES.get(type(pipe).__name__, "sd15")
+    if base == "flux" and not pipe.transformer.config.get("guidance_embeds", True):
+        return FAMILIES["flux-schnell"]  # no guidance embedding: the distilled 4-step model
+    if base == "sd15":
+        cross_attention = getattr(getattr(pipe, "unet", None), "config", {}).get(
+            "cross_attention_dim"
+        )
+        return FAMILIES["sd2" if cross_attention == 1024 else "sd15"]
+    return variant_family(base, source.model)
 
 
 def _unreadable(path: Path, exc: Exception) -> ConfigError:
@@ -177,14 +182,14 @@ def _single_file_class(path: Path) -> Any:
             keys = set(handle.keys())
     except (SafetensorError, OSError) as exc:
         raise _unreadable(path, exc) from None
-    if any(key.startswith("conditioner.embedders.1") for key in keys):
-        return StableDiffusionXLPipeline
-    if any(key.startswith(("model.diffusion_model.", "cond_stage_model.")) for key in keys):
-        return StableDiffusionPipeline
-    raise ConfigError(
-        f"{path} is not a Stable Diffusion 1.x/2.x or SDXL checkpoint that Imagine can read; "
-        "use a diffusers folder or hub id for other models."
-    )
+    family = single_file_family(keys)
+    if family is None:
+        raise ConfigError(
+            f"{path} is not a Stable Diffusion 1.x/2.x, SDXL, SD3 or FLUX checkpoint that "
+            "Imagine can read; use a diffusers folder or hub id for other models."
+        )
+    base = "flux" if family.startswith("flux") else family
+    return getattr(diffusers, next(c for c, f in PIPELINE_FAMILIES.items() if f == base))
 
 
 def model_hash(source: ModelSource, cache_dir: Path) -> str:

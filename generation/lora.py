@@ -32,7 +32,9 @@ def check_lora_fits(pipe: Pipeline, style: StyleSpec) -> dict[str, torch.Tensor]
     diffusers only warns about keys it cannot place; an unusable style must be refused.
     """
     try:
-        state, _alphas = pipe.lora_state_dict(str(style.lora_path))
+        read = pipe.lora_state_dict(str(style.lora_path))
+        # SD 1.x/SDXL give (state, alphas); SD3 and FLUX the state alone.
+        state = read[0] if isinstance(read, tuple) else read
     except Exception as exc:
         raise StyleError(
             f"The LoRA of style {style.name!r} cannot be read ({type(exc).__name__}: {exc}); "
@@ -287,7 +289,10 @@ def slot_targets(denoiser: Any) -> list[str]:
     blocks, where LoRAs trained for Stable Diffusion put their weights."""
     names = []
     for name, module in denoiser.named_modules():
-        inside = ".attentions." in name or name.startswith("transformer_blocks")
+        # UNet attention blocks; SD3's and FLUX's (double and single stream) blocks.
+        inside = ".attentions." in name or name.startswith(
+            ("transformer_blocks", "single_transformer_blocks")
+        )
         if not inside:
             continue
         if isinstance(module, torch.nn.Linear) or (

@@ -19,6 +19,11 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionUpscalePipeline,
     StableDiffusionXLPipeline,
@@ -30,9 +35,20 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
 )
 
-TINY_MODELS = {"tiny": "sd", "tiny-sd": "sd", "tiny-sdxl": "sdxl", "tiny-upscaler": "upscaler"}
+TINY_MODELS = {
+    "tiny": "sd",
+    "tiny-sd": "sd",
+    "tiny-sdxl": "sdxl",
+    "tiny-sd3": "sd3",
+    "tiny-flux": "flux",
+    "tiny-upscaler": "upscaler",
+}
+T5_TINY_MAX_LENGTH = 32  # the tiny T5's max_sequence_length: short, so a test can exceed it
 _SEED = 0
 
 
@@ -45,6 +61,34 @@ def _tokenizer() -> CLIPTokenizer:
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
     tokenizer.model_max_length = 77
     return tokenizer
+
+
+def _t5_tokenizer() -> T5Tokenizer:
+    """A character-level Unigram vocabulary (no sentencepiece model needed): any ASCII text
+    tokenizes, one piece per character."""
+    characters = [chr(code) for code in range(33, 127)]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(character, -3.0) for character in characters]
+    pieces += [("\u2581" + character, -4.0) for character in characters]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tokenizer.model_max_length = T5_TINY_MAX_LENGTH
+    return tokenizer
+
+
+def _t5(hidden_size: int) -> T5EncoderModel:
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=200,
+            d_model=hidden_size,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
 
 
 def _text_config(projection: bool) -> CLIPTextConfig:
@@ -63,16 +107,29 @@ def _text_config(projection: bool) -> CLIPTextConfig:
     )
 
 
-def _vae() -> AutoencoderKL:
+def _vae(latent_channels: int = 4, **flow: Any) -> AutoencoderKL:
     return AutoencoderKL(
         block_out_channels=(32, 64),
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=32,
         sample_size=64,
+        **flow,
+    )
+
+
+def _flow_vae() -> AutoencoderKL:
+    """16 latent channels, no quant convs, shifted and scaled: the SD3 / FLUX autoencoder's
+    layout."""
+    return _vae(
+        16,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
     )
 
 
@@ -141,6 +198,72 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
     )
 
 
+def build_tiny_sd3() -> StableDiffusion3Pipeline:
+    """SD 3.5 in miniature: MMDiT with QK norm and a dual-attention layer, CLIP-L, CLIP-G
+    and T5 text encoders, a 16-channel autoencoder, flow matching."""
+    torch.manual_seed(_SEED)
+    transformer = SD3Transformer2DModel(
+        sample_size=48,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,  # the two CLIP projections side by side
+        pos_embed_max_size=64,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        vae=_flow_vae(),
+        text_encoder=CLIPTextModelWithProjection(_text_config(projection=True)),
+        tokenizer=_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True)),
+        tokenizer_2=_tokenizer(),
+        text_encoder_3=_t5(64),
+        tokenizer_3=_t5_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+def build_tiny_flux() -> FluxPipeline:
+    """FLUX.1-dev in miniature: double and single stream blocks, distilled guidance
+    embedding, CLIP-L pooled text plus T5, a 16-channel autoencoder, packed latents."""
+    torch.manual_seed(_SEED)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),
+    )
+    return FluxPipeline(
+        transformer=transformer,
+        vae=_flow_vae(),
+        text_encoder=CLIPTextModel(_text_config(projection=False)),
+        tokenizer=_tokenizer(),
+        text_encoder_2=_t5(64),
+        tokenizer_2=_t5_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+    )
+
+
 def build_tiny_upscaler() -> StableDiffusionUpscalePipeline:
     """A tiny stand-in for stable-diffusion-x4-upscaler: 4x output, same components."""
     torch.manual_seed(_SEED)
@@ -180,8 +303,15 @@ def build_tiny_upscaler() -> StableDiffusionUpscalePipeline:
 
 
 def save_tiny_model(kind: str, folder: Path) -> Path:
-    """Build the tiny ``kind`` (sd, sdxl or upscaler) pipeline and save it as a diffusers folder."""
-    builders = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "upscaler": build_tiny_upscaler}
+    """Build the tiny ``kind`` (sd, sdxl, sd3, flux or upscaler) pipeline; save it as a
+    diffusers folder."""
+    builders = {
+        "sd": build_tiny_sd,
+        "sdxl": build_tiny_sdxl,
+        "sd3": build_tiny_sd3,
+        "flux": build_tiny_flux,
+        "upscaler": build_tiny_upscaler,
+    }
     pipe: Any = builders[kind]()
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder, safe_serialization=True)
@@ -209,9 +339,10 @@ def ensure_tiny_model(name: str, models_dir: Path) -> Path:
 
 
 def build_tiny_lora(
-    unet: Any, path: Path, *, seed: int = 1, rank: int = 4, scale: float = 0.5
+    denoiser: Any, path: Path, *, seed: int = 1, rank: int = 4, scale: float = 0.5
 ) -> Path:
-    """Save a random LoRA for ``unet`` as a diffusers-format ``.safetensors`` file.
+    """Save a random LoRA for ``denoiser`` (a UNet, or an SD3 / FLUX transformer) as a
+    diffusers-format ``.safetensors`` file.
 
     ``lora_B`` is random (not zero, as a fresh adapter would be) so the LoRA
     visibly changes images.
@@ -227,17 +358,26 @@ def build_tiny_lora(
     )
     adapter = f"tiny_lora_{seed}"
     torch.manual_seed(seed)
-    unet.add_adapter(config, adapter_name=adapter)
+    denoiser.add_adapter(config, adapter_name=adapter)
     try:
-        state = get_peft_model_state_dict(unet, adapter_name=adapter)
+        state = get_peft_model_state_dict(denoiser, adapter_name=adapter)
         state = {key: value * scale for key, value in state.items()}
-        unet_state = convert_state_dict_to_diffusers(state)
-        StableDiffusionPipeline.save_lora_weights(
-            save_directory=path.parent,
-            unet_lora_layers=unet_state,
-            weight_name=path.name,
-            safe_serialization=True,
-        )
+        layers = convert_state_dict_to_diffusers(state)
+        # The file's keys start with the component: "unet." or "transformer.".
+        if isinstance(denoiser, UNet2DConditionModel):
+            StableDiffusionPipeline.save_lora_weights(
+                save_directory=path.parent,
+                unet_lora_layers=layers,
+                weight_name=path.name,
+                safe_serialization=True,
+            )
+        else:
+            StableDiffusion3Pipeline.save_lora_weights(
+                save_directory=path.parent,
+                transformer_lora_layers=layers,
+                weight_name=path.name,
+                safe_serialization=True,
+            )
     finally:
-        unet.delete_adapters(adapter)
+        denoiser.delete_adapters(adapter)
     return path

@@ -135,7 +135,10 @@ class Settings(BaseSettings):
     )
     model_family: str = Field(
         default="auto",
-        description="Base model family (sd15, sd2, sdxl, ...); auto guesses it from the name.",
+        description=(
+            "Base model family (sd15, sd2, sdxl, sd3, sd3-turbo, flux, flux-schnell); auto "
+            "reads it from the folder or guesses it from the name."
+        ),
     )
     allow_downloads: bool = Field(
         default=True,

@@ -137,11 +137,13 @@ async def make_harness(
     the scaled mode: events travel by NOTIFY and the listener's sweep."""
     styles_dir = tmp_path / "styles"
     styles_dir.mkdir()
-    build_tiny_lora(tiny_engine.pipe.unet, styles_dir / "lora.safetensors", seed=3)
+    denoiser = getattr(tiny_engine.pipe, "unet", None) or tiny_engine.pipe.transformer
+    build_tiny_lora(denoiser, styles_dir / "lora.safetensors", seed=3)
     for number in range(STYLE_COUNT):
         (styles_dir / f"style-{number:02d}.toml").write_text(
             f'name = "style-{number:02d}"\nlora = "lora.safetensors"\n'
-            f'description = "style number {number}"\nbase_model_family = "tiny-sd"\n'
+            f'description = "style number {number}"\n'
+            f'base_model_family = "{tiny_engine.family.name}"\n'
         )
     registry = StyleRegistry.from_folder(styles_dir)
     saved_styles = tiny_engine.styles
@@ -155,7 +157,7 @@ async def make_harness(
             Settings(
                 data_dir=tmp_path,
                 database_url=database.url.render_as_string(hide_password=False),
-                model="tiny",
+                model=tiny_engine.model_id,
                 styles_dir=styles_dir,
                 max_running_per_user=1,
                 max_queued_per_user=10,

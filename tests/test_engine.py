@@ -132,8 +132,8 @@ def _final_latents(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[torc
     captured: list[torch.Tensor] = []
     original = engine._step_callback
 
-    def recording(progress: object, cancel: object) -> object:
-        inner = original(progress, cancel)  # type: ignore[arg-type]
+    def recording(progress: object, cancel: object, **how: object) -> object:
+        inner = original(progress, cancel, **how)  # type: ignore[arg-type]
 
         def on_step_end(pipe: object, step: int, t: object, tensors: dict) -> dict:
             if step + 1 == pipe.num_timesteps:  # type: ignore[attr-defined]
@@ -158,7 +158,7 @@ def test_subtle_variation_stays_closer_to_its_source_than_a_reroll(
     with torch.no_grad():  # the source as img2img starts from it: its VAE encoding
         encoded = vae.encode(tiny_engine.pipe.image_processor.preprocess(source))
     source_latent = encoded.latent_dist.mean[0] * vae.config.scaling_factor
-    source_pixels = pixels(latent_preview(source_latent, "tiny-sd"))
+    source_pixels = pixels(latent_preview(source_latent, "sd15"))
     subtle = tiny_engine.img2img(
         recipe(seed=1000, steps=8, strength=SUBTLE_VARIATION_STRENGTH), source
     )
@@ -172,7 +172,7 @@ def test_subtle_variation_stays_closer_to_its_source_than_a_reroll(
         return float(
             np.mean(
                 [
-                    np.abs(pixels(latent_preview(latent, "tiny-sd")) - source_pixels).mean()
+                    np.abs(pixels(latent_preview(latent, "sd15")) - source_pixels).mean()
                     for latent in batch
                 ]
             )
