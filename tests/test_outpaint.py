@@ -135,7 +135,8 @@ def test_an_outpaint_tile_regenerates_alone_and_the_grid_again(
     difference = np.abs(np.asarray(alone, dtype=np.int16) - np.asarray(grid[2], dtype=np.int16))
     assert difference.max() <= 2  # batched matmuls may round differently (engine tests: 2)
     again = tiny_engine.outpaint(recipe, source)
-    assert all(np.array_equal(np.asarray(a.image), np.asarray(b)) for a, b in zip(again, grid))
+    for image, before in zip(again, grid, strict=True):
+        assert np.array_equal(np.asarray(image.image), np.asarray(before))
 
 
 def test_a_canvas_that_does_not_match_its_source_is_refused(
