@@ -26,7 +26,7 @@ from typing import Any
 import diffusers
 import numpy as np
 import torch
-from diffusers import AutoPipelineForImage2Image
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 from PIL import Image
 
 from generation.compiled import (
@@ -44,7 +44,7 @@ from generation.styles import StyleRegistry, StyleSpec
 from storage.derive import UPSCALE_STRENGTH
 from storage.errors import ImagineError
 from storage.families import ASPECT_RATIOS, ModelFamily, size_for
-from storage.recipe import Recipe
+from storage.recipe import Outpaint, Recipe
 from storage.samplers import (
     DEFAULT_SAMPLER,
     Sampler,
@@ -175,6 +175,7 @@ class Engine:
         # FLUX's img2img sizes its output from width and height (else 1024 for every
         # image); the SD pipelines take the size of the image they are given.
         self._img2img_takes_size = "width" in inspect.signature(self.img2img_pipe).parameters
+        self._inpaint_pipe: Pipeline | None = None
         self.styles = styles or StyleRegistry()
         # Where LoRAs of styles stored in the database are written before loading.
         self.lora_folder = lora_folder or Path(tempfile.gettempdir()) / "imagine-loras"
@@ -331,6 +332,57 @@ class Engine:
             extra |= {"width": image.width, "height": image.height}
         return extra
 
+    @property
+    def inpaint_pipe(self) -> Pipeline:
+        """The inpainting pipeline on the same weights (``from_pipe``), made when first used."""
+        if self._inpaint_pipe is None:
+            self._inpaint_pipe = AutoPipelineForInpainting.from_pipe(self.pipe)
+            self._inpaint_pipe.set_progress_bar_config(disable=True)
+        return self._inpaint_pipe
+
+    def outpaint(
+        self,
+        recipe: Recipe,
+        source: Image.Image,
+        *,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+    ) -> list[GeneratedImage]:
+        """Zoom Out and Pan: ``source`` on a larger canvas, the new area generated around it
+        and the source's own pixels put back unchanged."""
+        margins = recipe.outpaint
+        if margins is None:
+            raise ImagineError("Zoom Out and Pan need the margins to add around the image.")
+        source = source.convert("RGB")
+        canvas_size = (
+            source.width + margins.left + margins.right,
+            source.height + margins.top + margins.bottom,
+        )
+        if canvas_size != (recipe.width, recipe.height):
+            raise ImagineError(
+                f"The recipe's canvas is {recipe.width}×{recipe.height} but its source "
+                f"{source.width}×{source.height} with its margins makes "
+                f"{canvas_size[0]}×{canvas_size[1]}."
+            )
+        canvas, mask = outpaint_canvas(source, margins)
+        corner = (margins.left, margins.top)
+
+        def keep_source(image: Image.Image) -> Image.Image:
+            kept = image.convert("RGB")
+            kept.paste(source, corner)
+            return kept
+
+        # One canvas per image: the inpaint pipeline encodes its image with the generator of
+        # the image in the same place, so each image's generator advances as it would alone.
+        extra = {
+            "image": [canvas] * recipe.count,
+            "mask_image": [mask] * recipe.count,
+            "strength": 1.0,
+            "width": recipe.width,
+            "height": recipe.height,
+        }
+        return self._run(self.inpaint_pipe, recipe, extra, progress, cancel, finish=keep_source)
+
     def upscale(
         self,
         recipe: Recipe,
@@ -397,6 +449,7 @@ class Engine:
         cancel: CancelToken | None,
         *,
         encode: bool = True,
+        finish: Callable[[Image.Image], Image.Image] | None = None,
     ) -> list[GeneratedImage]:
         if cancel is not None and cancel.cancelled:
             raise GenerationCancelled()
@@ -418,10 +471,11 @@ class Engine:
             **text,
             **extra,
         )
+        images = [finish(image) for image in result.images] if finish else result.images
         final = self.complete_recipe(recipe)
         owns = [
             final.model_copy(update={"seed": recipe.seed_for(index), "count": 1})
-            for index in range(len(result.images))
+            for index in range(len(images))
         ]
         pngs: list[bytes] = [b""] * len(owns)
         if encode:
@@ -429,12 +483,12 @@ class Engine:
             pngs = list(
                 PNG_ENCODERS.map(
                     lambda pair: encode_png(pair[0], pair[1], sampler),
-                    zip(result.images, owns, strict=True),
+                    zip(images, owns, strict=True),
                 )
             )
         return [
             GeneratedImage(index, own.seed, image, png, own)
-            for index, (image, own, png) in enumerate(zip(result.images, owns, pngs, strict=True))
+            for index, (image, own, png) in enumerate(zip(images, owns, pngs, strict=True))
         ]
 
     def _text_inputs(self, pipe: Pipeline, prompt: str, negative: str) -> dict[str, Any]:
@@ -566,6 +620,26 @@ class Engine:
 
 def _shown(text: str) -> str:
     return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def outpaint_canvas(source: Image.Image, margins: Outpaint) -> tuple[Image.Image, Image.Image]:
+    """The canvas (the source, its edges stretched over the new area) and the mask (white:
+    generate), which reaches ``margins.overlap`` pixels into the source on extended sides
+    so the new area is painted to continue it."""
+    pixels = np.asarray(source.convert("RGB"))
+    padded = np.pad(
+        pixels,
+        ((margins.top, margins.bottom), (margins.left, margins.right), (0, 0)),
+        mode="edge",
+    )
+    mask = np.full(padded.shape[:2], 255, dtype=np.uint8)
+    overlap = margins.overlap
+    left = margins.left + (overlap if margins.left else 0)
+    top = margins.top + (overlap if margins.top else 0)
+    right = margins.left + source.width - (overlap if margins.right else 0)
+    bottom = margins.top + source.height - (overlap if margins.bottom else 0)
+    mask[top:bottom, left:right] = 0
+    return Image.fromarray(padded, "RGB"), Image.fromarray(mask, "L")
 
 
 def _at_least_one_step(recipe: Recipe) -> Recipe:

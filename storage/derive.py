@@ -12,12 +12,14 @@ from pydantic import ValidationError
 
 from storage.errors import ImagineError
 from storage.models import Image
-from storage.recipe import Recipe, random_seed
+from storage.recipe import MAX_SIDE, Outpaint, Recipe, random_seed
 
 SUBTLE_VARIATION_STRENGTH = 0.35
 STRONG_VARIATION_STRENGTH = 0.7
 UPSCALE_STRENGTH = 0.3
 UPSCALE_FACTOR = 2
+ZOOM_FACTORS = (1.5, 2.0)
+PAN_DIRECTIONS = ("left", "right", "up", "down")
 
 
 def _derive(parent: Recipe, what: str, **update: Any) -> Recipe:
@@ -43,6 +45,7 @@ def variation_recipe(
         strength=STRONG_VARIATION_STRENGTH if strong else SUBTLE_VARIATION_STRENGTH,
         source_image_id=image.id,
         scale=None,
+        outpaint=None,
     )
 
 
@@ -58,6 +61,7 @@ def upscale_recipe(parent: Recipe, image: Image) -> Recipe:
         scale=UPSCALE_FACTOR,
         strength=UPSCALE_STRENGTH,
         source_image_id=image.id,
+        outpaint=None,
     )
 
 
@@ -68,4 +72,69 @@ def reroll_recipe(parent: Recipe, seed: int | None = None) -> Recipe:
 
 def remix_base(parent: Recipe) -> Recipe:
     """What a remix starts from: the parent's text-to-image recipe (no source image)."""
-    return _derive(parent, "a remix", strength=None, source_image_id=None, scale=None)
+    return _derive(
+        parent, "a remix", strength=None, source_image_id=None, scale=None, outpaint=None
+    )
+
+
+def _multiple_of_8(value: float) -> int:
+    return max(8, round(value / 8) * 8)
+
+
+def zoom_margins(width: int, height: int, factor: float) -> Outpaint:
+    """The source in the middle of a canvas ``factor`` times its size (sides rounded to 8)."""
+    if factor not in ZOOM_FACTORS:
+        raise ImagineError(f"Zoom Out goes {' or '.join(f'{f:g}×' for f in ZOOM_FACTORS)}.")
+    add_w = _multiple_of_8(width * factor) - width
+    add_h = _multiple_of_8(height * factor) - height
+    left, top = add_w // 2, add_h // 2
+    return Outpaint(
+        left=left, top=top, right=add_w - left, bottom=add_h - top, action=f"zoom {factor:g}"
+    )
+
+
+def pan_margins(width: int, height: int, direction: str) -> Outpaint:
+    """Half a side more canvas in ``direction``: left, right, up or down."""
+    if direction not in PAN_DIRECTIONS:
+        raise ImagineError(f"Pan goes {', '.join(PAN_DIRECTIONS)}; not {direction!r}.")
+    half_w, half_h = _multiple_of_8(width / 2), _multiple_of_8(height / 2)
+    sides = {
+        "left": {"left": half_w},
+        "right": {"right": half_w},
+        "up": {"top": half_h},
+        "down": {"bottom": half_h},
+    }[direction]
+    return Outpaint(
+        left=sides.get("left", 0),
+        top=sides.get("top", 0),
+        right=sides.get("right", 0),
+        bottom=sides.get("bottom", 0),
+        action=f"pan {direction}",
+    )
+
+
+def outpaint_recipe(
+    parent: Recipe, image: Image, margins: Outpaint, *, seed: int | None = None
+) -> Recipe:
+    """A grid of four larger canvases around ``image``: its pixels kept, the rest new."""
+    width = image.width + margins.left + margins.right
+    height = image.height + margins.top + margins.bottom
+    what = f"a {margins.action} of this {image.width}×{image.height} image"
+    if max(width, height) > MAX_SIDE:
+        raise ImagineError(
+            f"Cannot make {what}: it would be {width}×{height}, and Imagine makes at most "
+            f"{MAX_SIDE} pixels a side; zoom or pan from a smaller image (before upscaling)."
+        )
+    return _derive(
+        parent,
+        what,
+        seed=random_seed() if seed is None else seed,
+        count=4,
+        width=width,
+        height=height,
+        aspect_ratio=parent.aspect_ratio if margins.action.startswith("zoom") else None,
+        strength=None,
+        source_image_id=image.id,
+        scale=None,
+        outpaint=margins,
+    )

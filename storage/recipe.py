@@ -45,6 +45,29 @@ class StyleRef(BaseModel):
     )
 
 
+MAX_SIDE = 4096  # pixels: the largest width or height a recipe may ask for
+
+
+class Outpaint(BaseModel):
+    """Zoom Out and Pan: pixels added on each side of the source image.
+
+    The canvas is the source plus these margins (the recipe's width and height); the mask
+    is the new area plus ``overlap`` pixels into the source, which the model sees painted
+    over so the new area continues it; the source's own pixels are put back unchanged.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    left: int = Field(ge=0)
+    top: int = Field(ge=0)
+    right: int = Field(ge=0)
+    bottom: int = Field(ge=0)
+    overlap: int = Field(default=8, ge=0, le=64)
+    action: str = Field(
+        default="", description="What the member asked for: zoom 1.5, zoom 2, pan left, ..."
+    )
+
+
 class Recipe(BaseModel):
     """A generation's full recipe: same recipe, same hardware, same pixels.
 
@@ -60,8 +83,8 @@ class Recipe(BaseModel):
     prompt: str
     negative_prompt: str = ""
     seed: Seed
-    width: int = Field(ge=64, le=4096, multiple_of=8)
-    height: int = Field(ge=64, le=4096, multiple_of=8)
+    width: int = Field(ge=64, le=MAX_SIDE, multiple_of=8)
+    height: int = Field(ge=64, le=MAX_SIDE, multiple_of=8)
     aspect_ratio: str | None = Field(default=None, description="The --ar the user asked for.")
     steps: int = Field(ge=1, le=200)
     guidance: float = Field(ge=0.0, le=50.0)
@@ -75,6 +98,9 @@ class Recipe(BaseModel):
         default=None, description="The image a variation or upscale starts from."
     )
     scale: int | None = Field(default=None, ge=2, le=4, description="Upscale factor.")
+    outpaint: Outpaint | None = Field(
+        default=None, description="Zoom Out / Pan: margins added around the source image."
+    )
     dtype: str | None = None
     quantization: str | None = Field(
         default=None,
