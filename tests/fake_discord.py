@@ -154,6 +154,7 @@ class FakeDiscord:
         self.deleted: set[int] = set()
         self.downloads: list[int] = []
         self.redirects: dict[int, str] = {}
+        self.chunked: set[int] = set()
         self.interactions: dict[str, Interaction] = {}
         self.commands: list[dict[str, Any]] = []
         self.identifies = 0
@@ -266,10 +267,13 @@ class FakeDiscord:
     def attachment_url(self, attachment_id: int, filename: str) -> str:
         return f"{self.base}/attachments/{attachment_id}/{filename}"
 
-    def upload(self, filename: str, data: bytes) -> str:
-        """A file as if posted in the channel earlier: the URL it is served at."""
+    def upload(self, filename: str, data: bytes, *, chunked: bool = False) -> str:
+        """A file as if posted in the channel earlier: the URL it is served at (``chunked``:
+        sent without a Content-Length, as a stream)."""
         attachment_id = next(self._ids)
         self.files[attachment_id] = data
+        if chunked:
+            self.chunked.add(attachment_id)
         return self.attachment_url(attachment_id, filename)
 
     def redirect(self, target: str) -> str:
@@ -543,13 +547,21 @@ class FakeDiscord:
 
     # -- REST --------------------------------------------------------------------------------
 
-    async def _attachment(self, request: web.Request) -> web.Response:
+    async def _attachment(self, request: web.Request) -> web.StreamResponse:
         self.downloads.append(int(request.match_info["id"]))
         if (target := self.redirects.get(int(request.match_info["id"]))) is not None:
             raise web.HTTPFound(target)
         data = self.files.get(int(request.match_info["id"]))
         if data is None:
             return web.Response(status=404)
+        if int(request.match_info["id"]) in self.chunked:
+            stream = web.StreamResponse()
+            stream.enable_chunked_encoding()
+            await stream.prepare(request)
+            for start in range(0, len(data), 4096):
+                await stream.write(data[start : start + 4096])
+            await stream.write_eof()
+            return stream
         return web.Response(body=data, content_type="application/octet-stream")
 
     async def _rest(self, request: web.Request) -> web.StreamResponse:

@@ -23,6 +23,8 @@ from generation.engine import Engine
 from generation.jobs import _init_image
 from generation.metadata import a1111_parameters, read_recipe
 from generation.previews import latent_preview
+from storage.backup import postgres_facts, sqlite_facts
+from storage.database import Database
 from storage.derive import (
     image_prompt_size,
     image_prompt_strength,
@@ -32,7 +34,9 @@ from storage.derive import (
     variation_recipe,
 )
 from storage.families import FAMILIES
+from storage.generations import create_generation
 from storage.intake import IntakeLimits, intake_image
+from storage.models import GenerationKind
 from storage.models import Image as ImageRow
 from storage.recipe import ImageRef, Recipe
 from tests.fake_discord import EPHEMERAL
@@ -310,3 +314,15 @@ async def test_bad_images_are_refused_with_a_sentence_before_anything_is_queued(
         assert "only fetches images from" in said
         assert interaction.responses[0]["data"]["flags"] & EPHEMERAL
     assert await running.generations() == []
+
+
+async def test_a_backup_keeps_the_image_a_recipe_names(database: Database) -> None:
+    [recipe] = parse("a cat --seed 3", image=REF)
+    async with database.session() as session:
+        await create_generation(session, kind=GenerationKind.IMAGINE, recipe=recipe, requester_id=1)
+    if database.url.get_backend_name() == "sqlite":
+        assert database.url.database is not None
+        facts = await asyncio.to_thread(sqlite_facts, Path(database.url.database))
+    else:
+        facts = await postgres_facts(database.url)
+    assert REF.blob_key in facts.blob_keys
