@@ -35,6 +35,7 @@ from storage.blobs import BlobStore
 from storage.database import Database, is_outage
 from storage.errors import ImagineError
 from storage.generations import NewImage, add_images, record_grid, transition
+from storage.intake import fit_image, open_stored
 from storage.models import Generation, GenerationKind, GenerationStatus
 from storage.recipe import Recipe
 from storage.thumbnails import record_images_thumbnails
@@ -62,10 +63,8 @@ async def _source_image(database: Database, blobs: BlobStore, image_id: int) -> 
     return PILImage.open(io.BytesIO(data)).convert("RGB")
 
 
-async def _init_image(blobs: BlobStore, recipe: Recipe) -> PILImage.Image:
+async def image_prompt_source(blobs: BlobStore, recipe: Recipe) -> PILImage.Image:
     """An image prompt's stored pixels (hash checked), fitted to the generation's size."""
-    from storage.intake import fit_image, open_stored
-
     ref = recipe.init_image
     assert ref is not None
     data = await blobs.get(ref.blob_key)
@@ -193,7 +192,7 @@ async def execute_generation(
         if generation.recipe.source_image_id is not None:
             source = await _source_image(database, blobs, generation.recipe.source_image_id)
         elif generation.recipe.init_image is not None:
-            source = await _init_image(blobs, generation.recipe)
+            source = await image_prompt_source(blobs, generation.recipe)
         images = await asyncio.to_thread(_run_engine, engine, generation, source, progress, cancel)
         recipe = engine.complete_recipe(generation.recipe)
         loop = asyncio.get_running_loop()

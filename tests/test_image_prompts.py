@@ -20,7 +20,7 @@ from PIL import Image
 
 from bot.prompt import PromptDefaults, PromptError, format_recipe, parse_prompt, take_image_url
 from generation.engine import Engine
-from generation.jobs import _init_image
+from generation.jobs import image_prompt_source
 from generation.metadata import a1111_parameters, read_recipe
 from generation.previews import latent_preview
 from storage.backup import postgres_facts, sqlite_facts
@@ -243,7 +243,7 @@ async def test_imagine_with_an_image_reproduces_and_its_buttons_keep_the_image(
     shown = await running.result(await fake.slash("show", options={"generation": generation.id}))
     assert fake.attachment_bytes(int(shown["id"])) == [posted]
     # The stored recipe alone makes the same PNGs again, bit for bit.
-    source = await _init_image(blobs, recipe)
+    source = await image_prompt_source(blobs, recipe)
     again = await asyncio.to_thread(tiny_engine.img2img, recipe, source)
     for image in generation.images:
         assert again[image.index].png == await blobs.get(image.blob_key)
@@ -326,3 +326,30 @@ async def test_a_backup_keeps_the_image_a_recipe_names(database: Database) -> No
     else:
         facts = await postgres_facts(database.url)
     assert REF.blob_key in facts.blob_keys
+
+
+def test_imagine_show_names_the_image_prompt(
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bot.cli import main
+    from bot.deployment import start_deployment
+    from storage.settings import load_settings
+
+    [recipe] = parse("a cat --seed 3 --iw 2", image=REF)
+
+    async def made() -> int:
+        deployment = await start_deployment(load_settings())
+        try:
+            async with deployment.database.session() as session:
+                generation = await create_generation(
+                    session, kind=GenerationKind.IMAGINE, recipe=recipe, requester_id=1
+                )
+                return generation.id
+        finally:
+            await deployment.close()
+
+    generation_id = asyncio.run(made())
+    assert main(["show", str(generation_id)]) == 0
+    shown = capsys.readouterr().out
+    assert f"image prompt: blob {REF.blob_key} (300x150" in shown
+    assert "--iw 2, strength 0.2" in shown and "--iw 2.0" in shown
