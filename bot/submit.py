@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import discord
 
-from bot.prompt import PromptDefaults, PromptError, PromptOverrides, parse_prompt
+from bot.image_intake import allowed_origin, receive_image
+from bot.prompt import PromptDefaults, PromptOverrides, parse_prompt, take_image_url
 from bot.rate_limit import BUSY, too_fast
 from bot.replies import Refusal, refuse
 from bot.services import Services
@@ -23,9 +24,10 @@ from storage.community import NSFW_WORDS, guild_policy
 from storage.database import is_outage
 from storage.errors import ImagineError, QueueUnavailable
 from storage.generations import Origin, image_is_private
+from storage.intake import IntakeLimits
 from storage.models import Generation, GenerationKind, NsfwPolicy, utcnow
 from storage.queue import Submission
-from storage.recipe import Recipe
+from storage.recipe import ImageRef, Recipe
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -37,10 +39,14 @@ def parse_text(
     guild_id: int | None,
     options: PromptOverrides | None = None,
     fallbacks: PromptOverrides | None = None,
+    *,
+    image: ImageRef | None = None,
+    image_expected: bool = False,
 ) -> list[Recipe]:
     """Prompt-language text as recipes, with the styles this server may name. ``options``
     are a command's typed values (they win over the same flag in the text); ``fallbacks``
-    a member's defaults (used where neither gives a value)."""
+    a member's defaults (used where neither gives a value); ``image`` the image prompt,
+    or ``image_expected`` while it is still to be fetched."""
     defaults = PromptDefaults(
         model=services.settings.model,
         family=services.family,
@@ -52,7 +58,16 @@ def parse_text(
         known_styles=services.known_styles(guild_id),
         overrides=options,
         fallbacks=fallbacks,
+        image=image,
+        image_expected=image_expected,
     )
+
+
+def take_image_link(services: Services, text: str) -> tuple[str | None, str]:
+    """The Discord image link a prompt starts with, if any, and the rest of the text;
+    a link to anywhere else is refused with a sentence."""
+    origins = services.settings.allowed_image_origins
+    return take_image_url(text, lambda url: allowed_origin(url, origins), ", ".join(origins))
 
 
 def banned_word_in(text: str, banned: Sequence[str]) -> bool:
@@ -218,6 +233,17 @@ async def _queue(
     return submitted
 
 
+async def refuse_failure(interaction: discord.Interaction[ImagineBot], exc: Exception) -> None:
+    """A sentence for a refusal or for a database that cannot answer now; anything else
+    is a fault and propagates."""
+    if isinstance(exc, ImagineError):
+        await refuse(interaction, str(exc))
+    elif is_outage(exc):
+        await refuse(interaction, str(QueueUnavailable()))
+    else:
+        raise exc
+
+
 async def _made_from_private(bot: ImagineBot, parent_image_id: int | None) -> bool:
     if parent_image_id is None:
         return False
@@ -229,20 +255,41 @@ async def run_prompt(
     interaction: discord.Interaction[ImagineBot],
     text: str,
     options: PromptOverrides | None = None,
+    image: discord.Attachment | None = None,
 ) -> None:
-    """What /imagine does with its text and typed options: the member's defaults, parse,
-    then submit."""
+    """What /imagine does with its text, typed options and image: the member's defaults,
+    parse, fetch and keep the image prompt, then submit."""
     bot = interaction.client
+    services = bot.services
     defaults = bot.user_defaults.get(interaction.user.id, {})
     fallbacks = PromptOverrides.from_user_defaults(defaults)
+    private = bool(defaults.get("private", False))
     try:
-        recipes = parse_text(bot.services, text, interaction.guild_id, options, fallbacks)
-    except PromptError as exc:
+        url, text = take_image_link(services, text)
+        if url is not None and image is not None:
+            raise Refusal(
+                "Give one image prompt: attach an image or start the prompt with its link, "
+                "not both."
+            )
+        if image is not None:
+            IntakeLimits.from_settings(services.settings).check_size(image.size, "The image")
+        expected = url is not None or image is not None
+        recipes = parse_text(
+            services, text, interaction.guild_id, options, fallbacks, image_expected=expected
+        )
+    except ImagineError as exc:
         await refuse(interaction, str(exc))
         return
-    await submit(
-        interaction,
-        GenerationKind.IMAGINE,
-        recipes,
-        private=bool(defaults.get("private", False)),
-    )
+    if not expected:
+        await submit(interaction, GenerationKind.IMAGINE, recipes, private=private)
+        return
+    if not await within_rate_limit(interaction):
+        return
+    await interaction.response.defer(thinking=True, ephemeral=private)
+    try:
+        stored = await receive_image(services, attachment=image, url=url)
+        recipes = parse_text(services, text, interaction.guild_id, options, fallbacks, image=stored)
+    except Exception as exc:
+        await refuse_failure(interaction, exc)
+        return
+    await submit(interaction, GenerationKind.IMAGINE, recipes, private=private, rate_limited=False)

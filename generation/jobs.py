@@ -35,7 +35,9 @@ from storage.blobs import BlobStore
 from storage.database import Database, is_outage
 from storage.errors import ImagineError
 from storage.generations import NewImage, add_images, record_grid, transition
+from storage.intake import fit_image, open_stored
 from storage.models import Generation, GenerationKind, GenerationStatus
+from storage.recipe import Recipe
 from storage.thumbnails import record_images_thumbnails
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,15 @@ async def _source_image(database: Database, blobs: BlobStore, image_id: int) -> 
         image = await get_image(session, image_id)
     data = await blobs.get(image.blob_key)
     return PILImage.open(io.BytesIO(data)).convert("RGB")
+
+
+async def image_prompt_source(blobs: BlobStore, recipe: Recipe) -> PILImage.Image:
+    """An image prompt's stored pixels (hash checked), fitted to the generation's size."""
+    ref = recipe.init_image
+    assert ref is not None
+    data = await blobs.get(ref.blob_key)
+    image = await asyncio.to_thread(open_stored, data, ref)
+    return await asyncio.to_thread(fit_image, image, recipe.width, recipe.height)
 
 
 async def materialize_styles(
@@ -180,6 +191,8 @@ async def execute_generation(
         source = None
         if generation.recipe.source_image_id is not None:
             source = await _source_image(database, blobs, generation.recipe.source_image_id)
+        elif generation.recipe.init_image is not None:
+            source = await image_prompt_source(blobs, generation.recipe)
         images = await asyncio.to_thread(_run_engine, engine, generation, source, progress, cancel)
         recipe = engine.complete_recipe(generation.recipe)
         loop = asyncio.get_running_loop()

@@ -39,6 +39,9 @@ def a1111_parameters(recipe: Recipe, sampler: str | None = None) -> str:
         fields.append(f"Diffusion in Low Bits: {recipe.quantization}")
     if recipe.strength is not None:
         fields.append(f"Denoising strength: {recipe.strength:g}")
+    if recipe.init_image is not None:
+        fields.append(f"Init image hash: {recipe.init_image.sha256[:12]}")
+        fields.append(f"Image weight: {recipe.image_weight:g}")
     if recipe.styles:
         hashes = ", ".join(f"{s.name}: {(s.sha256 or '')[:12]}" for s in recipe.styles)
         fields.append(f'Lora hashes: "{hashes}"')

@@ -7,11 +7,13 @@ import secrets
 from collections.abc import Iterable
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_SEED = 2**32 - 1
+MAX_IMAGE_WEIGHT = 2.0
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 # -- seeds: every seed Imagine computes comes from these three ----------------------------------
@@ -68,6 +70,18 @@ class Outpaint(BaseModel):
     )
 
 
+class ImageRef(BaseModel):
+    """An image a recipe starts from, as stored: a normalised PNG in the blob store
+    (see :mod:`storage.intake`), named by its key and the sha256 of its bytes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    blob_key: Sha256
+    sha256: Sha256
+    width: int = Field(ge=1, le=16384)
+    height: int = Field(ge=1, le=16384)
+
+
 class Recipe(BaseModel):
     """A generation's full recipe: same recipe, same hardware, same pixels.
 
@@ -101,6 +115,16 @@ class Recipe(BaseModel):
     outpaint: Outpaint | None = Field(
         default=None, description="Zoom Out / Pan: margins added around the source image."
     )
+    init_image: ImageRef | None = Field(
+        default=None, description="The image prompt img2img starts from (the uploaded image)."
+    )
+    image_weight: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=MAX_IMAGE_WEIGHT,
+        description="--iw: how strongly the image prompt steers (storage.derive maps it to "
+        "the strength).",
+    )
     dtype: str | None = None
     quantization: str | None = Field(
         default=None,
@@ -109,6 +133,14 @@ class Recipe(BaseModel):
     versions: dict[str, str] = Field(
         default_factory=dict, description="Library versions the generation ran with."
     )
+
+    @model_validator(mode="after")
+    def _image_prompt_is_whole(self) -> Recipe:
+        if (self.init_image is None) != (self.image_weight is None):
+            raise ValueError("an image prompt needs both init_image and image_weight")
+        if self.init_image is not None and self.strength is None:
+            raise ValueError("an image prompt needs its strength")
+        return self
 
     def seed_for(self, index: int) -> int:
         """The seed of image ``index`` of this generation."""

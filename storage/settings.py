@@ -12,6 +12,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import platformdirs
 from pydantic import AliasChoices, Field, ValidationError, field_validator
@@ -153,6 +154,24 @@ class Settings(BaseSettings):
     )
     max_lora_mb: int = Field(
         default=256, ge=1, description="Largest LoRA file /style add accepts, in MiB."
+    )
+    image_max_mb: int = Field(
+        default=20,
+        ge=1,
+        description="Largest image (an /imagine attachment or a Discord image link) Imagine "
+        "downloads, in MiB; a larger one is refused before it is fetched.",
+    )
+    image_max_megapixels: float = Field(
+        default=40.0,
+        gt=0,
+        le=178,
+        description="Largest image Imagine decodes, in megapixels (width × height, read from "
+        "the file's header before any pixel is decoded).",
+    )
+    image_origins: str = Field(
+        default="https://cdn.discordapp.com,https://media.discordapp.net",
+        description="The only places images are fetched from, as comma-separated "
+        "scheme://host[:port] origins: Discord's CDN. A link anywhere else is refused.",
     )
     lora_cache_size: int = Field(
         default=8, ge=1, description="Style LoRAs kept loaded on the GPU at once."
@@ -296,6 +315,14 @@ class Settings(BaseSettings):
         parse_rate(value)
         return value.strip()
 
+    @field_validator("image_origins")
+    @classmethod
+    def _origins_are_origins(cls, value: str) -> str:
+        origins = parse_origins(value)
+        if not origins:
+            raise ValueError("name at least one origin, such as https://cdn.discordapp.com")
+        return ",".join(origins)
+
     @field_validator("database_url")
     @classmethod
     def _blank_is_default(cls, value: str | None) -> str | None:
@@ -331,6 +358,11 @@ class Settings(BaseSettings):
         return parse_rate(self.rate_limit)
 
     @property
+    def allowed_image_origins(self) -> tuple[str, ...]:
+        """``image_origins`` as normalised ``scheme://host[:port]`` strings."""
+        return tuple(self.image_origins.split(","))
+
+    @property
     def uses_sqlite(self) -> bool:
         return self.resolved_database_url.startswith("sqlite")
 
@@ -352,6 +384,38 @@ def parse_rate(setting: str) -> tuple[int, float] | None:
     if window <= 0:
         raise ValueError("the window's seconds must be above 0, as in 10/60")
     return count, window
+
+
+def url_origin(url: str) -> str | None:
+    """``scheme://host[:port]`` of an http(s) URL (default ports left out, lowercase), or
+    ``None`` if it is not one or carries a user name or password."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    if parts.username is not None or parts.password is not None:
+        return None
+    default = {"http": 80, "https": 443}[scheme]
+    host = parts.hostname.lower()
+    return f"{scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
+
+
+def parse_origins(setting: str) -> list[str]:
+    """The origins of the ``image_origins`` setting, normalised; ValueError names a bad one."""
+    origins = []
+    for item in setting.split(","):
+        item = item.strip().rstrip("/")
+        if not item:
+            continue
+        origin = url_origin(item)
+        if origin is None or urlsplit(item).path or "?" in item or "#" in item:
+            raise ValueError(f"{item!r} is not an origin such as https://cdn.discordapp.com")
+        origins.append(origin)
+    return origins
 
 
 _DEFAULT_SHOWN = {

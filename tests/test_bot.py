@@ -161,6 +161,7 @@ async def make_harness(
                 styles_dir=styles_dir,
                 max_running_per_user=1,
                 max_queued_per_user=10,
+                image_origins=fake.base,  # the fake serves the attachments, as Discord's CDN
             )
         ) as deployment,
     ):

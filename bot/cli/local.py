@@ -337,6 +337,12 @@ def _show(args: argparse.Namespace) -> int:
         low_bits = f", {recipe.quantization} weights" if recipe.quantization else ""
         print(f"model: {recipe.model} (hash {recipe.model_hash or 'unknown'}{low_bits})")
         print(f"size: {recipe.width}x{recipe.height}, steps {recipe.steps}, cfg {recipe.guidance}")
+        if recipe.init_image is not None:
+            ref = recipe.init_image
+            print(
+                f"image prompt: blob {ref.blob_key} ({ref.width}x{ref.height}, sha256 "
+                f"{ref.sha256}), --iw {recipe.image_weight:g}, strength {recipe.strength:g}"
+            )
         for image in generation.images:
             blobs = deployment.blobs
             where = blobs.path_for(image.blob_key) if isinstance(blobs, LocalBlobStore) else ""

@@ -54,8 +54,14 @@ def describe(generation: Generation, image: Image | None = None) -> str:
     lines.append(
         f"Model: `{recipe.model}`" + (f" ({recipe.model_family})" if recipe.model_family else "")
     )
-    if recipe.strength is not None:
+    if recipe.strength is not None and recipe.source_image_id is not None:
         lines.append(f"Strength {recipe.strength} from image {recipe.source_image_id}")
+    if recipe.init_image is not None:
+        ref = recipe.init_image
+        lines.append(
+            f"Image prompt: {ref.width}×{ref.height}, sha256 `{ref.sha256[:16]}…`, "
+            f"--iw {recipe.image_weight:g} (strength {recipe.strength:g})"
+        )
     lines.append("Prompt to reproduce it:")
     lines.append(f"```\n{format_recipe(recipe)[:1500]}\n```")
     return "\n".join(lines)[:2000]
@@ -222,6 +228,7 @@ class ImagineCog(commands.Cog):
         aspect_ratio="The picture's shape",
         negative="What to keep out of the picture",
         seed="The noise to start from: the same seed and prompt give the same images",
+        image="An image to start from (PNG, JPEG, WebP or GIF); --iw 0-2 sets how strongly",
     )
     @app_commands.choices(aspect_ratio=ASPECT_RATIOS)
     @app_commands.autocomplete(style=style_choices)
@@ -233,6 +240,7 @@ class ImagineCog(commands.Cog):
         aspect_ratio: str | None = None,
         negative: app_commands.Range[str, 1, 1000] | None = None,
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+        image: discord.Attachment | None = None,
     ) -> None:
         options = PromptOverrides(
             aspect_ratio=aspect_ratio,
@@ -240,7 +248,7 @@ class ImagineCog(commands.Cog):
             negative=negative,
             styles=(style,) if style else (),
         )
-        await run_prompt(interaction, prompt, options)
+        await run_prompt(interaction, prompt, options, image)
 
     # -- /info /show /queue /cancel ------------------------------------------------------------
 
