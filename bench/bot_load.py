@@ -90,12 +90,18 @@ def _count_round_trips(deployment: Any, folder: Path) -> asyncio.Task[None]:
 
     count = [0]
 
-    def one(*_: Any, **__: Any) -> None:
+    def statement(*_: Any, **__: Any) -> None:
         count[0] += 1
 
+    def transaction(connection: Any, *_: Any) -> None:
+        # Outside a transaction (autocommit) the driver sends no BEGIN, COMMIT or ROLLBACK.
+        if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            count[0] += 1
+
     engine = deployment.database.engine.sync_engine
-    for name in ("before_cursor_execute", "begin", "commit", "rollback"):
-        event.listen(engine, name, one)
+    event.listen(engine, "before_cursor_execute", statement)
+    for name in ("begin", "commit", "rollback"):
+        event.listen(engine, name, transaction)
     connector = getattr(getattr(deployment.queue, "app", None), "connector", None)
     for name in ("execute_query_async", "execute_query_one_async", "execute_query_all_async"):
         method = getattr(connector, name, None)
@@ -297,10 +303,10 @@ class Load:
             await asyncio.sleep(0.5)
 
 
-async def settled_round_trips(folder: Path) -> int:
-    """The bot's round trips so far, once the count has not moved for half a second."""
+async def settled_round_trips(folder: Path, quiet: float = 0.5) -> int:
+    """The bot's round trips so far, once the count has not moved for ``quiet`` seconds."""
     last, still = -1, 0
-    while still < 10:
+    while still < quiet / 0.05:
         await asyncio.sleep(0.05)
         now = int((folder / ROUND_TRIPS).read_text() or 0)
         still = still + 1 if now == last else 0
@@ -431,13 +437,14 @@ async def measure(url: str, folder: Path, members: int, total: int, burst: int, 
         await asyncio.sleep(1)
         bench_cpu = own_cpu_ms_per(len(load.sent))
         print(f"bench (fake Discord and driver) CPU per interaction: {bench_cpu:.1f} ms")
-        trips = int((folder / ROUND_TRIPS).read_text() or 0) - trips_warm
+        worker.terminate()
+        await worker.wait()
+        # What the bot still has in hand (commands waiting their turn) is part of the run.
+        trips = await settled_round_trips(folder, quiet=2.0) - trips_warm
         print(
             f"bot database round trips after the warm-up: {trips / max(1, total - members):.1f} "
             "per interaction (all its work, from the defer to the delivery)"
         )
-        worker.terminate()
-        await worker.wait()
         costs = await round_trips_per_kind(fake, load, folder)
         print("round trips, worker stopped: " + ", ".join(f"{w}: {n}" for w, n in costs))
         if trace:
