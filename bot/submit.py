@@ -24,7 +24,7 @@ from bot.services import Services
 from storage.community import NSFW_WORDS
 from storage.database import is_outage
 from storage.errors import ImagineError, QueueUnavailable
-from storage.generations import Origin
+from storage.generations import Origin, image_is_private
 from storage.models import Generation, GenerationKind, NsfwPolicy, utcnow
 from storage.queue import Submission
 from storage.recipe import Recipe
@@ -153,7 +153,9 @@ async def submit(
     """
 
     async def order() -> Order:
-        return Order(kind, recipes, parent_image_id, private)
+        # What is made from a private result stays off the web too.
+        made_private = private or await _made_from_private(interaction.client, parent_image_id)
+        return Order(kind, recipes, parent_image_id, made_private)
 
     return await submit_order(interaction, order, ephemeral=private, rate_limited=rate_limited)
 
@@ -217,6 +219,13 @@ async def submit_order(
                 await bot.delivery.show_queued(generation, queued)
         number += 1
     return submitted
+
+
+async def _made_from_private(bot: ImagineBot, parent_image_id: int | None) -> bool:
+    if parent_image_id is None:
+        return False
+    async with bot.services.database.reading() as session:
+        return await image_is_private(session, parent_image_id)
 
 
 def _submission(
