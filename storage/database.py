@@ -305,6 +305,20 @@ class Database:
             yield await connection.execution_options(isolation_level="AUTOCOMMIT")
 
     @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads, outside a transaction: each statement costs one round trip
+        (no BEGIN and COMMIT around them) and sees what was committed when it ran. For
+        reads that need not agree with each other; never for writes.
+
+        A SQLite file locked past the busy timeout raises :class:`QueueUnavailable`.
+        """
+        async with (
+            self.autocommit() as connection,
+            AsyncSession(bind=connection, expire_on_commit=False) as session,
+        ):
+            yield session
+
+    @asynccontextmanager
     async def _locked_as_unavailable(self) -> AsyncIterator[None]:
         try:
             yield

@@ -26,15 +26,17 @@ from typing import Any, Protocol
 from storage.database import Database
 from storage.errors import QueueUnavailable
 from storage.events import EventBus, JobCancelled, LocalEventBus
-from storage.generations import Origin, create_generation, request_cancel
+from storage.generations import Origin, create_generation, lock_user, request_cancel
 from storage.models import Generation, GenerationKind, GenerationStatus
 from storage.recipe import Recipe
 from storage.scheduling import (
     Limits,
     QueuePosition,
-    check_limits,
+    UserLoad,
     claim_next,
     position_of,
+    refuse_over_limit,
+    user_load,
 )
 
 log = logging.getLogger(__name__)
@@ -117,12 +119,22 @@ class Cancellations:
 
 async def record_submission(
     database: Database, limits: Limits, submission: Submission
-) -> Generation:
-    """Check the user's limits and write the queued row, in one transaction."""
+) -> tuple[Generation, UserLoad]:
+    """Check the user's limits and write the queued row, in one transaction of five round
+    trips; returns the row and what the user had queued before it.
+
+    The user's row is locked first, so that their submissions are counted one at a time:
+    two at once cannot both pass a limit that has room for one."""
+    requester_id, origin = submission.requester_id, submission.origin
     async with database.session() as session:
-        await check_limits(session, submission.requester_id, submission.origin.guild_id, limits)
-        return await create_generation(
+        await lock_user(session, requester_id)
+        load = await user_load(
+            session, requester_id, origin.guild_id, submission.recipe.model, limits
+        )
+        refuse_over_limit(load)
+        generation = await create_generation(
             session,
+            requester_known=True,
             kind=submission.kind,
             recipe=submission.recipe,
             requester_id=submission.requester_id,
@@ -132,6 +144,7 @@ async def record_submission(
             private=submission.private,
             nsfw=submission.nsfw,
         )
+    return generation, load
 
 
 async def record_cancel(
@@ -168,7 +181,7 @@ class RowQueue:
         self.stale_seconds = stale_seconds
 
     async def submit(self, submission: Submission) -> Generation:
-        generation = await record_submission(self.database, self.limits, submission)
+        generation, _load = await record_submission(self.database, self.limits, submission)
         self.wakeup.set()
         return generation
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, func, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.errors import IllegalTransition, ImagineError
@@ -118,21 +119,60 @@ async def claim_next(
     return None
 
 
-async def check_limits(
-    session: AsyncSession, requester_id: int, guild_id: int | None, limits: Limits
-) -> None:
-    """Refuse a submission over the user's queued limit (a guild may lower or raise it)."""
-    max_queued = limits.max_queued_per_user
-    if guild_id is not None:
-        guild = await session.get(Guild, guild_id)
-        if guild is not None and guild.max_queued_per_user is not None:
-            max_queued = guild.max_queued_per_user
-    waiting = await session.scalar(
-        select(func.count())
-        .select_from(Generation)
-        .where(Generation.requester_id == requester_id, Generation.status == S.QUEUED)
+@dataclass(frozen=True)
+class UserLoad:
+    """What a user has in the queue when they submit a job for ``model``, and the limits
+    that apply where they asked (a guild may lower or raise the global ones)."""
+
+    waiting: int  # their queued jobs
+    waiting_for_model: int  # of those, the ones for this model
+    jobs_so_far: int  # all their jobs ever
+    served_for_model: int  # their jobs for this model that started
+    max_queued: int
+    max_running: int
+
+
+def _guild_limit(column: Any, guild_id: int | None) -> Any:
+    if guild_id is None:
+        return literal(None)
+    return select(column).where(Guild.id == guild_id).scalar_subquery()
+
+
+async def user_load(
+    session: AsyncSession, requester_id: int, guild_id: int | None, model: str, limits: Limits
+) -> UserLoad:
+    """:class:`UserLoad` in one round trip."""
+    g = Generation
+    queued = g.status == S.QUEUED
+    for_model = g.model == model
+    row = (
+        await session.execute(
+            select(
+                func.count().filter(queued),
+                func.count().filter(queued, for_model),
+                func.count(),
+                func.count().filter(for_model, g.started_at.is_not(None)),
+                _guild_limit(Guild.max_queued_per_user, guild_id),
+                _guild_limit(Guild.max_running_per_user, guild_id),
+            ).where(g.requester_id == requester_id)
+        )
+    ).one()
+    waiting, waiting_for_model, jobs_so_far, served, max_queued, max_running = row
+    return UserLoad(
+        waiting=int(waiting),
+        waiting_for_model=int(waiting_for_model),
+        jobs_so_far=int(jobs_so_far),
+        served_for_model=int(served),
+        max_queued=limits.max_queued_per_user if max_queued is None else int(max_queued),
+        # 0 or none: the global limit (as the fair order reads a guild's).
+        max_running=int(max_running or limits.max_running_per_user),
     )
-    if (waiting or 0) >= max_queued:
+
+
+def refuse_over_limit(load: UserLoad) -> None:
+    """Refuse a submission over the user's queued limit, saying how many wait."""
+    waiting, max_queued = load.waiting, load.max_queued
+    if waiting >= max_queued:
         jobs = "job is" if waiting == 1 else "jobs are"
         raise QueueFull(
             f"{waiting} of your {jobs} already waiting, the most allowed here is {max_queued}; "

@@ -20,7 +20,7 @@ from bot.modals import RemixModal
 from bot.prompt import PromptOverrides, format_recipe
 from bot.records import load_generation, load_image
 from bot.replies import Refusal, refuse, send_rendered
-from bot.submit import defer_within_rate_limit, run_prompt, submit
+from bot.submit import Order, defer_within_rate_limit, run_prompt, submit_order
 from bot.views import GRID_TEMPLATE, IMAGE_TEMPLATE, grid_button, image_button, image_view
 from bot.web_links import image_link
 from storage.derive import remix_base, reroll_recipe, upscale_recipe, variation_recipe
@@ -101,33 +101,34 @@ async def grid_action(
         text = format_recipe(remix_base(generation.recipe))
         await interaction.response.send_modal(RemixModal(generation_id, text))
         return
+    if action[0] == "u":
+        await _post_tile(interaction, generation_id, int(action[1:]))
+        return
+
+    async def order() -> Order:
+        generation = await load_generation(database, generation_id)
+        if action == "reroll":
+            return Order(GenerationKind.REROLL, [reroll_recipe(generation.recipe)])
+        image = _tile(generation, int(action[1:]))
+        recipe = variation_recipe(generation.recipe, image, strong=True)
+        # What is made from a private result stays off the web too.
+        return Order(GenerationKind.VARIATION, [recipe], image.id, generation.private)
+
+    await submit_order(interaction, order)
+
+
+async def _post_tile(
+    interaction: discord.Interaction[ImagineBot], generation_id: int, number: int
+) -> None:
+    """U1-U4: the tile as an image of its own, with its buttons."""
     if not await defer_within_rate_limit(interaction):
         return
-    async with interaction.client.submitting:  # a burst takes turns for connections
-        generation = await load_generation(database, generation_id)
-    if action == "reroll":
-        await submit(
-            interaction,
-            GenerationKind.REROLL,
-            [reroll_recipe(generation.recipe)],
-            rate_limited=False,
-        )
-        return
-    image = _tile(generation, int(action[1:]))
-    if action[0] == "u":
-        delivery = interaction.client.delivery
-        async with interaction.client.submitting:
-            rendered = await delivery.render_image(generation, image, interaction.filesize_limit)
-        await send_rendered(interaction, rendered)
-    else:
-        recipe = variation_recipe(generation.recipe, image, strong=True)
-        await submit(
-            interaction,
-            GenerationKind.VARIATION,
-            [recipe],
-            parent_image_id=image.id,
-            rate_limited=False,
-        )
+    bot = interaction.client
+    async with bot.submitting:  # a burst takes turns for connections
+        generation = await load_generation(bot.services.database, generation_id)
+        image = _tile(generation, number)
+        rendered = await bot.delivery.render_image(generation, image, interaction.filesize_limit)
+    await send_rendered(interaction, rendered)
 
 
 def _tile(generation: Generation, number: int) -> Image:
@@ -167,16 +168,17 @@ async def image_action(
 ) -> None:
     services = interaction.client.services
     if action in ("subtle", "strong", "up"):
-        if not await defer_within_rate_limit(interaction):
-            return
-        async with interaction.client.submitting:
+
+        async def order() -> Order:
             image, generation = await load_image(services.database, image_id)
-        if action == "up":
-            kind, recipe = GenerationKind.UPSCALE, upscale_recipe(generation.recipe, image)
-        else:
-            kind = GenerationKind.VARIATION
-            recipe = variation_recipe(generation.recipe, image, strong=action == "strong")
-        await submit(interaction, kind, [recipe], parent_image_id=image.id, rate_limited=False)
+            if action == "up":
+                kind, recipe = GenerationKind.UPSCALE, upscale_recipe(generation.recipe, image)
+            else:
+                kind = GenerationKind.VARIATION
+                recipe = variation_recipe(generation.recipe, image, strong=action == "strong")
+            return Order(kind, [recipe], image.id, generation.private)
+
+        await submit_order(interaction, order)
         return
     image, generation = await load_image(services.database, image_id)
     if action == "remix":
