@@ -15,12 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import (
-    AutoPipelineForText2Image,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-)
+from diffusers import AutoPipelineForText2Image
 
+from generation.single_file import load_single_file
 from generation.tiny import TINY_MODELS, ensure_tiny_model
 from storage.errors import ConfigError, ImagineError
 from storage.families import FAMILIES, ModelFamily
@@ -159,31 +156,6 @@ def detect_family(pipe: Pipeline, source: ModelSource) -> ModelFamily:
     return FAMILIES["sd2" if cross_attention == 1024 else "sd15"]
 
 
-def _unreadable(path: Path, exc: Exception) -> ConfigError:
-    return ConfigError(
-        f"{path} is not a readable .safetensors file ({exc}); it may be empty or cut short, "
-        "so download it again or point IMAGINE_MODEL at another checkpoint."
-    )
-
-
-def _single_file_class(path: Path) -> Any:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = set(handle.keys())
-    except (SafetensorError, OSError) as exc:
-        raise _unreadable(path, exc) from None
-    if any(key.startswith("conditioner.embedders.1") for key in keys):
-        return StableDiffusionXLPipeline
-    if any(key.startswith(("model.diffusion_model.", "cond_stage_model.")) for key in keys):
-        return StableDiffusionPipeline
-    raise ConfigError(
-        f"{path} is not a Stable Diffusion 1.x/2.x or SDXL checkpoint that Imagine can read; "
-        "use a diffusers folder or hub id for other models."
-    )
-
-
 def model_hash(source: ModelSource, cache_dir: Path) -> str:
     """sha256 (first 10 hex digits, as A1111 shows) of the denoiser's weights.
 
@@ -269,20 +241,14 @@ def load_model(settings: Settings, model: str | None = None) -> LoadedModel:
     source = resolve_source(model or settings.model, settings)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
-    kwargs: dict[str, Any] = {"dtype": dtype}
     if source.kind == "single_file":
-        from safetensors import SafetensorError
-
-        pipe_class = _single_file_class(source.path)
-        try:
-            pipe = pipe_class.from_single_file(str(source.path), **kwargs)
-        except SafetensorError as exc:  # a header that reads, over tensors that do not
-            raise _unreadable(source.path, exc) from None
+        pipe, family_name = load_single_file(source.path, settings, dtype)
+        family = FAMILIES[family_name]
     else:
-        pipe = AutoPipelineForText2Image.from_pretrained(str(source.path), **kwargs)
+        pipe = AutoPipelineForText2Image.from_pretrained(str(source.path), dtype=dtype)
+        family = detect_family(pipe, source)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    family = detect_family(pipe, source)
     return LoadedModel(
         pipe=pipe,
         source=source,
