@@ -3,28 +3,26 @@
 A checkpoint in the original key layout (``model.diffusion_model.…``,
 ``first_stage_model.…``, ``cond_stage_model.…`` or ``conditioner.embedders.…``)
 holds weights only. diffusers' ``from_single_file`` would fetch the family's
-diffusers configs and tokenizers from the hub; here they come from a table keyed
-by family: configs shipped in ``single_file_configs/<family>/`` (or the tiny
-model's own folder), the CLIP tokenizer's vocabulary from a local folder or the
-Hugging Face cache. Adding a family (SD3, FLUX) is one entry in the table plus
-its config folder.
+diffusers configs and tokenizers from the hub; here the family is detected from the
+keys (storage/checkpoints.py, one entry per family), its configs are shipped in
+``single_file_configs/<family>/`` (or are the tiny model's own folder), and the CLIP
+tokenizer's vocabulary comes from a local folder or the Hugging Face cache.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from generation.tiny import ensure_tiny_model
+from storage.checkpoints import CheckpointFamily, detect_checkpoint, read_shapes, unreadable
 from storage.errors import ConfigError
 from storage.settings import Settings
 
 CONFIGS = Path(__file__).parent / "single_file_configs"
-_UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 # Hub repositories whose cached tokenizer files serve every CLIP-L/bigG tokenizer: the
 # BPE vocabulary is the same, only the special tokens differ (they come from our configs).
 _CACHED_TOKENIZERS = (
@@ -35,77 +33,12 @@ _CACHED_TOKENIZERS = (
 _VOCAB_FILES = ("vocab.json", "merges.txt")
 
 
-@dataclass(frozen=True)
-class CheckpointFamily:
-    """How to recognise and load one family's single-file checkpoints."""
-
-    family: str  # a key of storage.families.FAMILIES
-    pipeline: str  # the diffusers pipeline class
-    marker: str  # a key that only this family's checkpoints hold
-    conv_in_width: int | None = None  # the UNet's first width, where it tells models apart
-    tokenizers: tuple[str, ...] = ()  # tokenizer folders needing the CLIP vocabulary
-    tiny_model: str | None = None  # take the configs from this tiny model's folder
-
-    def config_folder(self, settings: Settings) -> Path | None:
-        if self.tiny_model is not None:
-            return ensure_tiny_model(self.tiny_model, settings.data_dir / "models")
-        folder = CONFIGS / self.family
-        return folder if (folder / "model_index.json").is_file() else None
-
-
-_SDXL = "conditioner.embedders.1.model.positional_embedding"
-_SD1 = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
-_SD2 = "cond_stage_model.model.token_embedding.weight"
-
-# First match wins: the tiny test models before the real ones whose layout they share.
-CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
-    CheckpointFamily("tiny-sdxl", "StableDiffusionXLPipeline", _SDXL, 32, tiny_model="tiny-sdxl"),
-    CheckpointFamily("sdxl", "StableDiffusionXLPipeline", _SDXL, 320, ("tokenizer", "tokenizer_2")),
-    CheckpointFamily("tiny-sd", "StableDiffusionPipeline", _SD1, 32, tiny_model="tiny"),
-    CheckpointFamily("sd15", "StableDiffusionPipeline", _SD1, 320, ("tokenizer",)),
-    # No configs shipped: SD 2 comes as 512 px epsilon and 768 px v-prediction models
-    # whose files cannot be told apart; it loads from the hub when downloads are allowed.
-    CheckpointFamily("sd2", "StableDiffusionPipeline", _SD2),
-)
-
-
-def _unreadable(path: Path, exc: Exception) -> ConfigError:
-    return ConfigError(
-        f"{path} is not a readable .safetensors file ({exc}); it may be empty or cut short, "
-        "so download it again or point IMAGINE_MODEL at another checkpoint."
-    )
-
-
-def read_header(path: Path) -> dict[str, list[int]]:
-    """Each tensor's shape, read from the header without loading any weight."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            names = handle.keys()  # the handle itself is not iterable
-            return {key: list(handle.get_slice(key).get_shape()) for key in names}
-    except (SafetensorError, OSError) as exc:
-        raise _unreadable(path, exc) from None
-
-
-def detect_checkpoint(path: Path, shapes: dict[str, list[int]]) -> CheckpointFamily:
-    """The family of a single-file checkpoint, from its keys and the UNet's first width."""
-    conv_in = shapes.get(_UNET_CONV_IN)
-    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
-        raise ConfigError(
-            f"{path} is an inpainting checkpoint (its UNet reads {conv_in[1]} channels, not 4); "
-            "Imagine generates from text, so use the normal version of this model."
-        )
-    for entry in CHECKPOINT_FAMILIES:
-        if entry.marker not in shapes:
-            continue
-        if entry.conv_in_width is None or (conv_in and conv_in[0] == entry.conv_in_width):
-            return entry
-    raise ConfigError(
-        f"{path} is not a Stable Diffusion 1.x/2.x or SDXL checkpoint that Imagine can read "
-        "(none of their text encoder keys is in it; an SDXL refiner or a UNet-only file "
-        "cannot generate alone); use a diffusers folder or hub id for other models."
-    )
+def config_folder(entry: CheckpointFamily, settings: Settings) -> Path | None:
+    """Where the family's diffusers configs are: the tiny model's folder, or shipped here."""
+    if entry.tiny_model is not None:
+        return ensure_tiny_model(entry.tiny_model, settings.data_dir / "models")
+    folder = CONFIGS / entry.family
+    return folder if (folder / "model_index.json").is_file() else None
 
 
 def _tokenizer_vocabulary(settings: Settings) -> Path | None:
@@ -174,9 +107,9 @@ def load_single_file(path: Path, settings: Settings, dtype: torch.dtype) -> tupl
     import diffusers
     from safetensors import SafetensorError
 
-    entry = detect_checkpoint(path, read_header(path))
+    entry = detect_checkpoint(path, read_shapes(path))
     pipe_class = getattr(diffusers, entry.pipeline)
-    config = entry.config_folder(settings)
+    config = config_folder(entry, settings)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if config is not None:
         kwargs |= {"config": str(config), "local_files_only": True}
@@ -190,5 +123,5 @@ def load_single_file(path: Path, settings: Settings, dtype: torch.dtype) -> tupl
     try:
         pipe = pipe_class.from_single_file(str(path), **kwargs)
     except SafetensorError as exc:  # a header that reads, over tensors that do not
-        raise _unreadable(path, exc) from None
+        raise unreadable(path, exc) from None
     return pipe, entry.family

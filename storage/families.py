@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+
+from storage.checkpoints import checkpoint_family
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,10 @@ def guess_family(model: str) -> ModelFamily:
     The engine checks the guess against the loaded weights; the bot uses it to
     size ``--ar`` before any GPU work.
     """
+    if model.endswith(".safetensors"):
+        found = checkpoint_family(Path(model).expanduser())
+        if found is not None:  # a checkpoint file says what it is in its header
+            return FAMILIES[found]
     name = model.lower().replace("_", "-")
     if name in {"tiny", "tiny-sd"}:
         return FAMILIES["tiny-sd"]

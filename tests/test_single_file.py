@@ -19,10 +19,12 @@ from safetensors.torch import save_file
 
 from generation.loading import LoadedModel, load_model
 from generation.lora import LoraSet, check_lora_fits
-from generation.single_file import CONFIGS, clip_tokenizers, detect_checkpoint
+from generation.single_file import CONFIGS, clip_tokenizers
 from generation.styles import StyleError, StyleSpec, parse_style
 from generation.tiny import build_tiny_lora
+from storage.checkpoints import CHECKPOINT_FAMILIES, detect_checkpoint
 from storage.errors import ConfigError
+from storage.families import guess_family
 from storage.settings import Settings
 from storage.style_store import StyleRefused, check_family, inspect_lora
 from tests.original_layout import original_state_dict, write_kohya_lora, write_single_file
@@ -83,6 +85,8 @@ def test_a_single_file_checkpoint_loads_offline_and_draws_what_its_folder_draws(
     checkpoint = write_single_file(folder.pipe, tmp_path / f"{name}-civitai.safetensors")
     assert any(key.startswith("model.diffusion_model.") for key in original_state_dict(folder.pipe))
 
+    # The bot, which never loads a model, reads the family from the file's header.
+    assert guess_family(str(checkpoint)).name == FAMILY[name]
     loaded = load_model(settings, str(checkpoint))
 
     assert loaded.source.kind == "single_file"
@@ -181,8 +185,6 @@ def test_an_inpainting_checkpoint_is_refused_with_a_sentence(tmp_path: Path) -> 
 def test_the_tokenizer_setting_gives_each_tokenizer_its_own_special_tokens(
     settings: Settings, folder_models: dict[str, LoadedModel]
 ) -> None:
-    from generation.single_file import CHECKPOINT_FAMILIES
-
     vocabulary = folder_models["tiny"].source.path / "tokenizer"
     chosen = settings.model_copy(update={"clip_tokenizer": vocabulary})
     sdxl = next(entry for entry in CHECKPOINT_FAMILIES if entry.family == "sdxl")
