@@ -76,6 +76,39 @@ def _download_vocabulary(settings: Settings) -> Path | None:
     return Path(files[0]).parent
 
 
+def _no_vocabulary(entry: CheckpointFamily) -> ConfigError:
+    return ConfigError(
+        f"A {entry.family} checkpoint needs the CLIP tokenizer's vocabulary (vocab.json "
+        "and merges.txt, 1.6 MB), which Imagine does not ship and did not find in the "
+        "Hugging Face cache. Set IMAGINE_CLIP_TOKENIZER to a folder holding them (the "
+        "tokenizer folder of any SD 1.5 or SDXL diffusers model), or run once with "
+        "downloads allowed (IMAGINE_ALLOW_DOWNLOADS=true) to cache them."
+    )
+
+
+def _no_configs(path: Path, entry: CheckpointFamily) -> ConfigError:
+    return ConfigError(
+        f"{path} is a {entry.family} checkpoint, whose configuration Imagine does not "
+        "ship; allow downloads (IMAGINE_ALLOW_DOWNLOADS=true) so diffusers can fetch it, "
+        "or convert the checkpoint to a diffusers folder."
+    )
+
+
+def describe_single_file(path: Path, settings: Settings) -> str:
+    """What ``imagine doctor`` says of a checkpoint file, without loading it;
+    :class:`ConfigError` if it cannot load as things stand."""
+    entry = detect_checkpoint(path, read_shapes(path))
+    if entry.tiny_model is None and config_folder(entry, settings) is None:
+        if not settings.allow_downloads:
+            raise _no_configs(path, entry)
+        return f"a {entry.family} checkpoint; its configuration is downloaded at start"
+    if entry.tokenizers and _tokenizer_vocabulary(settings) is None:
+        if not settings.allow_downloads:
+            raise _no_vocabulary(entry)
+        return f"a {entry.family} checkpoint; the CLIP tokenizer is downloaded at start"
+    return f"a {entry.family} checkpoint, loadable offline"
+
+
 def clip_tokenizers(entry: CheckpointFamily, config: Path, settings: Settings) -> dict[str, Any]:
     """The family's tokenizers: the CLIP vocabulary with the special tokens of our configs."""
     if not entry.tokenizers:
@@ -84,13 +117,7 @@ def clip_tokenizers(entry: CheckpointFamily, config: Path, settings: Settings) -
 
     vocabulary = _tokenizer_vocabulary(settings) or _download_vocabulary(settings)
     if vocabulary is None:
-        raise ConfigError(
-            f"A {entry.family} checkpoint needs the CLIP tokenizer's vocabulary (vocab.json "
-            "and merges.txt, 1.6 MB), which Imagine does not ship and did not find in the "
-            "Hugging Face cache. Set IMAGINE_CLIP_TOKENIZER to a folder holding them (the "
-            "tokenizer folder of any SD 1.5 or SDXL diffusers model), or run once with "
-            "downloads allowed (IMAGINE_ALLOW_DOWNLOADS=true) to cache them."
-        )
+        raise _no_vocabulary(entry)
     tokenizers = {}
     for name in entry.tokenizers:
         special = json.loads((config / name / "tokenizer_config.json").read_text())
@@ -115,11 +142,7 @@ def load_single_file(path: Path, settings: Settings, dtype: torch.dtype) -> tupl
         kwargs |= {"config": str(config), "local_files_only": True}
         kwargs |= clip_tokenizers(entry, config, settings)
     elif not settings.allow_downloads:
-        raise ConfigError(
-            f"{path} is a {entry.family} checkpoint, whose configuration Imagine does not "
-            "ship; allow downloads (IMAGINE_ALLOW_DOWNLOADS=true) so diffusers can fetch it, "
-            "or convert the checkpoint to a diffusers folder."
-        )
+        raise _no_configs(path, entry)
     try:
         pipe = pipe_class.from_single_file(str(path), **kwargs)
     except SafetensorError as exc:  # a header that reads, over tensors that do not

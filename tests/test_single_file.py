@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from bot.cli.doctor import check_model
 from generation.loading import LoadedModel, load_model
 from generation.lora import LoraSet, check_lora_fits
 from generation.single_file import CONFIGS, clip_tokenizers
@@ -174,6 +175,9 @@ def test_a_real_checkpoint_without_a_tokenizer_vocabulary_says_what_to_provide(
     message = str(refused.value)
     assert "sd15 checkpoint needs the CLIP tokenizer's vocabulary" in message
     assert "IMAGINE_CLIP_TOKENIZER" in message
+    assert guess_family(str(checkpoint)).name == "sd15"
+    doctor = check_model(settings.model_copy(update={"model": str(checkpoint)}))
+    assert doctor.status == "FAIL" and doctor.detail == message
 
 
 def test_an_inpainting_checkpoint_is_refused_with_a_sentence(tmp_path: Path) -> None:
