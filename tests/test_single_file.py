@@ -7,7 +7,11 @@ they came from.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,6 +99,39 @@ def test_a_single_file_checkpoint_loads_offline_and_draws_what_its_folder_draws(
     assert type(loaded.pipe) is type(folder.pipe)
     difference = np.abs(render(loaded.pipe) - render(folder.pipe)).max()
     assert difference <= 1 / 255
+
+
+def test_the_cli_generates_from_a_civitai_file_with_hub_offline_and_an_empty_hf_home(
+    folder_models: dict[str, LoadedModel], tmp_path: Path
+) -> None:
+    from generation.metadata import read_recipe
+
+    checkpoint = write_single_file(folder_models["tiny"].pipe, tmp_path / "civitai.safetensors")
+    hf_home = tmp_path / "empty-hf-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGINE_", "HF_"))}
+    env |= {
+        "IMAGINE_DATA_DIR": str(tmp_path / "data"),
+        "IMAGINE_MODEL": str(checkpoint),
+        "IMAGINE_DEVICE": "cpu",
+        "IMAGINE_ALLOW_DOWNLOADS": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(hf_home),
+    }
+    root = Path(__file__).resolve().parents[1]  # this checkout's code, not an installed one
+    env["PYTHONPATH"] = str(root)
+    result = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "generate", "a lighthouse --seed 7 --steps 2"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    recipe = read_recipe(Path(result.stdout.strip().splitlines()[-1]).read_bytes())
+    assert recipe.model == str(checkpoint)
+    assert recipe.model_hash == hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:10]
+    assert [path for path in hf_home.rglob("*") if path.is_file()] == []
 
 
 def _meta_pipe(family: str) -> Any:
