@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 from diffusers import AutoPipelineForText2Image
 
 from generation.memory import check_offload, place, quantize_weights, recipe_quantization
+from generation.single_file import load_single_file
 from generation.tiny import TINY_MODELS, ensure_tiny_model
 from storage.errors import ConfigError, ImagineError
 from storage.families import (
@@ -26,7 +26,6 @@ from storage.families import (
     PIPELINE_FAMILIES,
     TINY_FAMILIES,
     ModelFamily,
-    single_file_family,
     variant_family,
 )
 from storage.settings import Settings
@@ -167,31 +166,6 @@ def detect_family(pipe: Pipeline, source: ModelSource) -> ModelFamily:
     return variant_family(base, source.model)
 
 
-def _unreadable(path: Path, exc: Exception) -> ConfigError:
-    return ConfigError(
-        f"{path} is not a readable .safetensors file ({exc}); it may be empty or cut short, "
-        "so download it again or point IMAGINE_MODEL at another checkpoint."
-    )
-
-
-def _single_file_class(path: Path) -> Any:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = set(handle.keys())
-    except (SafetensorError, OSError) as exc:
-        raise _unreadable(path, exc) from None
-    family = single_file_family(keys)
-    if family is None:
-        raise ConfigError(
-            f"{path} is not a Stable Diffusion 1.x/2.x, SDXL, SD3 or FLUX checkpoint that "
-            "Imagine can read; use a diffusers folder or hub id for other models."
-        )
-    base = "flux" if family.startswith("flux") else family
-    return getattr(diffusers, next(c for c, f in PIPELINE_FAMILIES.items() if f == base))
-
-
 def model_hash(source: ModelSource, cache_dir: Path) -> str:
     """sha256 (first 10 hex digits, as A1111 shows) of the denoiser's weights.
 
@@ -278,24 +252,18 @@ def load_model(settings: Settings, model: str | None = None) -> LoadedModel:
     device = pick_device(settings.device)
     check_offload(settings.offload, device)
     dtype = pick_dtype(settings.dtype, device)
-    kwargs: dict[str, Any] = {"dtype": dtype}
     if source.kind == "single_file":
-        from safetensors import SafetensorError
-
-        pipe_class = _single_file_class(source.path)
-        try:
-            pipe = pipe_class.from_single_file(str(source.path), **kwargs)
-        except SafetensorError as exc:  # a header that reads, over tensors that do not
-            raise _unreadable(source.path, exc) from None
+        pipe, family_name = load_single_file(source.path, settings, dtype)
+        family = FAMILIES[family_name]
     else:
-        pipe = AutoPipelineForText2Image.from_pretrained(str(source.path), **kwargs)
+        pipe = AutoPipelineForText2Image.from_pretrained(str(source.path), dtype=dtype)
+        family = detect_family(pipe, source)
     if settings.offload == "none":
         pipe.to(device)  # quantised where the kernels will run
     quantize_weights(pipe, settings.quantize)
     if settings.offload != "none":
         place(pipe, device, settings.offload)
     pipe.set_progress_bar_config(disable=True)
-    family = detect_family(pipe, source)
     return LoadedModel(
         pipe=pipe,
         source=source,

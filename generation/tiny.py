@@ -91,18 +91,18 @@ def _t5(hidden_size: int) -> T5EncoderModel:
     )
 
 
-def _text_config(projection: bool) -> CLIPTextConfig:
+def _text_config(projection: bool, hidden_size: int = 32) -> CLIPTextConfig:
     return CLIPTextConfig(
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=37,
         layer_norm_eps=1e-05,
         num_attention_heads=4,
         num_hidden_layers=2,
         vocab_size=600,
-        projection_dim=32 if projection else 512,
+        projection_dim=hidden_size if projection else 512,
         hidden_act="gelu",
     )
 
@@ -181,8 +181,8 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled text
-        cross_attention_dim=64,
+        projection_class_embeddings_input_dim=96,  # 6 * 8 time ids + 48 pooled text
+        cross_attention_dim=80,  # the two text encoders' widths, 32 + 48
         norm_num_groups=32,
     )
     vae = _vae()
@@ -191,7 +191,9 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
         vae=vae,
         text_encoder=CLIPTextModel(_text_config(projection=True)),
         tokenizer=_tokenizer(),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True)),
+        # Two widths, as in the real SDXL (768 and 1280): a single-file checkpoint's loader
+        # tells the two encoders apart by their width.
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True, hidden_size=48)),
         tokenizer_2=_tokenizer(),
         scheduler=_scheduler(),
         force_zeros_for_empty_prompt=False,

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
+from storage.checkpoints import checkpoint_family
+
 _NO_SAMPLER = (
     "{label} samples by flow matching with its own scheduler, which the listed samplers "
     "do not fit; leave --sampler out (or use --sampler default)."
@@ -245,6 +247,10 @@ def guess_family(model: str) -> ModelFamily:
     from_folder = _folder_family(model)
     if from_folder is not None:
         return from_folder
+    if model.endswith(".safetensors"):
+        found = checkpoint_family(Path(model).expanduser())
+        if found is not None:  # a checkpoint file says what it is in its header
+            return FAMILIES[found]
     name = model.lower().replace("_", "-")
     if "flux" in name:
         return variant_family("flux", name)

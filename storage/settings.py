@@ -145,6 +145,14 @@ class Settings(BaseSettings):
         default=True,
         description="Download a hub model missing from the local cache (off: offline only).",
     )
+    clip_tokenizer: Path | None = Field(
+        default=None,
+        description=(
+            "Folder with the CLIP tokenizer (vocab.json and merges.txt, e.g. the tokenizer "
+            "folder of any SD 1.5 or SDXL diffusers model) for single-file checkpoints; "
+            "empty: the Hugging Face cache."
+        ),
+    )
     upscaler: str | None = Field(
         default=None,
         description=(

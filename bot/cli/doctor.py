@@ -273,6 +273,13 @@ def check_model(settings: Settings) -> Check:
     except ImagineError as exc:
         return Check("model", FAIL, str(exc))
     kind = "built in code" if model in TINY_MODELS else source.kind.replace("_", " ")
+    if source.kind == "single_file":
+        from generation.single_file import describe_single_file
+
+        try:
+            kind = describe_single_file(source.path, settings)
+        except ImagineError as exc:
+            return Check("model", FAIL, str(exc))
     return Check("model", OK, f"{model}: {kind}, at {source.path}")
 
 
