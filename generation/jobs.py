@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image as PILImage
 
+from generation.controlnet import map_png
 from generation.engine import (
     PNG_ENCODERS,
     CancelToken,
@@ -36,6 +37,7 @@ from storage.database import Database, is_outage
 from storage.errors import ImagineError
 from storage.generations import NewImage, add_images, record_grid, transition
 from storage.models import Generation, GenerationKind, GenerationStatus
+from storage.recipe import Recipe
 from storage.thumbnails import record_images_thumbnails
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,31 @@ async def _source_image(database: Database, blobs: BlobStore, image_id: int) -> 
         image = await get_image(session, image_id)
     data = await blobs.get(image.blob_key)
     return PILImage.open(io.BytesIO(data)).convert("RGB")
+
+
+async def control_maps(
+    blobs: BlobStore, engine: Engine, recipe: Recipe
+) -> tuple[Recipe, list[PILImage.Image]]:
+    """The maps of ``recipe``'s controls, and the recipe naming them.
+
+    A control whose map is stored already (a reroll, a variation, a ``/show``) uses it as
+    it is; otherwise the map is made from the source image by the control's preprocessor,
+    stored, and its key and preprocessor written into the recipe.
+    """
+    controls, maps = [], []
+    for ref in recipe.controls:
+        if ref.map_key is not None:
+            data = await blobs.get(ref.map_key)
+            maps.append(PILImage.open(io.BytesIO(data)).convert("RGB"))
+            controls.append(ref)
+            continue
+        assert ref.source_key is not None  # ControlRef needs one of the two
+        source = PILImage.open(io.BytesIO(await blobs.get(ref.source_key)))
+        made, image = await asyncio.to_thread(engine.control_map, ref, source, recipe)
+        key = await blobs.put(await asyncio.to_thread(map_png, image))
+        controls.append(made.model_copy(update={"map_key": key}))
+        maps.append(image)
+    return recipe.model_copy(update={"controls": tuple(controls)}), maps
 
 
 async def materialize_styles(
@@ -110,18 +137,19 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def _run_engine(
     engine: Engine,
     generation: Generation,
+    recipe: Recipe,
     source: PILImage.Image | None,
+    maps: list[PILImage.Image],
     progress: ProgressCallback | None,
     cancel: CancelToken | None,
 ) -> list[GeneratedImage]:
-    recipe = generation.recipe
     _injected_fault(recipe.prompt)
     if generation.kind is GenerationKind.UPSCALE:
         assert source is not None
         return [engine.upscale(recipe, source, progress=progress, cancel=cancel)]
     if source is not None:
-        return engine.img2img(recipe, source, progress=progress, cancel=cancel)
-    return engine.txt2img(recipe, progress=progress, cancel=cancel)
+        return engine.img2img(recipe, source, maps=maps, progress=progress, cancel=cancel)
+    return engine.txt2img(recipe, maps=maps, progress=progress, cancel=cancel)
 
 
 def _injected_fault(prompt: str) -> None:
@@ -180,8 +208,13 @@ async def execute_generation(
         source = None
         if generation.recipe.source_image_id is not None:
             source = await _source_image(database, blobs, generation.recipe.source_image_id)
-        images = await asyncio.to_thread(_run_engine, engine, generation, source, progress, cancel)
-        recipe = engine.complete_recipe(generation.recipe)
+        recipe, maps = generation.recipe, list[PILImage.Image]()
+        if recipe.controls and generation.kind is not GenerationKind.UPSCALE:
+            recipe, maps = await control_maps(blobs, engine, recipe)
+        images = await asyncio.to_thread(
+            _run_engine, engine, generation, recipe, source, maps, progress, cancel
+        )
+        recipe = engine.complete_recipe(recipe)
         loop = asyncio.get_running_loop()
         grid: asyncio.Future[bytes] | None = None
         if len(images) > 1:  # one image (an upscale) is shown as it is: no grid

@@ -58,6 +58,7 @@ def upscale_recipe(parent: Recipe, image: Image) -> Recipe:
         scale=UPSCALE_FACTOR,
         strength=UPSCALE_STRENGTH,
         source_image_id=image.id,
+        controls=(),  # the detail pass runs without them; the image it starts from had them
     )
 
 

@@ -9,6 +9,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from storage.controls import MAX_CONTROLS, ControlRef
+
 MAX_SEED = 2**32 - 1
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
@@ -75,6 +77,7 @@ class Recipe(BaseModel):
         default=None, description="The image a variation or upscale starts from."
     )
     scale: int | None = Field(default=None, ge=2, le=4, description="Upscale factor.")
+    controls: tuple[ControlRef, ...] = Field(default=(), max_length=MAX_CONTROLS)
     dtype: str | None = None
     quantization: str | None = Field(
         default=None,
