@@ -36,11 +36,14 @@ from generation.compiled import (
     mark_warm,
     plan_compile,
 )
+from generation.controlnet import ControlNets
+from generation.controls import ControlRegistry
 from generation.loading import LoadedModel, Pipeline, load_model, load_upscaler
 from generation.lora import LoraSet, LoraSlots
 from generation.metadata import encode_png
 from generation.previews import latent_preview, preview_bytes, supports_preview, unpack_latent
 from generation.styles import StyleRegistry, StyleSpec
+from storage.controls import ControlError, ControlRef
 from storage.derive import UPSCALE_STRENGTH
 from storage.errors import ImagineError
 from storage.families import ASPECT_RATIOS, ModelFamily, size_for
@@ -159,8 +162,10 @@ class Engine:
         compile_plan: CompilePlan | None = None,
         lora_slots: int = 2,
         lora_max_rank: int = 64,
+        controls: ControlNets | None = None,
     ) -> None:
         self.loaded = loaded
+        self.controls = controls
         self.pipe: Pipeline = loaded.pipe
         self.compile_plan = compile_plan or CompilePlan(False, "off")
         self.loras: LoraSet | LoraSlots
@@ -208,6 +213,13 @@ class Engine:
             compile_plan=plan_compile(settings.compile, loaded.device, loaded.offload),
             lora_slots=settings.lora_slots,
             lora_max_rank=settings.lora_max_rank,
+            controls=ControlNets(
+                ControlRegistry.from_folder(settings.resolved_controls_dir),
+                settings,
+                loaded.family.name,
+                loaded.device,
+                loaded.dtype,
+            ),
         )
 
     @property
@@ -233,8 +245,12 @@ class Engine:
             ref.model_copy(update={"sha256": self.styles.get(ref.name).sha256})
             for ref in recipe.styles
         )
+        controls = recipe.controls
+        if controls:
+            controls = tuple(self._control_nets().complete(ref) for ref in controls)
         return recipe.model_copy(
             update={
+                "controls": controls,
                 "model_hash": self.model_hash,
                 "model_family": self.family.name,
                 "dtype": str(self.loaded.dtype).removeprefix("torch."),
@@ -300,18 +316,22 @@ class Engine:
         self,
         recipe: Recipe,
         *,
+        maps: Sequence[Image.Image] = (),
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> list[GeneratedImage]:
-        """``recipe.count`` images in one batched call."""
-        size = {"width": recipe.width, "height": recipe.height}
-        return self._run(self.pipe, recipe, size, progress, cancel)
+        """``recipe.count`` images in one batched call; ``maps`` are the control maps of
+        ``recipe.controls``, in order (see :meth:`control_map`)."""
+        extra: dict[str, Any] = {"width": recipe.width, "height": recipe.height}
+        pipe = self._controlled(self.pipe, "txt2img", recipe, maps, extra)
+        return self._run(pipe, recipe, extra, progress, cancel)
 
     def img2img(
         self,
         recipe: Recipe,
         source: Image.Image,
         *,
+        maps: Sequence[Image.Image] = (),
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
     ) -> list[GeneratedImage]:
@@ -322,7 +342,36 @@ class Engine:
             (recipe.width, recipe.height), Image.Resampling.LANCZOS
         )
         extra = self._img2img_inputs(image, recipe.strength, recipe.count)
-        return self._run(self.img2img_pipe, _at_least_one_step(recipe), extra, progress, cancel)
+        pipe = self._controlled(self.img2img_pipe, "img2img", recipe, maps, extra)
+        return self._run(pipe, _at_least_one_step(recipe), extra, progress, cancel)
+
+    def control_map(
+        self, ref: ControlRef, source: Image.Image, recipe: Recipe
+    ) -> tuple[ControlRef, Image.Image]:
+        """The map of ``source`` for control ``ref`` at the recipe's size, made by the
+        control's preprocessor (or ``source`` itself, for a raw one), and ``ref`` naming it."""
+        return self._control_nets().make_map(ref, source, (recipe.width, recipe.height))
+
+    def _control_nets(self) -> ControlNets:
+        if self.controls is None:
+            raise ControlError("This worker runs no controls; start it with a controls folder.")
+        return self.controls
+
+    def _controlled(
+        self,
+        pipe: Pipeline,
+        kind: str,
+        recipe: Recipe,
+        maps: Sequence[Image.Image],
+        extra: dict[str, Any],
+    ) -> Pipeline:
+        """``pipe`` itself, or its ControlNet sibling with the control arguments in ``extra``."""
+        if not recipe.controls and not maps:
+            return pipe
+        nets = self._control_nets()
+        size = (recipe.width, recipe.height)
+        extra.update(nets.arguments(kind, recipe.controls, maps, size))
+        return nets.pipeline(self.pipe, kind, recipe.controls)
 
     def _img2img_inputs(self, image: Image.Image, strength: float, count: int) -> dict[str, Any]:
         # One copy per image: each is encoded with its own generator, so image i of a batch

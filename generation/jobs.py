@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image as PILImage
 
+from generation.controlnet import map_png
 from generation.engine import (
     PNG_ENCODERS,
     CancelToken,
@@ -72,6 +73,31 @@ async def image_prompt_source(blobs: BlobStore, recipe: Recipe) -> PILImage.Imag
     return await asyncio.to_thread(fit_image, image, recipe.width, recipe.height)
 
 
+async def control_maps(
+    blobs: BlobStore, engine: Engine, recipe: Recipe
+) -> tuple[Recipe, list[PILImage.Image]]:
+    """The maps of ``recipe``'s controls, and the recipe naming them.
+
+    A control whose map is stored already (a reroll, a variation, a ``/show``) uses it as
+    it is; otherwise the map is made from the source image by the control's preprocessor,
+    stored, and its key and preprocessor written into the recipe.
+    """
+    controls, maps = [], []
+    for ref in recipe.controls:
+        if ref.map_key is not None:
+            data = await blobs.get(ref.map_key)
+            maps.append(PILImage.open(io.BytesIO(data)).convert("RGB"))
+            controls.append(ref)
+            continue
+        assert ref.source_key is not None  # ControlRef needs one of the two
+        source = PILImage.open(io.BytesIO(await blobs.get(ref.source_key)))
+        made, image = await asyncio.to_thread(engine.control_map, ref, source, recipe)
+        key = await blobs.put(await asyncio.to_thread(map_png, image))
+        controls.append(made.model_copy(update={"map_key": key}))
+        maps.append(image)
+    return recipe.model_copy(update={"controls": tuple(controls)}), maps
+
+
 async def materialize_styles(
     database: Database, blobs: BlobStore, engine: Engine, generation: Generation, folder: Path
 ) -> None:
@@ -121,18 +147,19 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def _run_engine(
     engine: Engine,
     generation: Generation,
+    recipe: Recipe,
     source: PILImage.Image | None,
+    maps: list[PILImage.Image],
     progress: ProgressCallback | None,
     cancel: CancelToken | None,
 ) -> list[GeneratedImage]:
-    recipe = generation.recipe
     _injected_fault(recipe.prompt)
     if generation.kind is GenerationKind.UPSCALE:
         assert source is not None
         return [engine.upscale(recipe, source, progress=progress, cancel=cancel)]
     if source is not None:
-        return engine.img2img(recipe, source, progress=progress, cancel=cancel)
-    return engine.txt2img(recipe, progress=progress, cancel=cancel)
+        return engine.img2img(recipe, source, maps=maps, progress=progress, cancel=cancel)
+    return engine.txt2img(recipe, maps=maps, progress=progress, cancel=cancel)
 
 
 def _injected_fault(prompt: str) -> None:
@@ -193,8 +220,13 @@ async def execute_generation(
             source = await _source_image(database, blobs, generation.recipe.source_image_id)
         elif generation.recipe.init_image is not None:
             source = await image_prompt_source(blobs, generation.recipe)
-        images = await asyncio.to_thread(_run_engine, engine, generation, source, progress, cancel)
-        recipe = engine.complete_recipe(generation.recipe)
+        recipe, maps = generation.recipe, list[PILImage.Image]()
+        if recipe.controls and generation.kind is not GenerationKind.UPSCALE:
+            recipe, maps = await control_maps(blobs, engine, recipe)
+        images = await asyncio.to_thread(
+            _run_engine, engine, generation, recipe, source, maps, progress, cancel
+        )
+        recipe = engine.complete_recipe(recipe)
         loop = asyncio.get_running_loop()
         grid: asyncio.Future[bytes] | None = None
         if len(images) > 1:  # one image (an upscale) is shown as it is: no grid

@@ -130,12 +130,23 @@ def resolve_source(model: str, settings: Settings) -> ModelSource:
     return ModelSource(model, "hub", _snapshot(model, settings))
 
 
-def _snapshot(repo_id: str, settings: Settings) -> Path:
+def resolve_folder(model: str, settings: Settings, patterns: list[str]) -> Path:
+    """A local folder of ``model`` (a ControlNet, a preprocessor's model): itself when it is
+    a folder, else the hub snapshot of the files matching ``patterns``."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if model.startswith((".", "/", "~")):
+        raise _not_found(model, str(path), "no such folder")
+    return _snapshot(model, settings, patterns)
+
+
+def _snapshot(repo_id: str, settings: Settings, patterns: list[str] = _HUB_FILES) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except HFValidationError:
         raise _not_found(repo_id, "the local disk", "it is not a path or a hub id") from None
     except Exception as offline:
@@ -144,7 +155,7 @@ def _snapshot(repo_id: str, settings: Settings) -> Path:
                 repo_id, _hub_cache(), f"not in the cache and downloads are off: {offline}"
             ) from None
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:
         raise _not_found(
             repo_id, f"{_hub_cache()} and the Hugging Face hub", type(exc).__name__

@@ -383,3 +383,109 @@ def build_tiny_lora(
     finally:
         denoiser.delete_adapters(adapter)
     return path
+
+
+def save_tiny_controlnet(kind: str, folder: Path, *, seed: int = 1) -> Path:
+    """A random ControlNet for the tiny ``kind`` (sd or sdxl) model, saved as a diffusers folder.
+
+    Built from the tiny UNet as real ControlNets are; its zero convolutions get random
+    weights (trained ones are not zero), so that the control visibly steers the image.
+    """
+    from diffusers import ControlNetModel
+
+    pipe: Any = build_tiny_sdxl() if kind == "sdxl" else build_tiny_sd()
+    unet = pipe.unet
+    torch.manual_seed(seed)
+    # The tiny VAE halves the side once: the map is embedded down by 2, not SD's 8.
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    zero_convs = [
+        *controlnet.controlnet_down_blocks,
+        controlnet.controlnet_mid_block,
+        controlnet.controlnet_cond_embedding.conv_out,
+    ]
+    with torch.no_grad():
+        for conv in zero_convs:
+            torch.nn.init.normal_(conv.weight, std=0.3)
+            torch.nn.init.normal_(conv.bias, std=0.1)
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def save_tiny_depth_estimator(folder: Path) -> Path:
+    """A random DPT depth estimator with its image processor, as a transformers folder."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(_SEED)
+    settings: dict[str, Any] = dict(
+        image_size=32,
+        patch_size=16,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[16, 16, 32, 32],
+        fusion_hidden_size=16,
+        reassemble_factors=[4, 2, 1, 0.5],
+        head_hidden_size=8,
+    )
+    config = DPTConfig(**settings)
+    DPTForDepthEstimation(config).save_pretrained(folder, safe_serialization=True)
+    DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_pose_estimator(folder: Path) -> Path:
+    """A random VitPose keypoint model (COCO's 17 points) with its processor settings."""
+    from transformers import (
+        VitPoseBackboneConfig,
+        VitPoseConfig,
+        VitPoseForPoseEstimation,
+        VitPoseImageProcessor,
+    )
+
+    torch.manual_seed(_SEED)
+    settings: dict[str, Any] = dict(
+        image_size=[64, 48],
+        patch_size=[16, 16],
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        out_indices=[2],
+    )
+    backbone = VitPoseBackboneConfig(**settings)
+    head: dict[str, Any] = {"scale_factor": 4, "num_labels": 17}  # COCO's 17 keypoints
+    config = VitPoseConfig(backbone_config=backbone, **head)
+    model = VitPoseForPoseEstimation(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    VitPoseImageProcessor(size={"height": 64, "width": 48}).save_pretrained(folder)
+    return folder
+
+
+def write_tiny_controls(
+    folder: Path,
+    family: str = "tiny-sd",
+    types: tuple[str, ...] = ("canny", "depth", "pose", "lineart", "scribble", "tile"),
+) -> Path:
+    """A controls folder for the tiny ``family`` (tiny-sd or tiny-sdxl): a random ControlNet
+    per control type, the tiny depth and pose estimators, and one TOML file per control."""
+    kind = "sdxl" if family == "tiny-sdxl" else "sd"
+    folder.mkdir(parents=True, exist_ok=True)
+    models = folder / "models"
+    if not (models / "depth" / "config.json").is_file():
+        save_tiny_depth_estimator(models / "depth")
+    if not (models / "pose" / "config.json").is_file():
+        save_tiny_pose_estimator(models / "pose")
+    extra = {
+        "depth": '[preprocessor]\nmodel = "models/depth"\n',
+        "pose": '[preprocessor]\nmodel = "models/pose"\nkeypoint_threshold = 0.0\n',
+    }
+    for number, control in enumerate(types, start=1):
+        name = f"{control}-{family}"
+        save_tiny_controlnet(kind, models / name, seed=number)
+        (folder / f"{name}.toml").write_text(
+            f'name = "{name}"\ntype = "{control}"\nmodel = "models/{name}"\n'
+            f'family = "{family}"\n' + extra.get(control, "")
+        )
+    return folder

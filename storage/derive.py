@@ -105,6 +105,7 @@ def upscale_recipe(parent: Recipe, image: Image) -> Recipe:
         strength=UPSCALE_STRENGTH,
         source_image_id=image.id,
         outpaint=None,
+        controls=(),  # the detail pass runs without them; the image it starts from had them
     )
 
 
@@ -191,4 +192,5 @@ def outpaint_recipe(
         outpaint=margins,
         init_image=None,  # the image it starts from is the source, not an image prompt
         image_weight=None,
+        controls=(),  # their maps have the source's size, not the canvas's
     )

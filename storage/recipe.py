@@ -9,6 +9,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from storage.controls import MAX_CONTROLS, ControlRef
+
 MAX_SEED = 2**32 - 1
 MAX_IMAGE_WEIGHT = 2.0
 
@@ -125,6 +127,7 @@ class Recipe(BaseModel):
         description="--iw: how strongly the image prompt steers (storage.derive maps it to "
         "the strength).",
     )
+    controls: tuple[ControlRef, ...] = Field(default=(), max_length=MAX_CONTROLS)
     dtype: str | None = None
     quantization: str | None = Field(
         default=None,

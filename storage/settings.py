@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     styles_dir: Path | None = Field(
         default=None, description="Folder of style TOML files. Empty: <data_dir>/styles."
     )
+    controls_dir: Path | None = Field(
+        default=None, description="Folder of ControlNet TOML files. Empty: <data_dir>/controls."
+    )
     discord_token: str | None = Field(
         default=None,
         validation_alias=AliasChoices("IMAGINE_DISCORD_TOKEN", "DISCORD_TOKEN", "discord_token"),
@@ -361,6 +364,10 @@ class Settings(BaseSettings):
         return self.styles_dir if self.styles_dir is not None else self.data_dir / "styles"
 
     @property
+    def resolved_controls_dir(self) -> Path:
+        return self.controls_dir if self.controls_dir is not None else self.data_dir / "controls"
+
+    @property
     def member_rate(self) -> tuple[int, float] | None:
         """The rate limit as (commands, seconds); ``None`` when it is off."""
         return parse_rate(self.rate_limit)
@@ -431,6 +438,7 @@ _DEFAULT_SHOWN = {
     "database_url": "SQLite at `<data_dir>/imagine.db`",
     "blob_dir": "`<data_dir>/blobs`",
     "styles_dir": "`<data_dir>/styles`",
+    "controls_dir": "`<data_dir>/controls`",
 }
 
 
