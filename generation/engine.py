@@ -8,6 +8,7 @@ text-to-image one. Image *i* of a call gets its own CPU generator seeded
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ from generation.compiled import (
 from generation.loading import LoadedModel, Pipeline, load_model, load_upscaler
 from generation.lora import LoraSet, LoraSlots
 from generation.metadata import encode_png
-from generation.previews import latent_preview, preview_bytes, supports_preview
+from generation.previews import AsyncPreviews, supports_preview
 from generation.styles import StyleRegistry, StyleSpec
 from storage.derive import UPSCALE_STRENGTH
 from storage.errors import ImagineError
@@ -57,6 +58,7 @@ from storage.settings import Settings
 
 UPSCALE_OVERLAP = 0.125  # of the tile side
 WARM_UP_COUNT = 4  # images of a default /imagine grid: the batch a compiled warm-up sizes for
+TEST_FAULT_ENV = "IMAGINE_TEST_FAULT"
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,22 @@ class GenerationCancelled(ImagineError):
 
     def __init__(self) -> None:
         super().__init__("The generation was cancelled.")
+
+
+class OutOfMemory(ImagineError):
+    """The images did not fit in the device's memory, even one at a time."""
+
+    def __init__(self, recipe: Recipe, count: int) -> None:
+        size = f"{recipe.width}×{recipe.height}"
+        if count > 1:
+            super().__init__(
+                f"{size} × {count} images did not fit in the GPU's memory even one image "
+                "at a time; try a smaller --ar or fewer images."
+            )
+        else:
+            super().__init__(
+                f"{size} did not fit in the GPU's memory; try a smaller --ar or a smaller image."
+            )
 
 
 class CancelToken:
@@ -115,8 +133,9 @@ class GeneratedImage:
     index: int
     seed: int
     image: Image.Image
-    png: bytes
+    png: bytes  # empty when the caller encodes it (``encode=False``)
     recipe: Recipe  # this image alone: its own seed, count 1
+    sampler: str = ""  # AUTOMATIC1111's name of the sampler that ran: what its PNG says
 
     @property
     def width(self) -> int:
@@ -296,10 +315,12 @@ class Engine:
         *,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
+        encode: bool = True,
     ) -> list[GeneratedImage]:
-        """``recipe.count`` images in one batched call."""
+        """``recipe.count`` images in one batched call; their PNGs unless ``encode`` is
+        False (the job's finishing encodes them off the GPU's critical path)."""
         size = {"width": recipe.width, "height": recipe.height}
-        return self._run(self.pipe, recipe, size, progress, cancel)
+        return self._run(self.pipe, recipe, size, progress, cancel, encode=encode)
 
     def img2img(
         self,
@@ -308,6 +329,7 @@ class Engine:
         *,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
+        encode: bool = True,
     ) -> list[GeneratedImage]:
         """Variations of ``source`` at ``recipe.strength``, in one batched call."""
         if recipe.strength is None:
@@ -316,7 +338,8 @@ class Engine:
             (recipe.width, recipe.height), Image.Resampling.LANCZOS
         )
         extra = {"image": image, "strength": recipe.strength}
-        return self._run(self.img2img_pipe, _at_least_one_step(recipe), extra, progress, cancel)
+        recipe = _at_least_one_step(recipe)
+        return self._run(self.img2img_pipe, recipe, extra, progress, cancel, encode=encode)
 
     def upscale(
         self,
@@ -325,6 +348,7 @@ class Engine:
         *,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
+        encode: bool = True,
     ) -> GeneratedImage:
         """``source`` at ``recipe.scale`` × its size.
 
@@ -334,7 +358,7 @@ class Engine:
         scale = recipe.scale or 2
         target = (source.width * scale, source.height * scale)
         if self.upscaler is not None:
-            return self._dedicated_upscale(recipe, source, target, progress, cancel)
+            return self._dedicated_upscale(recipe, source, target, progress, cancel, encode)
         resized = source.convert("RGB").resize(target, Image.Resampling.LANCZOS)
         strength = recipe.strength or UPSCALE_STRENGTH
         recipe = _at_least_one_step(
@@ -372,8 +396,9 @@ class Engine:
         blended = np.clip(np.rint(canvas / np.maximum(weight, 1e-8)), 0, 255).astype(np.uint8)
         image = Image.fromarray(blended, "RGB")
         final = self.complete_recipe(recipe)
-        png = encode_png(image, final, self.a1111_sampler(final.sampler))
-        return GeneratedImage(0, recipe.seed, image, png, final)
+        sampler = self.a1111_sampler(final.sampler)
+        png = encode_png(image, final, sampler) if encode else b""
+        return GeneratedImage(0, recipe.seed, image, png, final, sampler)
 
     def _run(
         self,
@@ -389,24 +414,20 @@ class Engine:
             raise GenerationCancelled()
         prompt, negative = self._apply_styles(recipe)
         sampler = self._use_scheduler(pipe, recipe.sampler)
-        generators = [
-            torch.Generator("cpu").manual_seed(recipe.seed_for(i)) for i in range(recipe.count)
-        ]
-        result = pipe(
-            prompt=prompt,
-            negative_prompt=negative or None,
-            num_images_per_prompt=recipe.count,
-            num_inference_steps=recipe.steps,
-            guidance_scale=recipe.guidance,
-            generator=generators,
-            callback_on_step_end=self._step_callback(progress, cancel),
-            callback_on_step_end_tensor_inputs=["latents"],
+        call = {
+            "prompt": prompt,
+            "negative_prompt": negative or None,
+            "num_inference_steps": recipe.steps,
+            "guidance_scale": recipe.guidance,
+            "callback_on_step_end_tensor_inputs": ["latents"],
             **extra,
-        )
+        }
+        seeds = [recipe.seed_for(i) for i in range(recipe.count)]
+        images = self._denoise(pipe, recipe, call, seeds, progress, cancel)
         final = self.complete_recipe(recipe)
         owns = [
             final.model_copy(update={"seed": recipe.seed_for(index), "count": 1})
-            for index in range(len(result.images))
+            for index in range(len(images))
         ]
         pngs: list[bytes] = [b""] * len(owns)
         if encode:
@@ -414,13 +435,75 @@ class Engine:
             pngs = list(
                 PNG_ENCODERS.map(
                     lambda pair: encode_png(pair[0], pair[1], sampler),
-                    zip(result.images, owns, strict=True),
+                    zip(images, owns, strict=True),
                 )
             )
         return [
-            GeneratedImage(index, own.seed, image, png, own)
-            for index, (image, own, png) in enumerate(zip(result.images, owns, pngs, strict=True))
+            GeneratedImage(index, own.seed, image, png, own, sampler)
+            for index, (image, own, png) in enumerate(zip(images, owns, pngs, strict=True))
         ]
+
+    def _denoise(
+        self,
+        pipe: Pipeline,
+        recipe: Recipe,
+        call: dict[str, Any],
+        seeds: Sequence[int],
+        progress: ProgressCallback | None,
+        cancel: CancelToken | None,
+    ) -> list[Image.Image]:
+        """The images of ``seeds`` in one batched call; when that runs out of device memory,
+        once more one image at a time after freeing the cache (the same images, each from
+        its own generator); when that does too, :class:`OutOfMemory` says what did not fit."""
+
+        def one_call(batch: Sequence[int], on_progress: ProgressCallback | None) -> list[Any]:
+            _injected_out_of_memory(recipe.prompt, len(batch))
+            result = pipe(
+                **call,
+                num_images_per_prompt=len(batch),
+                generator=[torch.Generator("cpu").manual_seed(seed) for seed in batch],
+                callback_on_step_end=self._step_callback(on_progress, cancel),
+            )
+            return list(result.images)
+
+        try:
+            return one_call(seeds, progress)
+        except torch.OutOfMemoryError as exc:
+            log.warning(
+                "%d image(s) of %dx%d ran out of memory (%s); one at a time now",
+                len(seeds),
+                recipe.width,
+                recipe.height,
+                exc,
+            )
+        # Freed outside the handler: the exception's traceback holds the failed call's tensors.
+        self._free_memory()
+        images: list[Any] = []
+        try:
+            for number, seed in enumerate(seeds):
+
+                def one_progress(p: Progress, number: int = number) -> None:
+                    if progress is not None:
+                        progress(
+                            Progress(number * p.total + p.step, p.total * len(seeds), p.preview)
+                        )
+
+                images += one_call([seed], None if progress is None else one_progress)
+            return images
+        except torch.OutOfMemoryError:
+            log.warning(
+                "%dx%d ran out of memory one image at a time too", recipe.width, recipe.height
+            )
+        images.clear()
+        self._free_memory()
+        raise OutOfMemory(recipe, len(seeds))
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()
 
     def _apply_styles(self, recipe: Recipe) -> tuple[str, str]:
         prompt, negative = recipe.prompt, recipe.negative_prompt
@@ -458,6 +541,7 @@ class Engine:
         target: tuple[int, int],
         progress: ProgressCallback | None,
         cancel: CancelToken | None,
+        encode: bool,
     ) -> GeneratedImage:
         if cancel is not None and cancel.cancelled:
             raise GenerationCancelled()
@@ -483,7 +567,8 @@ class Engine:
             recipe.model_copy(update={"count": 1, "width": target[0], "height": target[1]})
         )
         sampler = a1111_name(type(upscaler.scheduler).__name__, upscaler.scheduler.config)
-        return GeneratedImage(0, recipe.seed, image, encode_png(image, final, sampler), final)
+        png = encode_png(image, final, sampler) if encode else b""
+        return GeneratedImage(0, recipe.seed, image, png, final, sampler)
 
     def _step_callback(
         self,
@@ -496,6 +581,10 @@ class Engine:
         family = self.family.name if previews else ""
         fixed_total = total
         every = self.preview_every
+        # Only for a listener, and beside the loop: no device sync at any step.
+        shown: AsyncPreviews | None = None
+        if progress is not None and supports_preview(family):
+            shown = AsyncPreviews(family, lambda *shot: progress(Progress(*shot)))
 
         def on_step_end(
             pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]
@@ -505,13 +594,21 @@ class Engine:
             if progress is not None:
                 total = fixed_total or int(getattr(pipe, "num_timesteps", 0) or step + 1)
                 done = step + 1
-                preview = None
-                if supports_preview(family) and (done % every == 0) and done < total:
-                    preview = preview_bytes(latent_preview(tensors["latents"][0], family))
-                progress(Progress(done, total, preview))
+                progress(Progress(done, total))
+                if shown is not None and done % every == 0 and done < total:
+                    shown.offer(done, total, tensors["latents"][0])
             return tensors
 
         return on_step_end
+
+
+def _injected_out_of_memory(prompt: str, batch: int) -> None:
+    """For the fault tests only (never set it elsewhere): ``IMAGINE_TEST_FAULT=oom:WORD``
+    makes every call of more than one image run out of memory when the prompt contains
+    WORD, as a GPU would; ``oom-always:WORD`` every call."""
+    kind, _, word = os.environ.get(TEST_FAULT_ENV, "").partition(":")
+    if word and word in prompt and (kind == "oom-always" or (kind == "oom" and batch > 1)):
+        raise torch.OutOfMemoryError(f"{TEST_FAULT_ENV}: out of memory on purpose")
 
 
 def _at_least_one_step(recipe: Recipe) -> Recipe:
