@@ -8,6 +8,7 @@ text-to-image one. Image *i* of a call gets its own CPU generator seeded
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import math
@@ -41,7 +42,7 @@ from generation.controls import ControlRegistry
 from generation.loading import LoadedModel, Pipeline, load_model, load_upscaler
 from generation.lora import LoraSet, LoraSlots
 from generation.metadata import encode_png
-from generation.previews import latent_preview, preview_bytes, supports_preview, unpack_latent
+from generation.previews import AsyncPreviews, supports_preview, unpack_latent
 from generation.styles import StyleRegistry, StyleSpec
 from storage.controls import ControlError, ControlRef
 from storage.derive import UPSCALE_STRENGTH
@@ -61,6 +62,7 @@ from storage.settings import Settings
 
 UPSCALE_OVERLAP = 0.125  # of the tile side
 WARM_UP_COUNT = 4  # images of a default /imagine grid: the batch a compiled warm-up sizes for
+TEST_FAULT_ENV = "IMAGINE_TEST_FAULT"
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,22 @@ class GenerationCancelled(ImagineError):
 
     def __init__(self) -> None:
         super().__init__("The generation was cancelled.")
+
+
+class OutOfMemory(ImagineError):
+    """The images did not fit in the device's memory, even one at a time."""
+
+    def __init__(self, recipe: Recipe, count: int) -> None:
+        size = f"{recipe.width}×{recipe.height}"
+        if count > 1:
+            super().__init__(
+                f"{size} × {count} images did not fit in the GPU's memory even one image "
+                "at a time; try a smaller --ar or fewer images."
+            )
+        else:
+            super().__init__(
+                f"{size} did not fit in the GPU's memory; try a smaller --ar or a smaller image."
+            )
 
 
 class CancelToken:
@@ -119,8 +137,9 @@ class GeneratedImage:
     index: int
     seed: int
     image: Image.Image
-    png: bytes
+    png: bytes  # empty when the caller encodes it (``encode=False``)
     recipe: Recipe  # this image alone: its own seed, count 1
+    sampler: str = ""  # AUTOMATIC1111's name of the sampler that ran: what its PNG says
 
     @property
     def width(self) -> int:
@@ -319,12 +338,14 @@ class Engine:
         maps: Sequence[Image.Image] = (),
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
+        encode: bool = True,
     ) -> list[GeneratedImage]:
         """``recipe.count`` images in one batched call; ``maps`` are the control maps of
-        ``recipe.controls``, in order (see :meth:`control_map`)."""
+        ``recipe.controls``, in order (see :meth:`control_map`). Their PNGs unless ``encode``
+        is False (the job's finishing encodes them off the GPU's critical path)."""
         extra: dict[str, Any] = {"width": recipe.width, "height": recipe.height}
         pipe = self._controlled(self.pipe, "txt2img", recipe, maps, extra)
-        return self._run(pipe, recipe, extra, progress, cancel)
+        return self._run(pipe, recipe, extra, progress, cancel, encode=encode)
 
     def img2img(
         self,
@@ -334,6 +355,7 @@ class Engine:
         maps: Sequence[Image.Image] = (),
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
+        encode: bool = True,
     ) -> list[GeneratedImage]:
         """Variations of ``source`` at ``recipe.strength``, in one batched call."""
         if recipe.strength is None:
@@ -343,7 +365,8 @@ class Engine:
         )
         extra = self._img2img_inputs(image, recipe.strength, recipe.count)
         pipe = self._controlled(self.img2img_pipe, "img2img", recipe, maps, extra)
-        return self._run(pipe, _at_least_one_step(recipe), extra, progress, cancel)
+        recipe = _at_least_one_step(recipe)
+        return self._run(pipe, recipe, extra, progress, cancel, encode=encode)
 
     def control_map(
         self, ref: ControlRef, source: Image.Image, recipe: Recipe
@@ -396,6 +419,7 @@ class Engine:
         *,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
+        encode: bool = True,
     ) -> list[GeneratedImage]:
         """Zoom Out and Pan: ``source`` on a larger canvas, the new area generated around it
         and the source's own pixels put back unchanged."""
@@ -430,7 +454,9 @@ class Engine:
             "width": recipe.width,
             "height": recipe.height,
         }
-        return self._run(self.inpaint_pipe, recipe, extra, progress, cancel, finish=keep_source)
+        return self._run(
+            self.inpaint_pipe, recipe, extra, progress, cancel, encode=encode, finish=keep_source
+        )
 
     def upscale(
         self,
@@ -439,6 +465,7 @@ class Engine:
         *,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
+        encode: bool = True,
     ) -> GeneratedImage:
         """``source`` at ``recipe.scale`` × its size.
 
@@ -448,7 +475,7 @@ class Engine:
         scale = recipe.scale or 2
         target = (source.width * scale, source.height * scale)
         if self.upscaler is not None:
-            return self._dedicated_upscale(recipe, source, target, progress, cancel)
+            return self._dedicated_upscale(recipe, source, target, progress, cancel, encode)
         resized = source.convert("RGB").resize(target, Image.Resampling.LANCZOS)
         strength = recipe.strength or UPSCALE_STRENGTH
         recipe = _at_least_one_step(
@@ -486,8 +513,9 @@ class Engine:
         blended = np.clip(np.rint(canvas / np.maximum(weight, 1e-8)), 0, 255).astype(np.uint8)
         image = Image.fromarray(blended, "RGB")
         final = self.complete_recipe(recipe)
-        png = encode_png(image, final, self.a1111_sampler(final.sampler))
-        return GeneratedImage(0, recipe.seed, image, png, final)
+        sampler = self.a1111_sampler(final.sampler)
+        png = encode_png(image, final, sampler) if encode else b""
+        return GeneratedImage(0, recipe.seed, image, png, final, sampler)
 
     def _run(
         self,
@@ -505,22 +533,17 @@ class Engine:
         prompt, negative = self._apply_styles(recipe)
         text = self._text_inputs(pipe, prompt, negative)
         sampler = self._use_scheduler(pipe, recipe.sampler)
-        generators = [
-            torch.Generator("cpu").manual_seed(recipe.seed_for(i)) for i in range(recipe.count)
-        ]
-        result = pipe(
-            num_images_per_prompt=recipe.count,
-            num_inference_steps=recipe.steps,
-            guidance_scale=recipe.guidance,
-            generator=generators,
-            callback_on_step_end=self._step_callback(
-                progress, cancel, size=(recipe.width, recipe.height)
-            ),
-            callback_on_step_end_tensor_inputs=["latents"],
+        call = {
             **text,
+            "num_inference_steps": recipe.steps,
+            "guidance_scale": recipe.guidance,
+            "callback_on_step_end_tensor_inputs": ["latents"],
             **extra,
-        )
-        images = [finish(image) for image in result.images] if finish else result.images
+        }
+        seeds = [recipe.seed_for(i) for i in range(recipe.count)]
+        images = self._denoise(pipe, recipe, call, seeds, progress, cancel)
+        if finish is not None:
+            images = [finish(image) for image in images]
         final = self.complete_recipe(recipe)
         owns = [
             final.model_copy(update={"seed": recipe.seed_for(index), "count": 1})
@@ -536,7 +559,7 @@ class Engine:
                 )
             )
         return [
-            GeneratedImage(index, own.seed, image, png, own)
+            GeneratedImage(index, own.seed, image, png, own, sampler)
             for index, (image, own, png) in enumerate(zip(images, owns, pngs, strict=True))
         ]
 
@@ -566,6 +589,70 @@ class Engine:
                         "(a token is a short word or a piece of a longer one)."
                     )
         return text
+
+    def _denoise(
+        self,
+        pipe: Pipeline,
+        recipe: Recipe,
+        call: dict[str, Any],
+        seeds: Sequence[int],
+        progress: ProgressCallback | None,
+        cancel: CancelToken | None,
+    ) -> list[Image.Image]:
+        """The images of ``seeds`` in one batched call; when that runs out of device memory,
+        once more one image at a time after freeing the cache (the same images, each from
+        its own generator); when that does too, :class:`OutOfMemory` says what did not fit."""
+
+        def one_call(batch: Sequence[int], on_progress: ProgressCallback | None) -> list[Any]:
+            _injected_out_of_memory(recipe.prompt, len(batch))
+            result = pipe(
+                **call,
+                num_images_per_prompt=len(batch),
+                generator=[torch.Generator("cpu").manual_seed(seed) for seed in batch],
+                callback_on_step_end=self._step_callback(
+                    on_progress, cancel, size=(recipe.width, recipe.height)
+                ),
+            )
+            return list(result.images)
+
+        try:
+            return one_call(seeds, progress)
+        except torch.OutOfMemoryError as exc:
+            log.warning(
+                "%d image(s) of %dx%d ran out of memory (%s); one at a time now",
+                len(seeds),
+                recipe.width,
+                recipe.height,
+                exc,
+            )
+        # Freed outside the handler: the exception's traceback holds the failed call's tensors.
+        self._free_memory()
+        images: list[Any] = []
+        try:
+            for number, seed in enumerate(seeds):
+
+                def one_progress(p: Progress, number: int = number) -> None:
+                    if progress is not None:
+                        progress(
+                            Progress(number * p.total + p.step, p.total * len(seeds), p.preview)
+                        )
+
+                images += one_call([seed], None if progress is None else one_progress)
+            return images
+        except torch.OutOfMemoryError:
+            log.warning(
+                "%dx%d ran out of memory one image at a time too", recipe.width, recipe.height
+            )
+        images.clear()
+        self._free_memory()
+        raise OutOfMemory(recipe, len(seeds))
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()
 
     def _apply_styles(self, recipe: Recipe) -> tuple[str, str]:
         prompt, negative = recipe.prompt, recipe.negative_prompt
@@ -603,6 +690,7 @@ class Engine:
         target: tuple[int, int],
         progress: ProgressCallback | None,
         cancel: CancelToken | None,
+        encode: bool,
     ) -> GeneratedImage:
         if cancel is not None and cancel.cancelled:
             raise GenerationCancelled()
@@ -628,7 +716,8 @@ class Engine:
             recipe.model_copy(update={"count": 1, "width": target[0], "height": target[1]})
         )
         sampler = a1111_name(type(upscaler.scheduler).__name__, upscaler.scheduler.config)
-        return GeneratedImage(0, recipe.seed, image, encode_png(image, final, sampler), final)
+        png = encode_png(image, final, sampler) if encode else b""
+        return GeneratedImage(0, recipe.seed, image, png, final, sampler)
 
     def _step_callback(
         self,
@@ -643,6 +732,10 @@ class Engine:
         packed = self.family.packed_latents
         fixed_total = total
         every = self.preview_every
+        # Only for a listener, and beside the loop: no device sync at any step.
+        shown: AsyncPreviews | None = None
+        if progress is not None and supports_preview(latent_format):
+            shown = AsyncPreviews(latent_format, lambda *shot: progress(Progress(*shot)))
 
         def first_latent(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
             if packed:
@@ -657,11 +750,9 @@ class Engine:
             if progress is not None:
                 total = fixed_total or int(getattr(pipe, "num_timesteps", 0) or step + 1)
                 done = step + 1
-                preview = None
-                if supports_preview(latent_format) and (done % every == 0) and done < total:
-                    latent = first_latent(pipe, tensors["latents"])
-                    preview = preview_bytes(latent_preview(latent, latent_format))
-                progress(Progress(done, total, preview))
+                progress(Progress(done, total))
+                if shown is not None and done % every == 0 and done < total:
+                    shown.offer(done, total, first_latent(pipe, tensors["latents"]))
             return tensors
 
         return on_step_end
@@ -689,6 +780,15 @@ def outpaint_canvas(source: Image.Image, margins: Outpaint) -> tuple[Image.Image
     bottom = margins.top + source.height - (overlap if margins.bottom else 0)
     mask[top:bottom, left:right] = 0
     return Image.fromarray(padded, "RGB"), Image.fromarray(mask, "L")
+
+
+def _injected_out_of_memory(prompt: str, batch: int) -> None:
+    """For the fault tests only (never set it elsewhere): ``IMAGINE_TEST_FAULT=oom:WORD``
+    makes every call of more than one image run out of memory when the prompt contains
+    WORD, as a GPU would; ``oom-always:WORD`` every call."""
+    kind, _, word = os.environ.get(TEST_FAULT_ENV, "").partition(":")
+    if word and word in prompt and (kind == "oom-always" or (kind == "oom" and batch > 1)):
+        raise torch.OutOfMemoryError(f"{TEST_FAULT_ENV}: out of memory on purpose")
 
 
 def _at_least_one_step(recipe: Recipe) -> Recipe:

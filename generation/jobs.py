@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image as PILImage
@@ -24,6 +24,7 @@ from PIL import Image as PILImage
 from generation.controlnet import map_png
 from generation.engine import (
     PNG_ENCODERS,
+    TEST_FAULT_ENV,
     CancelToken,
     Engine,
     GeneratedImage,
@@ -31,6 +32,7 @@ from generation.engine import (
     Progress,
 )
 from generation.grid import compose_grid
+from generation.metadata import encode_png
 from generation.thumbnails import encode_thumbnails, stored_thumbnails
 from storage.blobs import BlobStore
 from storage.database import Database, is_outage
@@ -45,7 +47,6 @@ log = logging.getLogger(__name__)
 
 S = GenerationStatus
 ProgressCallback = Callable[[Progress], None]
-TEST_FAULT_ENV = "IMAGINE_TEST_FAULT"
 
 
 @dataclass(frozen=True)
@@ -156,16 +157,19 @@ def _run_engine(
     _injected_fault(recipe.prompt)
     if generation.kind is GenerationKind.UPSCALE:
         assert source is not None
-        return [engine.upscale(recipe, source, progress=progress, cancel=cancel)]
+        return [engine.upscale(recipe, source, progress=progress, cancel=cancel, encode=False)]
     if source is not None:
-        return engine.img2img(recipe, source, maps=maps, progress=progress, cancel=cancel)
-    return engine.txt2img(recipe, maps=maps, progress=progress, cancel=cancel)
+        return engine.img2img(
+            recipe, source, maps=maps, progress=progress, cancel=cancel, encode=False
+        )
+    return engine.txt2img(recipe, maps=maps, progress=progress, cancel=cancel, encode=False)
 
 
 def _injected_fault(prompt: str) -> None:
     """For the fault tests only (never set it elsewhere): ``IMAGINE_TEST_FAULT=crash:WORD``
     kills this process as a native crash in the engine would (SIGSEGV) when the prompt
-    contains WORD; ``fail:WORD`` makes the engine call raise instead."""
+    contains WORD; ``fail:WORD`` makes the engine call raise instead (and ``oom:``, the
+    engine's own, makes it run out of memory)."""
     fault = os.environ.get(TEST_FAULT_ENV)
     if not fault:
         return
@@ -210,8 +214,37 @@ async def execute_generation(
     cancel: CancelToken | None = None,
 ) -> JobOutcome:
     """Run a generation this worker has claimed (status running) and record the outcome."""
+    generated = await generate(
+        database, blobs, engine, generation, progress=progress, cancel=cancel
+    )
+    if isinstance(generated, JobOutcome):
+        return generated
+    return await finish_generation(database, blobs, generated)
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A job whose engine part is done: its images in memory, nothing stored yet."""
+
+    generation: Generation
+    images: list[GeneratedImage]
+    recipe: Recipe  # completed by the engine
+    grid_sampler: str  # AUTOMATIC1111's name of the sampler, for the grid's PNG
+    started: float
+
+
+async def generate(
+    database: Database,
+    blobs: BlobStore,
+    engine: Engine,
+    generation: Generation,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> Generated | JobOutcome:
+    """The engine's part of a claimed generation. A run that was cancelled or failed comes
+    back as its recorded outcome; the rest is :func:`finish_generation`'s."""
     started = time.perf_counter()
-    generation_id = generation.id
     try:
         if generation.recipe.styles:
             await materialize_styles(database, blobs, engine, generation, engine.lora_folder)
@@ -227,15 +260,36 @@ async def execute_generation(
             _run_engine, engine, generation, recipe, source, maps, progress, cancel
         )
         recipe = engine.complete_recipe(recipe)
+        grid_sampler = engine.a1111_sampler(recipe.sampler)
+    except Exception as exc:
+        return await _ended(database, generation.id, exc, started)
+    return Generated(generation, images, recipe, grid_sampler, started)
+
+
+async def finish_generation(
+    database: Database, blobs: BlobStore, generated: Generated
+) -> JobOutcome:
+    """Encode, store and record what :func:`generate` made. It needs no engine: a worker
+    runs it on CPU threads while the engine runs the next job."""
+    images, recipe = generated.images, generated.recipe
+    generation_id = generated.generation.id
+    try:
         loop = asyncio.get_running_loop()
+        pngs = [
+            loop.run_in_executor(PNG_ENCODERS, encode_png, one.image, one.recipe, one.sampler)
+            for one in images
+            if not one.png
+        ]
         grid: asyncio.Future[bytes] | None = None
         if len(images) > 1:  # one image (an upscale) is shown as it is: no grid
             grid = loop.run_in_executor(
-                PNG_ENCODERS, compose_grid, images, recipe, engine.a1111_sampler(recipe.sampler)
+                PNG_ENCODERS, compose_grid, images, recipe, generated.grid_sampler
             )
         encoded = await asyncio.gather(
             *(loop.run_in_executor(PNG_ENCODERS, encode_thumbnails, one.image) for one in images)
         )
+        fresh = iter(await asyncio.gather(*pngs))
+        images = [one if one.png else replace(one, png=next(fresh)) for one in images]
         grid_png = None if grid is None else await grid
         # Every blob of the job in one write (one transaction for a database store), before
         # the rows that refer to them: the PNGs, the thumbnails, then the grid.
@@ -252,18 +306,8 @@ async def execute_generation(
             stored_thumbnails(per_image, [next(thumbnail_keys) for _ in per_image])
             for per_image in encoded
         ]
-    except GenerationCancelled:
-        async with database.session() as session:
-            generation = await transition(session, generation_id, S.CANCELLED)
-        return JobOutcome(generation, [], time.perf_counter() - started)
     except Exception as exc:
-        if is_outage(exc):
-            raise  # not the job's fault: the worker runs it again once the database is back
-        message = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
-        log.exception("generation %s failed", generation_id)
-        async with database.session() as session:
-            generation = await transition(session, generation_id, S.FAILED, error=message)
-        return JobOutcome(generation, [], time.perf_counter() - started)
+        return await _ended(database, generation_id, exc, generated.started)
 
     async with database.session() as session:
         rows = await add_images(
@@ -287,4 +331,21 @@ async def execute_generation(
         if grid_key is not None:
             await record_grid(session, generation_id, grid_key)
         generation = await transition(session, generation_id, S.SUCCEEDED, recipe=recipe)
-    return JobOutcome(generation, images, time.perf_counter() - started)
+    return JobOutcome(generation, images, time.perf_counter() - generated.started)
+
+
+async def _ended(
+    database: Database, generation_id: int, exc: Exception, started: float
+) -> JobOutcome:
+    """Record how a job ended early: cancelled, or failed with a sentence."""
+    if isinstance(exc, GenerationCancelled):
+        async with database.session() as session:
+            generation = await transition(session, generation_id, S.CANCELLED)
+        return JobOutcome(generation, [], time.perf_counter() - started)
+    if is_outage(exc):
+        raise exc  # not the job's fault: the worker runs it again once the database is back
+    message = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
+    log.error("generation %s failed", generation_id, exc_info=exc)
+    async with database.session() as session:
+        generation = await transition(session, generation_id, S.FAILED, error=message)
+    return JobOutcome(generation, [], time.perf_counter() - started)

@@ -7,10 +7,16 @@ spaces (as published in ComfyUI's ``latent_formats``), keyed by a family's
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 _SD_FACTORS = (
     (0.3512, 0.2297, 0.3227),
@@ -74,6 +80,9 @@ _FACTORS: dict[str, tuple[tuple[tuple[float, ...], ...], tuple[float, ...]]] = {
 }
 
 PREVIEW_SIDE = 256
+MAX_PENDING_PREVIEWS = 2  # per run; when more are still on their way, a step has none
+# One thread: previews reach their listener in the order they were taken.
+PREVIEW_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imagine-preview")
 
 
 def supports_preview(latent_format: str) -> bool:
@@ -91,11 +100,27 @@ def unpack_latent(packed: torch.Tensor, size: tuple[int, int], vae_scale: int) -
 
 def latent_preview(latent: torch.Tensor, latent_format: str) -> Image.Image:
     """An RGB approximation of one latent (channels, height, width)."""
+    return preview_image(preview_pixels(latent, latent_format).cpu())
+
+
+@functools.cache
+def _factors_on(latent_format: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: copying them up at every preview would wait for the GPU.
     factors, bias = _FACTORS[latent_format]
-    weights = torch.tensor(factors, dtype=torch.float32)
-    rgb = torch.einsum("chw,cr->rhw", latent.detach().float().cpu(), weights)
-    rgb = rgb + torch.tensor(bias).view(3, 1, 1)
-    pixels = ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).round().to(torch.uint8)
+    weights = torch.tensor(factors, dtype=torch.float32, device=device)
+    return weights, torch.tensor(bias, dtype=torch.float32, device=device).view(3, 1, 1)
+
+
+def preview_pixels(latent: torch.Tensor, latent_format: str) -> torch.Tensor:
+    """The preview's uint8 pixels (3, height, width), computed where ``latent`` lives: on a
+    GPU a few small kernels queued behind the step, no wait for them."""
+    weights, bias = _factors_on(latent_format, latent.device)
+    rgb = torch.einsum("chw,cr->rhw", latent.detach().float(), weights) + bias
+    return ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def preview_image(pixels: torch.Tensor) -> Image.Image:
+    """The picture of :func:`preview_pixels` (on the CPU), at least ``PREVIEW_SIDE`` wide."""
     image = Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB")
     scale = PREVIEW_SIDE / max(image.size)
     if scale > 1:
@@ -109,3 +134,49 @@ def preview_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=80)
     return buffer.getvalue()
+
+
+class AsyncPreviews:
+    """Previews of one run, made beside its denoising loop, which never waits for them.
+
+    At a step the loop only queues the latent-to-RGB kernels and, on a GPU, a copy of the
+    small result to pinned host memory; a thread waits for that copy, encodes the JPEG
+    and hands it to ``deliver(step, total, jpeg)``. When previews fall behind, a step has none.
+    """
+
+    def __init__(self, family: str, deliver: Callable[[int, int, bytes], None]) -> None:
+        self.family = family
+        self.deliver = deliver
+        self._pending: list[Future[None]] = []
+
+    def offer(self, step: int, total: int, latent: torch.Tensor) -> bool:
+        """Start the preview of ``latent`` at ``step``; False if it was skipped."""
+        self._pending = [pending for pending in self._pending if not pending.done()]
+        if len(self._pending) >= MAX_PENDING_PREVIEWS:
+            return False
+        pixels = preview_pixels(latent, self.family)
+        ready: torch.cuda.Event | None = None
+        if pixels.device.type == "cuda":
+            host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(pixels, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host = pixels.cpu()  # the CPU: the same tensor
+        self._pending.append(PREVIEW_THREAD.submit(self._finish, step, total, host, ready))
+        return True
+
+    def _finish(
+        self, step: int, total: int, host: torch.Tensor, ready: torch.cuda.Event | None
+    ) -> None:
+        try:
+            if ready is not None:
+                ready.synchronize()  # this thread waits for the copy, not the loop
+            self.deliver(step, total, preview_bytes(preview_image(host)))
+        except Exception:
+            log.exception("the preview of step %d was lost", step)
+
+
+def wait_for_previews() -> None:
+    """Return once every preview offered so far has been delivered (or lost)."""
+    PREVIEW_THREAD.submit(lambda: None).result()

@@ -4,8 +4,10 @@ One :class:`Worker` class serves both modes; what differs (claiming rows or taki
 procrastinate's jobs, in-process events or NOTIFY) comes from the ports that
 :func:`bot.deployment.open_deployment` hands out. One job at a time on one
 engine; the engine runs on a thread, so the event loop (and a Discord bot beside
-it) stays responsive. Rows left running by a stopped worker are re-queued, up to
-``IMAGINE_MAX_ATTEMPTS`` starts in all. A worker whose jobs keep failing stops
+it) stays responsive. A job's images are encoded and stored in the background while
+the engine runs the next one (at most ``MAX_FINISHING`` jobs so, to bound memory).
+Rows left running by a stopped worker are re-queued, up to ``IMAGINE_MAX_ATTEMPTS``
+starts in all. A worker whose jobs keep failing stops
 claiming (``max_consecutive_failures``) and says why, so that a supervisor can
 restart it.
 """
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from generation.engine import CancelToken, Engine, Progress
-from generation.jobs import JobOutcome, execute_generation
+from generation.jobs import Generated, JobOutcome, finish_generation, generate
 from generation.metrics import WorkerMetrics
 from storage.blobs import BlobStore
 from storage.database import Database, is_outage
@@ -39,6 +41,7 @@ from storage.scheduling import heartbeat, queue_depth, requeue_orphans
 log = logging.getLogger(__name__)
 S = GenerationStatus
 CANCEL_POLL_SECONDS = 0.5
+MAX_FINISHING = 2  # jobs encoding and storing their images while the engine runs the next
 
 
 class Worker:
@@ -58,6 +61,7 @@ class Worker:
         heartbeat_seconds: float = 5.0,
         stale_seconds: float = 30.0,
         metrics: WorkerMetrics | None = None,
+        max_finishing: int = MAX_FINISHING,
     ) -> None:
         self.database = database
         self.blobs = blobs
@@ -76,6 +80,10 @@ class Worker:
         self.heartbeat_seconds = heartbeat_seconds
         self.stale_after = timedelta(seconds=stale_seconds)
         self.metrics = metrics or WorkerMetrics()
+        self._finishing: set[asyncio.Task[None]] = set()
+        self.max_finishing = max_finishing
+        """Jobs stored in the background at once; 0 stores each before the next job."""
+        self._finishing_slots = asyncio.Semaphore(max_finishing)
 
     @classmethod
     def for_deployment(
@@ -170,33 +178,63 @@ class Worker:
             background.append(asyncio.create_task(self.cancel_listener(self.cancellations.stop)))
         try:
             await self.jobs.serve(self.model, self.name, self.run_claimed, self._halt)
-        finally:
-            for task in background:
+            await self.finishing_done()
+        finally:  # stopped by an error or cancelled: rows still running are re-queued later
+            for task in [*background, *self._finishing]:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*background, *self._finishing, return_exceptions=True)
 
-    async def run_claimed(self, generation: Generation) -> JobOutcome | None:
-        """Run a generation the job source claimed for this worker. Whatever breaks in
-        the bookkeeping fails the job with a sentence: its row never stays ``running``
-        under a live worker."""
+    async def finishing_done(self) -> None:
+        """Wait until the jobs whose images are being stored are finished."""
+        while self._finishing:
+            await asyncio.gather(*self._finishing, return_exceptions=True)
+
+    async def run_claimed(self, generation: Generation) -> None:
+        """Run a generation the job source claimed for this worker: the engine's part now,
+        the storing of its images in the background (at most ``max_finishing`` jobs at
+        once) while the engine takes the next job. Whatever breaks in the bookkeeping
+        fails the job with a sentence: its row never stays ``running`` under a live worker."""
         try:
-            outcome = await self._execute(generation)
+            generated = await self._generate(generation)
         except Exception as exc:
-            if is_outage(exc):
-                await self._run_again_later(generation.id, exc)
-                return None
-            log.exception("generation %s broke the worker's bookkeeping", generation.id)
-            reason = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
-            try:
-                async with self.database.session() as session:
-                    await transition(session, generation.id, S.FAILED, error=reason)
-                self.events.publish(JobFailed(generation_id=generation.id, error=reason))
-            except Exception:
-                log.exception("could not record the failure of generation %s", generation.id)
-            self._count(S.FAILED)
-            return None
-        self._count(outcome.generation.status)
-        return outcome
+            await self.finishing_done()  # failures in a row are counted in the jobs' order
+            await self._bookkeeping_broke(generation.id, exc)
+            return
+        if isinstance(generated, JobOutcome):
+            if generated.generation.status is S.FAILED:
+                await self.finishing_done()
+            self._finished(generated)
+            return
+        if self.max_finishing == 0:
+            await self._finish(generated)
+            return
+        await self._finishing_slots.acquire()
+        task = asyncio.create_task(self._finish(generated))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+        task.add_done_callback(lambda _: self._finishing_slots.release())
+
+    async def _finish(self, generated: Generated) -> None:
+        try:
+            outcome = await finish_generation(self.database, self.blobs, generated)
+        except Exception as exc:
+            await self._bookkeeping_broke(generated.generation.id, exc)
+        else:
+            self._finished(outcome)
+
+    async def _bookkeeping_broke(self, generation_id: int, exc: Exception) -> None:
+        if is_outage(exc):
+            await self._run_again_later(generation_id, exc)
+            return
+        log.error("generation %s broke the worker's bookkeeping", generation_id, exc_info=exc)
+        reason = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
+        try:
+            async with self.database.session() as session:
+                await transition(session, generation_id, S.FAILED, error=reason)
+            self.events.publish(JobFailed(generation_id=generation_id, error=reason))
+        except Exception:
+            log.exception("could not record the failure of generation %s", generation_id)
+        self._count(S.FAILED)
 
     def _count(self, status: GenerationStatus) -> None:
         """Track failures in a row; at the limit, stop claiming (the caller's job is done)."""
@@ -226,14 +264,14 @@ class Worker:
             if row.status is S.RUNNING and row.worker_name == self.name:
                 await transition(session, generation_id, S.QUEUED)
 
-    async def _execute(self, generation: Generation) -> JobOutcome:
+    async def _generate(self, generation: Generation) -> Generated | JobOutcome:
         generation_id = generation.id
         self.events.publish(JobStarted(generation_id=generation_id, worker_name=self.name))
         token = CancelToken()
         self.cancellations.register(generation_id, token.cancel)
         watcher = asyncio.create_task(self._watch_for_cancel(generation_id, token))
         try:
-            outcome = await execute_generation(
+            return await generate(
                 self.database,
                 self.blobs,
                 self.engine,
@@ -244,20 +282,23 @@ class Worker:
         finally:
             watcher.cancel()
             self.cancellations.register(generation_id, None)
+
+    def _finished(self, outcome: JobOutcome) -> None:
+        """Count, announce and log a job's end."""
         finished = outcome.generation
+        self._count(finished.status)
         self.metrics.job_finished(finished.status, outcome.seconds)
         final = final_event(finished)
         if final is not None:
             self.events.publish(final)
         log.info(
             "generation %s %s in %.2fs (queued %.2fs before) on %s",
-            generation_id,
+            finished.id,
             finished.status.value,
             outcome.seconds,
             _waited(finished),
             self.name,
         )
-        return outcome
 
     async def _watch_for_cancel(self, generation_id: int, token: CancelToken) -> None:
         """Another process (``imagine cancel``) flags the row; stop the run when it does."""

@@ -19,7 +19,7 @@ from generation.engine import (
 )
 from generation.grid import compose_grid
 from generation.metadata import read_recipe
-from generation.previews import latent_preview
+from generation.previews import latent_preview, wait_for_previews
 from storage.derive import (
     STRONG_VARIATION_STRENGTH,
     SUBTLE_VARIATION_STRENGTH,
@@ -223,10 +223,13 @@ def test_tiles_cover_the_image_with_overlap() -> None:
 def test_progress_reports_every_step_with_previews_every_k(tiny_engine: Engine) -> None:
     events: list[Progress] = []
     tiny_engine.txt2img(recipe(steps=6, count=2), progress=events.append)
-    assert [(e.step, e.total) for e in events] == [(i, 6) for i in range(1, 7)]
-    with_preview = [e.step for e in events if e.preview is not None]
-    assert with_preview == [2, 4]  # preview_every=2, none on the last step
-    preview = events[1].preview
+    wait_for_previews()  # they come from their own thread, after their step's event
+    steps = [(e.step, e.total) for e in events if e.preview is None]
+    assert steps == [(i, 6) for i in range(1, 7)]
+    shown = [(n, e.step, e.total) for n, e in enumerate(events) if e.preview is not None]
+    assert [(step, total) for _, step, total in shown] == [(2, 6), (4, 6)]  # none on the last
+    assert shown[0][0] > 1 and shown[1][0] > shown[0][0]
+    preview = events[shown[0][0]].preview
     assert preview is not None
     with Image.open(io.BytesIO(preview)) as image:
         assert image.format == "JPEG" and max(image.size) <= 256
