@@ -119,6 +119,8 @@ def _run_engine(
     if generation.kind is GenerationKind.UPSCALE:
         assert source is not None
         return [engine.upscale(recipe, source, progress=progress, cancel=cancel)]
+    if source is not None and recipe.outpaint is not None:
+        return engine.outpaint(recipe, source, progress=progress, cancel=cancel)
     if source is not None:
         return engine.img2img(recipe, source, progress=progress, cancel=cancel)
     return engine.txt2img(recipe, progress=progress, cancel=cancel)
