@@ -72,6 +72,8 @@ def headline(generation: Generation) -> str:
         f"{generation.parent_image_id}",
         GenerationKind.REROLL: " · reroll",
         GenerationKind.REMIX: " · remix",
+        GenerationKind.OUTPAINT: f" · {recipe.outpaint.action if recipe.outpaint else 'outpaint'}"
+        f" of image {generation.parent_image_id}",
     }.get(generation.kind, "")
     text = (
         f"**{prompt}** — <@{generation.requester_id}>{what} · `--seed {recipe.seed}` · "

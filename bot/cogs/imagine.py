@@ -21,9 +21,25 @@ from bot.prompt import PromptOverrides, format_recipe
 from bot.records import load_generation, load_image
 from bot.replies import Refusal, refuse, send_rendered
 from bot.submit import Order, defer_within_rate_limit, run_prompt, submit_order
-from bot.views import GRID_TEMPLATE, IMAGE_TEMPLATE, grid_button, image_button, image_view
+from bot.views import (
+    GRID_TEMPLATE,
+    IMAGE_TEMPLATE,
+    PANS,
+    ZOOMS,
+    grid_button,
+    image_button,
+    image_view,
+)
 from bot.web_links import image_link
-from storage.derive import remix_base, reroll_recipe, upscale_recipe, variation_recipe
+from storage.derive import (
+    outpaint_recipe,
+    pan_margins,
+    remix_base,
+    reroll_recipe,
+    upscale_recipe,
+    variation_recipe,
+    zoom_margins,
+)
 from storage.errors import ImagineError, NotFound
 from storage.gallery import remove_from_gallery, toggle_like
 from storage.generations import recent_generations
@@ -167,12 +183,20 @@ async def image_action(
     interaction: discord.Interaction[ImagineBot], image_id: int, action: str
 ) -> None:
     services = interaction.client.services
-    if action in ("subtle", "strong", "up"):
+    if action in ("subtle", "strong", "up", *ZOOMS, *PANS):
 
         async def order() -> Order:
             image, generation = await load_image(services.database, image_id)
             if action == "up":
                 kind, recipe = GenerationKind.UPSCALE, upscale_recipe(generation.recipe, image)
+            elif action in ZOOMS or action in PANS:
+                margins = (
+                    zoom_margins(image.width, image.height, ZOOMS[action])
+                    if action in ZOOMS
+                    else pan_margins(image.width, image.height, PANS[action])
+                )
+                kind = GenerationKind.OUTPAINT
+                recipe = outpaint_recipe(generation.recipe, image, margins)
             else:
                 kind = GenerationKind.VARIATION
                 recipe = variation_recipe(generation.recipe, image, strong=action == "strong")
