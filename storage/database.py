@@ -47,9 +47,12 @@ def insert_or_ignore(
     dialect: str, table: Any, values: Any, conflict: Sequence[Any]
 ) -> postgresql.Insert | sqlite.Insert:
     """``INSERT … ON CONFLICT (conflict) DO NOTHING`` in ``dialect`` (PostgreSQL or SQLite):
-    a row that is there already, or arrives concurrently, stands."""
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return insert(table).values(values).on_conflict_do_nothing(index_elements=conflict)
+    a row that is there already, or arrives concurrently, stands. With ``values`` None the
+    rows come as the execution's parameters (a statement that can be built once)."""
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    if values is not None:
+        insert = insert.values(values)
+    return insert.on_conflict_do_nothing(index_elements=conflict)
 
 
 def parse_database_url(raw: str) -> URL:
@@ -296,6 +299,16 @@ class Database:
         """
         async with self._locked_as_unavailable(), self.engine.connect() as connection:
             yield await connection.execution_options(isolation_level="AUTOCOMMIT")
+
+    @asynccontextmanager
+    async def autocommit_session(self) -> AsyncIterator[AsyncSession]:
+        """A session on an :meth:`autocommit` connection: each statement commits by itself,
+        so it suits one statement that does all the work (no BEGIN, no COMMIT)."""
+        async with (
+            self.autocommit() as connection,
+            AsyncSession(bind=connection, expire_on_commit=False) as session,
+        ):
+            yield session
 
     @asynccontextmanager
     async def _locked_as_unavailable(self) -> AsyncIterator[None]:
