@@ -259,7 +259,7 @@ async def refuse_failure(interaction: discord.Interaction[ImagineBot], exc: Exce
 async def _made_from_private(bot: ImagineBot, parent_image_id: int | None) -> bool:
     if parent_image_id is None:
         return False
-    async with bot.services.database.reading() as session:
+    async with bot.services.database.autocommit_session() as session:
         return await image_is_private(session, parent_image_id)
 
 
