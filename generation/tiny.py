@@ -386,12 +386,46 @@ def build_tiny_lora(
 
 
 def save_tiny_controlnet(kind: str, folder: Path, *, seed: int = 1) -> Path:
-    """A random ControlNet for the tiny ``kind`` (sd or sdxl) model, saved as a diffusers folder.
+    """A random ControlNet for the tiny ``kind`` (sd, sdxl, sd3 or flux) model, saved as a
+    diffusers folder.
 
-    Built from the tiny UNet as real ControlNets are; its zero convolutions get random
-    weights (trained ones are not zero), so that the control visibly steers the image.
+    Built from the tiny UNet or transformer as real ControlNets are; its zero layers get
+    random weights (trained ones are not zero), so that the control visibly steers the image.
     """
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel, FluxControlNetModel, SD3ControlNetModel
+
+    if kind in ("sd3", "flux"):
+        torch.manual_seed(seed)
+        net: Any
+        if kind == "sd3":
+            sd3: Any = build_tiny_sd3()
+            transformer = sd3.transformer
+            net = SD3ControlNetModel.from_transformer(
+                transformer, num_layers=1, num_extra_conditioning_channels=0
+            )
+            zero_layers = [*net.controlnet_blocks, net.pos_embed_input.proj]
+        else:
+            flux: Any = build_tiny_flux()
+            transformer = flux.transformer
+            net = FluxControlNetModel.from_transformer(
+                transformer,
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=16,
+                num_attention_heads=2,
+            )
+            zero_layers = [
+                *net.controlnet_blocks,
+                *net.controlnet_single_blocks,
+                net.controlnet_x_embedder,
+            ]
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for layer in zero_layers:
+                torch.nn.init.normal_(layer.weight, std=0.3)
+                torch.nn.init.normal_(layer.bias, std=0.1)
+        net.save_pretrained(folder, safe_serialization=True)
+        return folder
 
     pipe: Any = build_tiny_sdxl() if kind == "sdxl" else build_tiny_sd()
     unet = pipe.unet
@@ -468,9 +502,10 @@ def write_tiny_controls(
     family: str = "tiny-sd",
     types: tuple[str, ...] = ("canny", "depth", "pose", "lineart", "scribble", "tile"),
 ) -> Path:
-    """A controls folder for the tiny ``family`` (tiny-sd or tiny-sdxl): a random ControlNet
-    per control type, the tiny depth and pose estimators, and one TOML file per control."""
-    kind = "sdxl" if family == "tiny-sdxl" else "sd"
+    """A controls folder for the tiny ``family`` (tiny-sd, tiny-sdxl, tiny-sd3 or tiny-flux):
+    a random ControlNet per control type, the tiny depth and pose estimators, and one TOML
+    file per control."""
+    kind = TINY_MODELS[family]
     folder.mkdir(parents=True, exist_ok=True)
     models = folder / "models"
     if not (models / "depth" / "config.json").is_file():

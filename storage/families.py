@@ -48,6 +48,10 @@ class ModelFamily:
     latent_format: str = "sd15"
     # Flags this family cannot honour, each with the sentence that says why and what instead.
     refused_flags: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Which ControlNet architecture serves it (the class is picked in generation/controlnet.py)
+    # and the pipelines diffusers has a ControlNet variant of for it.
+    controlnet: str = "unet"
+    control_kinds: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
 
     @property
     def pixel_budget(self) -> int:
@@ -80,6 +84,8 @@ _SD3 = ModelFamily(
     t5_tokenizer="tokenizer_3",
     latent_format="sd3",
     refused_flags=_refusing(("sampler", _NO_SAMPLER)),
+    controlnet="sd3",
+    control_kinds=("txt2img",),
 )
 # FLUX.1-dev's guidance is distilled: a guidance embedding, no second (negative) pass.
 _FLUX = ModelFamily(
@@ -95,6 +101,8 @@ _FLUX = ModelFamily(
     t5_tokenizer="tokenizer_2",
     latent_format="flux",
     refused_flags=_refusing(("no", _NO_NEGATIVE), ("sampler", _NO_SAMPLER)),
+    controlnet="flux",
+    control_kinds=("txt2img", "img2img"),
 )
 
 
