@@ -23,6 +23,7 @@ from bot.rate_limit import BUSY, too_fast
 from bot.replies import Refusal, refuse
 from bot.services import Services
 from storage.community import NSFW_WORDS
+from storage.controls import ControlError
 from storage.database import is_outage
 from storage.errors import ImagineError, QueueUnavailable
 from storage.generations import Origin, image_is_private
@@ -71,6 +72,10 @@ def parse_text(
     )
     for kind in dict.fromkeys(ref.type for recipe in recipes for ref in recipe.controls):
         services.controls.find(kind, services.family.name)
+    if any(recipe.controls and recipe.strength is not None for recipe in recipes):
+        refusal = services.family.control_refusal("img2img")
+        if refusal is not None:
+            raise ControlError(refusal)
     return recipes
 
 

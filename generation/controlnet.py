@@ -179,13 +179,9 @@ class ControlNets:
     def check_kind(self, kind: str) -> None:
         """Refuse, with a sentence, a control on a ``kind`` of generation that diffusers has
         no ControlNet pipeline for in this family."""
-        if kind not in self._family.control_kinds:
-            done = {"txt2img": "text-to-image", "img2img": "variation", "inpaint": "inpainting"}
-            offered = ", ".join(done[k] for k in self._family.control_kinds)
-            raise ControlError(
-                f"{self._family.shown_name} models take controls only on {offered} "
-                f"generations, not on a {done[kind]}; leave the controls out of this one."
-            )
+        refusal = self._family.control_refusal(kind)
+        if refusal is not None:
+            raise ControlError(refusal)
 
     def pipeline(self, base: Pipeline, kind: str, controls: Sequence[ControlRef]) -> Pipeline:
         """The ``kind`` pipeline running ``controls``, made once from ``base`` and kept."""

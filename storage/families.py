@@ -61,6 +61,18 @@ class ModelFamily:
     def shown_name(self) -> str:
         return self.label or self.name
 
+    def control_refusal(self, kind: str) -> str | None:
+        """Why this family takes no control on a ``kind`` (txt2img, img2img, inpaint)
+        generation, or None if it does."""
+        if kind in self.control_kinds:
+            return None
+        done = {"txt2img": "text-to-image", "img2img": "variation", "inpaint": "inpainting"}
+        offered = ", ".join(done[k] for k in self.control_kinds) or "no"
+        return (
+            f"{self.shown_name} models take controls only on {offered} generations, not on "
+            f"a {done[kind]}; leave the controls out of this one."
+        )
+
     def refusal(self, flag: str) -> str | None:
         """Why this family refuses ``--flag``, or None if it honours it."""
         template = self.refused_flags.get(flag)

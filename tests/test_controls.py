@@ -7,6 +7,7 @@ ControlNets built from the tiny UNets, loaded back through ``from_pretrained``.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import cv2
@@ -23,6 +24,7 @@ from generation.preprocess import Canny, Lineart, Scribble, Unchanged, draw_open
 from generation.tiny import build_tiny_lora, build_tiny_sd, write_tiny_controls
 from storage.blobs import LocalBlobStore, blob_key
 from storage.controls import ControlError, ControlRef, check_controls, make_control
+from storage.families import FAMILIES
 from storage.recipe import Recipe, StyleRef
 from storage.settings import Settings
 from tests.test_styles import write_style
@@ -355,9 +357,13 @@ def test_flux_variations_take_controls_and_sd3_ones_are_refused(
         made = recipe(control(), model=model, strength=0.7, steps=2, guidance=3.5)
         (_, edges) = engine.control_map(made.controls[0], photo(), made)
         if model == "tiny-sd3":
-            with pytest.raises(ControlError, match="tiny SD3 models take controls only on"):
+            # /imagine refuses it before queueing with the same sentence (bot/submit.py).
+            sentence = FAMILIES[model].control_refusal("img2img") or ""
+            assert sentence.startswith("tiny SD3 models take controls only on text-to-image")
+            with pytest.raises(ControlError, match=re.escape(sentence)):
                 engine.img2img(made, source, maps=[edges])
             continue
+        assert FAMILIES[model].control_refusal("img2img") is None
         plain = engine.img2img(recipe(model=model, strength=0.7, steps=2), source)[0].image
         steered = engine.img2img(made, source, maps=[edges])[0].image
         assert np.abs(pixels(steered) - pixels(plain)).mean() > 1
