@@ -202,7 +202,11 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
 
 def build_tiny_sd3() -> StableDiffusion3Pipeline:
     """SD 3.5 in miniature: MMDiT with QK norm and a dual-attention layer, CLIP-L, CLIP-G
-    and T5 text encoders, a 16-channel autoencoder, flow matching."""
+    and T5 text encoders, a 16-channel autoencoder, flow matching.
+
+    Shaped like the real one where a single-file checkpoint depends on it: CLIP-G is wider
+    than CLIP-L (diffusers tells the two apart by width) and CLIP-L's projection is the
+    identity (Stability's files do not hold it)."""
     torch.manual_seed(_SEED)
     transformer = SD3Transformer2DModel(
         sample_size=48,
@@ -212,21 +216,24 @@ def build_tiny_sd3() -> StableDiffusion3Pipeline:
         num_layers=2,
         attention_head_dim=8,
         num_attention_heads=4,
-        joint_attention_dim=64,
+        joint_attention_dim=96,  # T5's width; the CLIP embeddings (32 + 48) are padded to it
         caption_projection_dim=32,
-        pooled_projection_dim=64,  # the two CLIP projections side by side
+        pooled_projection_dim=80,  # the two CLIP projections side by side
         pos_embed_max_size=64,
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
     )
+    clip_l = CLIPTextModelWithProjection(_text_config(projection=True))
+    with torch.no_grad():
+        clip_l.text_projection.weight.copy_(torch.eye(32))
     return StableDiffusion3Pipeline(
         transformer=transformer,
         vae=_flow_vae(),
-        text_encoder=CLIPTextModelWithProjection(_text_config(projection=True)),
+        text_encoder=clip_l,
         tokenizer=_tokenizer(),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True, hidden_size=48)),
         tokenizer_2=_tokenizer(),
-        text_encoder_3=_t5(64),
+        text_encoder_3=_t5(96),
         tokenizer_3=_t5_tokenizer(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
