@@ -185,7 +185,10 @@ def test_raising_iw_moves_the_result_closer_to_the_image(
     with torch.no_grad():  # distances in latent space, as the variation test measures them
         encoded = vae.encode(tiny_engine.pipe.image_processor.preprocess(source))
     target = pixels(
-        latent_preview(encoded.latent_dist.mean[0] * vae.config.scaling_factor, "tiny-sd")
+        latent_preview(
+            encoded.latent_dist.mean[0] * vae.config.scaling_factor,
+            tiny_engine.family.latent_format,
+        )
     )
     latents = _final_latents(tiny_engine, monkeypatch)
     ref = ImageRef(blob_key=kept.sha256, sha256=kept.sha256, width=96, height=96)
@@ -197,7 +200,9 @@ def test_raising_iw_moves_the_result_closer_to_the_image(
         distances.append(
             np.mean(
                 [
-                    np.abs(pixels(latent_preview(latent, "tiny-sd")) - target).mean()
+                    np.abs(
+                        pixels(latent_preview(latent, tiny_engine.family.latent_format)) - target
+                    ).mean()
                     for latent in latents[-1]
                 ]
             )
