@@ -39,7 +39,7 @@ from generation.loading import LoadedModel, Pipeline, load_model, load_upscaler
 from generation.lora import LoraSet, LoraSlots
 from generation.metadata import encode_png
 from generation.previews import latent_preview, preview_bytes, supports_preview
-from generation.styles import StyleRegistry, StyleSpec
+from generation.styles import StyleRegistry
 from storage.derive import UPSCALE_STRENGTH
 from storage.errors import ImagineError
 from storage.families import ASPECT_RATIOS, ModelFamily, size_for
@@ -158,8 +158,10 @@ class Engine:
         compile_plan: CompilePlan | None = None,
         lora_slots: int = 2,
         lora_max_rank: int = 64,
+        max_batch: int = 1,
     ) -> None:
         self.loaded = loaded
+        self.max_batch = max_batch
         self.pipe: Pipeline = loaded.pipe
         self.compile_plan = compile_plan or CompilePlan(False, "off")
         self.loras: LoraSet | LoraSlots
@@ -203,6 +205,7 @@ class Engine:
             compile_plan=plan_compile(settings.compile, loaded.device),
             lora_slots=settings.lora_slots,
             lora_max_rank=settings.lora_max_rank,
+            max_batch=settings.max_batch,
         )
 
     @property
@@ -252,15 +255,18 @@ class Engine:
         self, sizes: Sequence[tuple[int, int]] | None = None, count: int | None = None
     ) -> float:
         """Single-step images before the first user's job: kernels chosen, memory taken
-        and, compiled, one graph per size. Returns the seconds it took."""
+        and, compiled, one graph per size, for a grid and for a full batch of jobs.
+        Returns the seconds it took."""
         started = time.perf_counter()
         graphs = compiled_graphs()
         sizes = sizes or self.warm_up_sizes()
-        count = count or (WARM_UP_COUNT if self.compile_plan.enabled else 1)
+        counts = [count or (WARM_UP_COUNT if self.compile_plan.enabled else 1)]
+        if count is None and self.compile_plan.enabled and self.max_batch > WARM_UP_COUNT:
+            counts.append(self.max_batch)
         styled_path = getattr(self.loras, "styled_path", None)
         paths = [nullcontext, styled_path] if styled_path is not None else [nullcontext]
-        runs = [(size, path) for size in sizes for path in paths]
-        for (width, height), path in runs:
+        runs = [(size, path, count) for size in sizes for path in paths for count in counts]
+        for (width, height), path, count in runs:
             recipe = Recipe(
                 model=self.model_id,
                 prompt="warm-up",
@@ -281,10 +287,10 @@ class Engine:
         if self.compile_plan.enabled:
             mark_warm()
         log.info(
-            "compile %s; warmed up %d run(s) of %d image(s) in %.1fs, %d graph(s) compiled",
+            "compile %s; warmed up %d run(s) of %s image(s) in %.1fs, %d graph(s) compiled",
             self.compile_plan.reason,
             len(runs),
-            count,
+            " or ".join(map(str, counts)),
             seconds,
             compiled_graphs() - graphs,
         )
@@ -300,6 +306,69 @@ class Engine:
         """``recipe.count`` images in one batched call."""
         size = {"width": recipe.width, "height": recipe.height}
         return self._run(self.pipe, recipe, size, progress, cancel)
+
+    def txt2img_batch(
+        self,
+        recipes: Sequence[Recipe],
+        *,
+        progress: Sequence[ProgressCallback | None] = (),
+        cancel: Sequence[CancelToken | None] = (),
+    ) -> list[list[GeneratedImage]]:
+        """The images of several recipes in one batched call, each as :meth:`txt2img` makes
+        it alone (its own generator per image). The recipes share what
+        :func:`storage.scheduling.batch_key` says; prompts, negatives, seeds and counts may
+        differ. ``progress[j]`` and ``cancel[j]`` are recipe *j*'s: the call stops when
+        every recipe is cancelled; the caller discards the images of a cancelled one."""
+        progress = list(progress) or [None] * len(recipes)
+        cancel = list(cancel) or [None] * len(recipes)
+        if len(recipes) == 1:
+            return [self.txt2img(recipes[0], progress=progress[0], cancel=cancel[0])]
+        if all(token is not None and token.cancelled for token in cancel):
+            raise GenerationCancelled()
+        first = recipes[0]
+        self._apply_styles(first)  # one style set for all: its LoRAs once
+        sampler = self._use_scheduler(self.pipe, first.sampler)
+        prompts: list[str] = []
+        negatives: list[str] = []
+        generators: list[torch.Generator] = []
+        for recipe in recipes:
+            prompt, negative = self._styled_prompts(recipe)
+            prompts += [prompt] * recipe.count
+            negatives += [negative] * recipe.count
+            generators += [
+                torch.Generator("cpu").manual_seed(recipe.seed_for(i)) for i in range(recipe.count)
+            ]
+        if any(negatives) and not all(negatives):
+            raise ValueError("jobs of one batch either all have a negative prompt or none")
+        starts = [sum(recipe.count for recipe in recipes[:j]) for j in range(len(recipes))]
+        steps = [
+            (token, self._step_callback(each, None, first=start))
+            for each, token, start in zip(progress, cancel, starts, strict=True)
+        ]
+
+        def on_step_end(pipe: Any, step: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            if all(token is not None and token.cancelled for token in cancel):
+                raise GenerationCancelled()
+            for token, each in steps:
+                if token is None or not token.cancelled:
+                    tensors = each(pipe, step, t, tensors)
+            return tensors
+
+        result = self.pipe(
+            prompt=prompts,
+            negative_prompt=negatives if all(negatives) else None,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance,
+            generator=generators,
+            callback_on_step_end=on_step_end,
+            callback_on_step_end_tensor_inputs=["latents"],
+            width=first.width,
+            height=first.height,
+        )
+        return [
+            self._generated(recipe, result.images[start : start + recipe.count], sampler)
+            for recipe, start in zip(recipes, starts, strict=True)
+        ]
 
     def img2img(
         self,
@@ -403,10 +472,16 @@ class Engine:
             callback_on_step_end_tensor_inputs=["latents"],
             **extra,
         )
+        return self._generated(recipe, result.images, sampler, encode=encode)
+
+    def _generated(
+        self, recipe: Recipe, images: list[Image.Image], sampler: str, *, encode: bool = True
+    ) -> list[GeneratedImage]:
+        """``recipe``'s images, each with its own recipe and (``encode``) its PNG."""
         final = self.complete_recipe(recipe)
         owns = [
             final.model_copy(update={"seed": recipe.seed_for(index), "count": 1})
-            for index in range(len(result.images))
+            for index in range(len(images))
         ]
         pngs: list[bytes] = [b""] * len(owns)
         if encode:
@@ -414,23 +489,26 @@ class Engine:
             pngs = list(
                 PNG_ENCODERS.map(
                     lambda pair: encode_png(pair[0], pair[1], sampler),
-                    zip(result.images, owns, strict=True),
+                    zip(images, owns, strict=True),
                 )
             )
         return [
             GeneratedImage(index, own.seed, image, png, own)
-            for index, (image, own, png) in enumerate(zip(result.images, owns, pngs, strict=True))
+            for index, (image, own, png) in enumerate(zip(images, owns, pngs, strict=True))
         ]
 
-    def _apply_styles(self, recipe: Recipe) -> tuple[str, str]:
+    def _styled_prompts(self, recipe: Recipe) -> tuple[str, str]:
+        """The prompt and negative prompt with the templates of ``recipe``'s styles."""
         prompt, negative = recipe.prompt, recipe.negative_prompt
-        active: list[tuple[StyleSpec, float]] = []
         for ref in recipe.styles:
-            style = self.styles.get(ref.name)
-            prompt, negative = style.apply_to_prompt(prompt, negative)
-            active.append((style, ref.weight))
-        self.loras.activate(active)
+            prompt, negative = self.styles.get(ref.name).apply_to_prompt(prompt, negative)
         return prompt, negative
+
+    def _apply_styles(self, recipe: Recipe) -> tuple[str, str]:
+        """Styled prompts, with the styles' LoRAs active at their weights."""
+        active = [(self.styles.get(ref.name), ref.weight) for ref in recipe.styles]
+        self.loras.activate(active)
+        return self._styled_prompts(recipe)
 
     def a1111_sampler(self, sampler_name: str) -> str:
         """How AUTOMATIC1111 names what ``sampler_name`` runs on this model."""
@@ -492,7 +570,9 @@ class Engine:
         *,
         total: int | None = None,
         previews: bool = True,
+        first: int = 0,
     ) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+        """Progress (previews of image ``first`` of the batch) and cancel at each step."""
         family = self.family.name if previews else ""
         fixed_total = total
         every = self.preview_every
@@ -507,7 +587,7 @@ class Engine:
                 done = step + 1
                 preview = None
                 if supports_preview(family) and (done % every == 0) and done < total:
-                    preview = preview_bytes(latent_preview(tensors["latents"][0], family))
+                    preview = preview_bytes(latent_preview(tensors["latents"][first], family))
                 progress(Progress(done, total, preview))
             return tensors
 

@@ -173,7 +173,6 @@ async def execute_generation(
 ) -> JobOutcome:
     """Run a generation this worker has claimed (status running) and record the outcome."""
     started = time.perf_counter()
-    generation_id = generation.id
     try:
         if generation.recipe.styles:
             await materialize_styles(database, blobs, engine, generation, engine.lora_folder)
@@ -181,6 +180,82 @@ async def execute_generation(
         if generation.recipe.source_image_id is not None:
             source = await _source_image(database, blobs, generation.recipe.source_image_id)
         images = await asyncio.to_thread(_run_engine, engine, generation, source, progress, cancel)
+    except Exception as exc:
+        return await _record_failure(database, generation.id, exc, started)
+    return await record_images(database, blobs, engine, generation, images, started)
+
+
+async def execute_batch(
+    database: Database,
+    blobs: BlobStore,
+    engine: Engine,
+    generations: list[Generation],
+    *,
+    progress: list[ProgressCallback | None],
+    cancel: list[CancelToken],
+) -> list[JobOutcome]:
+    """Run claimed text-to-image generations that share a
+    :func:`~storage.scheduling.batch_key` in one engine call, and record each outcome
+    as :func:`execute_generation` would. A cancelled one is recorded cancelled and the
+    others go on; if the batch fails, each runs again alone, so a bad job fails alone."""
+    if len(generations) == 1:
+        outcome = await execute_generation(
+            database, blobs, engine, generations[0], progress=progress[0], cancel=cancel[0]
+        )
+        return [outcome]
+    started = time.perf_counter()
+    try:
+        if generations[0].recipe.styles:  # one server, one style set: the key says so
+            await materialize_styles(database, blobs, engine, generations[0], engine.lora_folder)
+        per_job = await asyncio.to_thread(_run_batch, engine, generations, progress, cancel)
+    except GenerationCancelled:
+        per_job = [[] for _ in generations]  # every one was cancelled: recorded below
+    except Exception as exc:
+        if is_outage(exc):
+            raise
+        log.warning("a batch of %d failed (%s); its jobs run alone", len(generations), exc)
+        return [
+            await execute_generation(
+                database, blobs, engine, generation, progress=each, cancel=token
+            )
+            for generation, each, token in zip(generations, progress, cancel, strict=True)
+        ]
+    outcomes = []
+    for generation, images, token in zip(generations, per_job, cancel, strict=True):
+        if token.cancelled:
+            outcomes.append(
+                await _record_failure(database, generation.id, GenerationCancelled(), started)
+            )
+        else:
+            outcomes.append(
+                await record_images(database, blobs, engine, generation, images, started)
+            )
+    return outcomes
+
+
+def _run_batch(
+    engine: Engine,
+    generations: list[Generation],
+    progress: list[ProgressCallback | None],
+    cancel: list[CancelToken],
+) -> list[list[GeneratedImage]]:
+    for generation in generations:
+        _injected_fault(generation.recipe.prompt)
+    recipes = [generation.recipe for generation in generations]
+    return engine.txt2img_batch(recipes, progress=progress, cancel=cancel)
+
+
+async def record_images(
+    database: Database,
+    blobs: BlobStore,
+    engine: Engine,
+    generation: Generation,
+    images: list[GeneratedImage],
+    started: float,
+) -> JobOutcome:
+    """Store a generation's images (PNGs, thumbnails, grid) and record it succeeded."""
+    generation_id = generation.id
+    try:
         recipe = engine.complete_recipe(generation.recipe)
         loop = asyncio.get_running_loop()
         grid: asyncio.Future[bytes] | None = None
@@ -207,18 +282,8 @@ async def execute_generation(
             stored_thumbnails(per_image, [next(thumbnail_keys) for _ in per_image])
             for per_image in encoded
         ]
-    except GenerationCancelled:
-        async with database.session() as session:
-            generation = await transition(session, generation_id, S.CANCELLED)
-        return JobOutcome(generation, [], time.perf_counter() - started)
     except Exception as exc:
-        if is_outage(exc):
-            raise  # not the job's fault: the worker runs it again once the database is back
-        message = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
-        log.exception("generation %s failed", generation_id)
-        async with database.session() as session:
-            generation = await transition(session, generation_id, S.FAILED, error=message)
-        return JobOutcome(generation, [], time.perf_counter() - started)
+        return await _record_failure(database, generation_id, exc, started)
 
     async with database.session() as session:
         rows = await add_images(
@@ -243,3 +308,21 @@ async def execute_generation(
             await record_grid(session, generation_id, grid_key)
         generation = await transition(session, generation_id, S.SUCCEEDED, recipe=recipe)
     return JobOutcome(generation, images, time.perf_counter() - started)
+
+
+async def _record_failure(
+    database: Database, generation_id: int, exc: Exception, started: float
+) -> JobOutcome:
+    """Record a generation cancelled, or failed with a sentence; a lost database is
+    raised: not the job's fault, the worker runs it again once the database is back."""
+    if isinstance(exc, GenerationCancelled):
+        async with database.session() as session:
+            generation = await transition(session, generation_id, S.CANCELLED)
+        return JobOutcome(generation, [], time.perf_counter() - started)
+    if is_outage(exc):
+        raise exc
+    message = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
+    log.error("generation %s failed", generation_id, exc_info=exc)
+    async with database.session() as session:
+        generation = await transition(session, generation_id, S.FAILED, error=message)
+    return JobOutcome(generation, [], time.perf_counter() - started)

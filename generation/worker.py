@@ -2,12 +2,12 @@
 
 One :class:`Worker` class serves both modes; what differs (claiming rows or taking
 procrastinate's jobs, in-process events or NOTIFY) comes from the ports that
-:func:`bot.deployment.open_deployment` hands out. One job at a time on one
-engine; the engine runs on a thread, so the event loop (and a Discord bot beside
-it) stays responsive. Rows left running by a stopped worker are re-queued, up to
-``IMAGINE_MAX_ATTEMPTS`` starts in all. A worker whose jobs keep failing stops
-claiming (``max_consecutive_failures``) and says why, so that a supervisor can
-restart it.
+:func:`bot.deployment.open_deployment` hands out. One job, or one batch of compatible
+jobs (``IMAGINE_MAX_BATCH``), at a time on one engine; the engine runs on a thread,
+so the event loop (and a Discord bot beside it) stays responsive. Rows left running
+by a stopped worker are re-queued, up to ``IMAGINE_MAX_ATTEMPTS`` starts in all. A
+worker whose jobs keep failing stops claiming (``max_consecutive_failures``) and says
+why, so that a supervisor can restart it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from generation.engine import CancelToken, Engine, Progress
-from generation.jobs import JobOutcome, execute_generation
+from generation.jobs import JobOutcome, execute_batch
 from generation.metrics import WorkerMetrics
 from storage.blobs import BlobStore
 from storage.database import Database, is_outage
@@ -175,28 +175,31 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
 
-    async def run_claimed(self, generation: Generation) -> JobOutcome | None:
-        """Run a generation the job source claimed for this worker. Whatever breaks in
-        the bookkeeping fails the job with a sentence: its row never stays ``running``
-        under a live worker."""
+    async def run_claimed(self, generations: list[Generation]) -> list[JobOutcome | None]:
+        """Run generations the job source claimed for this worker: one, or a batch sharing
+        one denoising call. Whatever breaks in the bookkeeping fails the jobs with a
+        sentence: their rows never stay ``running`` under a live worker."""
         try:
-            outcome = await self._execute(generation)
+            outcomes = await self._execute(generations)
         except Exception as exc:
             if is_outage(exc):
-                await self._run_again_later(generation.id, exc)
-                return None
-            log.exception("generation %s broke the worker's bookkeeping", generation.id)
+                for generation in generations:
+                    await self._run_again_later(generation.id, exc)
+                return [None] * len(generations)
+            log.exception("generations %s broke the worker's bookkeeping", _ids(generations))
             reason = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
-            try:
-                async with self.database.session() as session:
-                    await transition(session, generation.id, S.FAILED, error=reason)
-                self.events.publish(JobFailed(generation_id=generation.id, error=reason))
-            except Exception:
-                log.exception("could not record the failure of generation %s", generation.id)
-            self._count(S.FAILED)
-            return None
-        self._count(outcome.generation.status)
-        return outcome
+            for generation in generations:
+                try:
+                    async with self.database.session() as session:
+                        await transition(session, generation.id, S.FAILED, error=reason)
+                    self.events.publish(JobFailed(generation_id=generation.id, error=reason))
+                except Exception:
+                    log.exception("could not record the failure of generation %s", generation.id)
+                self._count(S.FAILED)
+            return [None] * len(generations)
+        for outcome in outcomes:
+            self._count(outcome.generation.status)
+        return list(outcomes)
 
     def _count(self, status: GenerationStatus) -> None:
         """Track failures in a row; at the limit, stop claiming (the caller's job is done)."""
@@ -226,38 +229,42 @@ class Worker:
             if row.status is S.RUNNING and row.worker_name == self.name:
                 await transition(session, generation_id, S.QUEUED)
 
-    async def _execute(self, generation: Generation) -> JobOutcome:
-        generation_id = generation.id
-        self.events.publish(JobStarted(generation_id=generation_id, worker_name=self.name))
-        token = CancelToken()
-        self.cancellations.register(generation_id, token.cancel)
-        watcher = asyncio.create_task(self._watch_for_cancel(generation_id, token))
+    async def _execute(self, generations: list[Generation]) -> list[JobOutcome]:
+        tokens = [CancelToken() for _ in generations]
+        watchers = []
+        for generation, token in zip(generations, tokens, strict=True):
+            self.events.publish(JobStarted(generation_id=generation.id, worker_name=self.name))
+            self.cancellations.register(generation.id, token.cancel)
+            watchers.append(asyncio.create_task(self._watch_for_cancel(generation.id, token)))
         try:
-            outcome = await execute_generation(
+            outcomes = await execute_batch(
                 self.database,
                 self.blobs,
                 self.engine,
-                generation,
-                progress=self._progress_publisher(generation_id),
-                cancel=token,
+                generations,
+                progress=[self._progress_publisher(generation.id) for generation in generations],
+                cancel=tokens,
             )
         finally:
-            watcher.cancel()
-            self.cancellations.register(generation_id, None)
-        finished = outcome.generation
-        self.metrics.job_finished(finished.status, outcome.seconds)
-        final = final_event(finished)
-        if final is not None:
-            self.events.publish(final)
-        log.info(
-            "generation %s %s in %.2fs (queued %.2fs before) on %s",
-            generation_id,
-            finished.status.value,
-            outcome.seconds,
-            _waited(finished),
-            self.name,
-        )
-        return outcome
+            for generation, watcher in zip(generations, watchers, strict=True):
+                watcher.cancel()
+                self.cancellations.register(generation.id, None)
+        for outcome in outcomes:
+            finished = outcome.generation
+            self.metrics.job_finished(finished.status, outcome.seconds)
+            final = final_event(finished)
+            if final is not None:
+                self.events.publish(final)
+            log.info(
+                "generation %s %s in %.2fs (queued %.2fs before, in a batch of %d) on %s",
+                finished.id,
+                finished.status.value,
+                outcome.seconds,
+                _waited(finished),
+                len(generations),
+                self.name,
+            )
+        return outcomes
 
     async def _watch_for_cancel(self, generation_id: int, token: CancelToken) -> None:
         """Another process (``imagine cancel``) flags the row; stop the run when it does."""
@@ -289,6 +296,10 @@ class Worker:
 async def _pass_on(stop: asyncio.Event, halt: asyncio.Event) -> None:
     await stop.wait()
     halt.set()
+
+
+def _ids(generations: list[Generation]) -> str:
+    return ", ".join(str(generation.id) for generation in generations)
 
 
 def _waited(generation: Generation) -> float:

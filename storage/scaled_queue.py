@@ -289,7 +289,7 @@ class ProcrastinateJobs:
             except IllegalTransition:
                 log.info("generation %s is no longer queued; nothing to run", generation_id)
                 return
-            await run(generation)
+            await run([generation])  # procrastinate hands out one job at a time: no batches
 
         self.queue.app.task(name=TASK, pass_context=False)(run_generation)
         while not stop.is_set():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -293,3 +294,45 @@ def test_warm_up_runs_one_step_and_changes_no_result(tiny_engine: Engine) -> Non
     before = tiny_engine.txt2img(recipe(seed=77, steps=2))[0].png
     assert tiny_engine.warm_up() > 0
     assert tiny_engine.txt2img(recipe(seed=77, steps=2))[0].png == before
+
+
+def test_a_batch_reports_to_each_recipe_and_stops_only_when_all_are_cancelled(
+    tiny_engine: Engine,
+) -> None:
+    recipes = [recipe(count=1), recipe(prompt="a lighthouse at dusk", seed=7, count=2)]
+    seen: list[list[Progress]] = [[], []]
+    tokens = [CancelToken(), CancelToken()]
+
+    def reporter(index: int) -> Callable[[Progress], None]:
+        def report(progress: Progress) -> None:
+            seen[index].append(progress)
+            if index == 0 and progress.step == 1:
+                tokens[1].cancel()  # the first recipe goes on alone
+
+        return report
+
+    kept, cancelled = tiny_engine.txt2img_batch(
+        recipes, progress=[reporter(0), reporter(1)], cancel=tokens
+    )
+    # Within step 1 the first recipe's report cancelled the second before it heard of it.
+    assert [p.step for p in seen[0]] == [1, 2, 3, 4] and seen[1] == []
+    assert len(kept) == 1 and len(cancelled) == 2  # the caller discards the cancelled ones
+    previews = [p.preview for p in seen[0]]
+    assert previews[1] is not None and previews[0] is None  # every 2 steps, image 0's
+
+    steps: list[int] = []
+
+    def cancel_all_at_two(progress: Progress) -> None:
+        steps.append(progress.step)
+        if progress.step == 2:
+            for token in tokens:
+                token.cancel()
+
+    tokens = [CancelToken(), CancelToken()]
+    with pytest.raises(GenerationCancelled):
+        tiny_engine.txt2img_batch(
+            [recipe(steps=50), recipe(seed=3, steps=50)],
+            progress=[cancel_all_at_two, None],
+            cancel=tokens,
+        )
+    assert steps == [1, 2]
