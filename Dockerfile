@@ -18,7 +18,7 @@ COPY migrations ./migrations
 # torch first, from the index whose CUDA matches the base image; then Imagine itself.
 RUN python3 -m venv /opt/imagine \
     && /opt/imagine/bin/pip install --index-url "${TORCH_INDEX}" "torch>=2.4,<3" \
-    && /opt/imagine/bin/pip install .
+    && /opt/imagine/bin/pip install '.[quantize]'
 
 FROM ${CUDA_IMAGE} AS runtime
 ENV DEBIAN_FRONTEND=noninteractive \

@@ -38,6 +38,8 @@ from typing import Any, cast
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bot.rate_limit import BUSY  # noqa: E402
+
 # Growth of the bot's resident memory from the end of the warm-up to the end of the run
 # that counts as flat: what the bounded caches (discord.py's 1,000 messages, the rate
 # limiter's members of the last window, the database pools) may still fill after the
@@ -77,6 +79,48 @@ def _trace_memory(folder: Path) -> None:
     signal.signal(signal.SIGUSR1, dump)
 
 
+ROUND_TRIPS = "round-trips"  # the bot's count so far, in the data folder
+
+
+def _count_round_trips(deployment: Any, folder: Path) -> asyncio.Task[None]:
+    """Count the bot's database round trips (each statement, BEGIN, COMMIT and ROLLBACK
+    through SQLAlchemy, and each query of procrastinate's own connector) and write the
+    count to ``folder / ROUND_TRIPS`` every 50 ms."""
+    from sqlalchemy import event
+
+    count = [0]
+
+    def statement(*_: Any, **__: Any) -> None:
+        count[0] += 1
+
+    def transaction(connection: Any, *_: Any) -> None:
+        # Outside a transaction (autocommit) the driver sends no BEGIN, COMMIT or ROLLBACK.
+        if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            count[0] += 1
+
+    engine = deployment.database.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", statement)
+    for name in ("begin", "commit", "rollback"):
+        event.listen(engine, name, transaction)
+    connector = getattr(getattr(deployment.queue, "app", None), "connector", None)
+    for name in ("execute_query_async", "execute_query_one_async", "execute_query_all_async"):
+        method = getattr(connector, name, None)
+        if method is not None:
+
+            async def counted(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+                count[0] += 1
+                return await _method(*args, **kwargs)
+
+            setattr(connector, name, counted)
+
+    async def write() -> None:
+        while True:
+            (folder / ROUND_TRIPS).write_text(str(count[0]))
+            await asyncio.sleep(0.05)
+
+    return asyncio.create_task(write())
+
+
 async def _serve_bot(url: str, folder: Path) -> None:
     from bot.app import ImagineBot
     from bot.deployment import open_deployment
@@ -89,7 +133,11 @@ async def _serve_bot(url: str, folder: Path) -> None:
         services = Services.for_deployment(deployment, StyleRegistry(), family)
         bot = ImagineBot(services)
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, _print_state, bot)
-        await bot.start("fake-token")
+        counting = _count_round_trips(deployment, folder)
+        try:
+            await bot.start("fake-token")
+        finally:
+            counting.cancel()
 
 
 _TYPE_COUNTS: Counter[str] = Counter()
@@ -255,6 +303,66 @@ class Load:
             await asyncio.sleep(0.5)
 
 
+async def settled_round_trips(folder: Path, quiet: float = 0.5) -> int:
+    """The bot's round trips so far, once the count has not moved for ``quiet`` seconds."""
+    last, still = -1, 0
+    while still < quiet / 0.05:
+        await asyncio.sleep(0.05)
+        now = int((folder / ROUND_TRIPS).read_text() or 0)
+        still = still + 1 if now == last else 0
+        last = now
+    return last
+
+
+async def round_trips_per_kind(fake: Any, load: Load, folder: Path) -> list[tuple[str, int]]:
+    """With the worker stopped, so that only the bot works: the round trips of one /imagine
+    (a new member's, then the same member's second), and of one click of each kind of
+    button (U1, V1, reroll on a grid; Vary (Subtle) under an image), each until the member's
+    message shows it queued (or the image)."""
+    from tests.fake_discord import user
+
+    member = user(800_000_000_000_000_001, "probe")
+    load._collect_results()
+    grids = [m for m in load.results if any(b.get("label") == "U1" for b in fake.buttons(m))]
+    images = [
+        m for m in load.results if any(b.get("label") == "Vary (Subtle)" for b in fake.buttons(m))
+    ]
+    probes: list[tuple[str, Any]] = [
+        (
+            "/imagine, new member",
+            lambda: fake.slash("imagine", by=member, options={"prompt": "a probe --seed 1"}),
+        ),
+        (
+            "/imagine",
+            lambda: fake.slash("imagine", by=member, options={"prompt": "a probe --seed 2"}),
+        ),
+    ]
+    if grids:
+        for label in ("U1", "V1", "🔄"):
+            probes.append(
+                (
+                    f"click {label}",
+                    lambda label=label: fake.click(
+                        grids[0], fake.button(grids[0], label), by=member
+                    ),
+                )
+            )
+    if images:
+        probes.append(
+            (
+                "click Vary (Subtle)",
+                lambda: fake.click(images[0], fake.button(images[0], "Vary (Subtle)"), by=member),
+            )
+        )
+    costs = []
+    for what, send in probes:
+        before = await settled_round_trips(folder)
+        interaction = await send()
+        await fake.wait_for(lambda i=interaction: i.responded_at is not None, what=what)
+        costs.append((what, await settled_round_trips(folder) - before))
+    return costs
+
+
 def cpu_seconds(pid: int) -> float:
     import psutil
 
@@ -307,6 +415,7 @@ async def measure(url: str, folder: Path, members: int, total: int, burst: int, 
         warm = rss_mib(bot.pid)
         bot.send_signal(signal.SIGUSR2)
         cpu_warm = cpu_seconds(bot.pid)
+        trips_warm = int((folder / ROUND_TRIPS).read_text() or 0)
         if trace:
             bot.send_signal(signal.SIGUSR1)
         samples = [(len(load.sent), warm)]
@@ -328,6 +437,16 @@ async def measure(url: str, folder: Path, members: int, total: int, burst: int, 
         await asyncio.sleep(1)
         bench_cpu = own_cpu_ms_per(len(load.sent))
         print(f"bench (fake Discord and driver) CPU per interaction: {bench_cpu:.1f} ms")
+        worker.terminate()
+        await worker.wait()
+        # What the bot still has in hand (commands waiting their turn) is part of the run.
+        trips = await settled_round_trips(folder, quiet=2.0) - trips_warm
+        print(
+            f"bot database round trips after the warm-up: {trips / max(1, total - members):.1f} "
+            "per interaction (all its work, from the defer to the delivery)"
+        )
+        costs = await round_trips_per_kind(fake, load, folder)
+        print("round trips, worker stopped: " + ", ".join(f"{w}: {n}" for w, n in costs))
         if trace:
             bot.send_signal(signal.SIGUSR1)
             await asyncio.sleep(20)
@@ -343,6 +462,27 @@ async def measure(url: str, folder: Path, members: int, total: int, burst: int, 
         "(all its work, from the defer to the delivery)"
     )
     return report(load.sent, samples, warm, final, seconds)
+
+
+OUTCOMES = (
+    "accepted",
+    "refused by the rate limit",
+    "refused: the line is full",
+    "refused otherwise",
+)
+
+
+def outcome(interaction: Any) -> str:
+    """What the bot's first response to an interaction was: deferred (the command is
+    taken), or a refusal, by its sentence."""
+    if interaction.response_type != 4:
+        return "deferred"
+    content = (interaction.responses[0].get("data") or {}).get("content", "")
+    if content.startswith("You're going too fast"):
+        return "refused by the rate limit"
+    if content == BUSY:
+        return "refused: the line is full"
+    return "refused otherwise"
 
 
 def report(
@@ -374,13 +514,17 @@ def report(
                 f"  {what}: {len(these)}, p50 {percentile(these, 0.5):.0f} ms, "
                 f"p99 {percentile(these, 0.99):.0f} ms"
             )
+    outcomes = Counter(outcome(i) for i in answered)
+    print(
+        "outcomes: " + ", ".join(f"{what} {outcomes[what]}" for what in OUTCOMES if outcomes[what])
+    )
     refusals = Counter(
         (i.responses[0].get("data") or {}).get("content", "")[:60]
         for i in answered
-        if i.response_type == 4
+        if outcome(i) == "refused otherwise"
     )
     for sentence, count in refusals.most_common(3):
-        print(f"  refused {count}x: {sentence}")
+        print(f"  refused otherwise {count}x: {sentence}")
     print("bot resident memory: " + ", ".join(f"{n}: {mib:.1f} MiB" for n, mib in samples))
     growth = final - warm
     flat = growth <= RSS_GROWTH_BOUND_MIB
@@ -413,7 +557,7 @@ async def main(admin_url: str, members: int, total: int, burst: int, trace: bool
         finally:
             await database.dispose()
         with tempfile.TemporaryDirectory(prefix="imagine-bench-load-") as folder:
-            return await measure(
+            rc = await measure(
                 url.render_as_string(hide_password=False),
                 Path(folder),
                 members,
@@ -421,6 +565,13 @@ async def main(admin_url: str, members: int, total: int, burst: int, trace: bool
                 burst,
                 trace,
             )
+        made = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(False))
+        try:
+            queued = await made.fetchval("SELECT count(*) FROM generations")
+        finally:
+            await made.close()
+        print(f"generations queued in all: {queued} (the round-trip probes' few included)")
+        return rc
     finally:
         await connection.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await connection.close()

@@ -23,6 +23,7 @@ from discord.ext import commands
 
 from bot.delivery import Delivery
 from bot.modals import answer_modal
+from bot.policies import GuildPolicies
 from bot.rate_limit import RateLimiter, Turns
 from bot.replies import refuse
 from bot.services import Services
@@ -84,6 +85,7 @@ class ImagineBot(commands.Bot):
         # Submissions (and the reads of buttons' records) at once: below the connection
         # pool, so that a burst takes turns here and deliveries find connections.
         self.submitting = Turns(SUBMISSIONS_AT_ONCE, SUBMISSIONS_WAITING)
+        self.policies = GuildPolicies(services.database)
 
     async def setup_hook(self) -> None:
         from storage.community import all_user_defaults

@@ -18,10 +18,11 @@ through the channel with the bot token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -37,6 +38,7 @@ from storage.events import JobEvent, JobProgress, JobStarted, final_events_since
 from storage.gallery import like_count
 from storage.generations import get_generation, mark_delivered
 from storage.models import Generation, GenerationKind, GenerationStatus, Image, utcnow
+from storage.scheduling import QueuePosition
 
 S = GenerationStatus
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 MAX_CONTENT = 2000
 SWEEP_LOOKBACK = timedelta(days=1)
 DELIVERIES_AT_ONCE = 6
+FINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
 
 
 @dataclass
@@ -69,12 +72,23 @@ def headline(generation: Generation) -> str:
         f"{generation.parent_image_id}",
         GenerationKind.REROLL: " · reroll",
         GenerationKind.REMIX: " · remix",
+        GenerationKind.OUTPAINT: f" · {recipe.outpaint.action if recipe.outpaint else 'outpaint'}"
+        f" of image {generation.parent_image_id}",
     }.get(generation.kind, "")
     text = (
         f"**{prompt}** — <@{generation.requester_id}>{what} · `--seed {recipe.seed}` · "
         f"{recipe.width}×{recipe.height} · #{generation.id}"
     )
     return text[:MAX_CONTENT]
+
+
+def _queued(generation: Generation, where: QueuePosition) -> Rendered:
+    if where.status is not S.QUEUED:
+        return Rendered(f"🎨 {headline(generation)}\nstarting…")
+    return Rendered(
+        f"⏳ {headline(generation)}\nqueued #{where.position}, "
+        f"about {max(1, round(where.estimated_wait_seconds))} s"
+    )
 
 
 class Delivery:
@@ -189,6 +203,9 @@ class Delivery:
                     await self._mark_delivered(generation_id)
         finally:
             self._finals.discard(generation_id)
+        self._forget(generation_id)
+
+    def _forget(self, generation_id: int) -> None:
         self._locks.pop(generation_id, None)
         self._last_edit.pop(generation_id, None)
         self.upload_limits.pop(generation_id, None)
@@ -209,16 +226,45 @@ class Delivery:
                 )
                 await self.services.database.wait_until_back()
 
-    async def show_queued(self, generation_id: int, upload_limit: int | None = None) -> None:
-        """Edit a just-submitted generation's message to its place in line."""
+    @contextlib.asynccontextmanager
+    async def place_in_line(
+        self, generation: Generation, upload_limit: int | None = None
+    ) -> AsyncIterator[Rendered | None]:
+        """A just-submitted generation's message showing its place in line, read now (in
+        the caller's turn for database work) and shown by :meth:`show_queued` before the
+        block ends. Its lock is held until then, so that an edit for a later state
+        (progress, the result) waits for it. ``None``: nothing to show (no message, an edit
+        for a later state under way or done, or no answer from the database)."""
         if upload_limit is not None:
-            self.upload_limits[generation_id] = upload_limit
-        async with self._lock(generation_id):
-            generation = await self._load(generation_id)
-            if generation.status is not S.QUEUED or generation.message_id is None:
-                return  # already running or finished: those events edit it
-            self._last_edit[generation_id] = time.monotonic()
-            await self._edit_or_drop(generation, await self.queued(generation), "queued")
+            self.upload_limits[generation.id] = upload_limit
+        lock = self._lock(generation.id)
+        if generation.message_id is None or lock.locked():
+            yield None
+            return
+        async with lock:
+            where = await self._place(generation.id)
+            if where is not None and where.status is S.QUEUED:
+                yield _queued(generation, where)
+                return
+        # Running or finished: those events edit it. One that finished and was delivered
+        # already keeps nothing here.
+        if where is not None and where.status in FINAL and generation.id not in self._finals:
+            self._forget(generation.id)
+        yield None
+
+    async def _place(self, generation_id: int) -> QueuePosition | None:
+        try:
+            return await self.services.queue.position(generation_id)
+        except Exception as exc:  # queued all the same: its result edits the message later
+            if not is_outage(exc):
+                raise
+            return None
+
+    async def show_queued(self, generation: Generation, queued: Rendered) -> None:
+        """Edit a just-submitted generation's message to ``queued`` (from
+        :meth:`place_in_line`, inside its block)."""
+        self._last_edit[generation.id] = time.monotonic()
+        await self._edit_or_drop(generation, queued, "queued")
 
     def _limit(self, generation_id: int) -> int:
         return self.upload_limits.get(generation_id, DEFAULT_UPLOAD_LIMIT)
@@ -226,13 +272,7 @@ class Delivery:
     # -- what a message shows ----------------------------------------------------------------
 
     async def queued(self, generation: Generation) -> Rendered:
-        where = await self.services.queue.position(generation.id)
-        if where.status is not S.QUEUED:
-            return Rendered(f"🎨 {headline(generation)}\nstarting…")
-        return Rendered(
-            f"⏳ {headline(generation)}\nqueued #{where.position}, "
-            f"about {max(1, round(where.estimated_wait_seconds))} s"
-        )
+        return _queued(generation, await self.services.queue.position(generation.id))
 
     async def render(self, generation: Generation, limit: int) -> Rendered:
         """The finished generation: its grid or image with buttons, or why it did not finish."""

@@ -15,9 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot.image_intake import receive_image
 from bot.records import load_generation
 from bot.replies import refuse
-from bot.submit import parse_text, run_prompt, submit
+from bot.submit import (
+    parse_text,
+    refuse_failure,
+    run_prompt,
+    submit,
+    take_image_link,
+    within_rate_limit,
+)
 from storage.errors import ImagineError
 from storage.models import GenerationKind
 
@@ -58,16 +66,35 @@ class TryModal(_PromptModal):
 async def remix_submitted(
     interaction: discord.Interaction[ImagineBot], generation_id: int, text: str
 ) -> None:
+    """A remix keeps the image prompt of what it remixes, unless the text starts with the
+    link of another image."""
     services = interaction.client.services
+    guild_id = interaction.guild_id
     try:
         source = await load_generation(services.database, generation_id)  # it must still exist
-        recipes = parse_text(services, text, interaction.guild_id)
+        url, text = take_image_link(services, text)
+        kept = source.recipe.init_image if url is None else None
+        recipes = parse_text(services, text, guild_id, image=kept, image_expected=url is not None)
     except ImagineError as exc:
         await refuse(interaction, str(exc))
         return
     # The remix hangs under the first image of what it remixed, for the web gallery's lineage.
     parent = min(source.images, key=lambda image: image.index).id if source.images else None
-    await submit(interaction, GenerationKind.REMIX, recipes, parent_image_id=parent)
+    if url is None:
+        await submit(interaction, GenerationKind.REMIX, recipes, parent_image_id=parent)
+        return
+    if not await within_rate_limit(interaction):
+        return
+    await interaction.response.defer(thinking=True)
+    try:
+        image = await receive_image(services, url=url)
+        recipes = parse_text(services, text, guild_id, image=image)
+    except Exception as exc:
+        await refuse_failure(interaction, exc)
+        return
+    await submit(
+        interaction, GenerationKind.REMIX, recipes, parent_image_id=parent, rate_limited=False
+    )
 
 
 REMIX = re.compile(r"remix:(?P<id>[0-9]{1,20})")

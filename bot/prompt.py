@@ -10,7 +10,10 @@ Grammar, in order of application:
 3. In each text, a ``--name`` that starts a word opens a flag; its value runs to
    the next flag. ``--`` inside a word (``foo--bar``) is plain text. The text
    before the first flag is the prompt, with white space collapsed.
-4. ``--repeat N`` runs the text N times with new seeds (with ``--seed``, each run
+4. ``--iw X`` (0 to 2) weighs the image prompt; it needs one. The image itself is not
+   text: it comes as an attachment, or as a Discord link at the very start of the
+   prompt, which :func:`take_image_url` removes before parsing (Midjourney's form).
+5. ``--repeat N`` runs the text N times with new seeds (with ``--seed``, each run
    starts past the seeds of the run before: :func:`storage.recipe.repeat_seed`).
    At most :data:`MAX_GENERATIONS` in all.
 
@@ -23,7 +26,8 @@ same flag in the text, because it is the value the member chose last (often over
 pasted ``/info`` prompt); styles add up, and a style named in both keeps the option's
 weight.
 
-:func:`format_recipe` writes a recipe back as text that parses to the same recipe.
+:func:`format_recipe` writes a recipe back as text that parses to the same recipe (given
+the same image prompt, which is not text).
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
+from storage.derive import with_image_prompt
 from storage.errors import ImagineError
-from storage.families import ModelFamily, size_for
+from storage.families import FAMILIES, ModelFamily, size_for
 from storage.recipe import (
+    MAX_IMAGE_WEIGHT,
     MAX_SEED,
+    ImageRef,
     Recipe,
     StyleRef,
     repeat_seed,
@@ -61,6 +68,7 @@ FLAGS: tuple[str, ...] = (
     "guidance",
     "sampler",
     "style",
+    "iw",
     "repeat",
 )
 _ALIASES = {"guidance": "cfg", "aspect": "ar"}
@@ -68,6 +76,7 @@ _FLAG = re.compile(r"(?<!\S)--(\S*)")
 _STYLE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _RATIO = re.compile(r"^(\d{1,3}):(\d{1,3})$")
 _WHOLE = re.compile(r"^\d{1,10}$")
+_URL = re.compile(r"^<?[A-Za-z][A-Za-z0-9+.-]*://\S*$")
 
 
 class PromptError(ImagineError):
@@ -131,6 +140,40 @@ def _refuse(flag: str, value: str, allowed: str) -> PromptError:
     else:
         message = f"--{flag} {_shown(value)} is not allowed: {allowed}."
     return PromptError(message, flag=f"--{flag}", value=value, allowed=allowed)
+
+
+# -- a leading image link ------------------------------------------------------------------
+
+
+def take_image_url(
+    text: str, is_allowed: Callable[[str], bool], allowed: str = "Discord"
+) -> tuple[str | None, str]:
+    """The image link a prompt starts with (``None`` if none) and the text after it.
+
+    ``is_allowed`` says whether a link is on an origin Imagine fetches from (``allowed``
+    names them in the sentence refusing another).
+    """
+    words = text.split(maxsplit=2)
+    if not words or not _URL.fullmatch(words[0]):
+        return None, text
+    url = words[0].removeprefix("<").removesuffix(">")
+    if not is_allowed(url):
+        raise PromptError(
+            f"Imagine only fetches images from {allowed}; attach the image to the command, "
+            "or start the prompt with its Discord link.",
+            flag="image",
+            value=_shown(url),
+            allowed=f"an image on {allowed}",
+        )
+    rest = text.split(maxsplit=1)[1] if len(words) > 1 else ""
+    if rest.split() and _URL.fullmatch(rest.split()[0]):
+        raise PromptError(
+            "Only one image prompt is taken at a time; keep one link at the start.",
+            flag="image",
+            value=_shown(rest.split()[0]),
+            allowed="one image link",
+        )
+    return url, rest
 
 
 # -- permutations ---------------------------------------------------------------------------
@@ -346,6 +389,31 @@ def _unknown_flag(name: str) -> PromptError:
     )
 
 
+def _refuse_unhonoured(values: _Values, family: ModelFamily) -> None:
+    """Flags the model family cannot honour, refused with the family's own sentence."""
+    for flag, value in values.items():
+        reason = family.refusal(flag)
+        if reason is not None and not (flag == "sampler" and value == DEFAULT_SAMPLER):
+            raise PromptError(reason, flag=f"--{flag}", value=str(value), allowed="leave it out")
+
+
+def _check_t5_length(prompt: str, family: ModelFamily) -> None:
+    """Refuse a prompt surely longer than the family's T5 reads: every word is at least
+    one token, plus the end-of-text token. The worker counts exactly (styles' words
+    included) and refuses the rest; neither ever cuts a prompt silently."""
+    limit = family.max_sequence_length
+    words = len(prompt.split())
+    if limit is not None and words + 1 > limit:
+        raise PromptError(
+            f"The prompt is {words} words long, but {family.shown_name} reads at most "
+            f"{limit} T5 tokens (a word is a token or more) and Imagine does not cut prompts "
+            f"silently; shorten it to well under {limit - 1} words.",
+            flag="prompt",
+            value=_shown(prompt),
+            allowed=f"at most {limit} T5 tokens",
+        )
+
+
 def _parse_one(
     text: str,
     defaults: PromptDefaults,
@@ -353,6 +421,8 @@ def _parse_one(
     known_styles: Collection[str] | None,
     overrides: tuple[_Values, list[StyleRef]],
     fallbacks: PromptOverrides,
+    image: ImageRef | None,
+    image_expected: bool,
 ) -> list[Recipe]:
     prompt, flags = _split(text)
     values: _Values = {}
@@ -385,6 +455,16 @@ def _parse_one(
             values[name] = _sampler(value)
         elif name == "repeat":
             values[name] = _whole("repeat", value, 1, MAX_GENERATIONS)
+        elif name == "iw":
+            values[name] = _number("iw", value, 0.0, MAX_IMAGE_WEIGHT)
+            if image is None and not image_expected:
+                raise PromptError(
+                    "--iw weighs an image prompt, and there is none; attach an image or "
+                    "start the prompt with a Discord image link.",
+                    flag="--iw",
+                    value=value,
+                    allowed="an image prompt to weigh",
+                )
     override_values, override_styles = overrides
     values.update(override_values)
     for ref in override_styles:
@@ -393,8 +473,10 @@ def _parse_one(
             styles[named.index(ref.name)] = ref
         else:
             styles.append(ref)
+    _refuse_unhonoured(values, defaults.family)
     # Only the defaults that apply are checked: a stale one the text replaces refuses nothing.
-    given = set(values) | ({"style"} if styles else set())
+    # A member's default the family cannot honour (their --cfg on FLUX schnell) is left out.
+    given = set(values) | ({"style"} if styles else set()) | set(defaults.family.refused_flags)
     fallback_values, fallback_styles = _typed(
         fallbacks, defaults, known_styles, _TYPED_FLAGS - given
     )
@@ -416,32 +498,36 @@ def _parse_one(
             value=_shown(prompt),
             allowed=f"at most {MAX_PROMPT_LENGTH} characters",
         )
+    _check_t5_length(prompt, defaults.family)
     ratio = values.get("ar")
     assert ratio is None or isinstance(ratio, tuple)
     width, height = size_for(ratio, defaults.family)
     repeat = int(values.get("repeat", 1))  # type: ignore[call-overload]
     seed = values.get("seed")
     first = int(seed) if seed is not None else None  # type: ignore[call-overload]
+    weight = values.get("iw")
+    assert weight is None or isinstance(weight, float)
     recipes = []
     for run in range(repeat):
         this_seed = draw() if first is None else repeat_seed(first, run, defaults.count)
-        recipes.append(
-            Recipe(
-                model=defaults.model,
-                model_family=defaults.family.name,
-                prompt=prompt,
-                negative_prompt=str(values.get("no", "")),
-                seed=this_seed,
-                width=width,
-                height=height,
-                aspect_ratio=f"{ratio[0]}:{ratio[1]}" if ratio else None,
-                steps=int(values.get("steps", defaults.family.default_steps)),  # type: ignore[call-overload]
-                guidance=float(values.get("cfg", defaults.family.default_guidance)),  # type: ignore[arg-type]
-                sampler=str(values.get("sampler", defaults.sampler)),
-                count=defaults.count,
-                styles=tuple(styles),
-            )
+        recipe = Recipe(
+            model=defaults.model,
+            model_family=defaults.family.name,
+            prompt=prompt,
+            negative_prompt=str(values.get("no", "")),
+            seed=this_seed,
+            width=width,
+            height=height,
+            aspect_ratio=f"{ratio[0]}:{ratio[1]}" if ratio else None,
+            steps=int(values.get("steps", defaults.family.default_steps)),  # type: ignore[call-overload]
+            guidance=float(values.get("cfg", defaults.family.default_guidance)),  # type: ignore[arg-type]
+            sampler=str(values.get("sampler", defaults.sampler)),
+            count=defaults.count,
+            styles=tuple(styles),
         )
+        if image is not None:
+            recipe = with_image_prompt(recipe, image, weight, defaults.family)
+        recipes.append(recipe)
     return recipes
 
 
@@ -453,11 +539,15 @@ def parse_prompt(
     known_styles: Collection[str] | None = None,
     overrides: PromptOverrides | None = None,
     fallbacks: PromptOverrides | None = None,
+    image: ImageRef | None = None,
+    image_expected: bool = False,
 ) -> list[Recipe]:
     """One recipe per generation the text asks for; :class:`PromptError` if it is invalid.
 
     ``overrides`` (a command's typed options) replace the same flags in the text;
-    ``fallbacks`` (a member's defaults) apply where neither gives a value.
+    ``fallbacks`` (a member's defaults) apply where neither gives a value. ``image`` is
+    the image prompt (stored already); ``image_expected`` checks the text of one still
+    to be fetched (``--iw`` is allowed; the recipes carry no image).
     """
     draw = random_seed or fresh_seed
     typed = _typed(overrides or PromptOverrides(), defaults, known_styles)
@@ -472,7 +562,16 @@ def parse_prompt(
         )
     for variant in _expand(text):
         recipes.extend(
-            _parse_one(variant, defaults, draw, known_styles, typed, fallbacks or PromptOverrides())
+            _parse_one(
+                variant,
+                defaults,
+                draw,
+                known_styles,
+                typed,
+                fallbacks or PromptOverrides(),
+                image,
+                image_expected,
+            )
         )
         if len(recipes) > MAX_GENERATIONS:
             raise _too_many(len(recipes))
@@ -480,7 +579,13 @@ def parse_prompt(
 
 
 def format_recipe(recipe: Recipe) -> str:
-    """The recipe as prompt text; parsing it gives the same recipe back."""
+    """The recipe as prompt text; parsing it gives the same recipe back.
+
+    Flags the recipe's family refuses (``--cfg`` on FLUX schnell) are left out: their
+    values are the family's defaults, which parsing gives back.
+    """
+    family = FAMILIES.get(recipe.model_family or "")
+    refused = family.refused_flags if family is not None else {}
     parts = [recipe.prompt]
     if recipe.aspect_ratio:
         parts.append(f"--ar {recipe.aspect_ratio}")
@@ -488,8 +593,11 @@ def format_recipe(recipe: Recipe) -> str:
     if recipe.negative_prompt:
         parts.append(f"--no {recipe.negative_prompt}")
     parts.append(f"--steps {recipe.steps}")
-    parts.append(f"--cfg {recipe.guidance!r}")
+    if "cfg" not in refused:
+        parts.append(f"--cfg {recipe.guidance!r}")
     if recipe.sampler != DEFAULT_SAMPLER:
         parts.append(f"--sampler {recipe.sampler}")
     parts.extend(f"--style {style.name}:{style.weight!r}" for style in recipe.styles)
+    if recipe.init_image is not None and recipe.image_weight is not None:
+        parts.append(f"--iw {recipe.image_weight!r}")  # the image itself stays with the recipe
     return " ".join(parts)

@@ -8,24 +8,28 @@ is deferred and the database work follows.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 import discord
 
-from bot.prompt import PromptDefaults, PromptError, PromptOverrides, parse_prompt
+from bot.image_intake import allowed_origin, receive_image
+from bot.prompt import PromptDefaults, PromptOverrides, parse_prompt, take_image_url
 from bot.rate_limit import BUSY, too_fast
 from bot.replies import Refusal, refuse
 from bot.services import Services
-from storage.community import NSFW_WORDS, guild_policy
+from storage.community import NSFW_WORDS
 from storage.database import is_outage
 from storage.errors import ImagineError, QueueUnavailable
 from storage.generations import Origin, image_is_private
+from storage.intake import IntakeLimits
 from storage.models import Generation, GenerationKind, NsfwPolicy, utcnow
 from storage.queue import Submission
-from storage.recipe import Recipe
+from storage.recipe import ImageRef, Recipe
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -37,10 +41,14 @@ def parse_text(
     guild_id: int | None,
     options: PromptOverrides | None = None,
     fallbacks: PromptOverrides | None = None,
+    *,
+    image: ImageRef | None = None,
+    image_expected: bool = False,
 ) -> list[Recipe]:
     """Prompt-language text as recipes, with the styles this server may name. ``options``
     are a command's typed values (they win over the same flag in the text); ``fallbacks``
-    a member's defaults (used where neither gives a value)."""
+    a member's defaults (used where neither gives a value); ``image`` the image prompt,
+    or ``image_expected`` while it is still to be fetched."""
     defaults = PromptDefaults(
         model=services.settings.model,
         family=services.family,
@@ -52,7 +60,16 @@ def parse_text(
         known_styles=services.known_styles(guild_id),
         overrides=options,
         fallbacks=fallbacks,
+        image=image,
+        image_expected=image_expected,
     )
+
+
+def take_image_link(services: Services, text: str) -> tuple[str | None, str]:
+    """The Discord image link a prompt starts with, if any, and the rest of the text;
+    a link to anywhere else is refused with a sentence."""
+    origins = services.settings.allowed_image_origins
+    return take_image_url(text, lambda url: allowed_origin(url, origins), ", ".join(origins))
 
 
 def banned_word_in(text: str, banned: Sequence[str]) -> bool:
@@ -70,8 +87,7 @@ async def check_policy(
     """The server's rules: banned words, where NSFW prompts may go, who may use a style."""
     if interaction.guild_id is None:
         return
-    async with interaction.client.services.database.session() as session:
-        guild = await guild_policy(session, interaction.guild_id)
+    guild = await interaction.client.policies.get(interaction.guild_id)
     channel_nsfw = bool(getattr(interaction.channel, "is_nsfw", lambda: False)())
     roles = {role.id for role in getattr(interaction.user, "roles", [])}
     for recipe in recipes:
@@ -124,6 +140,16 @@ async def defer_within_rate_limit(interaction: discord.Interaction[ImagineBot]) 
     return True
 
 
+@dataclass(frozen=True)
+class Order:
+    """What a command asks to queue: one generation per recipe."""
+
+    kind: GenerationKind
+    recipes: Sequence[Recipe]
+    parent_image_id: int | None = None
+    private: bool = False  # kept off the web: an ephemeral reply, or made from a private image
+
+
 async def submit(
     interaction: discord.Interaction[ImagineBot],
     kind: GenerationKind,
@@ -137,112 +163,162 @@ async def submit(
 
     The first generation takes the deferred response's message; the others get
     a followup message each. ``rate_limited``: the member's command counts against
-    their rate limit, and nothing is queued when it is over.
+    their rate limit, and nothing is queued when it is over. ``private``: the reply is
+    ephemeral, and the generations stay off the web.
+    """
+
+    async def order() -> Order:
+        # What is made from a private result stays off the web too.
+        made_private = private or await _made_from_private(interaction.client, parent_image_id)
+        return Order(kind, recipes, parent_image_id, made_private)
+
+    return await submit_order(interaction, order, ephemeral=private, rate_limited=rate_limited)
+
+
+async def submit_order(
+    interaction: discord.Interaction[ImagineBot],
+    read: Callable[[], Awaitable[Order]],
+    *,
+    ephemeral: bool = False,
+    rate_limited: bool = True,
+) -> list[Generation]:
+    """:func:`submit` for what a button makes from a record: ``read`` reads the record
+    and says what to queue, in the same turn (:attr:`ImagineBot.submitting`) as the
+    submission of the first generation, so that a click waits its turn once.
+
+    Only the database work takes a turn; Discord's answers come before and after it.
     """
     received = utcnow()
     if rate_limited and not await within_rate_limit(interaction):
         return []
-    first_message_id: int | None = None
+    message_id: int | None = None
     if not interaction.response.is_done():
-        callback = await interaction.response.defer(thinking=True, ephemeral=private)
-        first_message_id = callback.message_id if callback is not None else None
-    # A burst of members waits here, in turn, rather than for more database connections
-    # than the pool has (which fails after its timeout).
-    async with interaction.client.submitting:
-        return await _queue(
-            interaction, kind, recipes, first_message_id, received, parent_image_id, private
-        )
-
-
-async def _queue(
-    interaction: discord.Interaction[ImagineBot],
-    kind: GenerationKind,
-    recipes: Sequence[Recipe],
-    first_message_id: int | None,
-    received: datetime,
-    parent_image_id: int | None,
-    private: bool,
-) -> list[Generation]:
-    try:
-        await check_policy(interaction, recipes)
-    except ImagineError as exc:  # a refusal, or a database that cannot answer now
-        await refuse(interaction, str(exc))
-        return []
-    except Exception as exc:
-        if not is_outage(exc):
-            raise
-        await refuse(interaction, str(QueueUnavailable()))
-        return []
-    if first_message_id is None:
-        first_message_id = (await interaction.original_response()).id
+        callback = await interaction.response.defer(thinking=True, ephemeral=ephemeral)
+        message_id = callback.message_id if callback is not None else None
+    if message_id is None:
+        message_id = (await interaction.original_response()).id
     bot = interaction.client
     submitted: list[Generation] = []
-    limit = interaction.filesize_limit
-    # What is made from a private result stays off the web too.
-    private_on_web = private or await _made_from_private(bot, parent_image_id)
-    for number, recipe in enumerate(recipes):
-        if number == 0:
-            message_id = first_message_id
-        else:
+    number = 0
+    order: Order | None = None
+    while order is None or number < len(order.recipes):
+        if number > 0:
             message_id = (await interaction.followup.send("⏳", wait=True)).id
-        origin = Origin(
-            guild_id=interaction.guild_id,
-            channel_id=interaction.channel_id,
-            message_id=message_id,
-            interaction_token=interaction.token,
-            interaction_at=received,
-        )
-        submission = Submission(
-            kind,
-            recipe,
-            interaction.user.id,
-            origin,
-            parent_image_id=parent_image_id,
-            private=private_on_web,
-            nsfw=banned_word_in(recipe.prompt, NSFW_WORDS),
-        )
-        try:
-            generation = await bot.services.queue.submit(submission)
-        except ImagineError as exc:
-            if number == 0:
-                await refuse(interaction, str(exc))
-            else:
-                await interaction.followup.send(str(exc), ephemeral=True)
-            break
-        submitted.append(generation)
-        try:
-            await bot.delivery.show_queued(generation.id, limit)
-        except Exception as exc:  # queued all the same: its result edits the message later
-            if not is_outage(exc):
-                raise
+        async with contextlib.AsyncExitStack() as showing:
+            try:
+                # A burst of members waits here, in turn, rather than for more database
+                # connections than the pool has (which fails after its timeout). Only the
+                # database work takes a turn; Discord's answers come before and after it.
+                async with bot.submitting:
+                    if order is None:
+                        order = await read()
+                        await check_policy(interaction, order.recipes)
+                    generation = await bot.services.queue.submit(
+                        _submission(interaction, order, number, message_id, received)
+                    )
+                    queued = await showing.enter_async_context(
+                        bot.delivery.place_in_line(generation, interaction.filesize_limit)
+                    )
+            except Exception as exc:
+                if not isinstance(exc, ImagineError) and not is_outage(exc):
+                    raise
+                # A refusal, a limit, or a database that cannot answer now: a sentence.
+                sentence = str(exc) if isinstance(exc, ImagineError) else str(QueueUnavailable())
+                if number == 0:
+                    await refuse(interaction, sentence)
+                else:
+                    await interaction.followup.send(sentence, ephemeral=True)
+                break
+            submitted.append(generation)
+            if queued is not None:
+                await bot.delivery.show_queued(generation, queued)
+        number += 1
     return submitted
+
+
+async def refuse_failure(interaction: discord.Interaction[ImagineBot], exc: Exception) -> None:
+    """A sentence for a refusal or for a database that cannot answer now; anything else
+    is a fault and propagates."""
+    if isinstance(exc, ImagineError):
+        await refuse(interaction, str(exc))
+    elif is_outage(exc):
+        await refuse(interaction, str(QueueUnavailable()))
+    else:
+        raise exc
 
 
 async def _made_from_private(bot: ImagineBot, parent_image_id: int | None) -> bool:
     if parent_image_id is None:
         return False
-    async with bot.services.database.session() as session:
+    async with bot.services.database.reading() as session:
         return await image_is_private(session, parent_image_id)
+
+
+def _submission(
+    interaction: discord.Interaction[ImagineBot],
+    order: Order,
+    number: int,
+    message_id: int,
+    received: datetime,
+) -> Submission:
+    recipe = order.recipes[number]
+    origin = Origin(
+        guild_id=interaction.guild_id,
+        channel_id=interaction.channel_id,
+        message_id=message_id,
+        interaction_token=interaction.token,
+        interaction_at=received,
+    )
+    return Submission(
+        order.kind,
+        recipe,
+        interaction.user.id,
+        origin,
+        parent_image_id=order.parent_image_id,
+        private=order.private,
+        nsfw=banned_word_in(recipe.prompt, NSFW_WORDS),
+    )
 
 
 async def run_prompt(
     interaction: discord.Interaction[ImagineBot],
     text: str,
     options: PromptOverrides | None = None,
+    image: discord.Attachment | None = None,
 ) -> None:
-    """What /imagine does with its text and typed options: the member's defaults, parse,
-    then submit."""
+    """What /imagine does with its text, typed options and image: the member's defaults,
+    parse, fetch and keep the image prompt, then submit."""
     bot = interaction.client
+    services = bot.services
     defaults = bot.user_defaults.get(interaction.user.id, {})
     fallbacks = PromptOverrides.from_user_defaults(defaults)
+    private = bool(defaults.get("private", False))
     try:
-        recipes = parse_text(bot.services, text, interaction.guild_id, options, fallbacks)
-    except PromptError as exc:
+        url, text = take_image_link(services, text)
+        if url is not None and image is not None:
+            raise Refusal(
+                "Give one image prompt: attach an image or start the prompt with its link, "
+                "not both."
+            )
+        if image is not None:
+            IntakeLimits.from_settings(services.settings).check_size(image.size, "The image")
+        expected = url is not None or image is not None
+        recipes = parse_text(
+            services, text, interaction.guild_id, options, fallbacks, image_expected=expected
+        )
+    except ImagineError as exc:
         await refuse(interaction, str(exc))
         return
-    await submit(
-        interaction,
-        GenerationKind.IMAGINE,
-        recipes,
-        private=bool(defaults.get("private", False)),
-    )
+    if not expected:
+        await submit(interaction, GenerationKind.IMAGINE, recipes, private=private)
+        return
+    if not await within_rate_limit(interaction):
+        return
+    await interaction.response.defer(thinking=True, ephemeral=private)
+    try:
+        stored = await receive_image(services, attachment=image, url=url)
+        recipes = parse_text(services, text, interaction.guild_id, options, fallbacks, image=stored)
+    except Exception as exc:
+        await refuse_failure(interaction, exc)
+        return
+    await submit(interaction, GenerationKind.IMAGINE, recipes, private=private, rate_limited=False)

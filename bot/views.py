@@ -7,7 +7,8 @@ against the templates below by the :class:`discord.ui.DynamicItem` classes of
 whatever message it sits on and however long ago the bot started.
 
     gen:<generation id>:u<n> | v<n> | reroll | remix      under a grid
-    img:<image id>:subtle | strong | up | remix | like | info | delete   under one image
+    img:<image id>:subtle | strong | up | remix | zoom2 | zoom15 | pan_<direction>
+                 | like | info | delete                                   under one image
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import discord
 from storage.models import Generation, Image
 
 GRID_TEMPLATE = r"gen:(?P<id>[0-9]{1,20}):(?P<action>[uv][1-9]|reroll|remix)"
-IMAGE_TEMPLATE = r"img:(?P<id>[0-9]{1,20}):(?P<action>subtle|strong|up|remix|like|info|delete)"
+IMAGE_TEMPLATE = (
+    r"img:(?P<id>[0-9]{1,20}):(?P<action>subtle|strong|up|remix|zoom2|zoom15"
+    r"|pan_left|pan_right|pan_up|pan_down|like|info|delete)"
+)
+# Zoom Out and Pan: the button's action and what it asks of storage.derive.
+ZOOMS = {"zoom2": 2.0, "zoom15": 1.5}
+PANS = {"pan_left": "left", "pan_right": "right", "pan_up": "up", "pan_down": "down"}
 MAX_TILE_BUTTONS = 4  # U1-U4 and V1-V4: two rows of Discord's five
 
 Button = discord.ui.Button[Any]
@@ -44,9 +51,15 @@ def image_button(image_id: int, action: str, likes: int = 0) -> Button:
         "strong": {"label": "Vary (Strong)", "emoji": "🪄", "style": grey, "row": 0},
         "up": {"label": "Upscale 2×", "emoji": "🔍", "style": grey, "row": 0},
         "remix": {"label": "Remix", "emoji": "✏️", "style": grey, "row": 0},
-        "like": {"label": str(likes), "emoji": "❤️", "style": discord.ButtonStyle.primary, "row": 1},
-        "info": {"label": "Info", "emoji": "ℹ️", "style": grey, "row": 1},
-        "delete": {"label": "Delete", "emoji": "🗑️", "style": discord.ButtonStyle.danger, "row": 1},
+        "zoom2": {"label": "Zoom Out 2×", "emoji": "🔭", "style": grey, "row": 1},
+        "zoom15": {"label": "Zoom Out 1.5×", "emoji": "🔭", "style": grey, "row": 1},
+        "pan_left": {"emoji": "⬅️", "style": grey, "row": 2},
+        "pan_right": {"emoji": "➡️", "style": grey, "row": 2},
+        "pan_up": {"emoji": "⬆️", "style": grey, "row": 2},
+        "pan_down": {"emoji": "⬇️", "style": grey, "row": 2},
+        "like": {"label": str(likes), "emoji": "❤️", "style": discord.ButtonStyle.primary, "row": 3},
+        "info": {"label": "Info", "emoji": "ℹ️", "style": grey, "row": 3},
+        "delete": {"label": "Delete", "emoji": "🗑️", "style": discord.ButtonStyle.danger, "row": 3},
     }[action]
     return discord.ui.Button(custom_id=f"img:{image_id}:{action}", **look)
 
@@ -76,5 +89,5 @@ def retry_view(generation: Generation) -> discord.ui.View:
 
 
 def image_view(image: Image, likes: int) -> discord.ui.View:
-    actions = ("subtle", "strong", "up", "remix", "like", "info", "delete")
+    actions = ("subtle", "strong", "up", "remix", *ZOOMS, *PANS, "like", "info", "delete")
     return stopped_view([image_button(image.id, action, likes) for action in actions])

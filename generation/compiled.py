@@ -29,10 +29,18 @@ class CompilePlan:
     reason: str  # the sentence the log and ``imagine doctor`` show
 
 
-def plan_compile(setting: str, device: torch.device) -> CompilePlan:
-    """What ``IMAGINE_COMPILE`` means on ``device``."""
+def plan_compile(setting: str, device: torch.device, offload: str = "none") -> CompilePlan:
+    """What ``IMAGINE_COMPILE`` means on ``device`` (with ``IMAGINE_OFFLOAD``)."""
     if setting == "off":
         return CompilePlan(False, "off (IMAGINE_COMPILE=off)")
+    if offload == "sequential":  # weights arrive layer by layer through hooks on every call
+        if setting == "on":
+            raise ConfigError(
+                "IMAGINE_COMPILE=on cannot compile a model under IMAGINE_OFFLOAD=sequential, "
+                "which moves every layer's weights on each call; use IMAGINE_OFFLOAD=model "
+                "or IMAGINE_COMPILE=auto."
+            )
+        return CompilePlan(False, "off: IMAGINE_OFFLOAD=sequential moves weights every layer")
     if setting == "auto" and device.type != "cuda":
         return CompilePlan(
             False,

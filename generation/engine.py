@@ -8,6 +8,8 @@ text-to-image one. Image *i* of a call gets its own CPU generator seeded
 
 from __future__ import annotations
 
+import gc
+import inspect
 import logging
 import math
 import os
@@ -25,7 +27,7 @@ from typing import Any
 import diffusers
 import numpy as np
 import torch
-from diffusers import AutoPipelineForImage2Image
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 from PIL import Image
 
 from generation.compiled import (
@@ -35,15 +37,18 @@ from generation.compiled import (
     mark_warm,
     plan_compile,
 )
+from generation.controlnet import ControlNets
+from generation.controls import ControlRegistry
 from generation.loading import LoadedModel, Pipeline, load_model, load_upscaler
 from generation.lora import LoraSet, LoraSlots
 from generation.metadata import encode_png
-from generation.previews import latent_preview, preview_bytes, supports_preview
+from generation.previews import AsyncPreviews, supports_preview, unpack_latent
 from generation.styles import StyleRegistry
+from storage.controls import ControlError, ControlRef
 from storage.derive import UPSCALE_STRENGTH
 from storage.errors import ImagineError
 from storage.families import ASPECT_RATIOS, ModelFamily, size_for
-from storage.recipe import Recipe
+from storage.recipe import Outpaint, Recipe
 from storage.samplers import (
     DEFAULT_SAMPLER,
     Sampler,
@@ -57,6 +62,7 @@ from storage.settings import Settings
 
 UPSCALE_OVERLAP = 0.125  # of the tile side
 WARM_UP_COUNT = 4  # images of a default /imagine grid: the batch a compiled warm-up sizes for
+TEST_FAULT_ENV = "IMAGINE_TEST_FAULT"
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +90,22 @@ class GenerationCancelled(ImagineError):
 
     def __init__(self) -> None:
         super().__init__("The generation was cancelled.")
+
+
+class OutOfMemory(ImagineError):
+    """The images did not fit in the device's memory, even one at a time."""
+
+    def __init__(self, recipe: Recipe, count: int) -> None:
+        size = f"{recipe.width}×{recipe.height}"
+        if count > 1:
+            super().__init__(
+                f"{size} × {count} images did not fit in the GPU's memory even one image "
+                "at a time; try a smaller --ar or fewer images."
+            )
+        else:
+            super().__init__(
+                f"{size} did not fit in the GPU's memory; try a smaller --ar or a smaller image."
+            )
 
 
 class CancelToken:
@@ -115,8 +137,9 @@ class GeneratedImage:
     index: int
     seed: int
     image: Image.Image
-    png: bytes
+    png: bytes  # empty when the caller encodes it (``encode=False``)
     recipe: Recipe  # this image alone: its own seed, count 1
+    sampler: str = ""  # AUTOMATIC1111's name of the sampler that ran: what its PNG says
 
     @property
     def width(self) -> int:
@@ -158,10 +181,12 @@ class Engine:
         compile_plan: CompilePlan | None = None,
         lora_slots: int = 2,
         lora_max_rank: int = 64,
+        controls: ControlNets | None = None,
         max_batch: int = 1,
     ) -> None:
         self.loaded = loaded
         self.max_batch = max_batch
+        self.controls = controls
         self.pipe: Pipeline = loaded.pipe
         self.compile_plan = compile_plan or CompilePlan(False, "off")
         self.loras: LoraSet | LoraSlots
@@ -173,6 +198,10 @@ class Engine:
             self.loras = LoraSet(self.pipe, lora_cache_size)
         self.img2img_pipe: Pipeline = AutoPipelineForImage2Image.from_pipe(self.pipe)
         self.img2img_pipe.set_progress_bar_config(disable=True)
+        # FLUX's img2img sizes its output from width and height (else 1024 for every
+        # image); the SD pipelines take the size of the image they are given.
+        self._img2img_takes_size = "width" in inspect.signature(self.img2img_pipe).parameters
+        self._inpaint_pipe: Pipeline | None = None
         self.styles = styles or StyleRegistry()
         # Where LoRAs of styles stored in the database are written before loading.
         self.lora_folder = lora_folder or Path(tempfile.gettempdir()) / "imagine-loras"
@@ -202,10 +231,17 @@ class Engine:
             upscale_tile=settings.upscale_tile,
             upscaler=upscaler,
             lora_folder=settings.data_dir / "lora-cache",
-            compile_plan=plan_compile(settings.compile, loaded.device),
+            compile_plan=plan_compile(settings.compile, loaded.device, loaded.offload),
             lora_slots=settings.lora_slots,
             lora_max_rank=settings.lora_max_rank,
             max_batch=settings.max_batch,
+            controls=ControlNets(
+                ControlRegistry.from_folder(settings.resolved_controls_dir),
+                settings,
+                loaded.family.name,
+                loaded.device,
+                loaded.dtype,
+            ),
         )
 
     @property
@@ -231,11 +267,16 @@ class Engine:
             ref.model_copy(update={"sha256": self.styles.get(ref.name).sha256})
             for ref in recipe.styles
         )
+        controls = recipe.controls
+        if controls:
+            controls = tuple(self._control_nets().complete(ref) for ref in controls)
         return recipe.model_copy(
             update={
+                "controls": controls,
                 "model_hash": self.model_hash,
                 "model_family": self.family.name,
                 "dtype": str(self.loaded.dtype).removeprefix("torch."),
+                "quantization": self.loaded.quantization,
                 "versions": self._versions,
                 "styles": styles,
                 "sampler": self.default_sampler
@@ -300,12 +341,17 @@ class Engine:
         self,
         recipe: Recipe,
         *,
+        maps: Sequence[Image.Image] = (),
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
+        encode: bool = True,
     ) -> list[GeneratedImage]:
-        """``recipe.count`` images in one batched call."""
-        size = {"width": recipe.width, "height": recipe.height}
-        return self._run(self.pipe, recipe, size, progress, cancel)
+        """``recipe.count`` images in one batched call; ``maps`` are the control maps of
+        ``recipe.controls``, in order (see :meth:`control_map`). Their PNGs unless ``encode``
+        is False (the job's finishing encodes them off the GPU's critical path)."""
+        extra: dict[str, Any] = {"width": recipe.width, "height": recipe.height}
+        pipe = self._controlled(self.pipe, "txt2img", recipe, maps, extra)
+        return self._run(pipe, recipe, extra, progress, cancel, encode=encode)
 
     def txt2img_batch(
         self,
@@ -313,70 +359,64 @@ class Engine:
         *,
         progress: Sequence[ProgressCallback | None] = (),
         cancel: Sequence[CancelToken | None] = (),
+        encode: bool = True,
     ) -> list[list[GeneratedImage]]:
         """The images of several recipes in one batched call, each as :meth:`txt2img` makes
         it alone (its own generator per image). The recipes share what
         :func:`storage.scheduling.batch_key` says; prompts, negatives, seeds and counts may
         differ. ``progress[j]`` and ``cancel[j]`` are recipe *j*'s: the call stops when
-        every recipe is cancelled; the caller discards the images of a cancelled one."""
+        every recipe is cancelled, and a recipe cancelled before the end gets no images."""
         progress = list(progress) or [None] * len(recipes)
         cancel = list(cancel) or [None] * len(recipes)
         if len(recipes) == 1:
-            return [self.txt2img(recipes[0], progress=progress[0], cancel=cancel[0])]
-        if all(token is not None and token.cancelled for token in cancel):
-            raise GenerationCancelled()
-        first = recipes[0]
-        self._apply_styles(first)  # one style set for all: its LoRAs once
-        sampler = self._use_scheduler(self.pipe, first.sampler)
+            return [self.txt2img(recipes[0], progress=progress[0], cancel=cancel[0], encode=encode)]
+        listeners: list[_Listener] = []
         prompts: list[str] = []
         negatives: list[str] = []
-        generators: list[torch.Generator] = []
-        for recipe in recipes:
-            prompt, negative = self._styled_prompts(recipe)
-            prompts += [prompt] * recipe.count
-            negatives += [negative] * recipe.count
-            generators += [
-                torch.Generator("cpu").manual_seed(recipe.seed_for(i)) for i in range(recipe.count)
-            ]
-        if any(negatives) and not all(negatives):
-            raise ValueError("jobs of one batch either all have a negative prompt or none")
-        starts = [sum(recipe.count for recipe in recipes[:j]) for j in range(len(recipes))]
-        steps = [
-            (token, self._step_callback(each, None, first=start))
-            for each, token, start in zip(progress, cancel, starts, strict=True)
-        ]
-
-        def on_step_end(pipe: Any, step: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if all(token is not None and token.cancelled for token in cancel):
-                raise GenerationCancelled()
-            for token, each in steps:
-                if token is None or not token.cancelled:
-                    tensors = each(pipe, step, t, tensors)
-            return tensors
-
-        result = self.pipe(
-            prompt=prompts,
-            negative_prompt=negatives if all(negatives) else None,
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance,
-            generator=generators,
-            callback_on_step_end=on_step_end,
-            callback_on_step_end_tensor_inputs=["latents"],
-            width=first.width,
-            height=first.height,
-        )
-        return [
-            self._generated(recipe, result.images[start : start + recipe.count], sampler)
-            for recipe, start in zip(recipes, starts, strict=True)
-        ]
+        seeds: list[int] = []
+        first = recipes[0]
+        self._apply_styles(first)  # one style set for all (the batch key): its LoRAs once
+        for recipe, each, token in zip(recipes, progress, cancel, strict=True):
+            text = self._text_inputs(self.pipe, *self._styled_prompts(recipe))
+            listeners.append(_Listener(range(len(seeds), len(seeds) + recipe.count), each, token))
+            prompts += [text["prompt"]] * recipe.count
+            negatives += [text.get("negative_prompt") or ""] * recipe.count
+            seeds += [recipe.seed_for(i) for i in range(recipe.count)]
+        if all(listener.cancelled for listener in listeners):
+            raise GenerationCancelled()
+        sampler = self._use_scheduler(self.pipe, first.sampler)
+        call = {
+            **text,  # the family's other text inputs, the same for every recipe
+            "prompt": prompts,
+            "num_inference_steps": first.steps,
+            "guidance_scale": first.guidance,
+            "callback_on_step_end_tensor_inputs": ["latents"],
+            "width": first.width,
+            "height": first.height,
+        }
+        if self.family.negative_prompt:
+            if any(negatives) and not all(negatives):
+                raise ImagineError("Jobs of one batch either all have a negative prompt or none.")
+            call["negative_prompt"] = negatives if all(negatives) else None
+        images = self._denoise(self.pipe, first, call, seeds, listeners)
+        made: list[list[GeneratedImage]] = []
+        for recipe, listener in zip(recipes, listeners, strict=True):
+            mine = [images[number] for number in listener.numbers]
+            if listener.cancelled:
+                made.append([])
+            else:
+                made.append(self._generated(recipe, _all_made(mine), sampler, encode))
+        return made
 
     def img2img(
         self,
         recipe: Recipe,
         source: Image.Image,
         *,
+        maps: Sequence[Image.Image] = (),
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
+        encode: bool = True,
     ) -> list[GeneratedImage]:
         """Variations of ``source`` at ``recipe.strength``, in one batched call."""
         if recipe.strength is None:
@@ -384,8 +424,100 @@ class Engine:
         image = source.convert("RGB").resize(
             (recipe.width, recipe.height), Image.Resampling.LANCZOS
         )
-        extra = {"image": image, "strength": recipe.strength}
-        return self._run(self.img2img_pipe, _at_least_one_step(recipe), extra, progress, cancel)
+        extra = self._img2img_inputs(image, recipe.strength, recipe.count)
+        pipe = self._controlled(self.img2img_pipe, "img2img", recipe, maps, extra)
+        recipe = _at_least_one_step(recipe)
+        return self._run(pipe, recipe, extra, progress, cancel, encode=encode)
+
+    def control_map(
+        self, ref: ControlRef, source: Image.Image, recipe: Recipe
+    ) -> tuple[ControlRef, Image.Image]:
+        """The map of ``source`` for control ``ref`` at the recipe's size, made by the
+        control's preprocessor (or ``source`` itself, for a raw one), and ``ref`` naming it."""
+        return self._control_nets().make_map(ref, source, (recipe.width, recipe.height))
+
+    def _control_nets(self) -> ControlNets:
+        if self.controls is None:
+            raise ControlError("This worker runs no controls; start it with a controls folder.")
+        return self.controls
+
+    def _controlled(
+        self,
+        pipe: Pipeline,
+        kind: str,
+        recipe: Recipe,
+        maps: Sequence[Image.Image],
+        extra: dict[str, Any],
+    ) -> Pipeline:
+        """``pipe`` itself, or its ControlNet sibling with the control arguments in ``extra``."""
+        if not recipe.controls and not maps:
+            return pipe
+        nets = self._control_nets()
+        size = (recipe.width, recipe.height)
+        extra.update(nets.arguments(kind, recipe.controls, maps, size))
+        return nets.pipeline(self.pipe, kind, recipe.controls)
+
+    def _img2img_inputs(self, image: Image.Image, strength: float, count: int) -> dict[str, Any]:
+        # One copy per image: each is encoded with its own generator, so image i of a batch
+        # is image i alone (and SD3's img2img needs it: it slices the batch per generator).
+        extra: dict[str, Any] = {"image": [image] * count, "strength": strength}
+        if self._img2img_takes_size:
+            extra |= {"width": image.width, "height": image.height}
+        return extra
+
+    @property
+    def inpaint_pipe(self) -> Pipeline:
+        """The inpainting pipeline on the same weights (``from_pipe``), made when first used."""
+        if self._inpaint_pipe is None:
+            self._inpaint_pipe = AutoPipelineForInpainting.from_pipe(self.pipe)
+            self._inpaint_pipe.set_progress_bar_config(disable=True)
+        return self._inpaint_pipe
+
+    def outpaint(
+        self,
+        recipe: Recipe,
+        source: Image.Image,
+        *,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+        encode: bool = True,
+    ) -> list[GeneratedImage]:
+        """Zoom Out and Pan: ``source`` on a larger canvas, the new area generated around it
+        and the source's own pixels put back unchanged."""
+        margins = recipe.outpaint
+        if margins is None:
+            raise ImagineError("Zoom Out and Pan need the margins to add around the image.")
+        source = source.convert("RGB")
+        canvas_size = (
+            source.width + margins.left + margins.right,
+            source.height + margins.top + margins.bottom,
+        )
+        if canvas_size != (recipe.width, recipe.height):
+            raise ImagineError(
+                f"The recipe's canvas is {recipe.width}×{recipe.height} but its source "
+                f"{source.width}×{source.height} with its margins makes "
+                f"{canvas_size[0]}×{canvas_size[1]}."
+            )
+        canvas, mask = outpaint_canvas(source, margins)
+        corner = (margins.left, margins.top)
+
+        def keep_source(image: Image.Image) -> Image.Image:
+            kept = image.convert("RGB")
+            kept.paste(source, corner)
+            return kept
+
+        # One canvas per image: the inpaint pipeline encodes its image with the generator of
+        # the image in the same place, so each image's generator advances as it would alone.
+        extra = {
+            "image": [canvas] * recipe.count,
+            "mask_image": [mask] * recipe.count,
+            "strength": 1.0,
+            "width": recipe.width,
+            "height": recipe.height,
+        }
+        return self._run(
+            self.inpaint_pipe, recipe, extra, progress, cancel, encode=encode, finish=keep_source
+        )
 
     def upscale(
         self,
@@ -394,6 +526,7 @@ class Engine:
         *,
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
+        encode: bool = True,
     ) -> GeneratedImage:
         """``source`` at ``recipe.scale`` × its size.
 
@@ -403,7 +536,7 @@ class Engine:
         scale = recipe.scale or 2
         target = (source.width * scale, source.height * scale)
         if self.upscaler is not None:
-            return self._dedicated_upscale(recipe, source, target, progress, cancel)
+            return self._dedicated_upscale(recipe, source, target, progress, cancel, encode)
         resized = source.convert("RGB").resize(target, Image.Resampling.LANCZOS)
         strength = recipe.strength or UPSCALE_STRENGTH
         recipe = _at_least_one_step(
@@ -427,7 +560,7 @@ class Engine:
             (detailed,) = self._run(
                 self.img2img_pipe,
                 tile_recipe,
-                {"image": tile, "strength": strength},
+                self._img2img_inputs(tile, strength, 1),
                 tile_progress,
                 cancel,
                 encode=False,
@@ -441,8 +574,9 @@ class Engine:
         blended = np.clip(np.rint(canvas / np.maximum(weight, 1e-8)), 0, 255).astype(np.uint8)
         image = Image.fromarray(blended, "RGB")
         final = self.complete_recipe(recipe)
-        png = encode_png(image, final, self.a1111_sampler(final.sampler))
-        return GeneratedImage(0, recipe.seed, image, png, final)
+        sampler = self.a1111_sampler(final.sampler)
+        png = encode_png(image, final, sampler) if encode else b""
+        return GeneratedImage(0, recipe.seed, image, png, final, sampler)
 
     def _run(
         self,
@@ -453,29 +587,29 @@ class Engine:
         cancel: CancelToken | None,
         *,
         encode: bool = True,
+        finish: Callable[[Image.Image], Image.Image] | None = None,
     ) -> list[GeneratedImage]:
         if cancel is not None and cancel.cancelled:
             raise GenerationCancelled()
         prompt, negative = self._apply_styles(recipe)
+        text = self._text_inputs(pipe, prompt, negative)
         sampler = self._use_scheduler(pipe, recipe.sampler)
-        generators = [
-            torch.Generator("cpu").manual_seed(recipe.seed_for(i)) for i in range(recipe.count)
-        ]
-        result = pipe(
-            prompt=prompt,
-            negative_prompt=negative or None,
-            num_images_per_prompt=recipe.count,
-            num_inference_steps=recipe.steps,
-            guidance_scale=recipe.guidance,
-            generator=generators,
-            callback_on_step_end=self._step_callback(progress, cancel),
-            callback_on_step_end_tensor_inputs=["latents"],
+        call = {
+            **text,
+            "num_inference_steps": recipe.steps,
+            "guidance_scale": recipe.guidance,
+            "callback_on_step_end_tensor_inputs": ["latents"],
             **extra,
-        )
-        return self._generated(recipe, result.images, sampler, encode=encode)
+        }
+        seeds = [recipe.seed_for(i) for i in range(recipe.count)]
+        listener = _Listener(range(len(seeds)), progress, cancel)
+        images = _all_made(self._denoise(pipe, recipe, call, seeds, [listener]))
+        if finish is not None:
+            images = [finish(image) for image in images]
+        return self._generated(recipe, images, sampler, encode)
 
     def _generated(
-        self, recipe: Recipe, images: list[Image.Image], sampler: str, *, encode: bool = True
+        self, recipe: Recipe, images: list[Image.Image], sampler: str, encode: bool
     ) -> list[GeneratedImage]:
         """``recipe``'s images, each with its own recipe and (``encode``) its PNG."""
         final = self.complete_recipe(recipe)
@@ -493,9 +627,146 @@ class Engine:
                 )
             )
         return [
-            GeneratedImage(index, own.seed, image, png, own)
+            GeneratedImage(index, own.seed, image, png, own, sampler)
             for index, (image, own, png) in enumerate(zip(images, owns, pngs, strict=True))
         ]
+
+    def _text_inputs(self, pipe: Pipeline, prompt: str, negative: str) -> dict[str, Any]:
+        """The prompt arguments the family takes; refuses what it would drop or cut."""
+        family = self.family
+        text: dict[str, Any] = {"prompt": prompt}
+        if family.negative_prompt:
+            text["negative_prompt"] = negative or None
+        elif negative:
+            raise ImagineError(
+                f"{family.shown_name} has no negative prompt, but this generation has one "
+                f"({_shown(negative)}), probably from a style's negative template; describe "
+                "what you want instead, or use a style made for this model."
+            )
+        if family.max_sequence_length is not None:
+            limit = family.max_sequence_length
+            text["max_sequence_length"] = limit
+            tokenizer = getattr(pipe, family.t5_tokenizer or "", None)
+            if tokenizer is not None:
+                tokens = len(tokenizer(prompt).input_ids)  # with its end-of-text token
+                if tokens > limit:
+                    raise ImagineError(
+                        f"The prompt is {tokens} T5 tokens long (styles' words included); "
+                        f"{family.shown_name} reads at most {limit}, and Imagine does not cut "
+                        f"prompts silently. Shorten it by {tokens - limit} tokens or more "
+                        "(a token is a short word or a piece of a longer one)."
+                    )
+        return text
+
+    def _denoise(
+        self,
+        pipe: Pipeline,
+        recipe: Recipe,
+        call: dict[str, Any],
+        seeds: Sequence[int],
+        listeners: Sequence[_Listener],
+    ) -> list[Image.Image | None]:
+        """The images of ``seeds`` in one batched call; when that runs out of device memory,
+        once more one image at a time after freeing the cache (the same images, each from
+        its own generator); when that does too, :class:`OutOfMemory` says what did not fit.
+
+        ``call``'s prompt is one for every image, or a list with one per image (a batch of
+        recipes). Each listener hears of its images' progress; the call stops when all are
+        cancelled. One at a time, a cancelled listener's images are skipped (``None``)."""
+        per_image = isinstance(call["prompt"], list)
+        size = (recipe.width, recipe.height)
+
+        def one_call(numbers: Sequence[int]) -> list[Any]:
+            texts = {
+                key: [call[key][number] for number in numbers]
+                for key in ("prompt", "negative_prompt")
+                if per_image and isinstance(call.get(key), list)
+            }
+            prompts = texts.get("prompt", [recipe.prompt])
+            _injected_out_of_memory(" ".join(prompts), len(numbers))
+            result = pipe(
+                **(call | texts),
+                num_images_per_prompt=1 if per_image else len(numbers),
+                generator=[torch.Generator("cpu").manual_seed(seeds[n]) for n in numbers],
+                callback_on_step_end=self._listening(listeners, numbers, size),
+            )
+            return list(result.images)
+
+        try:
+            return one_call(range(len(seeds)))
+        except torch.OutOfMemoryError as exc:
+            log.warning(
+                "%d image(s) of %dx%d ran out of memory (%s); one at a time now",
+                len(seeds),
+                recipe.width,
+                recipe.height,
+                exc,
+            )
+        # Freed outside the handler: the exception's traceback holds the failed call's tensors.
+        self._free_memory()
+        images: list[Image.Image | None] = []
+        try:
+            for number in range(len(seeds)):
+                owner = next(each for each in listeners if number in each.numbers)
+                if owner.cancelled:
+                    if all(listener.cancelled for listener in listeners):
+                        raise GenerationCancelled()
+                    images.append(None)
+                    continue
+                images += one_call([number])
+            return images
+        except torch.OutOfMemoryError:
+            log.warning(
+                "%dx%d ran out of memory one image at a time too", recipe.width, recipe.height
+            )
+        images.clear()
+        self._free_memory()
+        raise OutOfMemory(recipe, len(seeds))
+
+    def _listening(
+        self, listeners: Sequence[_Listener], numbers: Sequence[int], size: tuple[int, int]
+    ) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+        """The step callback of a call making the images ``numbers``: each listener with
+        images among them hears of its progress (one of its images at a time: its share of
+        the whole) and sees previews of its first one there; all cancelled, the call stops."""
+        heard: list[tuple[_Listener, ProgressCallback | None, int]] = []
+        for listener in listeners:
+            mine = [place for place, number in enumerate(numbers) if number in listener.numbers]
+            if not mine:
+                continue
+            progress = listener.progress
+            if progress is not None and len(mine) < len(listener.numbers):
+                progress = _share(
+                    progress,
+                    listener.numbers.index(numbers[mine[0]]),
+                    len(mine),
+                    len(listener.numbers),
+                )
+            heard.append((listener, progress, mine[0]))
+        if len(heard) == 1:
+            listener, progress, first = heard[0]
+            return self._step_callback(progress, listener.cancel, size=size, first=first)
+        callbacks = [
+            (listener, self._step_callback(progress, None, size=size, first=first))
+            for listener, progress, first in heard
+        ]
+
+        def on_step_end(pipe: Any, step: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            if all(listener.cancelled for listener, _ in callbacks):
+                raise GenerationCancelled()
+            for listener, callback in callbacks:
+                if not listener.cancelled:
+                    tensors = callback(pipe, step, t, tensors)
+            return tensors
+
+        return on_step_end
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()
 
     def _styled_prompts(self, recipe: Recipe) -> tuple[str, str]:
         """The prompt and negative prompt with the templates of ``recipe``'s styles."""
@@ -536,6 +807,7 @@ class Engine:
         target: tuple[int, int],
         progress: ProgressCallback | None,
         cancel: CancelToken | None,
+        encode: bool,
     ) -> GeneratedImage:
         if cancel is not None and cancel.cancelled:
             raise GenerationCancelled()
@@ -561,7 +833,8 @@ class Engine:
             recipe.model_copy(update={"count": 1, "width": target[0], "height": target[1]})
         )
         sampler = a1111_name(type(upscaler.scheduler).__name__, upscaler.scheduler.config)
-        return GeneratedImage(0, recipe.seed, image, encode_png(image, final, sampler), final)
+        png = encode_png(image, final, sampler) if encode else b""
+        return GeneratedImage(0, recipe.seed, image, png, final, sampler)
 
     def _step_callback(
         self,
@@ -570,12 +843,23 @@ class Engine:
         *,
         total: int | None = None,
         previews: bool = True,
+        size: tuple[int, int] = (0, 0),
         first: int = 0,
     ) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
-        """Progress (previews of image ``first`` of the batch) and cancel at each step."""
-        family = self.family.name if previews else ""
+        """Progress (previews of image ``first`` of the call) and cancel at each step."""
+        latent_format = self.family.latent_format if previews else ""
+        packed = self.family.packed_latents
         fixed_total = total
         every = self.preview_every
+        # Only for a listener, and beside the loop: no device sync at any step.
+        shown: AsyncPreviews | None = None
+        if progress is not None and supports_preview(latent_format):
+            shown = AsyncPreviews(latent_format, lambda *shot: progress(Progress(*shot)))
+
+        def first_latent(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+            if packed:
+                return unpack_latent(latents[first], size, pipe.vae_scale_factor)
+            return latents[first]
 
         def on_step_end(
             pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]
@@ -585,13 +869,76 @@ class Engine:
             if progress is not None:
                 total = fixed_total or int(getattr(pipe, "num_timesteps", 0) or step + 1)
                 done = step + 1
-                preview = None
-                if supports_preview(family) and (done % every == 0) and done < total:
-                    preview = preview_bytes(latent_preview(tensors["latents"][first], family))
-                progress(Progress(done, total, preview))
+                progress(Progress(done, total))
+                if shown is not None and done % every == 0 and done < total:
+                    shown.offer(done, total, first_latent(pipe, tensors["latents"]))
             return tensors
 
         return on_step_end
+
+
+@dataclass(frozen=True)
+class _Listener:
+    """One recipe's images in a denoising call (``numbers``) and who hears of them."""
+
+    numbers: range
+    progress: ProgressCallback | None
+    cancel: CancelToken | None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.cancelled
+
+
+def _share(progress: ProgressCallback, done: int, count: int, total: int) -> ProgressCallback:
+    """``progress`` of images ``done`` to ``done + count`` of ``total``, made apart from
+    the others: each step counts as its share of the whole."""
+
+    def report(p: Progress) -> None:
+        progress(Progress(done * p.total + p.step * count, p.total * total, p.preview))
+
+    return report
+
+
+def _all_made(images: list[Image.Image | None]) -> list[Image.Image]:
+    """The images, none skipped: one skipped was cancelled."""
+    made = [image for image in images if image is not None]
+    if len(made) < len(images):
+        raise GenerationCancelled()
+    return made
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def outpaint_canvas(source: Image.Image, margins: Outpaint) -> tuple[Image.Image, Image.Image]:
+    """The canvas (the source, its edges stretched over the new area) and the mask (white:
+    generate), which reaches ``margins.overlap`` pixels into the source on extended sides
+    so the new area is painted to continue it."""
+    pixels = np.asarray(source.convert("RGB"))
+    padded = np.pad(
+        pixels,
+        ((margins.top, margins.bottom), (margins.left, margins.right), (0, 0)),
+        mode="edge",
+    )
+    mask = np.full(padded.shape[:2], 255, dtype=np.uint8)
+    overlap = margins.overlap
+    left = margins.left + (overlap if margins.left else 0)
+    top = margins.top + (overlap if margins.top else 0)
+    right = margins.left + source.width - (overlap if margins.right else 0)
+    bottom = margins.top + source.height - (overlap if margins.bottom else 0)
+    mask[top:bottom, left:right] = 0
+    return Image.fromarray(padded, "RGB"), Image.fromarray(mask, "L")
+
+
+def _injected_out_of_memory(prompt: str, batch: int) -> None:
+    """For the fault tests only (never set it elsewhere): ``IMAGINE_TEST_FAULT=oom:WORD``
+    makes every call of more than one image run out of memory when the prompt contains
+    WORD, as a GPU would; ``oom-always:WORD`` every call."""
+    kind, _, word = os.environ.get(TEST_FAULT_ENV, "").partition(":")
+    if word and word in prompt and (kind == "oom-always" or (kind == "oom" and batch > 1)):
+        raise torch.OutOfMemoryError(f"{TEST_FAULT_ENV}: out of memory on purpose")
 
 
 def _at_least_one_step(recipe: Recipe) -> Recipe:

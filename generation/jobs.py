@@ -16,13 +16,15 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image as PILImage
 
+from generation.controlnet import map_png
 from generation.engine import (
     PNG_ENCODERS,
+    TEST_FAULT_ENV,
     CancelToken,
     Engine,
     GeneratedImage,
@@ -30,19 +32,21 @@ from generation.engine import (
     Progress,
 )
 from generation.grid import compose_grid
+from generation.metadata import encode_png
 from generation.thumbnails import encode_thumbnails, stored_thumbnails
 from storage.blobs import BlobStore
 from storage.database import Database, is_outage
 from storage.errors import ImagineError
 from storage.generations import NewImage, add_images, record_grid, transition
+from storage.intake import fit_image, open_stored
 from storage.models import Generation, GenerationKind, GenerationStatus
+from storage.recipe import Recipe
 from storage.thumbnails import record_images_thumbnails
 
 log = logging.getLogger(__name__)
 
 S = GenerationStatus
 ProgressCallback = Callable[[Progress], None]
-TEST_FAULT_ENV = "IMAGINE_TEST_FAULT"
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,40 @@ async def _source_image(database: Database, blobs: BlobStore, image_id: int) -> 
         image = await get_image(session, image_id)
     data = await blobs.get(image.blob_key)
     return PILImage.open(io.BytesIO(data)).convert("RGB")
+
+
+async def image_prompt_source(blobs: BlobStore, recipe: Recipe) -> PILImage.Image:
+    """An image prompt's stored pixels (hash checked), fitted to the generation's size."""
+    ref = recipe.init_image
+    assert ref is not None
+    data = await blobs.get(ref.blob_key)
+    image = await asyncio.to_thread(open_stored, data, ref)
+    return await asyncio.to_thread(fit_image, image, recipe.width, recipe.height)
+
+
+async def control_maps(
+    blobs: BlobStore, engine: Engine, recipe: Recipe
+) -> tuple[Recipe, list[PILImage.Image]]:
+    """The maps of ``recipe``'s controls, and the recipe naming them.
+
+    A control whose map is stored already (a reroll, a variation, a ``/show``) uses it as
+    it is; otherwise the map is made from the source image by the control's preprocessor,
+    stored, and its key and preprocessor written into the recipe.
+    """
+    controls, maps = [], []
+    for ref in recipe.controls:
+        if ref.map_key is not None:
+            data = await blobs.get(ref.map_key)
+            maps.append(PILImage.open(io.BytesIO(data)).convert("RGB"))
+            controls.append(ref)
+            continue
+        assert ref.source_key is not None  # ControlRef needs one of the two
+        source = PILImage.open(io.BytesIO(await blobs.get(ref.source_key)))
+        made, image = await asyncio.to_thread(engine.control_map, ref, source, recipe)
+        key = await blobs.put(await asyncio.to_thread(map_png, image))
+        controls.append(made.model_copy(update={"map_key": key}))
+        maps.append(image)
+    return recipe.model_copy(update={"controls": tuple(controls)}), maps
 
 
 async def materialize_styles(
@@ -110,24 +148,30 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def _run_engine(
     engine: Engine,
     generation: Generation,
+    recipe: Recipe,
     source: PILImage.Image | None,
+    maps: list[PILImage.Image],
     progress: ProgressCallback | None,
     cancel: CancelToken | None,
 ) -> list[GeneratedImage]:
-    recipe = generation.recipe
     _injected_fault(recipe.prompt)
     if generation.kind is GenerationKind.UPSCALE:
         assert source is not None
-        return [engine.upscale(recipe, source, progress=progress, cancel=cancel)]
+        return [engine.upscale(recipe, source, progress=progress, cancel=cancel, encode=False)]
+    if source is not None and recipe.outpaint is not None:
+        return engine.outpaint(recipe, source, progress=progress, cancel=cancel, encode=False)
     if source is not None:
-        return engine.img2img(recipe, source, progress=progress, cancel=cancel)
-    return engine.txt2img(recipe, progress=progress, cancel=cancel)
+        return engine.img2img(
+            recipe, source, maps=maps, progress=progress, cancel=cancel, encode=False
+        )
+    return engine.txt2img(recipe, maps=maps, progress=progress, cancel=cancel, encode=False)
 
 
 def _injected_fault(prompt: str) -> None:
     """For the fault tests only (never set it elsewhere): ``IMAGINE_TEST_FAULT=crash:WORD``
     kills this process as a native crash in the engine would (SIGSEGV) when the prompt
-    contains WORD; ``fail:WORD`` makes the engine call raise instead."""
+    contains WORD; ``fail:WORD`` makes the engine call raise instead (and ``oom:``, the
+    engine's own, makes it run out of memory)."""
     fault = os.environ.get(TEST_FAULT_ENV)
     if not fault:
         return
@@ -172,6 +216,36 @@ async def execute_generation(
     cancel: CancelToken | None = None,
 ) -> JobOutcome:
     """Run a generation this worker has claimed (status running) and record the outcome."""
+    generated = await generate(
+        database, blobs, engine, generation, progress=progress, cancel=cancel
+    )
+    if isinstance(generated, JobOutcome):
+        return generated
+    return await finish_generation(database, blobs, generated)
+
+
+@dataclass(frozen=True)
+class Generated:
+    """A job whose engine part is done: its images in memory, nothing stored yet."""
+
+    generation: Generation
+    images: list[GeneratedImage]
+    recipe: Recipe  # completed by the engine
+    grid_sampler: str  # AUTOMATIC1111's name of the sampler, for the grid's PNG
+    started: float
+
+
+async def generate(
+    database: Database,
+    blobs: BlobStore,
+    engine: Engine,
+    generation: Generation,
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> Generated | JobOutcome:
+    """The engine's part of a claimed generation. A run that was cancelled or failed comes
+    back as its recorded outcome; the rest is :func:`finish_generation`'s."""
     started = time.perf_counter()
     try:
         if generation.recipe.styles:
@@ -179,13 +253,22 @@ async def execute_generation(
         source = None
         if generation.recipe.source_image_id is not None:
             source = await _source_image(database, blobs, generation.recipe.source_image_id)
-        images = await asyncio.to_thread(_run_engine, engine, generation, source, progress, cancel)
+        elif generation.recipe.init_image is not None:
+            source = await image_prompt_source(blobs, generation.recipe)
+        recipe, maps = generation.recipe, list[PILImage.Image]()
+        if recipe.controls and generation.kind is not GenerationKind.UPSCALE:
+            recipe, maps = await control_maps(blobs, engine, recipe)
+        images = await asyncio.to_thread(
+            _run_engine, engine, generation, recipe, source, maps, progress, cancel
+        )
+        recipe = engine.complete_recipe(recipe)
+        grid_sampler = engine.a1111_sampler(recipe.sampler)
     except Exception as exc:
-        return await _record_failure(database, generation.id, exc, started)
-    return await record_images(database, blobs, engine, generation, images, started)
+        return await _ended(database, generation.id, exc, started)
+    return Generated(generation, images, recipe, grid_sampler, started)
 
 
-async def execute_batch(
+async def generate_batch(
     database: Database,
     blobs: BlobStore,
     engine: Engine,
@@ -193,16 +276,16 @@ async def execute_batch(
     *,
     progress: list[ProgressCallback | None],
     cancel: list[CancelToken],
-) -> list[JobOutcome]:
-    """Run claimed text-to-image generations that share a
-    :func:`~storage.scheduling.batch_key` in one engine call, and record each outcome
-    as :func:`execute_generation` would. A cancelled one is recorded cancelled and the
-    others go on; if the batch fails, each runs again alone, so a bad job fails alone."""
+) -> list[Generated | JobOutcome]:
+    """:func:`generate` for claimed text-to-image generations that share a
+    :func:`~storage.scheduling.batch_key`, in one engine call. A cancelled one comes back
+    recorded cancelled and the others go on; if the batch fails, each runs again alone,
+    so a bad job fails alone."""
     if len(generations) == 1:
-        outcome = await execute_generation(
+        one = await generate(
             database, blobs, engine, generations[0], progress=progress[0], cancel=cancel[0]
         )
-        return [outcome]
+        return [one]
     started = time.perf_counter()
     try:
         if generations[0].recipe.styles:  # one server, one style set: the key says so
@@ -215,21 +298,17 @@ async def execute_batch(
             raise
         log.warning("a batch of %d failed (%s); its jobs run alone", len(generations), exc)
         return [
-            await execute_generation(
-                database, blobs, engine, generation, progress=each, cancel=token
-            )
+            await generate(database, blobs, engine, generation, progress=each, cancel=token)
             for generation, each, token in zip(generations, progress, cancel, strict=True)
         ]
-    outcomes = []
+    outcomes: list[Generated | JobOutcome] = []
     for generation, images, token in zip(generations, per_job, cancel, strict=True):
-        if token.cancelled:
-            outcomes.append(
-                await _record_failure(database, generation.id, GenerationCancelled(), started)
-            )
-        else:
-            outcomes.append(
-                await record_images(database, blobs, engine, generation, images, started)
-            )
+        if token.cancelled or not images:
+            outcomes.append(await _ended(database, generation.id, GenerationCancelled(), started))
+            continue
+        recipe = engine.complete_recipe(generation.recipe)
+        grid_sampler = engine.a1111_sampler(recipe.sampler)
+        outcomes.append(Generated(generation, images, recipe, grid_sampler, started))
     return outcomes
 
 
@@ -242,30 +321,33 @@ def _run_batch(
     for generation in generations:
         _injected_fault(generation.recipe.prompt)
     recipes = [generation.recipe for generation in generations]
-    return engine.txt2img_batch(recipes, progress=progress, cancel=cancel)
+    return engine.txt2img_batch(recipes, progress=progress, cancel=cancel, encode=False)
 
 
-async def record_images(
-    database: Database,
-    blobs: BlobStore,
-    engine: Engine,
-    generation: Generation,
-    images: list[GeneratedImage],
-    started: float,
+async def finish_generation(
+    database: Database, blobs: BlobStore, generated: Generated
 ) -> JobOutcome:
-    """Store a generation's images (PNGs, thumbnails, grid) and record it succeeded."""
-    generation_id = generation.id
+    """Encode, store and record what :func:`generate` made. It needs no engine: a worker
+    runs it on CPU threads while the engine runs the next job."""
+    images, recipe = generated.images, generated.recipe
+    generation_id = generated.generation.id
     try:
-        recipe = engine.complete_recipe(generation.recipe)
         loop = asyncio.get_running_loop()
+        pngs = [
+            loop.run_in_executor(PNG_ENCODERS, encode_png, one.image, one.recipe, one.sampler)
+            for one in images
+            if not one.png
+        ]
         grid: asyncio.Future[bytes] | None = None
         if len(images) > 1:  # one image (an upscale) is shown as it is: no grid
             grid = loop.run_in_executor(
-                PNG_ENCODERS, compose_grid, images, recipe, engine.a1111_sampler(recipe.sampler)
+                PNG_ENCODERS, compose_grid, images, recipe, generated.grid_sampler
             )
         encoded = await asyncio.gather(
             *(loop.run_in_executor(PNG_ENCODERS, encode_thumbnails, one.image) for one in images)
         )
+        fresh = iter(await asyncio.gather(*pngs))
+        images = [one if one.png else replace(one, png=next(fresh)) for one in images]
         grid_png = None if grid is None else await grid
         # Every blob of the job in one write (one transaction for a database store), before
         # the rows that refer to them: the PNGs, the thumbnails, then the grid.
@@ -283,7 +365,7 @@ async def record_images(
             for per_image in encoded
         ]
     except Exception as exc:
-        return await _record_failure(database, generation_id, exc, started)
+        return await _ended(database, generation_id, exc, generated.started)
 
     async with database.session() as session:
         rows = await add_images(
@@ -307,20 +389,19 @@ async def record_images(
         if grid_key is not None:
             await record_grid(session, generation_id, grid_key)
         generation = await transition(session, generation_id, S.SUCCEEDED, recipe=recipe)
-    return JobOutcome(generation, images, time.perf_counter() - started)
+    return JobOutcome(generation, images, time.perf_counter() - generated.started)
 
 
-async def _record_failure(
+async def _ended(
     database: Database, generation_id: int, exc: Exception, started: float
 ) -> JobOutcome:
-    """Record a generation cancelled, or failed with a sentence; a lost database is
-    raised: not the job's fault, the worker runs it again once the database is back."""
+    """Record how a job ended early: cancelled, or failed with a sentence."""
     if isinstance(exc, GenerationCancelled):
         async with database.session() as session:
             generation = await transition(session, generation_id, S.CANCELLED)
         return JobOutcome(generation, [], time.perf_counter() - started)
     if is_outage(exc):
-        raise exc
+        raise exc  # not the job's fault: the worker runs it again once the database is back
     message = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
     log.error("generation %s failed", generation_id, exc_info=exc)
     async with database.session() as session:

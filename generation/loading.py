@@ -15,15 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import (
-    AutoPipelineForText2Image,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-)
+from diffusers import AutoPipelineForText2Image
 
+from generation.memory import check_offload, place, quantize_weights, recipe_quantization
+from generation.single_file import load_single_file
 from generation.tiny import TINY_MODELS, ensure_tiny_model
 from storage.errors import ConfigError, ImagineError
-from storage.families import FAMILIES, ModelFamily
+from storage.families import (
+    FAMILIES,
+    PIPELINE_FAMILIES,
+    TINY_FAMILIES,
+    ModelFamily,
+    variant_family,
+)
 from storage.settings import Settings
 
 # Only what a pipeline needs: skips root-level single-file checkpoints and other formats.
@@ -53,6 +57,8 @@ class LoadedModel:
     model_hash: str
     device: torch.device
     dtype: torch.dtype
+    quantization: str | None = None  # IMAGINE_QUANTIZE, as the recipe records it
+    offload: str = "none"  # IMAGINE_OFFLOAD
 
 
 def pick_device(setting: str) -> torch.device:
@@ -124,12 +130,23 @@ def resolve_source(model: str, settings: Settings) -> ModelSource:
     return ModelSource(model, "hub", _snapshot(model, settings))
 
 
-def _snapshot(repo_id: str, settings: Settings) -> Path:
+def resolve_folder(model: str, settings: Settings, patterns: list[str]) -> Path:
+    """A local folder of ``model`` (a ControlNet, a preprocessor's model): itself when it is
+    a folder, else the hub snapshot of the files matching ``patterns``."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if model.startswith((".", "/", "~")):
+        raise _not_found(model, str(path), "no such folder")
+    return _snapshot(model, settings, patterns)
+
+
+def _snapshot(repo_id: str, settings: Settings, patterns: list[str] = _HUB_FILES) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except HFValidationError:
         raise _not_found(repo_id, "the local disk", "it is not a path or a hub id") from None
     except Exception as offline:
@@ -138,7 +155,7 @@ def _snapshot(repo_id: str, settings: Settings) -> Path:
                 repo_id, _hub_cache(), f"not in the cache and downloads are off: {offline}"
             ) from None
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:
         raise _not_found(
             repo_id, f"{_hub_cache()} and the Hugging Face hub", type(exc).__name__
@@ -146,42 +163,18 @@ def _snapshot(repo_id: str, settings: Settings) -> Path:
 
 
 def detect_family(pipe: Pipeline, source: ModelSource) -> ModelFamily:
+    """The family of the loaded pipeline: its class, then its weights, then its name."""
     if source.kind == "tiny":
-        return FAMILIES["tiny-sdxl" if source.model == "tiny-sdxl" else "tiny-sd"]
-    name = type(pipe).__name__
-    if "Flux" in name:
-        return FAMILIES["flux"]
-    if "StableDiffusion3" in name:
-        return FAMILIES["sd3"]
-    if "XL" in name:
-        return FAMILIES["sdxl"]
-    cross_attention = getattr(getattr(pipe, "unet", None), "config", {}).get("cross_attention_dim")
-    return FAMILIES["sd2" if cross_attention == 1024 else "sd15"]
-
-
-def _unreadable(path: Path, exc: Exception) -> ConfigError:
-    return ConfigError(
-        f"{path} is not a readable .safetensors file ({exc}); it may be empty or cut short, "
-        "so download it again or point IMAGINE_MODEL at another checkpoint."
-    )
-
-
-def _single_file_class(path: Path) -> Any:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = set(handle.keys())
-    except (SafetensorError, OSError) as exc:
-        raise _unreadable(path, exc) from None
-    if any(key.startswith("conditioner.embedders.1") for key in keys):
-        return StableDiffusionXLPipeline
-    if any(key.startswith(("model.diffusion_model.", "cond_stage_model.")) for key in keys):
-        return StableDiffusionPipeline
-    raise ConfigError(
-        f"{path} is not a Stable Diffusion 1.x/2.x or SDXL checkpoint that Imagine can read; "
-        "use a diffusers folder or hub id for other models."
-    )
+        return FAMILIES[TINY_FAMILIES[source.model]]
+    base = PIPELINE_FAMILIES.get(type(pipe).__name__, "sd15")
+    if base == "flux" and not pipe.transformer.config.get("guidance_embeds", True):
+        return FAMILIES["flux-schnell"]  # no guidance embedding: the distilled 4-step model
+    if base == "sd15":
+        cross_attention = getattr(getattr(pipe, "unet", None), "config", {}).get(
+            "cross_attention_dim"
+        )
+        return FAMILIES["sd2" if cross_attention == 1024 else "sd15"]
+    return variant_family(base, source.model)
 
 
 def model_hash(source: ModelSource, cache_dir: Path) -> str:
@@ -268,21 +261,20 @@ def load_model(settings: Settings, model: str | None = None) -> LoadedModel:
     quiet_libraries()
     source = resolve_source(model or settings.model, settings)
     device = pick_device(settings.device)
+    check_offload(settings.offload, device)
     dtype = pick_dtype(settings.dtype, device)
-    kwargs: dict[str, Any] = {"dtype": dtype}
     if source.kind == "single_file":
-        from safetensors import SafetensorError
-
-        pipe_class = _single_file_class(source.path)
-        try:
-            pipe = pipe_class.from_single_file(str(source.path), **kwargs)
-        except SafetensorError as exc:  # a header that reads, over tensors that do not
-            raise _unreadable(source.path, exc) from None
+        pipe, family_name = load_single_file(source.path, settings, dtype)
+        family = FAMILIES[family_name]
     else:
-        pipe = AutoPipelineForText2Image.from_pretrained(str(source.path), **kwargs)
-    pipe.to(device)
+        pipe = AutoPipelineForText2Image.from_pretrained(str(source.path), dtype=dtype)
+        family = detect_family(pipe, source)
+    if settings.offload == "none":
+        pipe.to(device)  # quantised where the kernels will run
+    quantize_weights(pipe, settings.quantize)
+    if settings.offload != "none":
+        place(pipe, device, settings.offload)
     pipe.set_progress_bar_config(disable=True)
-    family = detect_family(pipe, source)
     return LoadedModel(
         pipe=pipe,
         source=source,
@@ -290,4 +282,6 @@ def load_model(settings: Settings, model: str | None = None) -> LoadedModel:
         model_hash=model_hash(source, settings.data_dir / "cache"),
         device=device,
         dtype=dtype,
+        quantization=recipe_quantization(settings.quantize),
+        offload=settings.offload,
     )

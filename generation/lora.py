@@ -6,18 +6,28 @@ import re
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from generation.loading import Pipeline
 from generation.styles import StyleError, StyleSpec
+from storage.style_store import lora_format, lycoris_method, lycoris_refusal
 
-_LORA_SUFFIX = re.compile(
-    r"\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up|lora_linear_layer\.down|"
-    r"lora_linear_layer\.up)(\.[^.]+)?\.weight$|\.alpha$"
+# A LoRA layer's key once diffusers has converted the file: component, module, half.
+_LORA_KEY = re.compile(
+    r"^(?P<component>[a-z_0-9]+)\.(?P<module>.+)\."
+    r"(?:lora_(?P<peft>A|B)|lora\.(?P<diffusers>down|up)|lora_linear_layer\.(?P<linear>down|up))"
+    r"(?:\.[^.]+)?\.weight$"
 )
-_DOWN = {"lora_A", "lora.down", "lora_down", "lora_linear_layer.down"}
+# diffusers' older spelling, which its kohya conversion still produces: attn1.processor.to_q_lora.
+_OLD_KEY = re.compile(
+    r"^(?P<component>[a-z_0-9]+)\.(?P<module>.+?)(?:\.processor)?\."
+    r"(?P<layer>to_q|to_k|to_v|to_out)_lora\.(?P<half>down|up)\.weight$"
+)
+_OLD_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_OLD_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
 def adapter_name(style: StyleSpec) -> str:
@@ -26,17 +36,69 @@ def adapter_name(style: StyleSpec) -> str:
     return "style_" + re.sub(r"\W", "_", style.name) + "_" + style.sha256[:12]
 
 
-def check_lora_fits(pipe: Pipeline, style: StyleSpec) -> dict[str, torch.Tensor]:
-    """The LoRA's state dict in diffusers form, or :class:`StyleError` if it does not fit.
+@dataclass(frozen=True)
+class CheckedLora:
+    """A LoRA that fits the pipeline: the file's tensors as they are, for
+    ``load_lora_weights`` (which converts kohya keys and applies their alphas), and its
+    layers by ``(component, module name, is down half)``."""
+
+    state: dict[str, torch.Tensor]
+    layers: dict[tuple[str, str, bool], torch.Tensor]
+
+
+def lora_layer(key: str) -> tuple[str, str, bool] | None:
+    """``(component, module, down)`` of a converted LoRA key; None for alphas, DoRA
+    magnitudes and anything that is no LoRA layer."""
+    match = _LORA_KEY.match(key)
+    if match is not None:
+        half = match["peft"] or match["diffusers"] or match["linear"]
+        module = match["module"].replace(".processor.", ".")
+        return match["component"], module, half in {"A", "down"}
+    match = _OLD_KEY.match(key)
+    if match is not None:
+        names = _OLD_TEXT if match["component"].startswith("text_encoder") else _OLD_UNET
+        module = f"{match['module']}.{names[match['layer']]}"
+        return match["component"], module, match["half"] == "down"
+    return None
+
+
+def _read(style: StyleSpec) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(style.lora_path))
+    except (SafetensorError, OSError) as exc:
+        raise StyleError(
+            f"The LoRA file of style {style.name!r} ({style.lora_path.name}) is not a readable "
+            f".safetensors file ({exc}); it is damaged or cut short, so download it again."
+        ) from None
+
+
+def check_lora_fits(pipe: Pipeline, style: StyleSpec) -> CheckedLora:
+    """The LoRA of ``style`` if every layer of it has a place of its size in ``pipe``;
+    :class:`StyleError` naming the format and what did not fit otherwise.
 
     diffusers only warns about keys it cannot place; an unusable style must be refused.
     """
+    state = _read(style)
+    method = lycoris_method(state)
+    if method is not None:
+        raise StyleError(
+            f"The style {style.name!r}: " + lycoris_refusal(style.lora_path.name, method)
+        )
+    layout = lora_format(state)
+    denoiser = getattr(pipe, "unet", None)
+    extra = {"unet_config": denoiser.config} if denoiser is not None else {}
     try:
-        state, _alphas = pipe.lora_state_dict(str(style.lora_path))
+        read = pipe.lora_state_dict(dict(state), **extra)
+        # SD 1.x/SDXL give (state, alphas); SD3 and FLUX the state alone.
+        converted = read[0] if isinstance(read, tuple) else read
     except Exception as exc:
         raise StyleError(
-            f"The LoRA of style {style.name!r} cannot be read ({type(exc).__name__}: {exc}); "
-            "it is not a LoRA diffusers understands."
+            f"The LoRA of style {style.name!r} is in the {layout} layout, but diffusers cannot "
+            f"convert it ({type(exc).__name__}: {str(exc)[:200]}); it is not a LoRA for "
+            f"{type(pipe).__name__}."
         ) from None
     modules: dict[str, dict[str, Any]] = {}
     for component in ("unet", "transformer", "text_encoder", "text_encoder_2"):
@@ -44,35 +106,34 @@ def check_lora_fits(pipe: Pipeline, style: StyleSpec) -> dict[str, torch.Tensor]
         if model is not None:
             modules[component] = dict(model.named_modules())
     misfits: list[str] = []
-    checked = 0
-    for key, tensor in state.items():
-        if key.endswith(".alpha"):
+    layers: dict[tuple[str, str, bool], torch.Tensor] = {}
+    for key, tensor in converted.items():
+        if key.endswith((".alpha", "lora_magnitude_vector")):
             continue
-        component, _, rest = key.partition(".")
-        if component not in modules:
+        layer = lora_layer(key)
+        if layer is None:
             misfits.append(key)
             continue
-        match = _LORA_SUFFIX.search(rest)
-        if match is None:
-            misfits.append(key)
-            continue
-        module = modules[component].get(rest[: match.start()])
-        checked += 1
-        down = match.group(1) in _DOWN
+        component, module_name, down = layer
+        module = modules.get(component, {}).get(module_name)
         if module is None or not _shape_fits(module, down, tensor):
             misfits.append(key)
-    if misfits or checked == 0:
+            continue
+        layers[layer] = tensor
+    if misfits or not layers:
         example = misfits[0] if misfits else "(no LoRA layers found)"
         raise StyleError(
-            f"The LoRA of style {style.name!r} does not fit the loaded model: "
-            f"{len(misfits)} of {checked or len(state)} layers have no matching place or "
-            f"another size (e.g. {example}). It was probably trained for another base model; "
-            f"the style says {style.family}."
+            f"The LoRA of style {style.name!r} ({layout} layout) does not fit the loaded "
+            f"model: {len(misfits)} of {len(misfits) + len(layers)} layers have no matching "
+            f"place or another size (e.g. {example}). It was probably trained for another "
+            f"base model; the style says {style.family}."
         )
-    return state
+    return CheckedLora(state, layers)
 
 
 def _shape_fits(module: Any, down: bool, tensor: torch.Tensor) -> bool:
+    # Once a LoRA is loaded, peft wraps the layer; the sizes are its base layer's.
+    module = getattr(module, "base_layer", module)
     if isinstance(module, torch.nn.Linear):
         expected = module.in_features if down else module.out_features
         return tensor.shape[1 if down else 0] == expected
@@ -123,12 +184,12 @@ class LoraSet:
         if name in self._resident:
             self._resident.move_to_end(name)
             return
-        state = check_lora_fits(self.pipe, style)
+        lora = check_lora_fits(self.pipe, style)
         while len(self._resident) >= self.capacity:
             victim = next(n for n in self._resident if n not in keep)
             self.pipe.delete_adapters(victim)
             del self._resident[victim]
-        self.pipe.load_lora_weights(state, adapter_name=name)
+        self.pipe.load_lora_weights(dict(lora.state), adapter_name=name)
         self._resident[name] = style
 
 
@@ -249,33 +310,29 @@ class LoraSlots:
         if name in self._states:
             self._states.move_to_end(name)
             return self._states[name]
-        state = check_lora_fits(self.pipe, style)
-        self._check_slot_fits(style, state)
-        self._states[name] = state
+        lora = check_lora_fits(self.pipe, style)
+        self._check_slot_fits(style, lora)
+        self._states[name] = lora.state
         while len(self._states) > self._cache_size:
             self._states.popitem(last=False)
-        return state
+        return lora.state
 
-    def _check_slot_fits(self, style: StyleSpec, state: dict[str, torch.Tensor]) -> None:
+    def _check_slot_fits(self, style: StyleSpec, lora: CheckedLora) -> None:
         targets = set(self.targets)
-        for key, tensor in state.items():
-            component, _, rest = key.partition(".")
+        for (component, module, down), tensor in lora.layers.items():
             if component.startswith("text_encoder"):
                 raise StyleError(
                     f"The LoRA of style {style.name!r} also changes the text encoder, which "
                     "a compiled worker cannot swap; use a UNet-only LoRA or set "
                     "IMAGINE_COMPILE=off."
                 )
-            match = _LORA_SUFFIX.search(rest)
-            if match is None or key.endswith(".alpha"):
-                continue
-            if rest[: match.start()] not in targets:
+            if module not in targets:
                 raise StyleError(
-                    f"The LoRA of style {style.name!r} changes {rest[: match.start()]}, outside "
+                    f"The LoRA of style {style.name!r} changes {module}, outside "
                     "the attention layers a compiled worker swaps styles into; set "
                     "IMAGINE_COMPILE=off to use it."
                 )
-            if match.group(1) in _DOWN and tensor.shape[0] > self.max_rank:
+            if down and tensor.shape[0] > self.max_rank:
                 raise StyleError(
                     f"The LoRA of style {style.name!r} has rank {tensor.shape[0]}, above the "
                     f"{self.max_rank} of this worker's style slots (IMAGINE_LORA_MAX_RANK)."
@@ -287,7 +344,10 @@ def slot_targets(denoiser: Any) -> list[str]:
     blocks, where LoRAs trained for Stable Diffusion put their weights."""
     names = []
     for name, module in denoiser.named_modules():
-        inside = ".attentions." in name or name.startswith("transformer_blocks")
+        # UNet attention blocks; SD3's and FLUX's (double and single stream) blocks.
+        inside = ".attentions." in name or name.startswith(
+            ("transformer_blocks", "single_transformer_blocks")
+        )
         if not inside:
             continue
         if isinstance(module, torch.nn.Linear) or (

@@ -11,11 +11,39 @@ import io
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from storage.controls import ControlRef
 from storage.errors import ImagineError
 from storage.recipe import Recipe
 from storage.samplers import a1111_sampler
 
 RECIPE_CHUNK = "imagine"
+# sd-webui-controlnet's "Module" names for what each control type's preprocessor does.
+A1111_CONTROL_MODULES = {
+    "canny": "canny",
+    "depth": "depth_midas",
+    "pose": "openpose",
+    "lineart": "lineart_standard",
+    "scribble": "scribble_xdog",
+    "tile": "tile_resample",
+}
+
+
+def a1111_control(control: ControlRef) -> str:
+    """One control as sd-webui-controlnet writes it in ``parameters`` (``ControlNet N:``)."""
+    module = "none" if control.raw else A1111_CONTROL_MODULES[control.type]
+    model = control.model or control.type
+    if control.model_hash:
+        model += f" [{control.model_hash}]"
+    fields = [
+        f"Module: {module}",
+        f"Model: {model}",
+        f"Weight: {control.weight:g}",
+        "Resize Mode: Just Resize",
+        f"Guidance Start: {control.start:g}",
+        f"Guidance End: {control.end:g}",
+        "Control Mode: Balanced",
+    ]
+    return '"' + ", ".join(fields) + '"'
 
 
 def a1111_parameters(recipe: Recipe, sampler: str | None = None) -> str:
@@ -35,11 +63,18 @@ def a1111_parameters(recipe: Recipe, sampler: str | None = None) -> str:
     if recipe.model_hash:
         fields.append(f"Model hash: {recipe.model_hash}")
     fields.append(f"Model: {recipe.model}")
+    if recipe.quantization:  # Forge's field for weights run in fewer bits
+        fields.append(f"Diffusion in Low Bits: {recipe.quantization}")
     if recipe.strength is not None:
         fields.append(f"Denoising strength: {recipe.strength:g}")
+    if recipe.init_image is not None:
+        fields.append(f"Init image hash: {recipe.init_image.sha256[:12]}")
+        fields.append(f"Image weight: {recipe.image_weight:g}")
     if recipe.styles:
         hashes = ", ".join(f"{s.name}: {(s.sha256 or '')[:12]}" for s in recipe.styles)
         fields.append(f'Lora hashes: "{hashes}"')
+    for number, control in enumerate(recipe.controls):
+        fields.append(f"ControlNet {number}: {a1111_control(control)}")
     if "imagine" in recipe.versions:
         fields.append(f"Version: imagine {recipe.versions['imagine']}")
     prompt = recipe.prompt

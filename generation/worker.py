@@ -3,11 +3,13 @@
 One :class:`Worker` class serves both modes; what differs (claiming rows or taking
 procrastinate's jobs, in-process events or NOTIFY) comes from the ports that
 :func:`bot.deployment.open_deployment` hands out. One job, or one batch of compatible
-jobs (``IMAGINE_MAX_BATCH``), at a time on one engine; the engine runs on a thread,
-so the event loop (and a Discord bot beside it) stays responsive. Rows left running
-by a stopped worker are re-queued, up to ``IMAGINE_MAX_ATTEMPTS`` starts in all. A
-worker whose jobs keep failing stops claiming (``max_consecutive_failures``) and says
-why, so that a supervisor can restart it.
+jobs (``IMAGINE_MAX_BATCH``), at a time on one engine; the engine runs on a thread, so
+the event loop (and a Discord bot beside it) stays responsive. A claim's images are
+encoded and stored in the background while the engine runs the next one (at most
+``MAX_FINISHING`` claims so, to bound memory). Rows left running by a stopped worker
+are re-queued, up to ``IMAGINE_MAX_ATTEMPTS`` starts in all. A worker whose jobs keep
+failing stops claiming (``max_consecutive_failures``) and says why, so that a
+supervisor can restart it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from generation.engine import CancelToken, Engine, Progress
-from generation.jobs import JobOutcome, execute_batch
+from generation.jobs import Generated, JobOutcome, finish_generation, generate_batch
 from generation.metrics import WorkerMetrics
 from storage.blobs import BlobStore
 from storage.database import Database, is_outage
@@ -39,6 +41,7 @@ from storage.scheduling import heartbeat, queue_depth, requeue_orphans
 log = logging.getLogger(__name__)
 S = GenerationStatus
 CANCEL_POLL_SECONDS = 0.5
+MAX_FINISHING = 2  # jobs encoding and storing their images while the engine runs the next
 
 
 class Worker:
@@ -58,6 +61,7 @@ class Worker:
         heartbeat_seconds: float = 5.0,
         stale_seconds: float = 30.0,
         metrics: WorkerMetrics | None = None,
+        max_finishing: int = MAX_FINISHING,
     ) -> None:
         self.database = database
         self.blobs = blobs
@@ -76,6 +80,12 @@ class Worker:
         self.heartbeat_seconds = heartbeat_seconds
         self.stale_after = timedelta(seconds=stale_seconds)
         self.metrics = metrics or WorkerMetrics()
+        self._finishing: set[asyncio.Task[None]] = set()
+        self.max_finishing = max_finishing
+        """Jobs stored in the background at once; 0 stores each before the next job."""
+        self._finishing_slots = asyncio.Semaphore(max_finishing)
+        self._storing: set[int] = set()
+        """Jobs whose engine part is done and whose images are being stored."""
 
     @classmethod
     def for_deployment(
@@ -169,37 +179,79 @@ class Worker:
         if self.cancel_listener is not None:  # the row's flag is polled all the same
             background.append(asyncio.create_task(self.cancel_listener(self.cancellations.stop)))
         try:
-            await self.jobs.serve(self.model, self.name, self.run_claimed, self._halt)
-        finally:
-            for task in background:
+            await self.jobs.serve(
+                self.model, self.name, self.run_claimed, self._halt, self._storing.copy
+            )
+            await self.finishing_done()
+        finally:  # stopped by an error or cancelled: rows still running are re-queued later
+            for task in [*background, *self._finishing]:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*background, *self._finishing, return_exceptions=True)
 
-    async def run_claimed(self, generations: list[Generation]) -> list[JobOutcome | None]:
-        """Run generations the job source claimed for this worker: one, or a batch sharing
-        one denoising call. Whatever breaks in the bookkeeping fails the jobs with a
-        sentence: their rows never stay ``running`` under a live worker."""
+    async def finishing_done(self) -> None:
+        """Wait until the jobs whose images are being stored are finished."""
+        while self._finishing:
+            await asyncio.gather(*self._finishing, return_exceptions=True)
+
+    async def run_claimed(self, generations: list[Generation]) -> None:
+        """Run generations the job source claimed for this worker (one, or a batch sharing
+        one denoising call): the engine's part now, the storing of their images in the
+        background (at most ``max_finishing`` claims at once) while the engine takes the
+        next. Whatever breaks in the bookkeeping fails the jobs with a sentence: their rows
+        never stay ``running`` under a live worker."""
         try:
-            outcomes = await self._execute(generations)
+            results = await self._generate(generations)
         except Exception as exc:
-            if is_outage(exc):
-                for generation in generations:
-                    await self._run_again_later(generation.id, exc)
-                return [None] * len(generations)
-            log.exception("generations %s broke the worker's bookkeeping", _ids(generations))
-            reason = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
+            await self.finishing_done()  # failures in a row are counted in the jobs' order
             for generation in generations:
-                try:
-                    async with self.database.session() as session:
-                        await transition(session, generation.id, S.FAILED, error=reason)
-                    self.events.publish(JobFailed(generation_id=generation.id, error=reason))
-                except Exception:
-                    log.exception("could not record the failure of generation %s", generation.id)
-                self._count(S.FAILED)
-            return [None] * len(generations)
-        for outcome in outcomes:
-            self._count(outcome.generation.status)
-        return list(outcomes)
+                await self._bookkeeping_broke(generation.id, exc)
+            return
+        made: list[Generated] = []
+        for result in results:
+            if isinstance(result, Generated):
+                made.append(result)
+                continue
+            if result.generation.status is S.FAILED:
+                await self.finishing_done()
+            self._finished(result, len(generations))
+        if not made:
+            return
+        if self.max_finishing == 0:
+            await self._finish(made, len(generations))
+            return
+        await self._finishing_slots.acquire()
+        self._storing.update(generated.generation.id for generated in made)
+        task = asyncio.create_task(self._finish(made, len(generations)))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+        task.add_done_callback(lambda _: self._finishing_slots.release())
+
+    async def _finish(self, made: list[Generated], batch: int) -> None:
+        """Store the jobs of one claim, one after another: the first in the fair order
+        is delivered first, and each is announced once, when its images are stored."""
+        for generated in made:
+            try:
+                outcome = await finish_generation(self.database, self.blobs, generated)
+            except Exception as exc:
+                await self._bookkeeping_broke(generated.generation.id, exc)
+            else:
+                self._finished(outcome, batch)
+            finally:
+                self._storing.discard(generated.generation.id)
+
+    async def _bookkeeping_broke(self, generation_id: int, exc: Exception) -> None:
+        if is_outage(exc):
+            await self._run_again_later(generation_id, exc)
+            return
+        log.error("generation %s broke the worker's bookkeeping", generation_id, exc_info=exc)
+        reason = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
+        try:
+            async with self.database.session() as session:
+                await transition(session, generation_id, S.FAILED, error=reason)
+            self.events.publish(JobFailed(generation_id=generation_id, error=reason))
+        except Exception:
+            log.exception("could not record the failure of generation %s", generation_id)
+        self._count(S.FAILED)
 
     def _count(self, status: GenerationStatus) -> None:
         """Track failures in a row; at the limit, stop claiming (the caller's job is done)."""
@@ -229,7 +281,7 @@ class Worker:
             if row.status is S.RUNNING and row.worker_name == self.name:
                 await transition(session, generation_id, S.QUEUED)
 
-    async def _execute(self, generations: list[Generation]) -> list[JobOutcome]:
+    async def _generate(self, generations: list[Generation]) -> list[Generated | JobOutcome]:
         tokens = [CancelToken() for _ in generations]
         watchers = []
         for generation, token in zip(generations, tokens, strict=True):
@@ -237,7 +289,7 @@ class Worker:
             self.cancellations.register(generation.id, token.cancel)
             watchers.append(asyncio.create_task(self._watch_for_cancel(generation.id, token)))
         try:
-            outcomes = await execute_batch(
+            return await generate_batch(
                 self.database,
                 self.blobs,
                 self.engine,
@@ -249,22 +301,24 @@ class Worker:
             for generation, watcher in zip(generations, watchers, strict=True):
                 watcher.cancel()
                 self.cancellations.register(generation.id, None)
-        for outcome in outcomes:
-            finished = outcome.generation
-            self.metrics.job_finished(finished.status, outcome.seconds)
-            final = final_event(finished)
-            if final is not None:
-                self.events.publish(final)
-            log.info(
-                "generation %s %s in %.2fs (queued %.2fs before, in a batch of %d) on %s",
-                finished.id,
-                finished.status.value,
-                outcome.seconds,
-                _waited(finished),
-                len(generations),
-                self.name,
-            )
-        return outcomes
+
+    def _finished(self, outcome: JobOutcome, batch: int = 1) -> None:
+        """Count, announce and log a job's end."""
+        finished = outcome.generation
+        self._count(finished.status)
+        self.metrics.job_finished(finished.status, outcome.seconds)
+        final = final_event(finished)
+        if final is not None:
+            self.events.publish(final)
+        log.info(
+            "generation %s %s in %.2fs (queued %.2fs before, in a batch of %d) on %s",
+            finished.id,
+            finished.status.value,
+            outcome.seconds,
+            _waited(finished),
+            batch,
+            self.name,
+        )
 
     async def _watch_for_cancel(self, generation_id: int, token: CancelToken) -> None:
         """Another process (``imagine cancel``) flags the row; stop the run when it does."""
@@ -296,10 +350,6 @@ class Worker:
 async def _pass_on(stop: asyncio.Event, halt: asyncio.Event) -> None:
     await stop.wait()
     halt.set()
-
-
-def _ids(generations: list[Generation]) -> str:
-    return ", ".join(str(generation.id) for generation in generations)
 
 
 def _waited(generation: Generation) -> float:

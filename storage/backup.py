@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -41,8 +42,16 @@ MANIFEST = "manifest.json"
 SQLITE_FILE = "database.sqlite3"
 POSTGRES_FILE = "database.pgdump"
 CHUNK = 1 << 20
-# A blob is referenced by any column named like this one (images, grids, LoRAs, ...).
+# A blob is referenced by any column named like this one (images, grids, LoRAs, ...),
+# and by any field of that name in a recipe (an image prompt's stored image, ...).
 BLOB_KEY_SUFFIX = "blob_key"
+_RECIPE_BLOB_KEY = re.compile(r'"blob_key"\s*:\s*"([0-9a-f]{64})"')
+_RECIPES = "generations"
+
+
+def recipe_blob_keys(recipes: Iterable[str]) -> set[str]:
+    """The blob keys the recipes (as JSON text) name."""
+    return {key for text in recipes for key in _RECIPE_BLOB_KEY.findall(text)}
 
 
 class FileEntry(BaseModel):
@@ -153,6 +162,11 @@ def sqlite_facts(path: Path) -> DatabaseFacts:
             for column in columns:
                 if column.endswith(BLOB_KEY_SUFFIX):
                     facts.blob_keys |= {key for (key,) in connection.execute(_keys(table, column))}
+            if table == _RECIPES and "recipe" in columns:
+                rows = connection.execute(
+                    f'SELECT recipe FROM "{table}" WHERE recipe LIKE \'%"blob_key"%\''
+                )
+                facts.blob_keys |= recipe_blob_keys(str(text) for (text,) in rows)
         if "alembic_version" in tables:
             row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
             facts.revision = row[0] if row else None
@@ -177,6 +191,11 @@ async def _postgres_facts(connection: Any) -> DatabaseFacts:
     ):
         keys = await connection.fetch(_keys(row["table_name"], row["column_name"]))
         facts.blob_keys |= {key[0] for key in keys}
+    if _RECIPES in tables:
+        rows = await connection.fetch(
+            f'SELECT recipe::text FROM "{_RECIPES}" WHERE recipe::text LIKE \'%"blob_key"%\''
+        )
+        facts.blob_keys |= recipe_blob_keys(row[0] for row in rows)
     if "alembic_version" in tables:
         facts.revision = await connection.fetchval("SELECT version_num FROM alembic_version")
     return facts

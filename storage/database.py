@@ -28,7 +28,12 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from storage.errors import ConfigError, DatabaseUnavailable, QueueUnavailable
+from storage.errors import (
+    ConfigError,
+    DatabaseMisconfigured,
+    DatabaseUnavailable,
+    QueueUnavailable,
+)
 from storage.settings import Settings
 
 URL_EXAMPLES = (
@@ -158,6 +163,8 @@ def is_unavailable(exc: BaseException) -> bool:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        if isinstance(current, DatabaseMisconfigured):
+            return False  # a wrong database name or login: waiting will not fix it
         if isinstance(current, DatabaseUnavailable):
             return True
         if isinstance(current, ConnectionError | TimeoutError) or (
@@ -230,13 +237,13 @@ def explain_connection_error(url: URL, exc: BaseException) -> DatabaseUnavailabl
         )
     host = f"{url.host or 'localhost'}:{url.port or 5432}"
     if name == "InvalidCatalogNameError":
-        return DatabaseUnavailable(
+        return DatabaseMisconfigured(
             f"The PostgreSQL server at {host} has no database {url.database!r}; "
             f"create it (createdb -h {url.host or 'localhost'} {url.database}) "
             "or fix IMAGINE_DATABASE_URL."
         )
     if name in {"InvalidPasswordError", "InvalidAuthorizationSpecificationError"}:
-        return DatabaseUnavailable(
+        return DatabaseMisconfigured(
             f"PostgreSQL at {host} refused the login for user {url.username!r} ({root}); "
             "fix the user or password in IMAGINE_DATABASE_URL."
         )
@@ -298,6 +305,20 @@ class Database:
             yield await connection.execution_options(isolation_level="AUTOCOMMIT")
 
     @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads, outside a transaction: each statement costs one round trip
+        (no BEGIN and COMMIT around them) and sees what was committed when it ran. For
+        reads that need not agree with each other; never for writes.
+
+        A SQLite file locked past the busy timeout raises :class:`QueueUnavailable`.
+        """
+        async with (
+            self.autocommit() as connection,
+            AsyncSession(bind=connection, expire_on_commit=False) as session,
+        ):
+            yield session
+
+    @asynccontextmanager
     async def _locked_as_unavailable(self) -> AsyncIterator[None]:
         try:
             yield
@@ -320,12 +341,16 @@ class Database:
 
     async def wait_until_back(self, *, within: float = math.inf, every: float = 1.0) -> None:
         """Return once the database answers again (by default however long that takes);
-        :class:`QueueUnavailable` after ``within`` seconds of trying."""
+        :class:`QueueUnavailable` after ``within`` seconds of trying. A server that answers
+        but refuses the configured database or login raises :class:`DatabaseMisconfigured`
+        at once: no wait brings that back."""
         deadline = asyncio.get_running_loop().time() + within
         while True:
             try:
                 await self.check()
                 return
+            except DatabaseMisconfigured:
+                raise
             except DatabaseUnavailable:
                 if asyncio.get_running_loop().time() >= deadline:
                     raise QueueUnavailable() from None

@@ -19,6 +19,11 @@ class DatabaseUnavailable(ImagineError):
     """The configured database cannot be reached or used."""
 
 
+class DatabaseMisconfigured(DatabaseUnavailable):
+    """The server answers but refuses this configuration (no such database, a login it
+    rejects): waiting will not bring it back, the settings must change."""
+
+
 class NotFound(ImagineError):
     """A record asked for by id does not exist."""
 

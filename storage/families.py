@@ -1,12 +1,32 @@
-"""What each base-model family expects: pixel budget and sensible defaults.
+"""What each base-model family expects: pixel budget, defaults, limits and capabilities.
 
-Shared by the prompt language (bot side, no torch) and the engine.
+Shared by the prompt language (bot side, no torch) and the engine. A family is data:
+code asks it questions (does it take a negative prompt? how long may the T5 prompt
+be? which flags does it refuse, and why?) instead of testing family names.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+
+from storage.checkpoints import checkpoint_family
+
+_NO_SAMPLER = (
+    "{label} samples by flow matching with its own scheduler, which the listed samplers "
+    "do not fit; leave --sampler out (or use --sampler default)."
+)
+_NO_NEGATIVE = (
+    "{label} has no negative prompt; describe what you want instead (e.g. 'an empty beach' "
+    "rather than --no people)."
+)
+_NO_GUIDANCE = (
+    "{label} is guidance-distilled and ignores --cfg; leave it out (it runs at {guidance})."
+)
 
 
 @dataclass(frozen=True)
@@ -16,10 +36,70 @@ class ModelFamily:
     default_steps: int
     default_guidance: float
     latent_channels: int
+    label: str = ""  # how sentences name it; the name if empty
+    # FLUX packs 2x2 latent patches into tokens: (batch, tokens, 4 * channels).
+    packed_latents: bool = False
+    negative_prompt: bool = True
+    # Tokens the T5 encoder reads (None: no T5); a longer prompt is refused, never cut.
+    max_sequence_length: int | None = None
+    # The pipeline component that tokenizes for T5.
+    t5_tokenizer: str | None = None
+    # The latent space's preview projection (generation/previews.py).
+    latent_format: str = "sd15"
+    # Flags this family cannot honour, each with the sentence that says why and what instead.
+    refused_flags: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def pixel_budget(self) -> int:
         return self.native_side * self.native_side
+
+    @property
+    def shown_name(self) -> str:
+        return self.label or self.name
+
+    def refusal(self, flag: str) -> str | None:
+        """Why this family refuses ``--flag``, or None if it honours it."""
+        template = self.refused_flags.get(flag)
+        if template is None:
+            return None
+        return template.format(label=self.shown_name, guidance=self.default_guidance)
+
+
+def _refusing(*pairs: tuple[str, str]) -> Mapping[str, str]:
+    return MappingProxyType(dict(pairs))
+
+
+_SD3 = ModelFamily(
+    "sd3",
+    1024,
+    28,
+    4.5,
+    16,
+    label="SD 3.5",
+    max_sequence_length=256,
+    t5_tokenizer="tokenizer_3",
+    latent_format="sd3",
+    refused_flags=_refusing(("sampler", _NO_SAMPLER)),
+)
+# FLUX.1-dev's guidance is distilled: a guidance embedding, no second (negative) pass.
+_FLUX = ModelFamily(
+    "flux",
+    1024,
+    28,
+    3.5,
+    16,
+    label="FLUX.1 dev",
+    packed_latents=True,
+    negative_prompt=False,
+    max_sequence_length=512,
+    t5_tokenizer="tokenizer_2",
+    latent_format="flux",
+    refused_flags=_refusing(("no", _NO_NEGATIVE), ("sampler", _NO_SAMPLER)),
+)
+
+
+def _without_guidance(family: ModelFamily) -> Mapping[str, str]:
+    return _refusing(*family.refused_flags.items(), ("cfg", _NO_GUIDANCE))
 
 
 FAMILIES: dict[str, ModelFamily] = {
@@ -27,14 +107,69 @@ FAMILIES: dict[str, ModelFamily] = {
     for family in (
         ModelFamily("sd15", 512, 30, 7.0, 4),
         ModelFamily("sd2", 768, 30, 7.0, 4),
-        ModelFamily("sdxl", 1024, 30, 6.0, 4),
-        ModelFamily("sd3", 1024, 28, 7.0, 16),
-        ModelFamily("flux", 1024, 28, 3.5, 16),
+        ModelFamily("sdxl", 1024, 30, 6.0, 4, latent_format="sdxl"),
+        _SD3,
+        replace(
+            _SD3,
+            name="sd3-turbo",
+            label="SD 3.5 Large Turbo",
+            default_steps=4,
+            default_guidance=0.0,
+            refused_flags=_without_guidance(_SD3),
+        ),
+        _FLUX,
+        replace(
+            _FLUX,
+            name="flux-schnell",
+            label="FLUX.1 schnell",
+            default_steps=4,
+            default_guidance=0.0,
+            max_sequence_length=256,
+            refused_flags=_without_guidance(_FLUX),
+        ),
         # The tiny random-weight test models: small enough to run on a CPU in a second.
         ModelFamily("tiny-sd", 96, 4, 5.0, 4),
-        ModelFamily("tiny-sdxl", 96, 4, 5.0, 4),
+        ModelFamily("tiny-sdxl", 96, 4, 5.0, 4, latent_format="sdxl"),
+        # Their T5 reads 32 tokens, so a test can pass the limit with a short prompt.
+        replace(
+            _SD3,
+            name="tiny-sd3",
+            label="tiny SD3",
+            native_side=96,
+            default_steps=4,
+            default_guidance=5.0,
+            max_sequence_length=32,
+        ),
+        replace(
+            _FLUX,
+            name="tiny-flux",
+            label="tiny FLUX",
+            native_side=96,
+            default_steps=4,
+            max_sequence_length=32,
+        ),
     )
 }
+
+# Built-in model names and the family each is.
+TINY_FAMILIES = {
+    "tiny": "tiny-sd",
+    "tiny-sd": "tiny-sd",
+    "tiny-sdxl": "tiny-sdxl",
+    "tiny-sd3": "tiny-sd3",
+    "tiny-flux": "tiny-flux",
+}
+
+# A diffusers folder's model_index.json ``_class_name`` → family (before name hints).
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+
+# Words in a model's name that pick a variant of its base family.
+_VARIANTS = {"sd3": (("turbo", "sd3-turbo"),), "flux": (("schnell", "flux-schnell"),)}
 
 
 # The ratios /imagine offers as choices; a compiled engine warms up at each one's size.
@@ -74,26 +209,73 @@ def get_family(name: str) -> ModelFamily:
         raise ConfigError(f"Unknown model family {name!r}; known families: {known}.") from None
 
 
+def variant_family(base: str, model: str) -> ModelFamily:
+    """``base`` (sd3, flux, ...) narrowed by the model's name: FLUX schnell, SD 3.5 Turbo."""
+    name = model.lower()
+    for word, variant in _VARIANTS.get(base, ()):
+        if word in name:
+            return FAMILIES[variant]
+    return FAMILIES[base]
+
+
+def _folder_family(model: str) -> ModelFamily | None:
+    """The family a local diffusers folder names in its model_index.json, if it is one."""
+    index = Path(model).expanduser() / "model_index.json"
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    base = PIPELINE_FAMILIES.get(str(class_name))
+    if base == "flux":
+        try:
+            transformer = json.loads((index.parent / "transformer" / "config.json").read_text())
+        except (OSError, ValueError):
+            transformer = {}
+        if transformer.get("guidance_embeds") is False:
+            return FAMILIES["flux-schnell"]
+    return variant_family(base, model) if base else None
+
+
 def guess_family(model: str) -> ModelFamily:
-    """The family a model name most likely belongs to, without loading it.
+    """The family a model name (or local folder) most likely belongs to, without loading it.
 
     The engine checks the guess against the loaded weights; the bot uses it to
     size ``--ar`` before any GPU work.
     """
+    if model in TINY_FAMILIES:
+        return FAMILIES[TINY_FAMILIES[model]]
+    from_folder = _folder_family(model)
+    if from_folder is not None:
+        return from_folder
+    if model.endswith(".safetensors"):
+        found = checkpoint_family(Path(model).expanduser())
+        if found is not None:  # a checkpoint file says what it is in its header
+            return FAMILIES[found]
     name = model.lower().replace("_", "-")
-    if name in {"tiny", "tiny-sd"}:
-        return FAMILIES["tiny-sd"]
-    if name == "tiny-sdxl":
-        return FAMILIES["tiny-sdxl"]
     if "flux" in name:
-        return FAMILIES["flux"]
+        return variant_family("flux", name)
     if "stable-diffusion-3" in name or "sd3" in name:
-        return FAMILIES["sd3"]
+        return variant_family("sd3", name)
     if "xl" in name or "pony" in name or "illustrious" in name:
         return FAMILIES["sdxl"]
     if "stable-diffusion-2" in name or "sd2" in name:
         return FAMILIES["sd2"]
     return FAMILIES["sd15"]
+
+
+def single_file_family(keys: Collection[str]) -> str | None:
+    """The base family of a single-file checkpoint in the original layout, from its
+    tensor names alone (sd15, sdxl, sd3, flux or flux-schnell); None if none fits."""
+    bare = {key.removeprefix("model.diffusion_model.") for key in keys}
+    if any(key.startswith("double_blocks.") for key in bare):
+        return "flux" if any(key.startswith("guidance_in.") for key in bare) else "flux-schnell"
+    if any(key.startswith("joint_blocks.") for key in bare):
+        return "sd3"
+    if any(key.startswith("conditioner.embedders.1") for key in keys):
+        return "sdxl"
+    if any(key.startswith(("model.diffusion_model.", "cond_stage_model.")) for key in keys):
+        return "sd15"
+    return None
 
 
 def configured_family(model: str, setting: str = "auto") -> ModelFamily:

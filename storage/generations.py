@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Table, Update, bindparam, func, select, text, update
+from sqlalchemy import Table, Update, bindparam, false, func, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload
 
@@ -84,6 +85,23 @@ async def ensure_user(session: AsyncSession, user_id: int) -> User:
     return user
 
 
+async def lock_user(session: AsyncSession, user_id: int) -> None:
+    """Record the user if new and hold their row until the transaction ends, in one round
+    trip: what a user may do next that depends on what they did before (their queued
+    limit) is then decided one transaction at a time, and each sees the one before."""
+    dialect = session.get_bind().dialect.name
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(User).values(
+        id=user_id, settings={}, created_at=utcnow()
+    )
+    # A conflict locks the row it met, also when the WHERE leaves it unchanged (no new
+    # row version is written); a new row is ours until we commit.
+    await session.execute(
+        insert.on_conflict_do_update(
+            index_elements=[User.id], set_={"settings": insert.excluded.settings}, where=false()
+        )
+    )
+
+
 async def create_generation(
     session: AsyncSession,
     *,
@@ -95,9 +113,12 @@ async def create_generation(
     priority: int = 0,
     private: bool = False,
     nsfw: bool = False,
+    requester_known: bool = False,
 ) -> Generation:
-    """Insert a queued generation (and its requester, if new); returns it with its id."""
-    await ensure_user(session, requester_id)
+    """Insert a queued generation (and its requester, if new, unless ``requester_known``:
+    recorded in this transaction already); returns it with its id."""
+    if not requester_known:
+        await ensure_user(session, requester_id)
     origin = origin or Origin()
     generation = Generation(
         kind=kind,
@@ -127,7 +148,7 @@ async def create_generation(
 MAX_ID = 2**63 - 1  # the database's 64-bit keys
 
 
-def _check_id(what: str, row_id: int) -> None:
+def check_id(what: str, row_id: int) -> None:
     """Ids come from text anyone can craft (a button's ``custom_id``, a command's
     argument): one past the 64-bit keys names nothing, and gets the same sentence as any
     other unknown id instead of the driver's ``OverflowError``."""
@@ -149,7 +170,7 @@ _GET_GENERATION = (
 
 async def get_generation(session: AsyncSession, generation_id: int) -> Generation:
     """The generation with its images; :class:`NotFound` with a sentence if absent."""
-    _check_id("generation", generation_id)
+    check_id("generation", generation_id)
     result = await session.execute(_GET_GENERATION, {"generation_id": generation_id})
     generation = result.unique().scalar_one_or_none()
     if generation is None:
@@ -158,7 +179,7 @@ async def get_generation(session: AsyncSession, generation_id: int) -> Generatio
 
 
 async def get_image(session: AsyncSession, image_id: int) -> Image:
-    _check_id("image", image_id)
+    check_id("image", image_id)
     image = await session.get(Image, image_id)
     if image is None:
         raise NotFound(f"There is no image {image_id}; check the id.")

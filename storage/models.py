@@ -97,6 +97,7 @@ class GenerationKind(enum.StrEnum):
     UPSCALE = "upscale"
     REROLL = "reroll"
     REMIX = "remix"
+    OUTPAINT = "outpaint"  # Zoom Out and Pan
 
 
 class GenerationStatus(enum.StrEnum):

@@ -19,22 +19,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from storage.database import Database
 from storage.errors import QueueUnavailable
 from storage.events import EventBus, JobCancelled, LocalEventBus
-from storage.generations import Origin, create_generation, request_cancel
+from storage.generations import Origin, create_generation, lock_user, request_cancel
 from storage.models import Generation, GenerationKind, GenerationStatus
 from storage.recipe import Recipe
 from storage.scheduling import (
     Limits,
     QueuePosition,
-    check_limits,
+    UserLoad,
     claim_batch,
     position_of,
+    refuse_over_limit,
+    user_load,
 )
 
 log = logging.getLogger(__name__)
@@ -89,9 +91,17 @@ class JobSource(Protocol):
         """Called every few heartbeats: make re-queued and stalled jobs runnable again."""
         ...
 
-    async def serve(self, model: str, worker_name: str, run: RunJob, stop: asyncio.Event) -> None:
+    async def serve(
+        self,
+        model: str,
+        worker_name: str,
+        run: RunJob,
+        stop: asyncio.Event,
+        storing: Callable[[], Collection[int]] = tuple,
+    ) -> None:
         """Claim jobs of ``model`` (one, or a batch) and ``run`` them until ``stop`` is set;
-        the jobs in hand finish first."""
+        the jobs in hand finish first. ``storing()``: the worker's jobs whose images are
+        being stored; they no longer hold their users' running limits."""
         ...
 
 
@@ -118,12 +128,22 @@ class Cancellations:
 
 async def record_submission(
     database: Database, limits: Limits, submission: Submission
-) -> Generation:
-    """Check the user's limits and write the queued row, in one transaction."""
+) -> tuple[Generation, UserLoad]:
+    """Check the user's limits and write the queued row, in one transaction of five round
+    trips; returns the row and what the user had queued before it.
+
+    The user's row is locked first, so that their submissions are counted one at a time:
+    two at once cannot both pass a limit that has room for one."""
+    requester_id, origin = submission.requester_id, submission.origin
     async with database.session() as session:
-        await check_limits(session, submission.requester_id, submission.origin.guild_id, limits)
-        return await create_generation(
+        await lock_user(session, requester_id)
+        load = await user_load(
+            session, requester_id, origin.guild_id, submission.recipe.model, limits
+        )
+        refuse_over_limit(load)
+        generation = await create_generation(
             session,
+            requester_known=True,
             kind=submission.kind,
             recipe=submission.recipe,
             requester_id=submission.requester_id,
@@ -133,6 +153,7 @@ async def record_submission(
             private=submission.private,
             nsfw=submission.nsfw,
         )
+    return generation, load
 
 
 async def record_cancel(
@@ -169,7 +190,7 @@ class RowQueue:
         self.stale_seconds = stale_seconds
 
     async def submit(self, submission: Submission) -> Generation:
-        generation = await record_submission(self.database, self.limits, submission)
+        generation, _load = await record_submission(self.database, self.limits, submission)
         self.wakeup.set()
         return generation
 
@@ -206,12 +227,19 @@ class RowJobs:
     async def sweep(self, model: str, stale_seconds: float) -> None:
         self.wakeup.set()  # rows re-queued by the worker's recovery are claimable now
 
-    async def serve(self, model: str, worker_name: str, run: RunJob, stop: asyncio.Event) -> None:
+    async def serve(
+        self,
+        model: str,
+        worker_name: str,
+        run: RunJob,
+        stop: asyncio.Event,
+        storing: Callable[[], Collection[int]] = tuple,
+    ) -> None:
         while not stop.is_set():
             try:
                 async with self.database.session() as session:
                     batch = await claim_batch(
-                        session, worker_name, self.limits, model, self.max_batch
+                        session, worker_name, self.limits, model, self.max_batch, storing()
                     )
             except QueueUnavailable:
                 log.warning("the queue is locked by another program; claiming again soon")

@@ -7,11 +7,15 @@ import secrets
 from collections.abc import Iterable
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from storage.controls import MAX_CONTROLS, ControlRef
 
 MAX_SEED = 2**32 - 1
+MAX_IMAGE_WEIGHT = 2.0
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 # -- seeds: every seed Imagine computes comes from these three ----------------------------------
@@ -45,6 +49,41 @@ class StyleRef(BaseModel):
     )
 
 
+MAX_SIDE = 4096  # pixels: the largest width or height a recipe may ask for
+
+
+class Outpaint(BaseModel):
+    """Zoom Out and Pan: pixels added on each side of the source image.
+
+    The canvas is the source plus these margins (the recipe's width and height); the mask
+    is the new area plus ``overlap`` pixels into the source, which the model sees painted
+    over so the new area continues it; the source's own pixels are put back unchanged.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    left: int = Field(ge=0)
+    top: int = Field(ge=0)
+    right: int = Field(ge=0)
+    bottom: int = Field(ge=0)
+    overlap: int = Field(default=8, ge=0, le=64)
+    action: str = Field(
+        default="", description="What the member asked for: zoom 1.5, zoom 2, pan left, ..."
+    )
+
+
+class ImageRef(BaseModel):
+    """An image a recipe starts from, as stored: a normalised PNG in the blob store
+    (see :mod:`storage.intake`), named by its key and the sha256 of its bytes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    blob_key: Sha256
+    sha256: Sha256
+    width: int = Field(ge=1, le=16384)
+    height: int = Field(ge=1, le=16384)
+
+
 class Recipe(BaseModel):
     """A generation's full recipe: same recipe, same hardware, same pixels.
 
@@ -60,8 +99,8 @@ class Recipe(BaseModel):
     prompt: str
     negative_prompt: str = ""
     seed: Seed
-    width: int = Field(ge=64, le=4096, multiple_of=8)
-    height: int = Field(ge=64, le=4096, multiple_of=8)
+    width: int = Field(ge=64, le=MAX_SIDE, multiple_of=8)
+    height: int = Field(ge=64, le=MAX_SIDE, multiple_of=8)
     aspect_ratio: str | None = Field(default=None, description="The --ar the user asked for.")
     steps: int = Field(ge=1, le=200)
     guidance: float = Field(ge=0.0, le=50.0)
@@ -75,10 +114,36 @@ class Recipe(BaseModel):
         default=None, description="The image a variation or upscale starts from."
     )
     scale: int | None = Field(default=None, ge=2, le=4, description="Upscale factor.")
+    outpaint: Outpaint | None = Field(
+        default=None, description="Zoom Out / Pan: margins added around the source image."
+    )
+    init_image: ImageRef | None = Field(
+        default=None, description="The image prompt img2img starts from (the uploaded image)."
+    )
+    image_weight: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=MAX_IMAGE_WEIGHT,
+        description="--iw: how strongly the image prompt steers (storage.derive maps it to "
+        "the strength).",
+    )
+    controls: tuple[ControlRef, ...] = Field(default=(), max_length=MAX_CONTROLS)
     dtype: str | None = None
+    quantization: str | None = Field(
+        default=None,
+        description="Weight quantisation the model ran with (int8, float8); None: its dtype.",
+    )
     versions: dict[str, str] = Field(
         default_factory=dict, description="Library versions the generation ran with."
     )
+
+    @model_validator(mode="after")
+    def _image_prompt_is_whole(self) -> Recipe:
+        if (self.init_image is None) != (self.image_weight is None):
+            raise ValueError("an image prompt needs both init_image and image_weight")
+        if self.init_image is not None and self.strength is None:
+            raise ValueError("an image prompt needs its strength")
+        return self
 
     def seed_for(self, index: int) -> int:
         """The seed of image ``index`` of this generation."""

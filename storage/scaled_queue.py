@@ -31,17 +31,17 @@ import contextlib
 import hashlib
 import logging
 import re
-from datetime import timedelta
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.database import Database, is_outage
-from storage.errors import IllegalTransition, QueueUnavailable
+from storage.errors import IllegalTransition, NotFound, QueueUnavailable
 from storage.events import EventBus
-from storage.generations import get_generation, transition
+from storage.generations import check_id, get_generation, transition
 from storage.models import Generation, GenerationStatus, Guild
 from storage.queue import (
     Cancellations,
@@ -51,11 +51,11 @@ from storage.queue import (
     record_submission,
 )
 from storage.scheduling import (
+    DEFAULT_JOB_SECONDS,
+    RECENT_JOBS,
     Limits,
     QueuePosition,
     estimated_wait,
-    live_workers,
-    recent_job_seconds,
 )
 
 if TYPE_CHECKING:
@@ -66,6 +66,28 @@ log = logging.getLogger(__name__)
 S = GenerationStatus
 TASK = "imagine.run_generation"
 TURN = 1000  # priority distance between two turns
+
+
+# A generation's place: jobs ahead of its job in its queue, jobs running there, the average
+# of the last finished jobs' durations and the live workers for its model.
+_POSITION = text(
+    """
+    SELECT g.status, g.job_id,
+        (SELECT count(*) FROM procrastinate_jobs j, procrastinate_jobs me
+         WHERE me.id = g.job_id AND j.queue_name = me.queue_name AND j.status = 'todo'
+         AND (j.priority > me.priority OR (j.priority = me.priority AND j.id < me.id))) AS ahead,
+        (SELECT count(*) FROM procrastinate_jobs j, procrastinate_jobs me
+         WHERE me.id = g.job_id AND j.queue_name = me.queue_name AND j.status = 'doing')
+         AS running,
+        (SELECT avg(EXTRACT(EPOCH FROM r.finished_at - r.started_at)) FROM
+            (SELECT started_at, finished_at FROM generations
+             WHERE status = 'succeeded' AND started_at IS NOT NULL
+             ORDER BY finished_at DESC LIMIT :recent) r) AS seconds,
+        (SELECT count(*) FROM workers w WHERE w.model = g.model
+         AND w.heartbeat_at >= now() - make_interval(secs => :stale)) AS workers
+    FROM generations g WHERE g.id = :id
+    """
+)
 
 
 def queue_name(model: str) -> str:
@@ -116,21 +138,23 @@ class ProcrastinateQueue:
 
     async def submit(self, submission: Submission) -> Generation:
         try:
-            generation = await record_submission(self.database, self.limits, submission)
+            generation, load = await record_submission(self.database, self.limits, submission)
         except Exception as exc:
             if is_outage(exc):
                 raise QueueUnavailable() from exc
             raise
+        # What the user had queued before this row is what procrastinate holds for them.
+        priority = -TURN * load.waiting_for_model - min(load.served_for_model, TURN - 1)
         try:
-            await self.defer(generation.id)
-            async with self.database.session() as session:
-                return await get_generation(session, generation.id)
+            generation.job_id = await self._enqueue(
+                generation, priority, load.jobs_so_far % max(1, load.max_running)
+            )
         except Exception as exc:
             if not is_outage(exc):
                 raise
             # The row is recorded: a worker's reconcile gives it its job once the database is back.
             log.warning("generation %s is queued without its job yet (%s)", generation.id, exc)
-            return generation
+        return generation
 
     async def defer(self, generation_id: int) -> int | None:
         """Give a queued row its job; ``None`` if the row is no longer queued."""
@@ -166,22 +190,29 @@ class ProcrastinateQueue:
                 )
             )
         slot = (jobs_so_far or 0) % max(1, running_limit)
+        priority = -TURN * int(ahead or 0) - min(int(served or 0), TURN - 1)
+        return await self._enqueue(generation, priority, slot)
+
+    async def _enqueue(self, generation: Generation, priority: int, slot: int) -> int | None:
+        """procrastinate's job for a queued row, recorded on the row (one round trip each);
+        ``None`` if the row has one waiting already."""
         from procrastinate.exceptions import AlreadyEnqueued
 
         try:
             job_id: int = await self.app.configure_task(
                 TASK,
-                queue=queue,
-                priority=-TURN * int(ahead or 0) - min(int(served or 0), TURN - 1),
+                queue=queue_name(generation.model),
+                priority=priority,
                 lock=f"imagine-user:{generation.requester_id}:{slot}",
                 # One waiting job per row, even when two workers reconcile at once.
-                queueing_lock=f"imagine-generation:{generation_id}",
-            ).defer_async(generation_id=generation_id)
+                queueing_lock=f"imagine-generation:{generation.id}",
+            ).defer_async(generation_id=generation.id)
         except AlreadyEnqueued:
             return None
-        async with self.database.session() as session:
-            row = await session.get_one(Generation, generation_id)
-            row.job_id = job_id
+        async with self.database.autocommit() as connection:
+            await connection.execute(
+                update(Generation).where(Generation.id == generation.id).values(job_id=job_id)
+            )
         return job_id
 
     async def cancel(self, generation_id: int) -> Generation:
@@ -193,33 +224,24 @@ class ProcrastinateQueue:
         return generation
 
     async def position(self, generation_id: int) -> QueuePosition:
-        async with self.database.session() as session:
-            generation = await get_generation(session, generation_id)
-            if generation.status is not S.QUEUED or generation.job_id is None:
-                return QueuePosition(generation_id, generation.status, 0, 0.0)
-            ahead = await session.scalar(
-                text(
-                    "SELECT count(*) FROM procrastinate_jobs j, procrastinate_jobs me "
-                    "WHERE me.id = :job AND j.queue_name = me.queue_name "
-                    "AND j.status = 'todo' AND (j.priority > me.priority "
-                    "OR (j.priority = me.priority AND j.id < me.id))"
-                ),
-                {"job": generation.job_id},
-            )
-            running = await session.scalar(
-                text(
-                    "SELECT count(*) FROM procrastinate_jobs j, procrastinate_jobs me "
-                    "WHERE me.id = :job AND j.queue_name = me.queue_name AND j.status = 'doing'"
-                ),
-                {"job": generation.job_id},
-            )
-            seconds = await recent_job_seconds(session)
-            workers = await live_workers(
-                session, generation.model, timedelta(seconds=self.stale_seconds)
-            )
-        position = int(ahead or 0) + 1
-        wait = estimated_wait(position, seconds, workers, bool(running))
-        return QueuePosition(generation_id, S.QUEUED, position, wait, workers)
+        # One statement, without a transaction: /imagine shows it on every submission.
+        check_id("generation", generation_id)
+        async with self.database.autocommit() as connection:
+            row = (
+                await connection.execute(
+                    _POSITION,
+                    {"id": generation_id, "recent": RECENT_JOBS, "stale": self.stale_seconds},
+                )
+            ).one_or_none()
+        if row is None:
+            raise NotFound(f"There is no generation {generation_id}; check the id.")
+        status = S(row.status)
+        if status is not S.QUEUED or row.job_id is None:
+            return QueuePosition(generation_id, status, 0, 0.0)
+        seconds = DEFAULT_JOB_SECONDS if row.seconds is None else float(row.seconds)
+        position = int(row.ahead) + 1
+        wait = estimated_wait(position, seconds, int(row.workers), bool(row.running))
+        return QueuePosition(generation_id, S.QUEUED, position, wait, int(row.workers))
 
     async def reconcile(self, model: str | None = None) -> list[int]:
         """Defer a job for every queued row whose job is missing, finished or cancelled."""
@@ -275,7 +297,15 @@ class ProcrastinateJobs:
             log.warning("retried the jobs of a worker that stopped beating")
         await self.queue.reconcile(model)
 
-    async def serve(self, model: str, worker_name: str, run: RunJob, stop: asyncio.Event) -> None:
+    async def serve(
+        self,
+        model: str,
+        worker_name: str,
+        run: RunJob,
+        stop: asyncio.Event,
+        storing: Callable[[], Collection[int]] = tuple,
+    ) -> None:
+        # procrastinate picks the jobs (one at a time): ``storing`` plays no part here.
         name = queue_name(model)
         database = self.queue.database
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, func, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.errors import IllegalTransition, ImagineError
@@ -50,10 +51,11 @@ class QueuePosition:
 
 
 def fair_order(
-    max_running: int | None = None, model: str | None = None, batch: Collection[int] = ()
+    max_running: int | None = None, model: str | None = None, not_counted: Collection[int] = ()
 ) -> Select[int]:
     """Ids of queued generations in the order they should run; the running generations in
-    ``batch`` (a worker's batch being claimed) do not count against running limits."""
+    ``not_counted`` (a batch being claimed, jobs whose images are being stored) do not
+    count against running limits."""
     turn = (
         func.row_number()
         .over(
@@ -94,7 +96,7 @@ def fair_order(
             .where(
                 Generation.status == S.RUNNING,
                 Generation.requester_id == queued.c.requester_id,
-                Generation.id.not_in(batch),
+                Generation.id.not_in(not_counted),
             )
             .scalar_subquery()
         )
@@ -110,17 +112,23 @@ def fair_order(
 
 
 async def claim_next(
-    session: AsyncSession, worker_name: str, limits: Limits, model: str | None = None
+    session: AsyncSession,
+    worker_name: str,
+    limits: Limits,
+    model: str | None = None,
+    storing: Collection[int] = (),
 ) -> Generation | None:
     """Move the fairest runnable queued generation to running; ``None`` if there is none.
 
     With ``model``, only jobs for that base model are considered (a queue per model).
+    ``storing``: the worker's jobs whose images are being stored (their engine part is
+    done); they do not count against their users' running limits.
 
     A generation another worker took first is skipped, so racing workers never
     run the same job.
     """
     candidates = list(
-        await session.scalars(fair_order(limits.max_running_per_user, model).limit(5))
+        await session.scalars(fair_order(limits.max_running_per_user, model, storing).limit(5))
     )
     for generation_id in candidates:
         try:
@@ -132,10 +140,18 @@ async def claim_next(
 
 def batch_key(generation: Generation) -> tuple[object, ...] | None:
     """What generations must share to run in one denoising call (their prompts, negative
-    prompts, seeds and counts may differ); ``None`` for one that runs alone: a variation
-    or an upscale, which start from an image."""
+    prompts, seeds and counts may differ); ``None`` for one that runs alone: one that
+    starts from an image (a variation, an upscale, Zoom Out or Pan, an image prompt) or
+    has controls, whose inputs a batched call would have to prove identical."""
     recipe = generation.recipe
-    if generation.kind is GenerationKind.UPSCALE or recipe.source_image_id is not None:
+    if (
+        generation.kind in (GenerationKind.UPSCALE, GenerationKind.OUTPAINT)
+        or recipe.source_image_id is not None
+        or recipe.init_image is not None
+        or recipe.outpaint is not None
+        or recipe.strength is not None
+        or recipe.controls
+    ):
         return None
     return (
         recipe.model,
@@ -147,13 +163,19 @@ def batch_key(generation: Generation) -> tuple[object, ...] | None:
         tuple((style.name, style.weight) for style in recipe.styles),
         # A server's own style shadows a folder style of the same name.
         generation.guild_id if recipe.styles else None,
-        # SDXL encodes no negative prompt as zeros, unlike an empty one: never mix the two.
+        # SDXL encodes no negative prompt as zeros, unlike an empty one, and SD3 and FLUX
+        # refuse one: never mix the two.
         bool(recipe.negative_prompt),
     )
 
 
 async def claim_batch(
-    session: AsyncSession, worker_name: str, limits: Limits, model: str, max_images: int
+    session: AsyncSession,
+    worker_name: str,
+    limits: Limits,
+    model: str,
+    max_images: int,
+    storing: Collection[int] = (),
 ) -> list[Generation]:
     """Claim the fairest runnable generation and, while their images fit in
     ``max_images`` and they share its :func:`batch_key`, the ones right after it in the
@@ -162,14 +184,16 @@ async def claim_batch(
     The order is read again after each claim, as a worker claiming one job after another
     would, and the first generation that does not fit ends the batch: a batch never lets
     a job overtake one it would not have overtaken. Jobs of one batch count as one
-    against their user's running limit.
+    against their user's running limit, and so do jobs being stored (``storing``, as
+    :func:`claim_next`).
     """
-    first = await claim_next(session, worker_name, limits, model)
+    first = await claim_next(session, worker_name, limits, model, storing)
     if first is None:
         return []
     batch, key, images = [first], batch_key(first), first.recipe.count
     while key is not None and images < max_images:
-        order = fair_order(limits.max_running_per_user, model, [one.id for one in batch])
+        not_counted = [*storing, *(one.id for one in batch)]
+        order = fair_order(limits.max_running_per_user, model, not_counted)
         following = await session.scalar(order.limit(1))
         if following is None:
             break
@@ -184,21 +208,60 @@ async def claim_batch(
     return batch
 
 
-async def check_limits(
-    session: AsyncSession, requester_id: int, guild_id: int | None, limits: Limits
-) -> None:
-    """Refuse a submission over the user's queued limit (a guild may lower or raise it)."""
-    max_queued = limits.max_queued_per_user
-    if guild_id is not None:
-        guild = await session.get(Guild, guild_id)
-        if guild is not None and guild.max_queued_per_user is not None:
-            max_queued = guild.max_queued_per_user
-    waiting = await session.scalar(
-        select(func.count())
-        .select_from(Generation)
-        .where(Generation.requester_id == requester_id, Generation.status == S.QUEUED)
+@dataclass(frozen=True)
+class UserLoad:
+    """What a user has in the queue when they submit a job for ``model``, and the limits
+    that apply where they asked (a guild may lower or raise the global ones)."""
+
+    waiting: int  # their queued jobs
+    waiting_for_model: int  # of those, the ones for this model
+    jobs_so_far: int  # all their jobs ever
+    served_for_model: int  # their jobs for this model that started
+    max_queued: int
+    max_running: int
+
+
+def _guild_limit(column: Any, guild_id: int | None) -> Any:
+    if guild_id is None:
+        return literal(None)
+    return select(column).where(Guild.id == guild_id).scalar_subquery()
+
+
+async def user_load(
+    session: AsyncSession, requester_id: int, guild_id: int | None, model: str, limits: Limits
+) -> UserLoad:
+    """:class:`UserLoad` in one round trip."""
+    g = Generation
+    queued = g.status == S.QUEUED
+    for_model = g.model == model
+    row = (
+        await session.execute(
+            select(
+                func.count().filter(queued),
+                func.count().filter(queued, for_model),
+                func.count(),
+                func.count().filter(for_model, g.started_at.is_not(None)),
+                _guild_limit(Guild.max_queued_per_user, guild_id),
+                _guild_limit(Guild.max_running_per_user, guild_id),
+            ).where(g.requester_id == requester_id)
+        )
+    ).one()
+    waiting, waiting_for_model, jobs_so_far, served, max_queued, max_running = row
+    return UserLoad(
+        waiting=int(waiting),
+        waiting_for_model=int(waiting_for_model),
+        jobs_so_far=int(jobs_so_far),
+        served_for_model=int(served),
+        max_queued=limits.max_queued_per_user if max_queued is None else int(max_queued),
+        # 0 or none: the global limit (as the fair order reads a guild's).
+        max_running=int(max_running or limits.max_running_per_user),
     )
-    if (waiting or 0) >= max_queued:
+
+
+def refuse_over_limit(load: UserLoad) -> None:
+    """Refuse a submission over the user's queued limit, saying how many wait."""
+    waiting, max_queued = load.waiting, load.max_queued
+    if waiting >= max_queued:
         jobs = "job is" if waiting == 1 else "jobs are"
         raise QueueFull(
             f"{waiting} of your {jobs} already waiting, the most allowed here is {max_queued}; "

@@ -12,6 +12,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import platformdirs
 from pydantic import AliasChoices, Field, ValidationError, field_validator
@@ -108,6 +109,9 @@ class Settings(BaseSettings):
     styles_dir: Path | None = Field(
         default=None, description="Folder of style TOML files. Empty: <data_dir>/styles."
     )
+    controls_dir: Path | None = Field(
+        default=None, description="Folder of ControlNet TOML files. Empty: <data_dir>/controls."
+    )
     discord_token: str | None = Field(
         default=None,
         validation_alias=AliasChoices("IMAGINE_DISCORD_TOKEN", "DISCORD_TOKEN", "discord_token"),
@@ -135,11 +139,22 @@ class Settings(BaseSettings):
     )
     model_family: str = Field(
         default="auto",
-        description="Base model family (sd15, sd2, sdxl, ...); auto guesses it from the name.",
+        description=(
+            "Base model family (sd15, sd2, sdxl, sd3, sd3-turbo, flux, flux-schnell); auto "
+            "reads it from the folder or guesses it from the name."
+        ),
     )
     allow_downloads: bool = Field(
         default=True,
         description="Download a hub model missing from the local cache (off: offline only).",
+    )
+    clip_tokenizer: Path | None = Field(
+        default=None,
+        description=(
+            "Folder with the CLIP tokenizer (vocab.json and merges.txt, e.g. the tokenizer "
+            "folder of any SD 1.5 or SDXL diffusers model) for single-file checkpoints; "
+            "empty: the Hugging Face cache."
+        ),
     )
     upscaler: str | None = Field(
         default=None,
@@ -150,6 +165,24 @@ class Settings(BaseSettings):
     )
     max_lora_mb: int = Field(
         default=256, ge=1, description="Largest LoRA file /style add accepts, in MiB."
+    )
+    image_max_mb: int = Field(
+        default=20,
+        ge=1,
+        description="Largest image (an /imagine attachment or a Discord image link) Imagine "
+        "downloads, in MiB; a larger one is refused before it is fetched.",
+    )
+    image_max_megapixels: float = Field(
+        default=40.0,
+        gt=0,
+        le=178,
+        description="Largest image Imagine decodes, in megapixels (width × height, read from "
+        "the file's header before any pixel is decoded).",
+    )
+    image_origins: str = Field(
+        default="https://cdn.discordapp.com,https://media.discordapp.net",
+        description="The only places images are fetched from, as comma-separated "
+        "scheme://host[:port] origins: Discord's CDN. A link anywhere else is refused.",
     )
     lora_cache_size: int = Field(
         default=8, ge=1, description="Style LoRAs kept loaded on the GPU at once."
@@ -187,6 +220,20 @@ class Settings(BaseSettings):
             "Images one denoising call may hold: jobs next in the fair order with the same "
             "model, size, steps, sampler, guidance and styles run together up to this many "
             "(a 4-image grid counts 4); 1: one job at a time."
+        ),
+    )
+    offload: Literal["none", "model", "sequential"] = Field(
+        default="none",
+        description=(
+            "Keep weights in CPU memory until the GPU needs them: model moves one part at a "
+            "time (a little slower), sequential one layer at a time (much slower, least memory)."
+        ),
+    )
+    quantize: Literal["none", "int8", "float8"] = Field(
+        default="none",
+        description=(
+            "Weight-only quantisation of the denoiser and T5 through torchao: about half the "
+            "memory of bf16, different pixels (recipes record it); float8 needs an L4/L40/H100."
         ),
     )
     preview_every: int = Field(
@@ -289,6 +336,14 @@ class Settings(BaseSettings):
         parse_rate(value)
         return value.strip()
 
+    @field_validator("image_origins")
+    @classmethod
+    def _origins_are_origins(cls, value: str) -> str:
+        origins = parse_origins(value)
+        if not origins:
+            raise ValueError("name at least one origin, such as https://cdn.discordapp.com")
+        return ",".join(origins)
+
     @field_validator("database_url")
     @classmethod
     def _blank_is_default(cls, value: str | None) -> str | None:
@@ -319,9 +374,18 @@ class Settings(BaseSettings):
         return self.styles_dir if self.styles_dir is not None else self.data_dir / "styles"
 
     @property
+    def resolved_controls_dir(self) -> Path:
+        return self.controls_dir if self.controls_dir is not None else self.data_dir / "controls"
+
+    @property
     def member_rate(self) -> tuple[int, float] | None:
         """The rate limit as (commands, seconds); ``None`` when it is off."""
         return parse_rate(self.rate_limit)
+
+    @property
+    def allowed_image_origins(self) -> tuple[str, ...]:
+        """``image_origins`` as normalised ``scheme://host[:port]`` strings."""
+        return tuple(self.image_origins.split(","))
 
     @property
     def uses_sqlite(self) -> bool:
@@ -347,11 +411,44 @@ def parse_rate(setting: str) -> tuple[int, float] | None:
     return count, window
 
 
+def url_origin(url: str) -> str | None:
+    """``scheme://host[:port]`` of an http(s) URL (default ports left out, lowercase), or
+    ``None`` if it is not one or carries a user name or password."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        return None
+    if parts.username is not None or parts.password is not None:
+        return None
+    default = {"http": 80, "https": 443}[scheme]
+    host = parts.hostname.lower()
+    return f"{scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
+
+
+def parse_origins(setting: str) -> list[str]:
+    """The origins of the ``image_origins`` setting, normalised; ValueError names a bad one."""
+    origins = []
+    for item in setting.split(","):
+        item = item.strip().rstrip("/")
+        if not item:
+            continue
+        origin = url_origin(item)
+        if origin is None or urlsplit(item).path or "?" in item or "#" in item:
+            raise ValueError(f"{item!r} is not an origin such as https://cdn.discordapp.com")
+        origins.append(origin)
+    return origins
+
+
 _DEFAULT_SHOWN = {
     "data_dir": "the platform's user data folder (`~/.local/share/imagine` on Linux)",
     "database_url": "SQLite at `<data_dir>/imagine.db`",
     "blob_dir": "`<data_dir>/blobs`",
     "styles_dir": "`<data_dir>/styles`",
+    "controls_dir": "`<data_dir>/controls`",
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -22,7 +23,7 @@ from storage.models import Style
 
 STYLE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Width of the text embedding the UNet's cross-attention reads, by family.
-CROSS_ATTENTION_WIDTH = {"sd15": 768, "sd2": 1024, "sdxl": 2048, "tiny-sd": 32, "tiny-sdxl": 64}
+CROSS_ATTENTION_WIDTH = {"sd15": 768, "sd2": 1024, "sdxl": 2048, "tiny-sd": 32, "tiny-sdxl": 80}
 _TO_K_DOWN = re.compile(
     r"(attn2[._]to_k|attn2\.processor\.to_k_lora)[._](lora_A|lora\.down|lora_down|down)"
     r"(\.weight)?$"
@@ -41,6 +42,48 @@ _DTYPE_BYTES = {
     "U8": 1,
     "BOOL": 1,
 }
+
+
+# LyCORIS methods that diffusers cannot load, by a key part only they use.
+_LYCORIS = {
+    "hada_w1_a": "LoHa",
+    "lokr_w1": "LoKr",
+    "lokr_w1_a": "LoKr",
+    "lokr_w2": "LoKr",
+    "lokr_w2_a": "LoKr",
+    "oft_blocks": "OFT",
+    "oft_diag": "OFT",
+    "on_input": "(IA)³",
+    "a1": "GLoRA",
+    "w_norm": "norm",
+    "diff": "full (diff)",
+}
+
+
+def lora_format(keys: Iterable[str]) -> str:
+    """The layout of a LoRA's keys, as a user knows it: kohya/A1111 or diffusers/peft."""
+    names = [key for key in keys if key != "__metadata__"]
+    if any(key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for key in names):
+        return "kohya/A1111"
+    return "diffusers/peft"
+
+
+def lycoris_method(keys: Iterable[str]) -> str | None:
+    """The LyCORIS method a file uses, if it is one diffusers cannot load."""
+    for key in keys:
+        parts = key.split(".")
+        for part in parts[1:]:
+            if part in _LYCORIS:
+                return _LYCORIS[part]
+    return None
+
+
+def lycoris_refusal(filename: str, method: str) -> str:
+    return (
+        f"{filename} is a LyCORIS {method} file, a format diffusers cannot load; use a "
+        "plain LoRA (kohya/A1111 `lora_unet_…` keys or diffusers/peft keys), for example "
+        "one exported as LoRA from the same training."
+    )
 
 
 class StyleRefused(ImagineError):
@@ -71,7 +114,10 @@ def check_upload(filename: str, size: int, max_bytes: int) -> None:
 def inspect_lora(data: bytes, filename: str, max_bytes: int) -> LoraInfo:
     """Check a LoRA upload without loading it; :class:`StyleRefused` with the reason."""
     check_upload(filename, len(data), max_bytes)
-    broken = StyleRefused(f"{filename} is not a valid safetensors file (its header is damaged).")
+    broken = StyleRefused(
+        f"{filename} is not a valid safetensors file (it is damaged or cut short); "
+        "download it again and upload the whole file."
+    )
     if len(data) < 8:
         raise broken
     (length,) = struct.unpack("<Q", data[:8])
@@ -106,6 +152,9 @@ def inspect_lora(data: bytes, filename: str, max_bytes: int) -> LoraInfo:
             width = int(entry["shape"][1])
     if tensors == 0:
         raise StyleRefused(f"{filename} holds no tensors; it is not a LoRA.")
+    method = lycoris_method(header)
+    if method is not None:
+        raise StyleRefused(lycoris_refusal(filename, method))
     return LoraInfo(tensors, width, rank)
 
 

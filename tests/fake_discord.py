@@ -153,6 +153,8 @@ class FakeDiscord:
         self.files: dict[int, bytes] = {}
         self.deleted: set[int] = set()
         self.downloads: list[int] = []
+        self.redirects: dict[int, str] = {}
+        self.chunked: set[int] = set()
         self.interactions: dict[str, Interaction] = {}
         self.commands: list[dict[str, Any]] = []
         self.identifies = 0
@@ -241,15 +243,19 @@ class FakeDiscord:
         role = {"id": str(role_id), "name": "artists", "permissions": "0", "position": 1}
         return {"__role__": str(role_id)}, {"roles": {str(role_id): role}}
 
-    def attachment_option(self, filename: str, data: bytes) -> tuple[Any, dict[str, Any]]:
-        """(option value, resolved data) for a file uploaded with a slash command."""
+    def attachment_option(
+        self, filename: str, data: bytes, *, size: int | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """(option value, resolved data) for a file uploaded with a slash command; the bot
+        downloads it from :meth:`attachment_url`. ``size``: the size Discord declares, if
+        it should differ from the data's."""
         attachment_id = next(self._ids)
         self.files[attachment_id] = data
-        url = f"{self.base}/attachments/{attachment_id}/{filename}"
+        url = self.attachment_url(attachment_id, filename)
         attachment = {
             "id": str(attachment_id),
             "filename": filename,
-            "size": len(data),
+            "size": len(data) if size is None else size,
             "url": url,
             "proxy_url": url,
             "content_type": _content_type(filename),
@@ -257,6 +263,24 @@ class FakeDiscord:
         return {"__attachment__": str(attachment_id)}, {
             "attachments": {str(attachment_id): attachment}
         }
+
+    def attachment_url(self, attachment_id: int, filename: str) -> str:
+        return f"{self.base}/attachments/{attachment_id}/{filename}"
+
+    def upload(self, filename: str, data: bytes, *, chunked: bool = False) -> str:
+        """A file as if posted in the channel earlier: the URL it is served at (``chunked``:
+        sent without a Content-Length, as a stream)."""
+        attachment_id = next(self._ids)
+        self.files[attachment_id] = data
+        if chunked:
+            self.chunked.add(attachment_id)
+        return self.attachment_url(attachment_id, filename)
+
+    def redirect(self, target: str) -> str:
+        """A URL of this fake that answers with a redirect to ``target``."""
+        redirect_id = next(self._ids)
+        self.redirects[redirect_id] = target
+        return f"{self.base}/attachments/{redirect_id}/moved.png"
 
     async def autocomplete(
         self, name: str, focused: str, typed: str, *, by: dict[str, Any] = ALICE, **others: Any
@@ -523,11 +547,21 @@ class FakeDiscord:
 
     # -- REST --------------------------------------------------------------------------------
 
-    async def _attachment(self, request: web.Request) -> web.Response:
+    async def _attachment(self, request: web.Request) -> web.StreamResponse:
         self.downloads.append(int(request.match_info["id"]))
+        if (target := self.redirects.get(int(request.match_info["id"]))) is not None:
+            raise web.HTTPFound(target)
         data = self.files.get(int(request.match_info["id"]))
         if data is None:
             return web.Response(status=404)
+        if int(request.match_info["id"]) in self.chunked:
+            stream = web.StreamResponse()
+            stream.enable_chunked_encoding()
+            await stream.prepare(request)
+            for start in range(0, len(data), 4096):
+                await stream.write(data[start : start + 4096])
+            await stream.write_eof()
+            return stream
         return web.Response(body=data, content_type="application/octet-stream")
 
     async def _rest(self, request: web.Request) -> web.StreamResponse:
@@ -846,6 +880,7 @@ def _content_type(filename: str) -> str:
         "jpg": "image/jpeg",
         "jpeg": "image/jpeg",
         "webp": "image/webp",
+        "gif": "image/gif",
     }.get(suffix, "application/octet-stream")
 
 

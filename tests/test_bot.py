@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image as PILImage
 from sqlalchemy import func, select, update
@@ -137,11 +138,13 @@ async def make_harness(
     the scaled mode: events travel by NOTIFY and the listener's sweep."""
     styles_dir = tmp_path / "styles"
     styles_dir.mkdir()
-    build_tiny_lora(tiny_engine.pipe.unet, styles_dir / "lora.safetensors", seed=3)
+    denoiser = getattr(tiny_engine.pipe, "unet", None) or tiny_engine.pipe.transformer
+    build_tiny_lora(denoiser, styles_dir / "lora.safetensors", seed=3)
     for number in range(STYLE_COUNT):
         (styles_dir / f"style-{number:02d}.toml").write_text(
             f'name = "style-{number:02d}"\nlora = "lora.safetensors"\n'
-            f'description = "style number {number}"\nbase_model_family = "tiny-sd"\n'
+            f'description = "style number {number}"\n'
+            f'base_model_family = "{tiny_engine.family.name}"\n'
         )
     registry = StyleRegistry.from_folder(styles_dir)
     saved_styles = tiny_engine.styles
@@ -155,10 +158,11 @@ async def make_harness(
             Settings(
                 data_dir=tmp_path,
                 database_url=database.url.render_as_string(hide_password=False),
-                model="tiny",
+                model=tiny_engine.model_id,
                 styles_dir=styles_dir,
                 max_running_per_user=1,
                 max_queued_per_user=10,
+                image_origins=fake.base,  # the fake serves the attachments, as Discord's CDN
             )
         ) as deployment,
     ):
@@ -292,12 +296,18 @@ async def test_u2_then_vary_subtle_and_upscale_and_v3(running: Harness) -> None:
     single = await running.result(await fake.click(grid_id, fake.button(grid_id, "U2")))
     [tile] = fake.attachment_bytes(int(single["id"]))
     assert png_size(tile) == (96, 96) and read_recipe(tile).seed == 12  # seed + index
-    labels = [b["label"] for b in fake.buttons(int(single["id"]))]
+    labels = [b.get("label") for b in fake.buttons(int(single["id"]))]
     assert labels == [
         "Vary (Subtle)",
         "Vary (Strong)",
         "Upscale 2×",
         "Remix",
+        "Zoom Out 2×",
+        "Zoom Out 1.5×",
+        None,  # ⬅️ ➡️ ⬆️ ⬇️: emoji only
+        None,
+        None,
+        None,
         "0",
         "Info",
         "Delete",
@@ -559,3 +569,29 @@ async def test_the_scaled_mode_delivers_over_listen_notify(
         assert png_size(scaled.fake.attachment_bytes(int(upscaled["id"]))[0]) == (192, 192)
         generations = await scaled.generations()
         assert all(g.delivered_at is not None for g in generations)
+
+
+async def test_zoom_out_and_pan_under_a_single_image_keep_its_pixels(running: Harness) -> None:
+    fake = running.fake
+    grid = await running.result(await running.imagine("a harbour --steps 2 --seed 5"))
+    grid_id = int(grid["id"])
+    single = await running.result(await fake.click(grid_id, fake.button(grid_id, "U1")))
+    [tile] = fake.attachment_bytes(int(single["id"]))
+
+    zoomed = await running.result(await running.press(single, "🔭Zoom Out 2×"))
+    assert len(fake.buttons(int(zoomed["id"]))) == 10  # a grid with the usual buttons
+    panned = await running.result(await running.press(single, "⬅️"))
+    assert "pan left of image" in panned["content"]
+
+    first, zoom_row, pan_row = await running.generations()
+    source = np.asarray(PILImage.open(io.BytesIO(tile)).convert("RGB"))
+    side = source.shape[0]
+    for row, size in ((zoom_row, (2 * side, 2 * side)), (pan_row, (side * 3 // 2, side))):
+        assert row.kind is GenerationKind.OUTPAINT and row.parent_image_id == first.images[0].id
+        assert row.recipe.outpaint is not None and len(row.images) == 4
+        assert (row.recipe.width, row.recipe.height) == size
+        [image] = [i for i in row.images if i.index == 0]
+        stored = await running.services.blobs.get(image.blob_key)
+        pixels = np.asarray(PILImage.open(io.BytesIO(stored)).convert("RGB"))
+        top, left = row.recipe.outpaint.top, row.recipe.outpaint.left
+        assert np.array_equal(pixels[top : top + side, left : left + side], source)

@@ -41,9 +41,11 @@ def test_a_fresh_machine_with_the_tiny_model_fails_only_the_token(
         "gpu",
         "compile",
         "model",
+        "memory",
         "styles",
     }
     assert checks["compile"].startswith("ok off: auto compiles only on CUDA")
+    assert checks["memory"].startswith("ok") and "GiB of weights in cpu memory" in checks["memory"]
     failed = {name for name, text in checks.items() if text.startswith("FAIL")}
     assert failed == {"discord token"}
     assert "export DISCORD_TOKEN" in checks["discord token"]

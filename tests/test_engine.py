@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from generation.engine import (
+    TEST_FAULT_ENV,
     CancelToken,
     Engine,
     GenerationCancelled,
@@ -20,7 +21,7 @@ from generation.engine import (
 )
 from generation.grid import compose_grid
 from generation.metadata import read_recipe
-from generation.previews import latent_preview
+from generation.previews import latent_preview, wait_for_previews
 from storage.derive import (
     STRONG_VARIATION_STRENGTH,
     SUBTLE_VARIATION_STRENGTH,
@@ -57,18 +58,10 @@ def mean_difference(a: Image.Image, b: Image.Image) -> float:
 
 
 def test_grid_is_one_batched_call_with_one_seed_per_image(
-    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
+    tiny_engine: Engine, pipeline_calls: list[int]
 ) -> None:
-    calls: list[int] = []
-    original = type(tiny_engine.pipe).__call__
-
-    def counting(pipe: object, *args: object, **kwargs: object) -> object:
-        calls.append(len(kwargs["generator"]))  # type: ignore[arg-type]
-        return original(pipe, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(type(tiny_engine.pipe), "__call__", counting)
     images = tiny_engine.txt2img(recipe())
-    assert calls == [4]
+    assert pipeline_calls == [4]
     assert [image.seed for image in images] == [42, 43, 44, 45]
     assert [image.index for image in images] == [0, 1, 2, 3]
     assert all(image.image.size == (64, 64) for image in images)
@@ -133,8 +126,8 @@ def _final_latents(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[torc
     captured: list[torch.Tensor] = []
     original = engine._step_callback
 
-    def recording(progress: object, cancel: object) -> object:
-        inner = original(progress, cancel)  # type: ignore[arg-type]
+    def recording(progress: object, cancel: object, **how: object) -> object:
+        inner = original(progress, cancel, **how)  # type: ignore[arg-type]
 
         def on_step_end(pipe: object, step: int, t: object, tensors: dict) -> dict:
             if step + 1 == pipe.num_timesteps:  # type: ignore[attr-defined]
@@ -159,7 +152,7 @@ def test_subtle_variation_stays_closer_to_its_source_than_a_reroll(
     with torch.no_grad():  # the source as img2img starts from it: its VAE encoding
         encoded = vae.encode(tiny_engine.pipe.image_processor.preprocess(source))
     source_latent = encoded.latent_dist.mean[0] * vae.config.scaling_factor
-    source_pixels = pixels(latent_preview(source_latent, "tiny-sd"))
+    source_pixels = pixels(latent_preview(source_latent, "sd15"))
     subtle = tiny_engine.img2img(
         recipe(seed=1000, steps=8, strength=SUBTLE_VARIATION_STRENGTH), source
     )
@@ -173,7 +166,7 @@ def test_subtle_variation_stays_closer_to_its_source_than_a_reroll(
         return float(
             np.mean(
                 [
-                    np.abs(pixels(latent_preview(latent, "tiny-sd")) - source_pixels).mean()
+                    np.abs(pixels(latent_preview(latent, "sd15")) - source_pixels).mean()
                     for latent in batch
                 ]
             )
@@ -224,10 +217,13 @@ def test_tiles_cover_the_image_with_overlap() -> None:
 def test_progress_reports_every_step_with_previews_every_k(tiny_engine: Engine) -> None:
     events: list[Progress] = []
     tiny_engine.txt2img(recipe(steps=6, count=2), progress=events.append)
-    assert [(e.step, e.total) for e in events] == [(i, 6) for i in range(1, 7)]
-    with_preview = [e.step for e in events if e.preview is not None]
-    assert with_preview == [2, 4]  # preview_every=2, none on the last step
-    preview = events[1].preview
+    wait_for_previews()  # they come from their own thread, after their step's event
+    steps = [(e.step, e.total) for e in events if e.preview is None]
+    assert steps == [(i, 6) for i in range(1, 7)]
+    shown = [(n, e.step, e.total) for n, e in enumerate(events) if e.preview is not None]
+    assert [(step, total) for _, step, total in shown] == [(2, 6), (4, 6)]  # none on the last
+    assert shown[0][0] > 1 and shown[1][0] > shown[0][0]
+    preview = events[shown[0][0]].preview
     assert preview is not None
     with Image.open(io.BytesIO(preview)) as image:
         assert image.format == "JPEG" and max(image.size) <= 256
@@ -315,14 +311,15 @@ def test_a_batch_reports_to_each_recipe_and_stops_only_when_all_are_cancelled(
         recipes, progress=[reporter(0), reporter(1)], cancel=tokens
     )
     # Within step 1 the first recipe's report cancelled the second before it heard of it.
-    assert [p.step for p in seen[0]] == [1, 2, 3, 4] and seen[1] == []
-    assert len(kept) == 1 and len(cancelled) == 2  # the caller discards the cancelled ones
-    previews = [p.preview for p in seen[0]]
-    assert previews[1] is not None and previews[0] is None  # every 2 steps, image 0's
+    assert [p.step for p in seen[0] if p.preview is None] == [1, 2, 3, 4] and seen[1] == []
+    assert len(kept) == 1 and cancelled == []  # a cancelled recipe gets no images
+    assert {p.step for p in seen[0] if p.preview is not None} <= {2}  # every 2 steps
 
     steps: list[int] = []
 
     def cancel_all_at_two(progress: Progress) -> None:
+        if progress.preview is not None:
+            return  # a preview is an event of its own, after its step's
         steps.append(progress.step)
         if progress.step == 2:
             for token in tokens:
@@ -336,3 +333,25 @@ def test_a_batch_reports_to_each_recipe_and_stops_only_when_all_are_cancelled(
             cancel=tokens,
         )
     assert steps == [1, 2]
+
+
+def test_a_batch_out_of_memory_runs_again_one_image_at_a_time_each_with_its_seed(
+    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch, pipeline_calls: list[int]
+) -> None:
+    recipes = [recipe(prompt="a full harbour", seed=3, count=1), recipe(seed=7, count=2)]
+    together = tiny_engine.txt2img_batch(recipes, encode=False)
+    assert pipeline_calls == [3]
+    pipeline_calls.clear()
+    monkeypatch.setenv(TEST_FAULT_ENV, "oom:harbour")
+    steps: list[list[int]] = [[], []]
+    progress = [
+        lambda p, j=j: steps[j].append(p.step * 100 // p.total) if p.preview is None else None
+        for j in range(2)
+    ]
+    apart = tiny_engine.txt2img_batch(recipes, progress=progress, encode=False)
+    assert pipeline_calls == [1, 1, 1]  # 3 ran out of memory (injected): one by one
+    assert steps[0][-1] == 100 and steps[1][-1] == 100 and steps[1] == sorted(steps[1])
+    assert [[one.seed for one in images] for images in apart] == [[3], [7, 8]]
+    for images, expected in zip(apart, together, strict=True):
+        for one, other in zip(images, expected, strict=True):
+            assert np.abs(pixels(one.image) - pixels(other.image)).max() <= BATCH_TOLERANCE

@@ -201,3 +201,36 @@ async def test_0010_and_0011_keep_images_and_likes_and_count_them(
         rows = [dict(row) for row in images]
     assert sorted(tuple(row) for row in likes) == [(1, 2), (2, 2)]
     assert [row["id"] for row in rows] == [1, 2] and "like_count" not in rows[0]
+
+
+async def test_0012_allows_outpaint_generations_and_a_downgrade_keeps_them(
+    empty_database: Database,
+) -> None:
+    from datetime import UTC, datetime
+
+    import pytest
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    now = datetime(2026, 11, 27, tzinfo=UTC)
+    insert = text(
+        "INSERT INTO generations (id, kind, requester_id, recipe, model, status,"
+        " priority, attempts, queued_at) VALUES (:id, 'outpaint', 1, '{}', 'm',"
+        " 'succeeded', 0, 0, :now)"
+    )
+    await runner.upgrade(empty_database, "0011")
+    async with empty_database.session() as session:
+        await session.execute(
+            text("INSERT INTO users (id, settings, created_at) VALUES (1, '{}', :now)"),
+            {"now": now},
+        )
+    with pytest.raises(IntegrityError):  # the CHECK of kinds before 0012
+        async with empty_database.session() as session:
+            await session.execute(insert, {"id": 1, "now": now})
+    await runner.upgrade(empty_database)
+    async with empty_database.session() as session:
+        await session.execute(insert, {"id": 2, "now": now})
+    await runner.downgrade(empty_database, "0011")
+    async with empty_database.session() as session:
+        kinds = (await session.execute(text("SELECT id, kind FROM generations"))).all()
+    assert [tuple(row) for row in kinds] == [(2, "variation")]

@@ -23,8 +23,8 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import selectinload
 
 from storage.blobs import DatabaseBlobStore
-from storage.database import Database
-from storage.errors import QueueUnavailable
+from storage.database import Database, is_unavailable
+from storage.errors import DatabaseMisconfigured, QueueUnavailable
 from storage.models import Generation, GenerationStatus
 from storage.models import Worker as WorkerRow
 from tests.fake_discord import ALICE, BOB, MOD, FakeDiscord, Interaction, user
@@ -355,9 +355,21 @@ async def test_the_bot_s_event_stream_listens_and_sweeps_again_after_an_outage()
     ],
 )
 def test_what_counts_as_the_database_being_away(error: Exception, outage: bool) -> None:
-    from storage.database import is_unavailable
-
     wrapped = RuntimeError("while storing the images")
     wrapped.__cause__ = error
     assert is_unavailable(error) is outage
     assert is_unavailable(wrapped) is outage
+
+
+async def test_a_database_that_does_not_exist_is_not_waited_for(postgres_admin_url: URL) -> None:
+    """A worker that lost the server waits for it to come back; a server that answers but
+    has no such database (or refuses the login) will not fix itself: say so at once."""
+    database = Database(postgres_admin_url.set(database="imagine_no_such_database"))
+    try:
+        with pytest.raises(DatabaseMisconfigured) as refused:
+            await asyncio.wait_for(database.wait_until_back(every=0.1), timeout=20)
+    finally:
+        await database.dispose()
+    assert "has no database 'imagine_no_such_database'" in str(refused.value)
+    assert "createdb" in str(refused.value)
+    assert not is_unavailable(refused.value)

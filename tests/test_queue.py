@@ -18,12 +18,20 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from generation.engine import Engine
 from generation.worker import Worker
 from storage.blobs import LocalBlobStore
+from storage.controls import ControlRef
 from storage.database import Database
-from storage.events import JobProgress, LocalEventBus
+from storage.events import (
+    JobCancelled,
+    JobEvent,
+    JobFailed,
+    JobProgress,
+    JobSucceeded,
+    LocalEventBus,
+)
 from storage.generations import get_generation, transition
 from storage.models import Generation, GenerationKind, GenerationStatus, Image
 from storage.queue import Cancellations, RowJobs, RowQueue, Submission
-from storage.recipe import Recipe
+from storage.recipe import ImageRef, Outpaint, Recipe
 from storage.scheduling import Limits, claim_batch, claim_next
 
 S = GenerationStatus
@@ -182,14 +190,34 @@ async def test_a_batch_is_the_compatible_start_of_the_fair_order(
     assert await claim_batches(database, max_images) == expected
 
 
-async def test_jobs_from_a_source_image_run_alone(database: Database) -> None:
+KEY = "0" * 64
+ALONE = {  # what a batched call would have to prove identical: each such job runs alone
+    "variation": (GenerationKind.VARIATION, {"source_image_id": 1, "strength": 0.5}),
+    "image prompt": (
+        GenerationKind.IMAGINE,
+        {
+            "init_image": ImageRef(blob_key=KEY, sha256=KEY, width=64, height=64),
+            "image_weight": 1.0,
+            "strength": 0.7,
+        },
+    ),
+    "control": (GenerationKind.IMAGINE, {"controls": (ControlRef(type="canny", map_key=KEY),)}),
+    "zoom": (
+        GenerationKind.OUTPAINT,
+        {"source_image_id": 1, "outpaint": Outpaint(left=8, top=0, right=8, bottom=0)},
+    ),
+}
+
+
+@pytest.mark.parametrize("what", list(ALONE))
+async def test_jobs_from_an_image_or_with_controls_run_alone(database: Database, what: str) -> None:
+    kind, inputs = ALONE[what]
     queue = RowQueue(database, LIMITS)
     for requester in (ALICE, BOB):
-        variation = recipe(f"variation {requester}").model_copy(
-            update={"source_image_id": 1, "strength": 0.5}
-        )
-        await queue.submit(Submission(GenerationKind.VARIATION, variation, requester))
-    assert await claim_batches(database, 8) == [["variation 1"], ["variation 2"]]
+        one = recipe(f"{what} {requester}").model_copy(update=inputs)
+        await queue.submit(Submission(kind, one, requester))
+    await queue.submit(submission(CAROL, "plain"))
+    assert await claim_batches(database, 8) == [[f"{what} 1"], [f"{what} 2"], ["plain"]]
 
 
 def worker_on(database: Database, engine: Engine, tmp_path: Path, max_batch: int) -> Worker:
@@ -235,16 +263,9 @@ async def test_a_batched_worker_gives_each_job_the_images_it_gets_alone(
     tiny_engine: Engine,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    pipeline_calls: list[int],
     max_batch: int,
 ) -> None:
-    calls: list[int] = []
-    original = type(tiny_engine.pipe).__call__
-
-    def counting(pipe: object, *args: object, **kwargs: object) -> object:
-        calls.append(len(kwargs["generator"]))  # type: ignore[arg-type]
-        return original(pipe, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(type(tiny_engine.pipe), "__call__", counting)
     queue = RowQueue(database, LIMITS)
     recipes = [
         recipe("a lighthouse").model_copy(update={"count": 2, "seed": 5}),
@@ -254,8 +275,27 @@ async def test_a_batched_worker_gives_each_job_the_images_it_gets_alone(
     for requester, one in zip((ALICE, BOB, CAROL), recipes, strict=True):
         await queue.submit(Submission(GenerationKind.IMAGINE, one, requester))
     worker = worker_on(database, tiny_engine, tmp_path, max_batch)
-    await run_until_finished(worker, database)
-    assert calls == ([6] if max_batch == 8 else [2, 1, 3])
+    finals: list[JobEvent] = []
+    all_announced = asyncio.Event()
+
+    async def listen() -> None:
+        async for event in worker.events.subscribe():
+            if isinstance(event, JobSucceeded | JobFailed | JobCancelled):
+                finals.append(event)
+                if len(finals) == len(recipes):
+                    all_announced.set()
+
+    listener = asyncio.create_task(listen())
+    await asyncio.sleep(0)
+    try:
+        await run_until_finished(worker, database)  # stopping, it stores the last ones first
+        await asyncio.wait_for(all_announced.wait(), 10)
+        await asyncio.sleep(0.1)  # a second announcement would arrive meanwhile
+    finally:
+        listener.cancel()
+    assert pipeline_calls == ([6] if max_batch == 8 else [2, 1, 3])
+    # Each job of the batch stored in the background and announced once, with its images.
+    assert sorted((e.generation_id, len(e.image_ids)) for e in finals) == [(1, 2), (2, 1), (3, 3)]
     monkeypatch.undo()
     blobs = LocalBlobStore(tmp_path / "blobs")
     async with database.session() as session:
@@ -282,7 +322,7 @@ async def test_cancelling_one_job_of_a_batch_keeps_the_others(
 
     async def cancel_at_the_first_step() -> None:
         async for event in worker.events.subscribe():
-            if isinstance(event, JobProgress):
+            if isinstance(event, JobProgress) and event.preview is None:
                 steps[event.generation_id].append(event.step)
                 if event.generation_id == doomed.id and event.step == 1:
                     await queue.cancel(doomed.id)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
@@ -25,7 +27,8 @@ from generation.worker import Worker
 from storage.database import Database
 from storage.deployment import Deployment
 from storage.events import JobCancelled, JobEvent, JobProgress, JobStarted, JobSucceeded
-from storage.models import Generation, GenerationKind, GenerationStatus
+from storage.generations import Origin
+from storage.models import Generation, GenerationKind, GenerationStatus, Guild
 from storage.queue import JobQueue, Submission
 from storage.recipe import Recipe
 from storage.scheduling import Limits, QueueFull
@@ -34,6 +37,8 @@ from tests.conftest import migrated_database
 
 S = GenerationStatus
 A, B, C = 101, 102, 103
+GUILD = 900
+NOWHERE = Origin()
 LIMITS = Limits(max_running_per_user=1, max_queued_per_user=20)
 
 
@@ -190,6 +195,75 @@ async def test_the_queued_limit_refuses_with_the_count(backend: Backend) -> None
     assert [row.requester_id for row in await rows(backend.database)] == [A, A, B]
 
 
+async def test_submissions_at_once_never_pass_the_limits(backend: Backend) -> None:
+    """A member's commands arriving together (a new member's first ones, then an existing
+    member's) are counted one at a time: no two both take the last free place. The server's
+    own limit holds the same way."""
+    async with backend.database.session() as session:
+        session.add(Guild(id=GUILD, max_queued_per_user=2))
+    in_guild = Origin(guild_id=GUILD, channel_id=1)
+
+    async def at_once(user: int, count: int, origin: Origin = NOWHERE) -> list[object]:
+        return await asyncio.gather(
+            *(
+                backend.queue.submit(replace(submission(user, f"at once {n}"), origin=origin))
+                for n in range(count)
+            ),
+            return_exceptions=True,
+        )
+
+    backend.queue.limits = Limits(max_running_per_user=1, max_queued_per_user=3)
+    first = await at_once(A, 8)  # A is new: their row is made by one of these
+    assert sum(isinstance(r, Generation) for r in first) == 3, first
+    assert all(isinstance(r, Generation | QueueFull) for r in first), first
+    again = await at_once(A, 4)  # all refused: A's three wait still
+    assert all(isinstance(r, QueueFull) for r in again), again
+    here = await at_once(B, 6, in_guild)
+    assert sum(isinstance(r, Generation) for r in here) == 2, here
+    assert all(isinstance(r, Generation | QueueFull) for r in here), here
+    queued = [row.requester_id for row in await rows(backend.database)]
+    assert sorted(queued) == [A, A, A, B, B]
+
+
+def round_trips(database: Database) -> list[str]:
+    """What ``database`` sends from now on: statements, and BEGIN/COMMIT/ROLLBACK where a
+    transaction is open (outside one, as for autocommit reads, the driver sends none)."""
+    sent: list[str] = []
+
+    def statement(_connection: Any, _cursor: Any, text: str, *_: Any) -> None:
+        sent.append(text.split(None, 1)[0])
+
+    def transaction(name: str) -> Callable[..., None]:
+        def record(connection: Any, *_: Any) -> None:
+            if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+                sent.append(name)
+
+        return record
+
+    engine = database.engine.sync_engine
+    sqlalchemy.event.listen(engine, "before_cursor_execute", statement)
+    for name in ("begin", "commit", "rollback"):
+        sqlalchemy.event.listen(engine, name, transaction(name.upper()))
+    return sent
+
+
+async def test_a_submission_and_its_position_cost_few_round_trips(backend: Backend) -> None:
+    """A member's /imagine in a server: one transaction (lock the member, count, insert);
+    in the scaled mode the job's id is recorded on the row (procrastinate's own query that
+    makes the job is on top), and the place in line is one statement."""
+    await backend.queue.submit(submission(A))  # A is known, as most members are
+    sent = round_trips(backend.database)
+    in_guild = replace(submission(A), origin=Origin(guild_id=GUILD, channel_id=1))
+    generation = await backend.queue.submit(in_guild)
+    submitted = list(sent)
+    assert submitted[:5] == ["BEGIN", "INSERT", "SELECT", "INSERT", "COMMIT"], submitted
+    assert len(submitted) == (6 if backend.name == "procrastinate" else 5), submitted
+    sent.clear()
+    assert (await backend.queue.position(generation.id)).position == 2
+    if backend.name == "procrastinate":
+        assert sent == ["SELECT"]
+
+
 async def test_positions_follow_the_fair_order_with_growing_waits(backend: Backend) -> None:
     ids = [(await backend.queue.submit(submission(user))).id for user in (A, A, A, B, C)]
     a1, a2, a3, b1, c1 = ids
@@ -243,7 +317,8 @@ async def test_the_worker_publishes_started_progress_and_succeeded(
     listener.cancel()
     ours = [e for e in events if e.generation_id == generation.id]
     assert isinstance(ours[0], JobStarted) and ours[0].worker_name == "w"
-    assert [e.step for e in ours if isinstance(e, JobProgress)] == [1, 2, 3]
+    steps = [e.step for e in ours if isinstance(e, JobProgress) and e.preview is None]
+    assert steps == [1, 2, 3]  # and a preview of step 2, from its own thread
     assert all(e.total == 3 for e in ours if isinstance(e, JobProgress))
     assert isinstance(ours[-1], JobSucceeded)
     [row] = await rows(backend.database)

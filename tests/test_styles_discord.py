@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import torch
 from sqlalchemy import select
 
 from generation.engine import Engine
@@ -102,8 +103,23 @@ async def test_uploads_that_cannot_be_styles_are_refused_and_nothing_is_kept(
 
     garbage = await add_style(running, "junk.safetensors", b"\xff" * 64)
     assert "not a valid safetensors file" in await refusal(running, garbage)
+    cut = await add_style(running, "cut.safetensors", wide.read_bytes()[:-100])
+    assert "damaged or cut short" in await refusal(running, cut)
+    loha = await add_style(running, "loha.safetensors", _loha(tmp_path / "loha.safetensors"))
+    assert "loha.safetensors is a LyCORIS LoHa file, a format diffusers cannot load" in (
+        await refusal(running, loha)
+    )
     async with running.database.session() as session:
         assert list(await session.scalars(select(Style))) == []
+
+
+def _loha(path: Path) -> bytes:
+    from safetensors.torch import save_file
+
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    halves = {f"{name}.hada_w{i}_{h}": torch.zeros(4, 32) for i in (1, 2) for h in "ab"}
+    save_file({**halves, f"{name}.alpha": torch.tensor(4.0)}, str(path))
+    return path.read_bytes()
 
 
 async def test_members_without_manage_server_cannot_add_styles(

@@ -76,7 +76,12 @@ async def run_checks(settings: Settings, *, quick: bool = False) -> list[Check]:
         return checks
     checks.insert(0, check_token(settings))
     checks.append(await asyncio.to_thread(check_disk, settings))
-    slow: list[Callable[[Settings], Check]] = [check_device, check_compile, check_model]
+    slow: list[Callable[[Settings], Check]] = [
+        check_device,
+        check_compile,
+        check_model,
+        check_memory,
+    ]
     for step in slow:  # torch import, model files: off the event loop
         checks.append(await asyncio.to_thread(step, settings))
     checks.append(check_styles(settings))
@@ -243,7 +248,7 @@ def check_compile(settings: Settings) -> Check:
         from generation.compiled import plan_compile
         from generation.loading import pick_device
 
-        plan = plan_compile(settings.compile, pick_device(settings.device))
+        plan = plan_compile(settings.compile, pick_device(settings.device), settings.offload)
     except ImportError as exc:
         return Check("compile", FAIL, f"torch is not installed ({exc}); install Imagine with pip.")
     except ImagineError as exc:
@@ -268,7 +273,51 @@ def check_model(settings: Settings) -> Check:
     except ImagineError as exc:
         return Check("model", FAIL, str(exc))
     kind = "built in code" if model in TINY_MODELS else source.kind.replace("_", " ")
+    if source.kind == "single_file":
+        from generation.single_file import describe_single_file
+
+        try:
+            kind = describe_single_file(source.path, settings)
+        except ImagineError as exc:
+            return Check("model", FAIL, str(exc))
     return Check("model", OK, f"{model}: {kind}, at {source.path}")
+
+
+def check_memory(settings: Settings) -> Check:
+    """Whether the model's weights fit the GPU with IMAGINE_OFFLOAD and IMAGINE_QUANTIZE, and
+    the fastest option that does."""
+    try:
+        import torch
+
+        from generation.loading import ModelNotFound, pick_device, pick_dtype, resolve_source
+        from generation.memory import GIB, advise, check_offload, fit, parameter_counts
+    except ImportError as exc:
+        return Check("memory", FAIL, f"torch is not installed ({exc}); install Imagine with pip.")
+    try:
+        device = pick_device(settings.device)
+        check_offload(settings.offload, device)
+        source = resolve_source(
+            settings.model, settings.model_copy(update={"allow_downloads": False})
+        )
+    except ModelNotFound:
+        return Check("memory", WARN, "the model is not on this machine yet: sizes unknown")
+    except ImagineError as exc:
+        return Check("memory", FAIL, str(exc))
+    parts = parameter_counts(source.path)
+    dtype_bytes = pick_dtype(settings.dtype, device).itemsize
+    weights = sum(parts.values()) * dtype_bytes / GIB
+    if device.type != "cuda":
+        return Check("memory", OK, f"{weights:.1f} GiB of weights in {device.type} memory")
+    gpu_bytes = torch.cuda.get_device_properties(device.index or 0).total_memory
+    best, advice = advise(parts, dtype_bytes, gpu_bytes)
+    chosen = fit(parts, dtype_bytes, gpu_bytes, settings.offload, settings.quantize)
+    if not chosen.fits:
+        return Check(
+            "memory", FAIL if best is None else WARN, f"{chosen.settings} will not fit: {advice}"
+        )
+    return Check(
+        "memory", OK, f"{chosen.settings} needs about {chosen.gpu_bytes / GIB:.1f} GiB; {advice}"
+    )
 
 
 def _hub_reachable(model: str) -> Check:

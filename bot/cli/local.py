@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +22,21 @@ from bot.cli.engine import load_engine
 from bot.deployment import start_deployment
 from storage.blobs import LocalBlobStore
 from storage.deployment import Deployment
-from storage.derive import reroll_recipe, upscale_recipe, variation_recipe
+from storage.derive import (
+    PAN_DIRECTIONS,
+    ZOOM_FACTORS,
+    outpaint_recipe,
+    pan_margins,
+    reroll_recipe,
+    upscale_recipe,
+    variation_recipe,
+    zoom_margins,
+)
 from storage.errors import ImagineError
 from storage.families import configured_family
 from storage.generations import create_generation, get_generation, get_image
 from storage.models import Generation, GenerationKind, GenerationStatus, Image
-from storage.recipe import Recipe
+from storage.recipe import Outpaint, Recipe
 from storage.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -58,6 +68,16 @@ def register(commands: Any) -> None:
     strength.add_argument("--subtle", dest="strong", action="store_false", default=False)
     strength.add_argument("--strong", dest="strong", action="store_true")
     vary.set_defaults(handler=_vary)
+
+    zoom = _running_command(commands, "zoom", "zoom out: four wider views around one image")
+    zoom.add_argument("image_id", type=int)
+    zoom.add_argument("--factor", type=float, choices=ZOOM_FACTORS, default=2.0)
+    zoom.set_defaults(handler=_zoom)
+
+    pan = _running_command(commands, "pan", "extend one image by half a side in a direction")
+    pan.add_argument("image_id", type=int)
+    pan.add_argument("direction", choices=PAN_DIRECTIONS)
+    pan.set_defaults(handler=_pan)
 
     reroll = _running_command(commands, "reroll", "run a generation's recipe with a new seed")
     reroll.add_argument("generation_id", type=int)
@@ -304,6 +324,23 @@ def _vary(args: argparse.Namespace) -> int:
     )
 
 
+def _outpaint(args: argparse.Namespace, margins_for: Callable[[Image], Outpaint]) -> int:
+    settings = _settings(args)
+    parent, image = asyncio.run(_parent(settings, args.image_id))
+    recipe = outpaint_recipe(parent, image, margins_for(image))
+    return asyncio.run(
+        _submit_and_run(settings, GenerationKind.OUTPAINT, [recipe], args.out, args.image_id)
+    )
+
+
+def _zoom(args: argparse.Namespace) -> int:
+    return _outpaint(args, lambda image: zoom_margins(image.width, image.height, args.factor))
+
+
+def _pan(args: argparse.Namespace) -> int:
+    return _outpaint(args, lambda image: pan_margins(image.width, image.height, args.direction))
+
+
 def _reroll(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
@@ -334,8 +371,15 @@ def _show(args: argparse.Namespace) -> int:
         if generation.error:
             print(f"error: {generation.error}")
         print(f"prompt: {format_recipe(recipe)}")
-        print(f"model: {recipe.model} (hash {recipe.model_hash or 'unknown'})")
+        low_bits = f", {recipe.quantization} weights" if recipe.quantization else ""
+        print(f"model: {recipe.model} (hash {recipe.model_hash or 'unknown'}{low_bits})")
         print(f"size: {recipe.width}x{recipe.height}, steps {recipe.steps}, cfg {recipe.guidance}")
+        if recipe.init_image is not None:
+            ref = recipe.init_image
+            print(
+                f"image prompt: blob {ref.blob_key} ({ref.width}x{ref.height}, sha256 "
+                f"{ref.sha256}), --iw {recipe.image_weight:g}, strength {recipe.strength:g}"
+            )
         for image in generation.images:
             blobs = deployment.blobs
             where = blobs.path_for(image.blob_key) if isinstance(blobs, LocalBlobStore) else ""

@@ -172,6 +172,7 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
                 session, interaction.guild_id, interaction.user.id, change, apply
             )
             text = describe_policy(guild, self.services.settings.public_url)
+        self.bot.policies.forget(interaction.guild_id)  # committed: /imagine reads it afresh
         await interaction.response.send_message(f"{change}.\n{text}", ephemeral=True)
 
     @app_commands.command(name="show", description="The server's rules and their latest changes.")

@@ -20,10 +20,26 @@ from bot.modals import RemixModal
 from bot.prompt import PromptOverrides, format_recipe
 from bot.records import load_generation, load_image
 from bot.replies import Refusal, refuse, send_rendered
-from bot.submit import defer_within_rate_limit, run_prompt, submit
-from bot.views import GRID_TEMPLATE, IMAGE_TEMPLATE, grid_button, image_button, image_view
+from bot.submit import Order, defer_within_rate_limit, run_prompt, submit_order
+from bot.views import (
+    GRID_TEMPLATE,
+    IMAGE_TEMPLATE,
+    PANS,
+    ZOOMS,
+    grid_button,
+    image_button,
+    image_view,
+)
 from bot.web_links import image_link
-from storage.derive import remix_base, reroll_recipe, upscale_recipe, variation_recipe
+from storage.derive import (
+    outpaint_recipe,
+    pan_margins,
+    remix_base,
+    reroll_recipe,
+    upscale_recipe,
+    variation_recipe,
+    zoom_margins,
+)
 from storage.errors import ImagineError, NotFound
 from storage.gallery import remove_from_gallery, toggle_like
 from storage.generations import recent_generations
@@ -54,8 +70,14 @@ def describe(generation: Generation, image: Image | None = None) -> str:
     lines.append(
         f"Model: `{recipe.model}`" + (f" ({recipe.model_family})" if recipe.model_family else "")
     )
-    if recipe.strength is not None:
+    if recipe.strength is not None and recipe.source_image_id is not None:
         lines.append(f"Strength {recipe.strength} from image {recipe.source_image_id}")
+    if recipe.init_image is not None:
+        ref = recipe.init_image
+        lines.append(
+            f"Image prompt: {ref.width}×{ref.height}, sha256 `{ref.sha256[:16]}…`, "
+            f"--iw {recipe.image_weight:g} (strength {recipe.strength:g})"
+        )
     lines.append("Prompt to reproduce it:")
     lines.append(f"```\n{format_recipe(recipe)[:1500]}\n```")
     return "\n".join(lines)[:2000]
@@ -95,33 +117,34 @@ async def grid_action(
         text = format_recipe(remix_base(generation.recipe))
         await interaction.response.send_modal(RemixModal(generation_id, text))
         return
+    if action[0] == "u":
+        await _post_tile(interaction, generation_id, int(action[1:]))
+        return
+
+    async def order() -> Order:
+        generation = await load_generation(database, generation_id)
+        if action == "reroll":
+            return Order(GenerationKind.REROLL, [reroll_recipe(generation.recipe)])
+        image = _tile(generation, int(action[1:]))
+        recipe = variation_recipe(generation.recipe, image, strong=True)
+        # What is made from a private result stays off the web too.
+        return Order(GenerationKind.VARIATION, [recipe], image.id, generation.private)
+
+    await submit_order(interaction, order)
+
+
+async def _post_tile(
+    interaction: discord.Interaction[ImagineBot], generation_id: int, number: int
+) -> None:
+    """U1-U4: the tile as an image of its own, with its buttons."""
     if not await defer_within_rate_limit(interaction):
         return
-    async with interaction.client.submitting:  # a burst takes turns for connections
-        generation = await load_generation(database, generation_id)
-    if action == "reroll":
-        await submit(
-            interaction,
-            GenerationKind.REROLL,
-            [reroll_recipe(generation.recipe)],
-            rate_limited=False,
-        )
-        return
-    image = _tile(generation, int(action[1:]))
-    if action[0] == "u":
-        delivery = interaction.client.delivery
-        async with interaction.client.submitting:
-            rendered = await delivery.render_image(generation, image, interaction.filesize_limit)
-        await send_rendered(interaction, rendered)
-    else:
-        recipe = variation_recipe(generation.recipe, image, strong=True)
-        await submit(
-            interaction,
-            GenerationKind.VARIATION,
-            [recipe],
-            parent_image_id=image.id,
-            rate_limited=False,
-        )
+    bot = interaction.client
+    async with bot.submitting:  # a burst takes turns for connections
+        generation = await load_generation(bot.services.database, generation_id)
+        image = _tile(generation, number)
+        rendered = await bot.delivery.render_image(generation, image, interaction.filesize_limit)
+    await send_rendered(interaction, rendered)
 
 
 def _tile(generation: Generation, number: int) -> Image:
@@ -160,17 +183,26 @@ async def image_action(
     interaction: discord.Interaction[ImagineBot], image_id: int, action: str
 ) -> None:
     services = interaction.client.services
-    if action in ("subtle", "strong", "up"):
-        if not await defer_within_rate_limit(interaction):
-            return
-        async with interaction.client.submitting:
+    if action in ("subtle", "strong", "up", *ZOOMS, *PANS):
+
+        async def order() -> Order:
             image, generation = await load_image(services.database, image_id)
-        if action == "up":
-            kind, recipe = GenerationKind.UPSCALE, upscale_recipe(generation.recipe, image)
-        else:
-            kind = GenerationKind.VARIATION
-            recipe = variation_recipe(generation.recipe, image, strong=action == "strong")
-        await submit(interaction, kind, [recipe], parent_image_id=image.id, rate_limited=False)
+            if action == "up":
+                kind, recipe = GenerationKind.UPSCALE, upscale_recipe(generation.recipe, image)
+            elif action in ZOOMS or action in PANS:
+                margins = (
+                    zoom_margins(image.width, image.height, ZOOMS[action])
+                    if action in ZOOMS
+                    else pan_margins(image.width, image.height, PANS[action])
+                )
+                kind = GenerationKind.OUTPAINT
+                recipe = outpaint_recipe(generation.recipe, image, margins)
+            else:
+                kind = GenerationKind.VARIATION
+                recipe = variation_recipe(generation.recipe, image, strong=action == "strong")
+            return Order(kind, [recipe], image.id, generation.private)
+
+        await submit_order(interaction, order)
         return
     image, generation = await load_image(services.database, image_id)
     if action == "remix":
@@ -222,6 +254,7 @@ class ImagineCog(commands.Cog):
         aspect_ratio="The picture's shape",
         negative="What to keep out of the picture",
         seed="The noise to start from: the same seed and prompt give the same images",
+        image="An image to start from (PNG, JPEG, WebP or GIF); --iw 0-2 sets how strongly",
     )
     @app_commands.choices(aspect_ratio=ASPECT_RATIOS)
     @app_commands.autocomplete(style=style_choices)
@@ -233,6 +266,7 @@ class ImagineCog(commands.Cog):
         aspect_ratio: str | None = None,
         negative: app_commands.Range[str, 1, 1000] | None = None,
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+        image: discord.Attachment | None = None,
     ) -> None:
         options = PromptOverrides(
             aspect_ratio=aspect_ratio,
@@ -240,7 +274,7 @@ class ImagineCog(commands.Cog):
             negative=negative,
             styles=(style,) if style else (),
         )
-        await run_prompt(interaction, prompt, options)
+        await run_prompt(interaction, prompt, options, image)
 
     # -- /info /show /queue /cancel ------------------------------------------------------------
 

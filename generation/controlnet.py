@@ -1,0 +1,149 @@
+"""ControlNets on a resident pipeline: loaded once, kept, and shared through ``from_pipe``.
+
+A ControlNet pipeline (text-to-image, image-to-image or inpainting; SD or SDXL, as
+diffusers' AutoPipelines pick it) is made with ``from_pipe`` from the engine's own
+pipeline, so it shares the UNet, VAE, text encoders and the style LoRAs loaded into
+them: base + styles + controls, one copy of each weight.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
+    ControlNetModel,
+)
+from PIL import Image
+
+from generation.controls import ControlRegistry, ControlSpec
+from generation.loading import ModelSource, Pipeline, model_hash, resolve_folder
+from generation.preprocess import Preprocessor, Unchanged, load_preprocessor
+from storage.controls import ControlError, ControlRef, check_controls
+from storage.settings import Settings
+
+CONTROLNET_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
+_AUTO_PIPELINES = {
+    "txt2img": AutoPipelineForText2Image,
+    "img2img": AutoPipelineForImage2Image,
+    "inpaint": AutoPipelineForInpainting,
+}
+# The argument naming the control map: the image-to-image pipelines take ``image`` as input.
+MAP_ARGUMENT = {"txt2img": "image", "img2img": "control_image", "inpaint": "control_image"}
+
+
+class ControlNets:
+    """The controls one engine runs: ControlNets and preprocessors loaded on first use and
+    kept resident, and one ``from_pipe`` pipeline per kind and set of controls."""
+
+    def __init__(
+        self,
+        registry: ControlRegistry,
+        settings: Settings,
+        family: str,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.family = family
+        self.device = device
+        self.dtype = dtype
+        self._models: dict[str, tuple[ControlNetModel, str]] = {}
+        self._preprocessors: dict[str, Preprocessor] = {}
+        self._pipelines: dict[tuple[str, tuple[str, ...]], Pipeline] = {}
+
+    def spec(self, kind: str) -> ControlSpec:
+        """The control of type ``kind`` for this family, or a sentence naming what there is."""
+        return self.registry.find(kind, self.family)
+
+    def model(self, kind: str) -> tuple[ControlNetModel, str]:
+        """The ControlNet of ``kind`` and the hash of its weights, loaded once."""
+        spec = self.spec(kind)
+        if spec.name not in self._models:
+            folder = resolve_folder(spec.model, self.settings, CONTROLNET_FILES)
+            if not (folder / "diffusion_pytorch_model.safetensors").is_file():
+                raise ControlError(
+                    f"The {kind} control {spec.name!r} has no diffusion_pytorch_model.safetensors "
+                    f"in {folder}; Imagine loads ControlNets as safetensors only (pickles can run "
+                    "code)."
+                )
+            model = ControlNetModel.from_pretrained(
+                str(folder), dtype=self.dtype, use_safetensors=True
+            ).to(self.device)
+            source = ModelSource(spec.model, "folder", folder)
+            self._models[spec.name] = (model, model_hash(source, self.settings.data_dir / "cache"))
+        return self._models[spec.name]
+
+    def preprocessor(self, ref: ControlRef) -> Preprocessor:
+        if ref.raw:
+            return Unchanged()
+        spec = self.spec(ref.type)
+        if spec.name not in self._preprocessors:
+            self._preprocessors[spec.name] = load_preprocessor(spec, self.settings, self.device)
+        return self._preprocessors[spec.name]
+
+    def make_map(
+        self, ref: ControlRef, source: Image.Image, size: tuple[int, int]
+    ) -> tuple[ControlRef, Image.Image]:
+        """The map of ``source`` at the generation's ``size``, and ``ref`` naming what made it."""
+        self.spec(ref.type)  # a control this family lacks is refused before any work
+        resized = source.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+        preprocessor = self.preprocessor(ref)
+        made = preprocessor(resized)
+        return ref.model_copy(update={"preprocessor": preprocessor.identity}), made
+
+    def complete(self, ref: ControlRef) -> ControlRef:
+        """``ref`` naming the ControlNet that runs it and its hash."""
+        _, weights = self.model(ref.type)
+        return ref.model_copy(update={"model": self.spec(ref.type).name, "model_hash": weights})
+
+    def pipeline(self, base: Pipeline, kind: str, controls: Sequence[ControlRef]) -> Pipeline:
+        """The ``kind`` pipeline running ``controls``, made once from ``base`` and kept."""
+        check_controls(tuple(controls))
+        names = tuple(self.spec(ref.type).name for ref in controls)
+        key = (kind, names)
+        if key not in self._pipelines:
+            models = [self.model(ref.type)[0] for ref in controls]
+            controlnet: Any = models[0] if len(models) == 1 else models
+            pipe = _AUTO_PIPELINES[kind].from_pipe(base, controlnet=controlnet)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipelines[key] = pipe
+        return self._pipelines[key]
+
+    def arguments(
+        self,
+        kind: str,
+        controls: Sequence[ControlRef],
+        maps: Sequence[Image.Image],
+        size: tuple[int, int],
+    ) -> dict[str, Any]:
+        """The pipeline call's control arguments: maps, weights and windows."""
+        if len(maps) != len(controls):
+            raise ControlError(
+                f"{len(controls)} control(s) need as many maps; {len(maps)} were given."
+            )
+        images = [image.convert("RGB").resize(size, Image.Resampling.LANCZOS) for image in maps]
+        one = len(controls) == 1
+
+        def each(values: list[Any]) -> Any:
+            return values[0] if one else values
+
+        return {
+            MAP_ARGUMENT[kind]: each(images),
+            "controlnet_conditioning_scale": each([ref.weight for ref in controls]),
+            "control_guidance_start": each([ref.start for ref in controls]),
+            "control_guidance_end": each([ref.end for ref in controls]),
+        }
+
+
+def map_png(image: Image.Image) -> bytes:
+    """A control map as the PNG stored in the blob store (same pixels, same bytes)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()

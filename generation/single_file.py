@@ -1,0 +1,150 @@
+"""Single-file checkpoints, as Civitai ships them, loaded with no network.
+
+A checkpoint in the original key layout (``model.diffusion_model.…``,
+``first_stage_model.…``, ``cond_stage_model.…`` or ``conditioner.embedders.…``)
+holds weights only. diffusers' ``from_single_file`` would fetch the family's
+diffusers configs and tokenizers from the hub; here the family is detected from the
+keys (storage/checkpoints.py, one entry per family), its configs are shipped in
+``single_file_configs/<family>/`` (or are the tiny model's own folder), and the CLIP
+tokenizer's vocabulary comes from a local folder or the Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from generation.tiny import ensure_tiny_model
+from storage.checkpoints import CheckpointFamily, detect_checkpoint, read_shapes, unreadable
+from storage.errors import ConfigError
+from storage.settings import Settings
+
+CONFIGS = Path(__file__).parent / "single_file_configs"
+# Hub repositories whose cached tokenizer files serve every CLIP-L/bigG tokenizer: the
+# BPE vocabulary is the same, only the special tokens differ (they come from our configs).
+_CACHED_TOKENIZERS = (
+    ("openai/clip-vit-large-patch14", ""),
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer/"),
+    ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer/"),
+)
+_VOCAB_FILES = ("vocab.json", "merges.txt")
+
+
+def config_folder(entry: CheckpointFamily, settings: Settings) -> Path | None:
+    """Where the family's diffusers configs are: the tiny model's folder, or shipped here."""
+    if entry.tiny_model is not None:
+        return ensure_tiny_model(entry.tiny_model, settings.data_dir / "models")
+    folder = CONFIGS / entry.family
+    return folder if (folder / "model_index.json").is_file() else None
+
+
+def _tokenizer_vocabulary(settings: Settings) -> Path | None:
+    """A folder holding the CLIP BPE files: the setting, else the Hugging Face cache."""
+    folder = settings.clip_tokenizer
+    if folder is not None:
+        for candidate in (folder, folder / "tokenizer"):
+            if (candidate / "tokenizer.json").is_file() or all(
+                (candidate / name).is_file() for name in _VOCAB_FILES
+            ):
+                return candidate
+        raise ConfigError(
+            f"IMAGINE_CLIP_TOKENIZER is {folder}, which holds no vocab.json and merges.txt "
+            "(nor a tokenizer.json); "
+            "point it at the tokenizer folder of an SD 1.5 or SDXL diffusers model."
+        )
+    from huggingface_hub import try_to_load_from_cache
+
+    for repo, prefix in _CACHED_TOKENIZERS:
+        found = [try_to_load_from_cache(repo, prefix + name) for name in _VOCAB_FILES]
+        if all(isinstance(file, str) for file in found):
+            return Path(str(found[0])).parent
+    return None
+
+
+def _download_vocabulary(settings: Settings) -> Path | None:
+    if not settings.allow_downloads:
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        files = [hf_hub_download(_CACHED_TOKENIZERS[0][0], name) for name in _VOCAB_FILES]
+    except Exception:
+        return None
+    return Path(files[0]).parent
+
+
+def _no_vocabulary(entry: CheckpointFamily) -> ConfigError:
+    return ConfigError(
+        f"A {entry.family} checkpoint needs the CLIP tokenizer's vocabulary (vocab.json "
+        "and merges.txt, 1.6 MB), which Imagine does not ship and did not find in the "
+        "Hugging Face cache. Set IMAGINE_CLIP_TOKENIZER to a folder holding them (the "
+        "tokenizer folder of any SD 1.5 or SDXL diffusers model), or run once with "
+        "downloads allowed (IMAGINE_ALLOW_DOWNLOADS=true) to cache them."
+    )
+
+
+def _no_configs(path: Path, entry: CheckpointFamily) -> ConfigError:
+    return ConfigError(
+        f"{path} is a {entry.family} checkpoint, whose configuration Imagine does not "
+        "ship; allow downloads (IMAGINE_ALLOW_DOWNLOADS=true) so diffusers can fetch it, "
+        "or convert the checkpoint to a diffusers folder."
+    )
+
+
+def describe_single_file(path: Path, settings: Settings) -> str:
+    """What ``imagine doctor`` says of a checkpoint file, without loading it;
+    :class:`ConfigError` if it cannot load as things stand."""
+    entry = detect_checkpoint(path, read_shapes(path))
+    if entry.tiny_model is None and config_folder(entry, settings) is None:
+        if not settings.allow_downloads:
+            raise _no_configs(path, entry)
+        return f"a {entry.family} checkpoint; its configuration is downloaded at start"
+    if entry.tokenizers and _tokenizer_vocabulary(settings) is None:
+        if not settings.allow_downloads:
+            raise _no_vocabulary(entry)
+        return f"a {entry.family} checkpoint; the CLIP tokenizer is downloaded at start"
+    return f"a {entry.family} checkpoint, loadable offline"
+
+
+def clip_tokenizers(entry: CheckpointFamily, config: Path, settings: Settings) -> dict[str, Any]:
+    """The family's tokenizers: the CLIP vocabulary with the special tokens of our configs."""
+    if not entry.tokenizers:
+        return {}
+    from transformers import CLIPTokenizer
+
+    vocabulary = _tokenizer_vocabulary(settings) or _download_vocabulary(settings)
+    if vocabulary is None:
+        raise _no_vocabulary(entry)
+    tokenizers = {}
+    for name in entry.tokenizers:
+        special = json.loads((config / name / "tokenizer_config.json").read_text())
+        special.pop("tokenizer_class", None)
+        tokenizers[name] = CLIPTokenizer.from_pretrained(
+            str(vocabulary), local_files_only=True, **special
+        )
+    return tokenizers
+
+
+def load_single_file(path: Path, settings: Settings, dtype: torch.dtype) -> tuple[Any, str]:
+    """The pipeline of a single-file checkpoint and its family's name, with no download
+    where the family's configs ship with Imagine."""
+    import diffusers
+    from safetensors import SafetensorError
+
+    entry = detect_checkpoint(path, read_shapes(path))
+    pipe_class = getattr(diffusers, entry.pipeline)
+    config = config_folder(entry, settings)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if config is not None:
+        kwargs |= {"config": str(config), "local_files_only": True}
+        kwargs |= clip_tokenizers(entry, config, settings)
+    elif not settings.allow_downloads:
+        raise _no_configs(path, entry)
+    try:
+        pipe = pipe_class.from_single_file(str(path), **kwargs)
+    except SafetensorError as exc:  # a header that reads, over tensors that do not
+        raise unreadable(path, exc) from None
+    return pipe, entry.family

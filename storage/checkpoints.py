@@ -1,0 +1,110 @@
+"""Single-file checkpoints: which family a ``.safetensors`` file is, from its header alone.
+
+Torch-free, so the bot can size ``--ar`` and check style uploads for the family of a
+Civitai checkpoint without loading it; the engine loads it by the same entry
+(generation/single_file.py). Adding a family (SD3, FLUX) is one entry in
+:data:`CHECKPOINT_FAMILIES` plus its config folder.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage.errors import ConfigError
+
+UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+_HEADER_LIMIT = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class CheckpointFamily:
+    """How to recognise and load one family's single-file checkpoints."""
+
+    family: str  # a key of storage.families.FAMILIES
+    pipeline: str  # the diffusers pipeline class
+    marker: str  # a key that only this family's checkpoints hold
+    conv_in_width: int | None = None  # the UNet's first width, where it tells models apart
+    tokenizers: tuple[str, ...] = ()  # tokenizer folders needing the CLIP vocabulary
+    tiny_model: str | None = None  # take the configs from this tiny model's folder
+
+
+_SDXL = "conditioner.embedders.1.model.positional_embedding"
+_SD1 = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
+_SD2 = "cond_stage_model.model.token_embedding.weight"
+
+# First match wins: the tiny test models before the real ones whose layout they share.
+CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
+    CheckpointFamily("tiny-sdxl", "StableDiffusionXLPipeline", _SDXL, 32, tiny_model="tiny-sdxl"),
+    CheckpointFamily("sdxl", "StableDiffusionXLPipeline", _SDXL, 320, ("tokenizer", "tokenizer_2")),
+    CheckpointFamily("tiny-sd", "StableDiffusionPipeline", _SD1, 32, tiny_model="tiny"),
+    CheckpointFamily("sd15", "StableDiffusionPipeline", _SD1, 320, ("tokenizer",)),
+    # No configs shipped: SD 2 comes as 512 px epsilon and 768 px v-prediction models
+    # whose files cannot be told apart; it loads from the hub when downloads are allowed.
+    CheckpointFamily("sd2", "StableDiffusionPipeline", _SD2),
+)
+
+
+def unreadable(path: Path, reason: object) -> ConfigError:
+    return ConfigError(
+        f"{path} is not a readable .safetensors file ({reason}); it may be empty or cut short, "
+        "so download it again or point IMAGINE_MODEL at another checkpoint."
+    )
+
+
+def read_shapes(path: Path) -> dict[str, list[int]]:
+    """Each tensor's shape, from the safetensors header (no weight is read)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise unreadable(path, "shorter than a header")
+            (length,) = struct.unpack("<Q", head)
+            if not 2 <= length <= _HEADER_LIMIT:
+                raise unreadable(path, "its header length is impossible")
+            header = json.loads(handle.read(length))
+            body = path.stat().st_size - 8 - length
+    except OSError as exc:
+        raise unreadable(path, exc) from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise unreadable(path, "its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise unreadable(path, "its header is not a table of tensors")
+    tensors = {
+        key: entry
+        for key, entry in header.items()
+        if key != "__metadata__" and isinstance(entry, dict)
+    }
+    if any(entry.get("data_offsets", [0, 0])[-1] > body for entry in tensors.values()):
+        raise unreadable(path, "its tensors run past the end of the file: it was cut short")
+    return {key: list(entry.get("shape", [])) for key, entry in tensors.items()}
+
+
+def detect_checkpoint(path: Path, shapes: dict[str, list[int]]) -> CheckpointFamily:
+    """The family of a single-file checkpoint, from its keys and the UNet's first width."""
+    conv_in = shapes.get(UNET_CONV_IN)
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
+        raise ConfigError(
+            f"{path} is an inpainting checkpoint (its UNet reads {conv_in[1]} channels, not 4); "
+            "Imagine generates from text, so use the normal version of this model."
+        )
+    for entry in CHECKPOINT_FAMILIES:
+        if entry.marker not in shapes:
+            continue
+        if entry.conv_in_width is None or (conv_in and conv_in[0] == entry.conv_in_width):
+            return entry
+    raise ConfigError(
+        f"{path} is not a Stable Diffusion 1.x/2.x or SDXL checkpoint that Imagine can read "
+        "(none of their text encoder keys is in it; an SDXL refiner or a UNet-only file "
+        "cannot generate alone); use a diffusers folder or hub id for other models."
+    )
+
+
+def checkpoint_family(path: Path) -> str | None:
+    """The family of the checkpoint file at ``path``, or None where it cannot be told."""
+    try:
+        return detect_checkpoint(path, read_shapes(path)).family
+    except ConfigError:
+        return None

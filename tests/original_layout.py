@@ -1,0 +1,214 @@
+"""Writes diffusers models and LoRAs in the layouts people download from Civitai.
+
+A single-file checkpoint in the original (CompVis / Stability "ldm") key layout:
+``model.diffusion_model.…`` for the UNet, ``first_stage_model.…`` for the VAE,
+``cond_stage_model.transformer.…`` (SD 1.x) or ``conditioner.embedders.0.transformer.…``
+and ``conditioner.embedders.1.model.…`` (SDXL, the second in OpenCLIP's layout) for
+the text encoders. And LoRAs in kohya's layout (``lora_unet_…``, ``lora_te_…``).
+
+This is the inverse of diffusers' ``single_file_utils`` conversion, written for any
+UNet depth (diffusers' own scripts assume the full-size block counts), so the tiny
+test models round-trip through ``from_single_file``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def unet_module_to_ldm(name: str, config: Any) -> str:
+    """The ldm name of the diffusers UNet module (or parameter) ``name``."""
+    for diffusers, ldm in _UNET_TOP.items():
+        if name == diffusers or name.startswith(diffusers + "."):
+            return ldm + name[len(diffusers) :]
+    per_block = config.layers_per_block + 1  # resnets, then a down- or upsampler
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        block, kind = int(parts[1]), parts[2]
+        if kind == "downsamplers":  # down_blocks.B.downsamplers.0.conv.X
+            return f"input_blocks.{1 + block * per_block + config.layers_per_block}.0.op." + (
+                ".".join(parts[5:])
+            )
+        index = 1 + block * per_block + int(parts[3])
+        return _inner(f"input_blocks.{index}", kind, parts[4:])
+    if parts[0] == "mid_block":
+        kind, layer = parts[1], int(parts[2])
+        if kind == "attentions":  # middle_block is resnet, attention, resnet: no inner index
+            return ".".join(["middle_block.1", *parts[3:]])
+        head = _RESNET.get(parts[3], parts[3])
+        return ".".join([f"middle_block.{2 * layer}", head, *parts[4:]])
+    if parts[0] == "up_blocks":
+        block, kind = int(parts[1]), parts[2]
+        if kind == "upsamplers":  # up_blocks.B.upsamplers.0.conv.X
+            has_attention = "CrossAttn" in config.up_block_types[block]
+            index = block * per_block + config.layers_per_block
+            return f"output_blocks.{index}.{2 if has_attention else 1}." + ".".join(parts[4:])
+        index = block * per_block + int(parts[3])
+        return _inner(f"output_blocks.{index}", kind, parts[4:])
+    raise ValueError(f"no ldm name for UNet module {name}")
+
+
+def _inner(prefix: str, kind: str, rest: list[str]) -> str:
+    if kind == "resnets":
+        head = _RESNET.get(rest[0], rest[0])
+        return ".".join([prefix, "0", head, *rest[1:]])
+    return ".".join([prefix, "1", *rest])
+
+
+def _vae_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    blocks = len(config.up_block_types)
+    out = {}
+    for key, tensor in state.items():
+        name = key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        name = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", name)
+        name = re.sub(
+            r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", name
+        )
+        name = re.sub(
+            r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.",
+            lambda m: (
+                f"decoder.up.{blocks - 1 - int(m[1])}."
+                + ("block." if m[2] == "resnets" else "upsample.")
+            ),
+            name,
+        )
+        name = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", name)
+        if "mid_block.attentions.0." in name:
+            name = name.replace("mid_block.attentions.0.", "mid.attn_1.")
+            for diffusers, ldm in (
+                ("group_norm", "norm"),
+                ("to_q", "q"),
+                ("to_k", "k"),
+                ("to_v", "v"),
+                ("to_out.0", "proj_out"),
+            ):
+                name = name.replace(f".{diffusers}.", f".{ldm}.")
+            if tensor.ndim == 2:  # the original attention uses 1x1 convolutions
+                tensor = tensor[:, :, None, None]
+        out["first_stage_model." + name] = tensor
+    return out
+
+
+def _clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {
+        prefix + (key if key.startswith("text_model.") else "text_model." + key): tensor
+        for key, tensor in state.items()
+    }
+
+
+def _open_clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The second SDXL text encoder as OpenCLIP stores it: fused q/k/v, transposed projection."""
+    state = {key.removeprefix("text_model."): tensor for key, tensor in state.items()}
+    out = {
+        prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        prefix + "ln_final.weight": state.pop("final_layer_norm.weight"),
+        prefix + "ln_final.bias": state.pop("final_layer_norm.bias"),
+        prefix + "text_projection": state.pop("text_projection.weight").T.contiguous(),
+    }
+    state.pop("embeddings.position_ids", None)
+    layers = {int(key.split(".")[2]) for key in state if key.startswith("encoder.layers.")}
+    for layer in sorted(layers):
+        old = f"encoder.layers.{layer}."
+        new = f"{prefix}transformer.resblocks.{layer}."
+        for part in ("weight", "bias"):
+            out[new + f"attn.in_proj_{part}"] = torch.cat(
+                [state.pop(old + f"self_attn.{p}_proj.{part}") for p in "qkv"]
+            )
+            for diffusers, ldm in (
+                ("self_attn.out_proj", "attn.out_proj"),
+                ("layer_norm1", "ln_1"),
+                ("layer_norm2", "ln_2"),
+                ("mlp.fc1", "mlp.c_fc"),
+                ("mlp.fc2", "mlp.c_proj"),
+            ):
+                out[new + f"{ldm}.{part}"] = state.pop(old + f"{diffusers}.{part}")
+    if state:
+        raise ValueError(f"text encoder keys left unconverted: {sorted(state)[:5]}")
+    return out
+
+
+def original_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
+    """A Stable Diffusion 1.x or SDXL pipeline's weights in the original key layout."""
+    unet = pipe.unet
+    out = {
+        "model.diffusion_model." + unet_module_to_ldm(key, unet.config): tensor
+        for key, tensor in unet.state_dict().items()
+    }
+    out.update(_vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        out.update(
+            _clip_to_ldm(pipe.text_encoder.state_dict(), "conditioner.embedders.0.transformer.")
+        )
+        out.update(
+            _open_clip_to_ldm(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model.")
+        )
+    else:
+        out.update(_clip_to_ldm(pipe.text_encoder.state_dict(), "cond_stage_model.transformer."))
+    return out
+
+
+def write_single_file(pipe: Any, path: Path) -> Path:
+    """Save ``pipe`` as one ``.safetensors`` checkpoint in the original layout."""
+    state = {key: tensor.detach().contiguous() for key, tensor in original_state_dict(pipe).items()}
+    save_file(state, str(path))
+    return path
+
+
+_PEFT_KEY = re.compile(
+    r"^(unet|text_encoder|text_encoder_2)\.(.+)\.lora(?:_(A|B)|\.(down|up))\.weight$"
+)
+
+
+def write_kohya_lora(peft_state: dict[str, torch.Tensor], unet_config: Any, path: Path) -> Path:
+    """The LoRA ``peft_state`` (diffusers or peft keys, scale 1) in kohya's layout.
+
+    kohya names SD 1.x UNet layers after diffusers' modules and SDXL ones after the
+    original (sgm) UNet; text encoder layers are ``lora_te_`` (``lora_te1_``/``lora_te2_``
+    for SDXL). ``alpha`` is saved equal to the rank, so the scale stays 1.
+    """
+    sdxl = getattr(unet_config, "addition_embed_type", None) == "text_time"
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in peft_state.items():
+        match = _PEFT_KEY.match(key)
+        if match is None:
+            raise ValueError(f"not a peft LoRA key: {key}")
+        component, module, peft_half, diffusers_half = match.groups()
+        half = peft_half or {"down": "A", "up": "B"}[diffusers_half]
+        if component == "unet":
+            name = unet_module_to_ldm(module, unet_config) if sdxl else module
+            prefix = "lora_unet_"
+        else:
+            prefix = {"text_encoder": "lora_te1_" if sdxl else "lora_te_"}.get(
+                component, "lora_te2_"
+            )
+            name = module if module.startswith("text_model.") else "text_model." + module
+        lora_name = prefix + name.replace(".", "_")
+        out[f"{lora_name}.lora_{'down' if half == 'A' else 'up'}.weight"] = tensor.contiguous()
+        if half == "A":
+            out[f"{lora_name}.alpha"] = torch.tensor(float(tensor.shape[0]))
+    save_file(out, str(path))
+    return path

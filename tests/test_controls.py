@@ -1,0 +1,312 @@
+"""ControlNet: preprocessors, the controls registry, and controlled generations on tiny models.
+
+Real diffusers ControlNet pipelines (``from_pipe`` of the resident one) over random-weight
+ControlNets built from the tiny UNets, loaded back through ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from pydantic import ValidationError
+
+from generation.controls import ControlRegistry, parse_control
+from generation.engine import Engine
+from generation.jobs import control_maps
+from generation.metadata import read_recipe
+from generation.preprocess import Canny, Lineart, Scribble, Unchanged, draw_openpose
+from generation.tiny import build_tiny_lora, build_tiny_sd, write_tiny_controls
+from storage.blobs import LocalBlobStore, blob_key
+from storage.controls import ControlError, ControlRef, check_controls, make_control
+from storage.recipe import Recipe, StyleRef
+from storage.settings import Settings
+from tests.test_styles import write_style
+
+SIZE = 64
+
+
+def photo() -> Image.Image:
+    """A photo-like picture: a soft gradient with a bright disc and a dark box on it."""
+    ramp = np.linspace(60, 140, SIZE, dtype=np.float32)
+    pixels = np.stack([np.add.outer(ramp * 0.5, ramp * 0.5)] * 3, axis=2).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((8, 8, 32, 32), fill=(240, 220, 200))
+    draw.rectangle((38, 36, 58, 58), fill=(20, 30, 40))
+    return image
+
+
+def around_shapes(reach: int, *, filled: bool = False) -> np.ndarray:
+    """Pixels within ``reach`` of the disc's and the box's edges (or of their insides)."""
+    mask = Image.new("L", (SIZE, SIZE))
+    draw = ImageDraw.Draw(mask)
+    draw.ellipse((8, 8, 32, 32), outline=255, fill=255 if filled else None, width=1)
+    draw.rectangle((38, 36, 58, 58), outline=255, fill=255 if filled else None, width=1)
+    kernel = np.ones((2 * reach + 1, 2 * reach + 1), dtype=np.uint8)
+    return cv2.dilate(np.asarray(mask), kernel) > 0
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def recipe(*controls: ControlRef, **changes: object) -> Recipe:
+    values: dict[str, object] = {
+        "model": "tiny",
+        "prompt": "a lighthouse",
+        "seed": 7,
+        "width": SIZE,
+        "height": SIZE,
+        "steps": 3,
+        "guidance": 5.0,
+        "count": 1,
+        "controls": controls,
+    }
+    values.update(changes)
+    return Recipe.model_validate(values)
+
+
+KEY = blob_key(b"the uploaded control image")
+
+
+def control(kind: str = "canny", **changes: object) -> ControlRef:
+    return ControlRef.model_validate({"type": kind, "source_key": KEY, **changes})
+
+
+@pytest.fixture(scope="module")
+def controls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("controls")
+    write_tiny_controls(folder, "tiny-sd", ("canny", "depth", "pose"))
+    write_tiny_controls(folder, "tiny-sdxl", ("canny",))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def control_engine(controls_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    styles = tmp_path_factory.mktemp("control-styles")
+    build_tiny_lora(build_tiny_sd().unet, styles / "ink.safetensors", seed=3)
+    write_style(styles, "ink", "ink.safetensors")
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("control-data"),
+        model="tiny",
+        device="cpu",
+        styles_dir=styles,
+        controls_dir=controls_dir,
+    )
+    return Engine.from_settings(settings)
+
+
+def generate(engine: Engine, *controls: ControlRef, **changes: object) -> Image.Image:
+    made = recipe(*controls, **changes)
+    maps = [engine.control_map(ref, photo(), made)[1] for ref in controls]
+    return engine.txt2img(made, maps=maps)[0].image
+
+
+@pytest.fixture(scope="module")
+def plain(control_engine: Engine) -> np.ndarray:
+    return pixels(generate(control_engine))
+
+
+# -- preprocessors ------------------------------------------------------------------------------
+
+
+def test_canny_draws_edges_where_the_shapes_are_and_nowhere_else() -> None:
+    canny = Canny(100, 200)
+    edges = pixels(canny(photo()))
+    assert edges.shape == (SIZE, SIZE, 3)
+    on = edges[:, :, 0] > 0
+    assert on.sum() > 40  # the outlines of the disc and the box
+    assert not (on & ~around_shapes(2)).any()  # not on the smooth gradient
+    assert np.array_equal(edges, pixels(canny(photo())))  # deterministic
+    assert canny.identity.startswith("opencv-") and canny.identity.endswith(":canny(100,200)")
+
+
+@pytest.mark.parametrize("preprocessor", [Scribble(), Lineart()], ids=["scribble", "lineart"])
+def test_scribble_and_lineart_trace_the_outlines(preprocessor: Scribble | Lineart) -> None:
+    lines = pixels(preprocessor(photo()))
+    assert lines.shape == (SIZE, SIZE, 3)
+    on = lines[:, :, 0] > 64
+    assert on.sum() > 20
+    # Their blurs are sized for 512-pixel pictures: thick strokes, but only on the shapes.
+    assert not (on & ~around_shapes(9, filled=True)).any()
+    assert (on & around_shapes(1)).sum() > 20
+
+
+def test_depth_is_a_full_range_grey_map(control_engine: Engine) -> None:
+    ref, depth = control_engine.control_map(control("depth"), photo(), recipe())
+    values = pixels(depth)
+    assert depth.mode == "RGB" and depth.size == (SIZE, SIZE)
+    assert (values[:, :, 0] == values[:, :, 1]).all() and (values[:, :, 1] == values[:, :, 2]).all()
+    assert values.min() == 0 and values.max() == 255
+    assert ref.preprocessor is not None and ref.preprocessor.startswith("DPTForDepthEstimation:")
+    assert ref.preprocessor.split("@")[1] != ""  # the estimator's weights hash
+
+
+def test_pose_is_an_openpose_skeleton_on_black(control_engine: Engine) -> None:
+    ref, skeleton = control_engine.control_map(control("pose"), photo(), recipe())
+    assert skeleton.mode == "RGB" and skeleton.size == (SIZE, SIZE)
+    values = pixels(skeleton)
+    assert (values.sum(axis=2) == 0).mean() > 0.3  # a drawing on black, not a photo
+    assert ref.preprocessor is not None and "VitPoseForPoseEstimation" in ref.preprocessor
+    # The drawing itself: OpenPose's colours, the neck-to-right-shoulder limb in its own.
+    points: list[tuple[float, float] | None] = [None] * 18
+    points[1], points[2] = (32.0, 10.0), (20.0, 10.0)
+    drawn = pixels(draw_openpose((SIZE, SIZE), points))
+    assert tuple(drawn[10, 26]) == (153, 0, 0)  # 0.6 × OpenPose's red, between the two
+    assert tuple(drawn[10, 32]) == (255, 85, 0)  # the neck's own colour
+    assert drawn[40:, :].sum() == 0
+
+
+def test_raw_map_is_used_as_it_is(control_engine: Engine) -> None:
+    ref, image = control_engine.control_map(control("depth", raw=True), photo(), recipe())
+    assert np.array_equal(pixels(image), pixels(photo()))
+    assert ref.preprocessor == Unchanged().identity == "raw"
+
+
+# -- the registry -------------------------------------------------------------------------------
+
+
+def test_registry_reads_controls_and_refuses_bad_files(controls_dir: Path, tmp_path: Path) -> None:
+    registry = ControlRegistry.from_folder(controls_dir)
+    assert registry.types_for("tiny-sd") == ["canny", "depth", "pose"]
+    canny = registry.find("canny", "tiny-sd")
+    assert Path(canny.model).is_dir() and canny.preprocessor == {
+        "low_threshold": 100,
+        "high_threshold": 200,
+    }
+    (tmp_path / "a.toml").write_text('type = "edges"\nmodel = "x/y"\nfamily = "sd15"\n')
+    (tmp_path / "b.toml").write_text('type = "canny"\nmodel = "x/y"\nfamily = "sd15"\n')
+    (tmp_path / "c.toml").write_text('type = "canny"\nmodel = "x/z"\nfamily = "sd15"\n')
+    (tmp_path / "d.toml").write_text(
+        'type = "depth"\nmodel = "x/y"\nfamily = "sd15"\n[preprocessor]\nradius = 3\n'
+    )
+    problems = ControlRegistry.from_folder(tmp_path).problems
+    assert len(problems) == 3
+    assert "a.toml: type 'edges' is not one of canny, depth" in problems[0]
+    assert "c.toml: b.toml already declares" in problems[1]
+    assert "the depth preprocessor has no setting 'radius' (it has model)" in problems[2]
+    assert parse_control(tmp_path / "b.toml").model == "x/y"  # a hub id stays one
+
+
+def test_a_control_the_family_lacks_is_refused_naming_what_there_is(
+    controls_dir: Path,
+) -> None:
+    registry = ControlRegistry.from_folder(controls_dir)
+    with pytest.raises(ControlError) as refused:
+        registry.find("depth", "tiny-sdxl")
+    assert str(refused.value) == (
+        "There is no depth control for tiny-sdxl models; controls for tiny-sdxl models here: "
+        "canny. (depth is installed for tiny-sd.)"
+    )
+    with pytest.raises(ControlError, match="no controls are installed for sd15 models"):
+        registry.find("canny", "sd15")
+
+
+def test_bad_flags_are_refused_with_a_sentence() -> None:
+    with pytest.raises(ControlError, match=r"--cstart 0.5 must be below --cend 0.5"):
+        make_control("canny", start=0.5, end=0.5, source_key=KEY)
+    with pytest.raises(ControlError, match=r"--cw 2.5 is out of range"):
+        make_control("canny", weight=2.5, source_key=KEY)
+    with pytest.raises(ControlError, match="--control edges is not a control type; use canny"):
+        make_control("edges", source_key=KEY)
+    with pytest.raises(ValidationError, match=r"--cstart 0\.7 must be below --cend 0\.2"):
+        control(start=0.7, end=0.2)
+    three = (control(), control("depth"), control("pose"))
+    with pytest.raises(ControlError, match="At most 2 controls can steer one image; 3 were"):
+        check_controls(three)
+    with pytest.raises(ValidationError):
+        recipe(*three)
+
+
+# -- generations --------------------------------------------------------------------------------
+
+
+def test_a_control_steers_the_image_and_weight_zero_is_no_control(
+    control_engine: Engine, plain: np.ndarray
+) -> None:
+    steered = pixels(generate(control_engine, control(weight=1.0)))
+    assert np.abs(steered - plain).mean() > 2
+    unweighted = pixels(generate(control_engine, control(weight=0.0)))
+    assert np.abs(unweighted - plain).max() <= 1
+
+
+def test_the_guidance_window_is_honoured(control_engine: Engine, plain: np.ndarray) -> None:
+    full = pixels(generate(control_engine, control()))
+    # Three steps at 0, 1/3 and 2/3 of the way: a window of [0.9, 1] covers none of them.
+    none = pixels(generate(control_engine, control(start=0.9, end=1.0)))
+    assert np.abs(none - plain).max() <= 1
+    first_half = pixels(generate(control_engine, control(start=0.0, end=0.5)))
+    assert np.abs(first_half - plain).mean() > 1
+    assert np.abs(first_half - full).mean() > 1
+
+
+def test_two_controls_and_a_style_in_one_job_reproduce_to_the_byte(
+    control_engine: Engine, plain: np.ndarray
+) -> None:
+    controls = (control(weight=0.8), control("depth", weight=0.6, start=0.0, end=0.8))
+    made = recipe(*controls, styles=(StyleRef(name="ink", weight=0.8),), count=2, steps=2)
+    maps = [control_engine.control_map(ref, photo(), made)[1] for ref in controls]
+    first = control_engine.txt2img(made, maps=maps)
+    again = control_engine.txt2img(made, maps=maps)
+    assert [image.png for image in first] == [image.png for image in again]
+    assert np.abs(pixels(first[0].image) - plain).mean() > 2
+    embedded = read_recipe(first[1].png)
+    assert embedded.seed == 8 and [c.type for c in embedded.controls] == ["canny", "depth"]
+    assert embedded.controls[0].model == "canny-tiny-sd" and embedded.controls[0].model_hash
+    with Image.open(io.BytesIO(first[0].png)) as png:
+        parameters = png.info["parameters"]
+    assert "Lora hashes: " in parameters
+    assert (
+        f'ControlNet 1: "Module: depth_midas, Model: depth-tiny-sd '
+        f"[{embedded.controls[1].model_hash}], Weight: 0.6, Resize Mode: Just Resize, "
+        'Guidance Start: 0, Guidance End: 0.8, Control Mode: Balanced"'
+    ) in parameters
+
+
+def test_img2img_takes_a_control(control_engine: Engine) -> None:
+    made = recipe(control(), strength=0.7)
+    (_, canny_map) = control_engine.control_map(made.controls[0], photo(), made)
+    source = Image.new("RGB", (SIZE, SIZE), (120, 90, 60))
+    plain = control_engine.img2img(recipe(strength=0.7), source)[0].image
+    steered = control_engine.img2img(made, source, maps=[canny_map])[0].image
+    assert np.abs(pixels(steered) - pixels(plain)).mean() > 1
+
+
+def test_tiny_sdxl_runs_a_control_and_refuses_one_it_lacks(
+    controls_dir: Path, tmp_path: Path
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path, model="tiny-sdxl", device="cpu", controls_dir=controls_dir
+    )
+    engine = Engine.from_settings(settings)
+    made = recipe(control(), model="tiny-sdxl")
+    _, edges = engine.control_map(made.controls[0], photo(), made)
+    steered = engine.txt2img(made, maps=[edges])[0].image
+    plain = engine.txt2img(recipe(model="tiny-sdxl"))[0].image
+    assert np.abs(pixels(steered) - pixels(plain)).mean() > 1
+    with pytest.raises(ControlError, match="There is no pose control for tiny-sdxl models"):
+        engine.control_map(control("pose"), photo(), made)
+
+
+async def test_the_job_stores_the_map_once_and_then_reuses_it(
+    control_engine: Engine, tmp_path: Path
+) -> None:
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    buffer = io.BytesIO()
+    photo().save(buffer, format="PNG")
+    source_key = await blobs.put(buffer.getvalue())
+    queued = recipe(make_control("canny", weight=0.9, source_key=source_key))
+    made, maps = await control_maps(blobs, control_engine, queued)
+    ref = made.controls[0]
+    assert ref.map_key is not None and ref.preprocessor is not None
+    assert ref.preprocessor.endswith("canny(100,200)")
+    stored = Image.open(io.BytesIO(await blobs.get(ref.map_key)))
+    assert np.array_equal(pixels(stored), pixels(maps[0]))
+    await blobs.delete(source_key)  # a stored map no longer needs its source
+    again, maps_again = await control_maps(blobs, control_engine, made)
+    assert again == made and np.array_equal(pixels(maps_again[0]), pixels(maps[0]))

@@ -1,0 +1,325 @@
+"""Civitai files, offline: single-file checkpoints in the original layout and kohya LoRAs.
+
+The tiny models are written in the layouts people download (tests/original_layout.py)
+and loaded back with no network: they must give the images of the diffusers folders
+they came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bot.cli.doctor import check_model
+from generation.loading import LoadedModel, load_model
+from generation.lora import LoraSet, check_lora_fits
+from generation.single_file import CONFIGS, clip_tokenizers
+from generation.styles import StyleError, StyleSpec, parse_style
+from generation.tiny import build_tiny_lora
+from storage.checkpoints import CHECKPOINT_FAMILIES, detect_checkpoint
+from storage.errors import ConfigError
+from storage.families import guess_family
+from storage.settings import Settings
+from storage.style_store import StyleRefused, check_family, inspect_lora
+from tests.original_layout import original_state_dict, write_kohya_lora, write_single_file
+from tests.test_styles import write_style
+
+FAMILY = {"tiny": "tiny-sd", "tiny-sdxl": "tiny-sdxl"}
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(
+        data_dir=tmp_path_factory.mktemp("single-file-data"), device="cpu", allow_downloads=False
+    )
+
+
+@pytest.fixture(scope="module")
+def folder_models(settings: Settings) -> dict[str, LoadedModel]:
+    return {name: load_model(settings, name) for name in FAMILY}
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """An empty Hugging Face cache, offline mode, and any connection attempt fails."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a single-file checkpoint must load without the network")
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-home"))
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    yield
+
+
+def render(pipe: Any, seed: int = 3) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed)
+    result = pipe(
+        "a lighthouse at dusk",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=generator,
+        output_type="np",
+    )
+    return np.asarray(result.images[0])
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_a_single_file_checkpoint_loads_offline_and_draws_what_its_folder_draws(
+    name: str,
+    settings: Settings,
+    folder_models: dict[str, LoadedModel],
+    no_network: None,
+    tmp_path: Path,
+) -> None:
+    folder = folder_models[name]
+    checkpoint = write_single_file(folder.pipe, tmp_path / f"{name}-civitai.safetensors")
+    assert any(key.startswith("model.diffusion_model.") for key in original_state_dict(folder.pipe))
+
+    # The bot, which never loads a model, reads the family from the file's header.
+    assert guess_family(str(checkpoint)).name == FAMILY[name]
+    loaded = load_model(settings, str(checkpoint))
+
+    assert loaded.source.kind == "single_file"
+    assert loaded.family.name == FAMILY[name]
+    assert type(loaded.pipe) is type(folder.pipe)
+    difference = np.abs(render(loaded.pipe) - render(folder.pipe)).max()
+    assert difference <= 1 / 255
+
+
+def test_the_cli_generates_from_a_civitai_file_with_hub_offline_and_an_empty_hf_home(
+    folder_models: dict[str, LoadedModel], tmp_path: Path
+) -> None:
+    from generation.metadata import read_recipe
+
+    checkpoint = write_single_file(folder_models["tiny"].pipe, tmp_path / "civitai.safetensors")
+    hf_home = tmp_path / "empty-hf-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGINE_", "HF_"))}
+    env |= {
+        "IMAGINE_DATA_DIR": str(tmp_path / "data"),
+        "IMAGINE_MODEL": str(checkpoint),
+        "IMAGINE_DEVICE": "cpu",
+        "IMAGINE_ALLOW_DOWNLOADS": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(hf_home),
+    }
+    root = Path(__file__).resolve().parents[1]  # this checkout's code, not an installed one
+    env["PYTHONPATH"] = str(root)
+    result = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "generate", "a lighthouse --seed 7 --steps 2"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    recipe = read_recipe(Path(result.stdout.strip().splitlines()[-1]).read_bytes())
+    assert recipe.model == str(checkpoint)
+    assert recipe.model_hash == hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:10]
+    assert [path for path in hf_home.rglob("*") if path.is_file()] == []
+
+
+def _meta_pipe(family: str) -> Any:
+    """The family's shipped configs as a model on the meta device: shapes, no weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = CONFIGS / family
+    with torch.device("meta"):
+        parts: dict[str, Any] = {
+            "unet": UNet2DConditionModel.from_config(
+                UNet2DConditionModel.load_config(folder / "unet")
+            ),
+            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+            "text_encoder_2": None,
+        }
+        if (folder / "text_encoder_2").is_dir():
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
+            )
+    return type("MetaPipe", (), parts)()
+
+
+# Shapes of well-known tensors of the released SD 1.5 and SDXL base checkpoints.
+REAL_SHAPES = {
+    "sd15": {
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": [320, 768],
+        "model.diffusion_model.output_blocks.11.0.skip_connection.weight": [320, 640, 1, 1],
+        "model.diffusion_model.middle_block.1.proj_in.weight": [1280, 1280, 1, 1],
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": [49408, 768],
+        "first_stage_model.encoder.mid.attn_1.q.weight": [512, 512, 1, 1],
+    },
+    "sdxl": {
+        "model.diffusion_model.label_emb.0.0.weight": [1280, 2816],
+        "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight": [
+            1280,
+            2048,
+        ],
+        "model.diffusion_model.output_blocks.2.2.conv.weight": [1280, 1280, 3, 3],
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight": [
+            768,
+            3072,
+        ],
+        "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": [3840, 1280],
+        "conditioner.embedders.1.model.text_projection": [1280, 1280],
+    },
+}
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_the_shipped_configs_have_the_shapes_of_the_released_checkpoints(family: str) -> None:
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    state = original_state_dict(_meta_pipe(family))
+    shapes = {key: list(tensor.shape) for key, tensor in state.items()}
+    for key, shape in REAL_SHAPES[family].items():
+        assert shapes.get(key) == shape, key
+    assert detect_checkpoint(Path("x.safetensors"), shapes).family == family
+    assert infer_diffusers_model_type(state) == {"sd15": "v1", "sdxl": "xl_base"}[family]
+
+
+def test_a_real_checkpoint_without_a_tokenizer_vocabulary_says_what_to_provide(
+    settings: Settings, no_network: None, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "dreamshaper.safetensors"
+    save_file(
+        {
+            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+            "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (
+                torch.zeros(77, 8)
+            ),
+        },
+        str(checkpoint),
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_model(settings, str(checkpoint))
+    message = str(refused.value)
+    assert "sd15 checkpoint needs the CLIP tokenizer's vocabulary" in message
+    assert "IMAGINE_CLIP_TOKENIZER" in message
+    assert guess_family(str(checkpoint)).name == "sd15"
+    doctor = check_model(settings.model_copy(update={"model": str(checkpoint)}))
+    assert doctor.status == "FAIL" and doctor.detail == message
+
+
+def test_an_inpainting_checkpoint_is_refused_with_a_sentence(tmp_path: Path) -> None:
+    shapes = {"model.diffusion_model.input_blocks.0.0.weight": [320, 9, 3, 3]}
+    with pytest.raises(ConfigError, match="inpainting checkpoint"):
+        detect_checkpoint(tmp_path / "inpaint.safetensors", shapes)
+
+
+def test_the_tokenizer_setting_gives_each_tokenizer_its_own_special_tokens(
+    settings: Settings, folder_models: dict[str, LoadedModel]
+) -> None:
+    vocabulary = folder_models["tiny"].source.path / "tokenizer"
+    chosen = settings.model_copy(update={"clip_tokenizer": vocabulary})
+    sdxl = next(entry for entry in CHECKPOINT_FAMILIES if entry.family == "sdxl")
+    tokenizers = clip_tokenizers(sdxl, CONFIGS / "sdxl", chosen)
+    assert tokenizers["tokenizer"].pad_token == "<|endoftext|>"
+    assert tokenizers["tokenizer_2"].pad_token == "!"  # as in SDXL's second tokenizer
+    assert tokenizers["tokenizer"].model_max_length == 77
+    missing = settings.model_copy(update={"clip_tokenizer": vocabulary.parent / "nothing"})
+    with pytest.raises(ConfigError, match=r"holds no vocab\.json and merges\.txt"):
+        clip_tokenizers(sdxl, CONFIGS / "sdxl", missing)
+
+
+# -- LoRAs ---------------------------------------------------------------------------------
+
+
+def _style(folder: Path, name: str, lora: Path, family: str) -> StyleSpec:
+    return parse_style(write_style(folder, name, lora.name, base_model_family=family))
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_a_kohya_lora_changes_the_image_as_the_same_lora_in_peft_form_does(
+    name: str, folder_models: dict[str, LoadedModel], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    pipe = folder_models[name].pipe
+    peft_file = build_tiny_lora(pipe.unet, tmp_path / "peft.safetensors", seed=5)
+    kohya_file = write_kohya_lora(
+        load_file(str(peft_file)), pipe.unet.config, tmp_path / "kohya.safetensors"
+    )
+    kohya_keys = list(load_file(str(kohya_file)))
+    assert all(key.startswith("lora_unet_") for key in kohya_keys)
+    if name == "tiny-sdxl":  # kohya names SDXL layers after the original UNet
+        assert any("_input_blocks_" in key for key in kohya_keys)
+    family = FAMILY[name]
+    peft_style = _style(tmp_path, "peftstyle", peft_file, family)
+    kohya_style = _style(tmp_path, "kohyastyle", kohya_file, family)
+    assert check_lora_fits(pipe, kohya_style).layers.keys() == (
+        check_lora_fits(pipe, peft_style).layers.keys()
+    )
+
+    plain = render(pipe)
+    loras = LoraSet(pipe, capacity=2)
+    try:
+        loras.activate([(peft_style, 1.0)])
+        with_peft = render(pipe)
+        loras.activate([(kohya_style, 1.0)])
+        with_kohya = render(pipe)
+    finally:
+        loras.activate([])
+        for adapter in loras.resident:
+            pipe.delete_adapters(adapter)
+    assert np.abs(with_kohya - plain).max() > 0.01
+    assert np.abs(with_kohya - with_peft).max() <= 1 / 255
+
+
+def _loha(path: Path) -> Path:
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file(
+        {
+            f"{name}.hada_w1_a": torch.zeros(32, 4),
+            f"{name}.hada_w1_b": torch.zeros(4, 32),
+            f"{name}.hada_w2_a": torch.zeros(32, 4),
+            f"{name}.hada_w2_b": torch.zeros(4, 32),
+            f"{name}.alpha": torch.tensor(4.0),
+        },
+        str(path),
+    )
+    return path
+
+
+def test_lycoris_corrupt_and_misfit_loras_are_refused_with_sentences(
+    folder_models: dict[str, LoadedModel], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    sd, sdxl = folder_models["tiny"].pipe, folder_models["tiny-sdxl"].pipe
+    loha = _style(tmp_path, "loha", _loha(tmp_path / "loha.safetensors"), "tiny-sd")
+    with pytest.raises(StyleError, match="is a LyCORIS LoHa file, a format diffusers cannot"):
+        check_lora_fits(sd, loha)
+    with pytest.raises(StyleRefused, match="LyCORIS LoHa"):
+        inspect_lora((tmp_path / "loha.safetensors").read_bytes(), "loha.safetensors", 2**20)
+
+    peft_file = build_tiny_lora(sd.unet, tmp_path / "good.safetensors", seed=6)
+    kohya = write_kohya_lora(load_file(str(peft_file)), sd.unet.config, tmp_path / "k.safetensors")
+    data = kohya.read_bytes()
+    info = inspect_lora(data, "k.safetensors", 2**20)
+    check_family(info, "tiny-sd", "k.safetensors")  # kohya keys are read at /style add too
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StyleError, match="damaged or cut short"):
+        check_lora_fits(sd, _style(tmp_path, "cut", cut, "tiny-sd"))
+    with pytest.raises(StyleRefused, match="damaged or cut short"):
+        inspect_lora(cut.read_bytes(), "cut.safetensors", 2**20)
+
+    with pytest.raises(StyleError, match=r"kohya/A1111 layout\) does not fit the loaded model"):
+        check_lora_fits(sdxl, _style(tmp_path, "kohyasd", kohya, "tiny-sd"))
