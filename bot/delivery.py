@@ -98,6 +98,9 @@ class Delivery:
         self.upload_limits: dict[int, int] = {}  # generation id → its interaction's limit
         self._locks: dict[int, asyncio.Lock] = {}
         self._last_edit: dict[int, float] = {}
+        # The newest preview not shown yet: previews come as events of their own, beside
+        # the step events, and an edit that coalesces them away shows it next time.
+        self._previews: dict[int, bytes] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._finals: set[int] = set()  # generations whose final edit is pending
         self._working = asyncio.Semaphore(DELIVERIES_AT_ONCE)
@@ -118,6 +121,8 @@ class Delivery:
     def handle(self, event: JobEvent) -> None:
         generation_id = event.generation_id
         if isinstance(event, JobStarted | JobProgress):
+            if isinstance(event, JobProgress) and event.preview:
+                self._previews[generation_id] = event.preview
             lock = self._lock(generation_id)
             since = time.monotonic() - self._last_edit.get(generation_id, 0.0)
             if lock.locked() or since < self.services.progress_interval:
@@ -174,8 +179,9 @@ class Delivery:
                 rendered = Rendered(
                     f"🎨 {headline(generation)}\n{percent}% ({event.step}/{event.total})"
                 )
-                if event.preview:
-                    rendered.upload = Upload(event.preview, f"preview-{generation.id}.jpg")
+                preview = self._previews.pop(event.generation_id, None) or event.preview
+                if preview:
+                    rendered.upload = Upload(preview, f"preview-{generation.id}.jpg")
             await self._edit_or_drop(generation, rendered, "progress")
 
     async def _edit_or_drop(self, generation: Generation, rendered: Rendered, what: str) -> None:
@@ -208,6 +214,7 @@ class Delivery:
     def _forget(self, generation_id: int) -> None:
         self._locks.pop(generation_id, None)
         self._last_edit.pop(generation_id, None)
+        self._previews.pop(generation_id, None)
         self.upload_limits.pop(generation_id, None)
 
     async def _mark_delivered(self, generation_id: int) -> None:

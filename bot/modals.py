@@ -74,7 +74,15 @@ async def remix_submitted(
         source = await load_generation(services.database, generation_id)  # it must still exist
         url, text = take_image_link(services, text)
         kept = source.recipe.init_image if url is None else None
-        recipes = parse_text(services, text, guild_id, image=kept, image_expected=url is not None)
+        structure = next((c.source_key for c in source.recipe.controls if c.source_key), None)
+        recipes = parse_text(
+            services,
+            text,
+            guild_id,
+            image=kept,
+            image_expected=url is not None,
+            control_source=structure,
+        )
     except ImagineError as exc:
         await refuse(interaction, str(exc))
         return
@@ -88,7 +96,7 @@ async def remix_submitted(
     await interaction.response.defer(thinking=True)
     try:
         image = await receive_image(services, url=url)
-        recipes = parse_text(services, text, guild_id, image=image)
+        recipes = parse_text(services, text, guild_id, image=image, control_source=structure)
     except Exception as exc:
         await refuse_failure(interaction, exc)
         return

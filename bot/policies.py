@@ -55,7 +55,7 @@ class GuildPolicies:
         self._reads.pop(guild_id, None)
 
     async def _read(self, guild_id: int) -> Guild:
-        async with self.database.reading() as session:
+        async with self.database.autocommit_session() as session:
             return await guild_policy(session, guild_id)
 
     def _forget_expired(self, now: float) -> None:

@@ -13,7 +13,12 @@ Grammar, in order of application:
 4. ``--iw X`` (0 to 2) weighs the image prompt; it needs one. The image itself is not
    text: it comes as an attachment, or as a Discord link at the very start of the
    prompt, which :func:`take_image_url` removes before parsing (Midjourney's form).
-5. ``--repeat N`` runs the text N times with new seeds (with ``--seed``, each run
+5. ``--control TYPE[,TYPE]`` (canny, depth, pose, lineart, scribble, tile; ``TYPE:raw`` for
+   a map made already) steers the structure from an image: the ``control`` attachment,
+   or else the image prompt, which then only steers the structure unless ``--iw`` is
+   given too. ``--cw``, ``--cstart`` and ``--cend`` take one value for every control or
+   one per control, comma-separated.
+6. ``--repeat N`` runs the text N times with new seeds (with ``--seed``, each run
    starts past the seeds of the run before: :func:`storage.recipe.repeat_seed`).
    At most :data:`MAX_GENERATIONS` in all.
 
@@ -38,6 +43,15 @@ import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
+from storage.controls import (
+    CONTROL_TYPES,
+    MAX_CONTROL_WEIGHT,
+    MAX_CONTROLS,
+    ControlError,
+    ControlRef,
+    check_controls,
+    make_control,
+)
 from storage.derive import with_image_prompt
 from storage.errors import ImagineError
 from storage.families import FAMILIES, ModelFamily, size_for
@@ -69,8 +83,18 @@ FLAGS: tuple[str, ...] = (
     "sampler",
     "style",
     "iw",
+    "control",
+    "cw",
+    "cstart",
+    "cend",
     "repeat",
 )
+# How a control steers: lowest, highest, default.
+_CONTROL_TUNING = {
+    "cw": (0.0, MAX_CONTROL_WEIGHT, 1.0),
+    "cstart": (0.0, 1.0, 0.0),
+    "cend": (0.0, 1.0, 1.0),
+}
 _ALIASES = {"guidance": "cfg", "aspect": "ar"}
 _FLAG = re.compile(r"(?<!\S)--(\S*)")
 _STYLE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -275,6 +299,97 @@ def _number(flag: str, value: str, low: float, high: float) -> float:
     return number
 
 
+def _control_types(value: str) -> list[tuple[str, bool]]:
+    """``--control canny,depth:raw``: each control's type, and whether its image is a map."""
+    allowed = (
+        f"one or {MAX_CONTROLS} of {', '.join(CONTROL_TYPES)}, comma-separated; add :raw to use "
+        "the image as the map itself (a pose skeleton, a depth map you made)"
+    )
+    chosen: list[tuple[str, bool]] = []
+    for part in value.split(","):
+        kind, colon, mode = part.strip().lower().partition(":")
+        if kind not in CONTROL_TYPES or (colon and mode != "raw"):
+            raise _refuse("control", part.strip(), allowed)
+        if any(kind == other for other, _ in chosen):
+            raise _refuse("control", value, "each control type once")
+        chosen.append((kind, bool(colon)))
+    if len(chosen) > MAX_CONTROLS:
+        raise _refuse("control", value, allowed)
+    return chosen
+
+
+def _controls(
+    values: _Values, source: str | None, expected: bool, attached: bool
+) -> tuple[ControlRef, ...]:
+    """The controls the flags ask for, from the image ``source`` (a blob key); none while
+    the image is still to be fetched (``expected``). A control image ``attached`` with no
+    ``--control`` is refused: nothing would say what to take from it."""
+    chosen = values.get("control")
+    tuning = {name: values.get(name) for name in _CONTROL_TUNING}
+    if not chosen and attached:
+        raise PromptError(
+            "A control image says nothing by itself; add --control with what to take from "
+            f"it: {', '.join(CONTROL_TYPES)} (for example --control canny for its edges).",
+            flag="--control",
+            value="",
+            allowed=", ".join(CONTROL_TYPES),
+        )
+    if not chosen:
+        for name, given in tuning.items():
+            if given is not None:
+                raise PromptError(
+                    f"--{name} tunes a control, and there is none; add --control canny "
+                    f"(or {', '.join(CONTROL_TYPES[1:])}).",
+                    flag=f"--{name}",
+                    value=",".join(f"{v:g}" for v in given),  # type: ignore[attr-defined]
+                    allowed="a --control to tune",
+                )
+        return ()
+    assert isinstance(chosen, list)
+    if source is None:
+        if expected:
+            return ()
+        raise PromptError(
+            f"--control {chosen[0][0]} takes the structure from an image, and there is none; "
+            "attach one as the control option (or as the image prompt).",
+            flag="--control",
+            value=",".join(kind for kind, _ in chosen),
+            allowed="an image to take the structure from",
+        )
+    per_control: dict[str, list[float]] = {}
+    for name, (_low, _high, default) in _CONTROL_TUNING.items():
+        given = tuning[name]
+        numbers: list[float] = given if isinstance(given, list) else [default]
+        if len(numbers) not in (1, len(chosen)):
+            raise PromptError(
+                f"--{name} has {len(numbers)} values for {len(chosen)} controls; give one for "
+                "all of them or one per control, in the order of --control.",
+                flag=f"--{name}",
+                value=",".join(f"{n:g}" for n in numbers),
+                allowed=f"1 or {len(chosen)} values",
+            )
+        per_control[name] = numbers * len(chosen) if len(numbers) == 1 else numbers
+    refs = []
+    try:
+        for index, (kind, raw) in enumerate(chosen):
+            refs.append(
+                make_control(
+                    kind,
+                    weight=per_control["cw"][index],
+                    start=per_control["cstart"][index],
+                    end=per_control["cend"][index],
+                    raw=raw,
+                    source_key=source,
+                )
+            )
+        check_controls(tuple(refs))
+    except ControlError as exc:
+        raise PromptError(
+            str(exc), flag="--control", value=kind, allowed="see the sentence"
+        ) from None
+    return tuple(refs)
+
+
 def _ratio(value: str) -> tuple[int, int]:
     allowed = (
         f"W:H with whole numbers from 1 to {MAX_SIDE_UNITS} and a ratio between "
@@ -423,6 +538,8 @@ def _parse_one(
     fallbacks: PromptOverrides,
     image: ImageRef | None,
     image_expected: bool,
+    control_source: str | None = None,
+    control_expected: bool = False,
 ) -> list[Recipe]:
     prompt, flags = _split(text)
     values: _Values = {}
@@ -455,6 +572,11 @@ def _parse_one(
             values[name] = _sampler(value)
         elif name == "repeat":
             values[name] = _whole("repeat", value, 1, MAX_GENERATIONS)
+        elif name == "control":
+            values[name] = _control_types(value)
+        elif name in _CONTROL_TUNING:
+            low, high, _default = _CONTROL_TUNING[name]
+            values[name] = [_number(name, part.strip(), low, high) for part in value.split(",")]
         elif name == "iw":
             values[name] = _number("iw", value, 0.0, MAX_IMAGE_WEIGHT)
             if image is None and not image_expected:
@@ -499,6 +621,12 @@ def _parse_one(
             allowed=f"at most {MAX_PROMPT_LENGTH} characters",
         )
     _check_t5_length(prompt, defaults.family)
+    attached = control_source is not None or control_expected
+    if values.get("control") and control_source is None and image is not None:
+        control_source = image.blob_key  # the one image gives the structure ...
+        if "iw" not in values:
+            image = None  # ... and is an image prompt too only when --iw says so
+    controls = _controls(values, control_source, control_expected or image_expected, attached)
     ratio = values.get("ar")
     assert ratio is None or isinstance(ratio, tuple)
     width, height = size_for(ratio, defaults.family)
@@ -524,6 +652,7 @@ def _parse_one(
             sampler=str(values.get("sampler", defaults.sampler)),
             count=defaults.count,
             styles=tuple(styles),
+            controls=controls,
         )
         if image is not None:
             recipe = with_image_prompt(recipe, image, weight, defaults.family)
@@ -541,13 +670,17 @@ def parse_prompt(
     fallbacks: PromptOverrides | None = None,
     image: ImageRef | None = None,
     image_expected: bool = False,
+    control_source: str | None = None,
+    control_expected: bool = False,
 ) -> list[Recipe]:
     """One recipe per generation the text asks for; :class:`PromptError` if it is invalid.
 
     ``overrides`` (a command's typed options) replace the same flags in the text;
     ``fallbacks`` (a member's defaults) apply where neither gives a value. ``image`` is
     the image prompt (stored already); ``image_expected`` checks the text of one still
-    to be fetched (``--iw`` is allowed; the recipes carry no image).
+    to be fetched (``--iw`` is allowed; the recipes carry no image). ``control_source`` is
+    the blob key of the image ``--control`` takes its structure from (the ``control``
+    attachment), or ``control_expected`` while it is still to be fetched.
     """
     draw = random_seed or fresh_seed
     typed = _typed(overrides or PromptOverrides(), defaults, known_styles)
@@ -571,6 +704,8 @@ def parse_prompt(
                 fallbacks or PromptOverrides(),
                 image,
                 image_expected,
+                control_source,
+                control_expected,
             )
         )
         if len(recipes) > MAX_GENERATIONS:
@@ -600,4 +735,11 @@ def format_recipe(recipe: Recipe) -> str:
     parts.extend(f"--style {style.name}:{style.weight!r}" for style in recipe.styles)
     if recipe.init_image is not None and recipe.image_weight is not None:
         parts.append(f"--iw {recipe.image_weight!r}")  # the image itself stays with the recipe
+    if recipe.controls:  # their image too
+        controls = recipe.controls
+        parts.append("--control " + ",".join(c.type + (":raw" if c.raw else "") for c in controls))
+        for name, field_name in (("cw", "weight"), ("cstart", "start"), ("cend", "end")):
+            numbers = [getattr(c, field_name) for c in controls]
+            if any(n != _CONTROL_TUNING[name][2] for n in numbers):
+                parts.append(f"--{name} " + ",".join(f"{n!r}" for n in numbers))
     return " ".join(parts)

@@ -11,12 +11,12 @@ from storage.models import Generation, Image
 
 
 async def load_generation(database: Database, generation_id: int) -> Generation:
-    async with database.reading() as session:
+    async with database.autocommit_session() as session:
         return await get_generation(session, generation_id)
 
 
 async def load_image(database: Database, image_id: int) -> tuple[Image, Generation]:
     """The image and the generation it belongs to."""
-    async with database.reading() as session:
+    async with database.autocommit_session() as session:
         image = await get_image(session, image_id)
         return image, await get_generation(session, image.generation_id)

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from bot.retries import RetryPolicy
 from storage.blobs import BlobStore
+from storage.controls import ControlError
 from storage.database import Database
 from storage.deployment import Deployment
 from storage.events import EventBus
@@ -28,6 +29,22 @@ class StyleCatalog(Protocol):
     def default_weights(self) -> dict[str, float]: ...
 
 
+class ControlCatalog(Protocol):
+    """The controls this deployment runs (``generation.controls.ControlRegistry`` is one)."""
+
+    def find(self, kind: str, family: str) -> object:
+        """The control of type ``kind`` for ``family``; ``ControlError`` naming what there is."""
+        ...
+
+
+class _NoControls:
+    def find(self, kind: str, family: str) -> object:
+        raise ControlError(
+            f"There is no {kind} control for {family} models; no controls are installed "
+            "(an administrator adds them to IMAGINE_CONTROLS_DIR)."
+        )
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -41,6 +58,7 @@ class Services:
     progress_interval: float = 1.5  # seconds between progress edits of one message
     token_lifetime: timedelta = timedelta(minutes=14)  # Discord's is 15
     retries: RetryPolicy = field(default_factory=RetryPolicy)  # for a result Discord refused
+    controls: ControlCatalog = field(default_factory=_NoControls)
 
     # Styles added from Discord, by server; kept current by the /style commands.
     guild_style_names: dict[int, set[str]] = field(default_factory=dict)
@@ -55,6 +73,8 @@ class Services:
         progress_interval: float = 1.5,
     ) -> Services:
         """The bot's services on ``deployment``'s ports."""
+        from generation.controls import ControlRegistry  # torch-free, like the styles
+
         return cls(
             settings=deployment.settings,
             database=deployment.database,
@@ -66,6 +86,7 @@ class Services:
             style_weights=styles.default_weights(),
             progress_interval=progress_interval,
             retries=RetryPolicy.from_settings(deployment.settings),
+            controls=ControlRegistry.from_folder(deployment.settings.resolved_controls_dir),
         )
 
     def known_styles(self, guild_id: int | None = None) -> list[str]:

@@ -23,6 +23,7 @@ from bot.rate_limit import BUSY, too_fast
 from bot.replies import Refusal, refuse
 from bot.services import Services
 from storage.community import NSFW_WORDS
+from storage.controls import ControlError
 from storage.database import is_outage
 from storage.errors import ImagineError, QueueUnavailable
 from storage.generations import Origin, image_is_private
@@ -44,17 +45,21 @@ def parse_text(
     *,
     image: ImageRef | None = None,
     image_expected: bool = False,
+    control_source: str | None = None,
+    control_expected: bool = False,
 ) -> list[Recipe]:
     """Prompt-language text as recipes, with the styles this server may name. ``options``
     are a command's typed values (they win over the same flag in the text); ``fallbacks``
     a member's defaults (used where neither gives a value); ``image`` the image prompt,
-    or ``image_expected`` while it is still to be fetched."""
+    or ``image_expected`` while it is still to be fetched; ``control_source`` the blob key
+    of the ``control`` image (or ``control_expected``). A control this deployment has no
+    model for is refused with a sentence naming what it has."""
     defaults = PromptDefaults(
         model=services.settings.model,
         family=services.family,
         style_weights=services.style_weights,
     )
-    return parse_prompt(
+    recipes = parse_prompt(
         text,
         defaults,
         known_styles=services.known_styles(guild_id),
@@ -62,7 +67,16 @@ def parse_text(
         fallbacks=fallbacks,
         image=image,
         image_expected=image_expected,
+        control_source=control_source,
+        control_expected=control_expected,
     )
+    for kind in dict.fromkeys(ref.type for recipe in recipes for ref in recipe.controls):
+        services.controls.find(kind, services.family.name)
+    if any(recipe.controls and recipe.strength is not None for recipe in recipes):
+        refusal = services.family.control_refusal("img2img")
+        if refusal is not None:
+            raise ControlError(refusal)
+    return recipes
 
 
 def take_image_link(services: Services, text: str) -> tuple[str | None, str]:
@@ -250,7 +264,7 @@ async def refuse_failure(interaction: discord.Interaction[ImagineBot], exc: Exce
 async def _made_from_private(bot: ImagineBot, parent_image_id: int | None) -> bool:
     if parent_image_id is None:
         return False
-    async with bot.services.database.reading() as session:
+    async with bot.services.database.autocommit_session() as session:
         return await image_is_private(session, parent_image_id)
 
 
@@ -285,9 +299,10 @@ async def run_prompt(
     text: str,
     options: PromptOverrides | None = None,
     image: discord.Attachment | None = None,
+    control: discord.Attachment | None = None,
 ) -> None:
-    """What /imagine does with its text, typed options and image: the member's defaults,
-    parse, fetch and keep the image prompt, then submit."""
+    """What /imagine does with its text, typed options and images: the member's defaults,
+    parse, fetch and keep the image prompt and the control image, then submit."""
     bot = interaction.client
     services = bot.services
     defaults = bot.user_defaults.get(interaction.user.id, {})
@@ -300,24 +315,44 @@ async def run_prompt(
                 "Give one image prompt: attach an image or start the prompt with its link, "
                 "not both."
             )
+        limits = IntakeLimits.from_settings(services.settings)
         if image is not None:
-            IntakeLimits.from_settings(services.settings).check_size(image.size, "The image")
+            limits.check_size(image.size, "The image")
+        if control is not None:
+            limits.check_size(control.size, "The control image")
         expected = url is not None or image is not None
         recipes = parse_text(
-            services, text, interaction.guild_id, options, fallbacks, image_expected=expected
+            services,
+            text,
+            interaction.guild_id,
+            options,
+            fallbacks,
+            image_expected=expected,
+            control_expected=control is not None,
         )
     except ImagineError as exc:
         await refuse(interaction, str(exc))
         return
-    if not expected:
+    if not expected and control is None:
         await submit(interaction, GenerationKind.IMAGINE, recipes, private=private)
         return
     if not await within_rate_limit(interaction):
         return
     await interaction.response.defer(thinking=True, ephemeral=private)
     try:
-        stored = await receive_image(services, attachment=image, url=url)
-        recipes = parse_text(services, text, interaction.guild_id, options, fallbacks, image=stored)
+        stored = await receive_image(services, attachment=image, url=url) if expected else None
+        structure = None
+        if control is not None:
+            structure = (await receive_image(services, attachment=control)).blob_key
+        recipes = parse_text(
+            services,
+            text,
+            interaction.guild_id,
+            options,
+            fallbacks,
+            image=stored,
+            control_source=structure,
+        )
     except Exception as exc:
         await refuse_failure(interaction, exc)
         return

@@ -18,6 +18,11 @@ from diffusers import (
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
     ControlNetModel,
+    FluxControlNetImg2ImgPipeline,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    SD3ControlNetModel,
+    StableDiffusion3ControlNetPipeline,
 )
 from PIL import Image
 
@@ -25,6 +30,7 @@ from generation.controls import ControlRegistry, ControlSpec
 from generation.loading import ModelSource, Pipeline, model_hash, resolve_folder
 from generation.preprocess import Preprocessor, Unchanged, load_preprocessor
 from storage.controls import ControlError, ControlRef, check_controls
+from storage.families import FAMILIES
 from storage.settings import Settings
 
 CONTROLNET_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
@@ -33,8 +39,72 @@ _AUTO_PIPELINES = {
     "img2img": AutoPipelineForImage2Image,
     "inpaint": AutoPipelineForInpainting,
 }
-# The argument naming the control map: the image-to-image pipelines take ``image`` as input.
+# The argument naming the control map: SD and SDXL's image-to-image pipelines take ``image``
+# as input; SD3's and FLUX's pipelines always call the map ``control_image``.
 MAP_ARGUMENT = {"txt2img": "image", "img2img": "control_image", "inpaint": "control_image"}
+# ModelFamily.controlnet → the ControlNet class loaded for it.
+CONTROLNET_CLASSES: dict[str, type[Any]] = {
+    "unet": ControlNetModel,
+    "sd3": SD3ControlNetModel,
+    "flux": FluxControlNetModel,
+}
+
+
+class SeededSD3ControlNetPipeline(StableDiffusion3ControlNetPipeline):
+    """SD3's ControlNet pipeline (diffusers 0.42) samples the map's latents from the global
+    random generator; this one seeds that from the call's generator, so that the same recipe
+    gives the same bytes."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        generator = kwargs.get("generator")
+        first = generator[0] if isinstance(generator, list) else generator
+        device: torch.device = self.device  # type: ignore[attr-defined]
+        accelerated = [] if device.type == "cpu" else [device]
+        with torch.random.fork_rng(devices=accelerated, device_type=device.type):
+            if first is not None:
+                torch.manual_seed(first.initial_seed())
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
+
+class _SameNoise:
+    """FLUX's ControlNet pipelines encode the map with the call's generators before they
+    draw the noise; this draws the noise from the generators as they were at the call, so
+    that the noise is the uncontrolled pipeline's (a control at weight 0 changes nothing)."""
+
+    _noise_states: list[torch.Tensor] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        generator = kwargs.get("generator")
+        generators = generator if isinstance(generator, list) else [generator]
+        self._noise_states = [g.get_state() for g in generators if g is not None]
+        try:
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._noise_states = None
+
+    def prepare_latents(self, *args: Any, **kwargs: Any) -> Any:
+        generator = kwargs.get("generator", args[-2] if len(args) >= 2 else None)
+        generators = generator if isinstance(generator, list) else [generator]
+        for each, state in zip(generators, self._noise_states or [], strict=False):
+            each.set_state(state)
+        return super().prepare_latents(*args, **kwargs)  # type: ignore[misc]
+
+
+class FluxSameNoiseControlNetPipeline(_SameNoise, FluxControlNetPipeline):
+    pass
+
+
+class FluxSameNoiseControlNetImg2ImgPipeline(_SameNoise, FluxControlNetImg2ImgPipeline):
+    pass
+
+
+# (ModelFamily.controlnet, kind) → the pipeline class made ``from_pipe``, where the
+# AutoPipeline's pick needs replacing.
+_PIPELINE_CLASSES: dict[tuple[str, str], Any] = {
+    ("sd3", "txt2img"): SeededSD3ControlNetPipeline,
+    ("flux", "txt2img"): FluxSameNoiseControlNetPipeline,
+    ("flux", "img2img"): FluxSameNoiseControlNetImg2ImgPipeline,
+}
 
 
 class ControlNets:
@@ -52,6 +122,7 @@ class ControlNets:
         self.registry = registry
         self.settings = settings
         self.family = family
+        self._family = FAMILIES[family]
         self.device = device
         self.dtype = dtype
         self._models: dict[str, tuple[ControlNetModel, str]] = {}
@@ -73,9 +144,11 @@ class ControlNets:
                     f"in {folder}; Imagine loads ControlNets as safetensors only (pickles can run "
                     "code)."
                 )
-            model = ControlNetModel.from_pretrained(
-                str(folder), dtype=self.dtype, use_safetensors=True
-            ).to(self.device)
+            model = (
+                CONTROLNET_CLASSES[self._family.controlnet]
+                .from_pretrained(str(folder), dtype=self.dtype, use_safetensors=True)
+                .to(self.device)
+            )
             source = ModelSource(spec.model, "folder", folder)
             self._models[spec.name] = (model, model_hash(source, self.settings.data_dir / "cache"))
         return self._models[spec.name]
@@ -103,15 +176,24 @@ class ControlNets:
         _, weights = self.model(ref.type)
         return ref.model_copy(update={"model": self.spec(ref.type).name, "model_hash": weights})
 
+    def check_kind(self, kind: str) -> None:
+        """Refuse, with a sentence, a control on a ``kind`` of generation that diffusers has
+        no ControlNet pipeline for in this family."""
+        refusal = self._family.control_refusal(kind)
+        if refusal is not None:
+            raise ControlError(refusal)
+
     def pipeline(self, base: Pipeline, kind: str, controls: Sequence[ControlRef]) -> Pipeline:
         """The ``kind`` pipeline running ``controls``, made once from ``base`` and kept."""
+        self.check_kind(kind)
         check_controls(tuple(controls))
         names = tuple(self.spec(ref.type).name for ref in controls)
         key = (kind, names)
         if key not in self._pipelines:
             models = [self.model(ref.type)[0] for ref in controls]
             controlnet: Any = models[0] if len(models) == 1 else models
-            pipe = _AUTO_PIPELINES[kind].from_pipe(base, controlnet=controlnet)
+            maker = _PIPELINE_CLASSES.get((self._family.controlnet, kind), _AUTO_PIPELINES[kind])
+            pipe = maker.from_pipe(base, controlnet=controlnet)
             pipe.set_progress_bar_config(disable=True)
             self._pipelines[key] = pipe
         return self._pipelines[key]
@@ -124,6 +206,7 @@ class ControlNets:
         size: tuple[int, int],
     ) -> dict[str, Any]:
         """The pipeline call's control arguments: maps, weights and windows."""
+        self.check_kind(kind)
         if len(maps) != len(controls):
             raise ControlError(
                 f"{len(controls)} control(s) need as many maps; {len(maps)} were given."
@@ -135,11 +218,14 @@ class ControlNets:
             return values[0] if one else values
 
         return {
-            MAP_ARGUMENT[kind]: each(images),
+            self._map_argument(kind): each(images),
             "controlnet_conditioning_scale": each([ref.weight for ref in controls]),
             "control_guidance_start": each([ref.start for ref in controls]),
             "control_guidance_end": each([ref.end for ref in controls]),
         }
+
+    def _map_argument(self, kind: str) -> str:
+        return MAP_ARGUMENT[kind] if self._family.controlnet == "unet" else "control_image"
 
 
 def map_png(image: Image.Image) -> bytes:

@@ -37,11 +37,11 @@ from generation.thumbnails import encode_thumbnails, stored_thumbnails
 from storage.blobs import BlobStore
 from storage.database import Database, is_outage
 from storage.errors import ImagineError
-from storage.generations import NewImage, add_images, record_grid, transition
+from storage.generations import NewImage, transition
 from storage.intake import fit_image, open_stored
 from storage.models import Generation, GenerationKind, GenerationStatus
 from storage.recipe import Recipe
-from storage.thumbnails import record_images_thumbnails
+from storage.results import record_success
 
 log = logging.getLogger(__name__)
 
@@ -367,28 +367,24 @@ async def finish_generation(
     except Exception as exc:
         return await _ended(database, generation_id, exc, generated.started)
 
-    async with database.session() as session:
-        rows = await add_images(
-            session,
-            generation_id,
-            [
-                NewImage(
-                    index=image.index,
-                    seed=image.seed,
-                    width=image.width,
-                    height=image.height,
-                    blob_key=key,
-                    sha256=key,
-                )
-                for image, key in zip(images, keys, strict=True)
-            ],
-        )
-        await record_images_thumbnails(
-            session, {row.id: thumbs for row, thumbs in zip(rows, made, strict=True)}
-        )
-        if grid_key is not None:
-            await record_grid(session, generation_id, grid_key)
-        generation = await transition(session, generation_id, S.SUCCEEDED, recipe=recipe)
+    generation = await record_success(
+        database,
+        generation_id,
+        [
+            NewImage(
+                index=image.index,
+                seed=image.seed,
+                width=image.width,
+                height=image.height,
+                blob_key=key,
+                sha256=key,
+            )
+            for image, key in zip(images, keys, strict=True)
+        ],
+        made,
+        grid_key,
+        recipe,
+    )
     return JobOutcome(generation, images, time.perf_counter() - generated.started)
 
 

@@ -31,13 +31,21 @@ _CACHED_TOKENIZERS = (
     ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer/"),
 )
 _VOCAB_FILES = ("vocab.json", "merges.txt")
+# Hub repositories whose cached T5 (v1.1 XXL) sentencepiece model serves SD3 and FLUX.
+_CACHED_T5 = (
+    ("google/t5-v1_1-xxl", ""),
+    ("black-forest-labs/FLUX.1-schnell", "tokenizer_2/"),
+    ("black-forest-labs/FLUX.1-dev", "tokenizer_2/"),
+    ("stabilityai/stable-diffusion-3.5-medium", "tokenizer_3/"),
+)
+_T5_FILES = ("spiece.model", "tokenizer.json")
 
 
 def config_folder(entry: CheckpointFamily, settings: Settings) -> Path | None:
     """Where the family's diffusers configs are: the tiny model's folder, or shipped here."""
     if entry.tiny_model is not None:
         return ensure_tiny_model(entry.tiny_model, settings.data_dir / "models")
-    folder = CONFIGS / entry.family
+    folder = CONFIGS / (entry.configs or entry.family)
     return folder if (folder / "model_index.json").is_file() else None
 
 
@@ -62,6 +70,45 @@ def _tokenizer_vocabulary(settings: Settings) -> Path | None:
         if all(isinstance(file, str) for file in found):
             return Path(str(found[0])).parent
     return None
+
+
+def _t5_vocabulary(settings: Settings) -> Path | None:
+    """A folder holding T5's sentencepiece model: the setting, else the Hugging Face cache."""
+    folder = settings.t5_tokenizer
+    if folder is not None:
+        for candidate in (folder, folder / "tokenizer_2", folder / "tokenizer_3"):
+            if any((candidate / name).is_file() for name in _T5_FILES):
+                return candidate
+        raise ConfigError(
+            f"IMAGINE_T5_TOKENIZER is {folder}, which holds no spiece.model (nor a "
+            "tokenizer.json); point it at the tokenizer_2 folder of a FLUX diffusers model "
+            "or the tokenizer_3 folder of an SD3 one."
+        )
+    from huggingface_hub import try_to_load_from_cache
+
+    for repo, prefix in _CACHED_T5:
+        for name in _T5_FILES:
+            found = try_to_load_from_cache(repo, prefix + name)
+            if isinstance(found, str):
+                return Path(found).parent
+    return None
+
+
+def _no_t5_vocabulary(entry: CheckpointFamily) -> ConfigError:
+    return ConfigError(
+        f"A {entry.family} checkpoint needs the T5 tokenizer (spiece.model, 0.8 MB), which "
+        "Imagine does not ship and did not find in the Hugging Face cache. Set "
+        "IMAGINE_T5_TOKENIZER to a folder holding it (the tokenizer_2 folder of a FLUX "
+        "diffusers model, or tokenizer_3 of an SD3 one)."
+    )
+
+
+def _no_components(path: Path, entry: CheckpointFamily) -> ConfigError:
+    return ConfigError(
+        f"{path} holds the {entry.family} transformer only, without the autoencoder and "
+        "text encoders that generating needs; use a checkpoint that includes them (Civitai "
+        "lists them as 'full' or 'fp8 all-in-one'), or the model's diffusers folder."
+    )
 
 
 def _download_vocabulary(settings: Settings) -> Path | None:
@@ -97,16 +144,43 @@ def _no_configs(path: Path, entry: CheckpointFamily) -> ConfigError:
 def describe_single_file(path: Path, settings: Settings) -> str:
     """What ``imagine doctor`` says of a checkpoint file, without loading it;
     :class:`ConfigError` if it cannot load as things stand."""
-    entry = detect_checkpoint(path, read_shapes(path))
+    shapes = read_shapes(path)
+    entry = detect_checkpoint(path, shapes)
     if entry.tiny_model is None and config_folder(entry, settings) is None:
         if not settings.allow_downloads:
             raise _no_configs(path, entry)
         return f"a {entry.family} checkpoint; its configuration is downloaded at start"
+    if entry.tiny_model is None and entry.t5_tokenizer and not _has_components(shapes):
+        raise _no_components(path, entry)
     if entry.tokenizers and _tokenizer_vocabulary(settings) is None:
         if not settings.allow_downloads:
             raise _no_vocabulary(entry)
         return f"a {entry.family} checkpoint; the CLIP tokenizer is downloaded at start"
+    if entry.t5_tokenizer and entry.tiny_model is None and _t5_vocabulary(settings) is None:
+        raise _no_t5_vocabulary(entry)
     return f"a {entry.family} checkpoint, loadable offline"
+
+
+def _has_components(shapes: dict[str, list[int]]) -> bool:
+    """Whether a checkpoint holds an autoencoder and text encoders besides the denoiser."""
+    return any(key.startswith(("first_stage_model.", "vae.")) for key in shapes) and any(
+        key.startswith(("text_encoders.", "cond_stage_model.", "conditioner.")) for key in shapes
+    )
+
+
+def t5_tokenizer(entry: CheckpointFamily, config: Path, settings: Settings) -> dict[str, Any]:
+    """The family's T5 tokenizer, from its sentencepiece model and our config's length."""
+    if entry.t5_tokenizer is None or entry.tiny_model is not None:
+        return {}
+    from transformers import T5Tokenizer
+
+    vocabulary = _t5_vocabulary(settings)
+    if vocabulary is None:
+        raise _no_t5_vocabulary(entry)
+    special = json.loads((config / entry.t5_tokenizer / "tokenizer_config.json").read_text())
+    special.pop("tokenizer_class", None)
+    tokenizer = T5Tokenizer.from_pretrained(str(vocabulary), local_files_only=True, **special)
+    return {entry.t5_tokenizer: tokenizer}
 
 
 def clip_tokenizers(entry: CheckpointFamily, config: Path, settings: Settings) -> dict[str, Any]:
@@ -134,17 +208,41 @@ def load_single_file(path: Path, settings: Settings, dtype: torch.dtype) -> tupl
     import diffusers
     from safetensors import SafetensorError
 
-    entry = detect_checkpoint(path, read_shapes(path))
+    shapes = read_shapes(path)
+    entry = detect_checkpoint(path, shapes)
+    if entry.tiny_model is None and entry.t5_tokenizer and not _has_components(shapes):
+        raise _no_components(path, entry)
     pipe_class = getattr(diffusers, entry.pipeline)
     config = config_folder(entry, settings)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if config is not None:
         kwargs |= {"config": str(config), "local_files_only": True}
         kwargs |= clip_tokenizers(entry, config, settings)
+        kwargs |= t5_tokenizer(entry, config, settings)
     elif not settings.allow_downloads:
         raise _no_configs(path, entry)
     try:
         pipe = pipe_class.from_single_file(str(path), **kwargs)
     except SafetensorError as exc:  # a header that reads, over tensors that do not
         raise unreadable(path, exc) from None
+    _tie_t5_embeddings(pipe)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # diffusers' T5 from a single file is left training: dropout on
     return pipe, entry.family
+
+
+def _tie_t5_embeddings(pipe: Any) -> None:
+    """Tie each T5 encoder's input embedding to ``shared``, as its config says: Stability's
+    files hold ``shared.weight`` only, and diffusers' single-file loader leaves the tied
+    copy unloaded (on the meta device)."""
+    for component in pipe.components.values():
+        encoder: Any = getattr(component, "encoder", None)
+        shared = getattr(component, "shared", None)
+        embed = getattr(encoder, "embed_tokens", None)
+        if (
+            isinstance(shared, torch.nn.Embedding)
+            and isinstance(embed, torch.nn.Embedding)
+            and embed.weight.is_meta
+        ):
+            encoder.embed_tokens = shared

@@ -202,7 +202,11 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
 
 def build_tiny_sd3() -> StableDiffusion3Pipeline:
     """SD 3.5 in miniature: MMDiT with QK norm and a dual-attention layer, CLIP-L, CLIP-G
-    and T5 text encoders, a 16-channel autoencoder, flow matching."""
+    and T5 text encoders, a 16-channel autoencoder, flow matching.
+
+    Shaped like the real one where a single-file checkpoint depends on it: CLIP-G is wider
+    than CLIP-L (diffusers tells the two apart by width) and CLIP-L's projection is the
+    identity (Stability's files do not hold it)."""
     torch.manual_seed(_SEED)
     transformer = SD3Transformer2DModel(
         sample_size=48,
@@ -212,21 +216,24 @@ def build_tiny_sd3() -> StableDiffusion3Pipeline:
         num_layers=2,
         attention_head_dim=8,
         num_attention_heads=4,
-        joint_attention_dim=64,
+        joint_attention_dim=96,  # T5's width; the CLIP embeddings (32 + 48) are padded to it
         caption_projection_dim=32,
-        pooled_projection_dim=64,  # the two CLIP projections side by side
+        pooled_projection_dim=80,  # the two CLIP projections side by side
         pos_embed_max_size=64,
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
     )
+    clip_l = CLIPTextModelWithProjection(_text_config(projection=True))
+    with torch.no_grad():
+        clip_l.text_projection.weight.copy_(torch.eye(32))
     return StableDiffusion3Pipeline(
         transformer=transformer,
         vae=_flow_vae(),
-        text_encoder=CLIPTextModelWithProjection(_text_config(projection=True)),
+        text_encoder=clip_l,
         tokenizer=_tokenizer(),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(projection=True, hidden_size=48)),
         tokenizer_2=_tokenizer(),
-        text_encoder_3=_t5(64),
+        text_encoder_3=_t5(96),
         tokenizer_3=_t5_tokenizer(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
     )
@@ -386,12 +393,46 @@ def build_tiny_lora(
 
 
 def save_tiny_controlnet(kind: str, folder: Path, *, seed: int = 1) -> Path:
-    """A random ControlNet for the tiny ``kind`` (sd or sdxl) model, saved as a diffusers folder.
+    """A random ControlNet for the tiny ``kind`` (sd, sdxl, sd3 or flux) model, saved as a
+    diffusers folder.
 
-    Built from the tiny UNet as real ControlNets are; its zero convolutions get random
-    weights (trained ones are not zero), so that the control visibly steers the image.
+    Built from the tiny UNet or transformer as real ControlNets are; its zero layers get
+    random weights (trained ones are not zero), so that the control visibly steers the image.
     """
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel, FluxControlNetModel, SD3ControlNetModel
+
+    if kind in ("sd3", "flux"):
+        torch.manual_seed(seed)
+        net: Any
+        if kind == "sd3":
+            sd3: Any = build_tiny_sd3()
+            transformer = sd3.transformer
+            net = SD3ControlNetModel.from_transformer(
+                transformer, num_layers=1, num_extra_conditioning_channels=0
+            )
+            zero_layers = [*net.controlnet_blocks, net.pos_embed_input.proj]
+        else:
+            flux: Any = build_tiny_flux()
+            transformer = flux.transformer
+            net = FluxControlNetModel.from_transformer(
+                transformer,
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=16,
+                num_attention_heads=2,
+            )
+            zero_layers = [
+                *net.controlnet_blocks,
+                *net.controlnet_single_blocks,
+                net.controlnet_x_embedder,
+            ]
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for layer in zero_layers:
+                torch.nn.init.normal_(layer.weight, std=0.3)
+                torch.nn.init.normal_(layer.bias, std=0.1)
+        net.save_pretrained(folder, safe_serialization=True)
+        return folder
 
     pipe: Any = build_tiny_sdxl() if kind == "sdxl" else build_tiny_sd()
     unet = pipe.unet
@@ -468,9 +509,10 @@ def write_tiny_controls(
     family: str = "tiny-sd",
     types: tuple[str, ...] = ("canny", "depth", "pose", "lineart", "scribble", "tile"),
 ) -> Path:
-    """A controls folder for the tiny ``family`` (tiny-sd or tiny-sdxl): a random ControlNet
-    per control type, the tiny depth and pose estimators, and one TOML file per control."""
-    kind = "sdxl" if family == "tiny-sdxl" else "sd"
+    """A controls folder for the tiny ``family`` (tiny-sd, tiny-sdxl, tiny-sd3 or tiny-flux):
+    a random ControlNet per control type, the tiny depth and pose estimators, and one TOML
+    file per control."""
+    kind = TINY_MODELS[family]
     folder.mkdir(parents=True, exist_ok=True)
     models = folder / "models"
     if not (models / "depth" / "config.json").is_file():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from sqlalchemy import delete, select
+from sqlalchemy import Executable, delete, select
 from sqlalchemy.exc import DBAPIError
 
 from storage.errors import BlobNotFound, BlobStoreFull, ConfigError
@@ -145,6 +146,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _insert_blobs(dialect: str) -> Executable:
+    """Built once per dialect: building it for each job cost more than its round trip."""
+    from storage.database import insert_or_ignore
+    from storage.models import Blob
+
+    return insert_or_ignore(dialect, Blob, None, [Blob.key])
+
+
 class DatabaseBlobStore:
     """Blobs as rows of the ``blobs`` table: every worker that reaches the database can share them.
 
@@ -159,8 +169,7 @@ class DatabaseBlobStore:
         return (await self.put_many([data]))[0]
 
     async def put_many(self, datas: Sequence[bytes]) -> list[str]:
-        from storage.database import insert_or_ignore
-        from storage.models import Blob, utcnow
+        from storage.models import utcnow
 
         keys = [blob_key(data) for data in datas]
         rows = {key: data for key, data in zip(keys, datas, strict=True)}
@@ -172,15 +181,11 @@ class DatabaseBlobStore:
                 # One statement, so one transaction of its own: the same bytes stored already
                 # (or concurrently) have the same key and the same data; the existing row stands.
                 await connection.execute(
-                    insert_or_ignore(
-                        connection.dialect.name,
-                        Blob,
-                        [
-                            {"key": key, "data": data, "size": len(data), "created_at": now}
-                            for key, data in rows.items()
-                        ],
-                        [Blob.key],
-                    )
+                    _insert_blobs(connection.dialect.name),
+                    [
+                        {"key": key, "data": data, "size": len(data), "created_at": now}
+                        for key, data in rows.items()
+                    ],
                 )
         except DBAPIError as exc:
             if _disk_full(exc):

@@ -26,14 +26,24 @@ class CheckpointFamily:
     family: str  # a key of storage.families.FAMILIES
     pipeline: str  # the diffusers pipeline class
     marker: str  # a key that only this family's checkpoints hold
-    conv_in_width: int | None = None  # the UNet's first width, where it tells models apart
+    conv_in_width: int | None = None  # the denoiser's first width, where it tells models apart
     tokenizers: tuple[str, ...] = ()  # tokenizer folders needing the CLIP vocabulary
     tiny_model: str | None = None  # take the configs from this tiny model's folder
+    t5_tokenizer: str | None = None  # the tokenizer folder needing T5's sentencepiece model
+    configs: str | None = None  # the folder of single_file_configs/, if not the family's name
+    width_key: str = UNET_CONV_IN  # the tensor whose first dimension is that width
 
 
 _SDXL = "conditioner.embedders.1.model.positional_embedding"
 _SD1 = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
 _SD2 = "cond_stage_model.model.token_embedding.weight"
+# MMDiT (SD3) and FLUX keys, found with or without the ``model.diffusion_model.`` prefix.
+_SD3 = "joint_blocks.0.x_block.attn.qkv.weight"
+_SD35_MEDIUM = "joint_blocks.0.x_block.attn2.qkv.weight"  # SD 3.5 medium's dual attention
+_SD3_WIDTH = "x_embedder.proj.weight"
+_FLUX = "double_blocks.0.img_attn.qkv.weight"
+_FLUX_DEV = "guidance_in.in_layer.weight"  # dev's distilled guidance; schnell has none
+_FLUX_WIDTH = "img_in.weight"
 
 # First match wins: the tiny test models before the real ones whose layout they share.
 CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
@@ -44,6 +54,49 @@ CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
     # No configs shipped: SD 2 comes as 512 px epsilon and 768 px v-prediction models
     # whose files cannot be told apart; it loads from the hub when downloads are allowed.
     CheckpointFamily("sd2", "StableDiffusionPipeline", _SD2),
+    CheckpointFamily(
+        "tiny-sd3",
+        "StableDiffusion3Pipeline",
+        _SD3,
+        32,
+        tiny_model="tiny-sd3",
+        width_key=_SD3_WIDTH,
+    ),
+    CheckpointFamily(
+        "sd3",
+        "StableDiffusion3Pipeline",
+        _SD35_MEDIUM,
+        1536,
+        ("tokenizer", "tokenizer_2"),
+        width_key=_SD3_WIDTH,
+        t5_tokenizer="tokenizer_3",
+        configs="sd35-medium",
+    ),
+    # No configs shipped for SD 3 medium and SD 3.5 large: they load from the hub.
+    CheckpointFamily("sd3", "StableDiffusion3Pipeline", _SD3),
+    CheckpointFamily(
+        "tiny-flux", "FluxPipeline", _FLUX_DEV, 32, tiny_model="tiny-flux", width_key=_FLUX_WIDTH
+    ),
+    CheckpointFamily(
+        "flux",
+        "FluxPipeline",
+        _FLUX_DEV,
+        3072,
+        ("tokenizer",),
+        width_key=_FLUX_WIDTH,
+        t5_tokenizer="tokenizer_2",
+        configs="flux-dev",
+    ),
+    CheckpointFamily(
+        "flux-schnell",
+        "FluxPipeline",
+        _FLUX,
+        3072,
+        ("tokenizer",),
+        width_key=_FLUX_WIDTH,
+        t5_tokenizer="tokenizer_2",
+        configs="flux-schnell",
+    ),
 )
 
 
@@ -90,14 +143,16 @@ def detect_checkpoint(path: Path, shapes: dict[str, list[int]]) -> CheckpointFam
             f"{path} is an inpainting checkpoint (its UNet reads {conv_in[1]} channels, not 4); "
             "Imagine generates from text, so use the normal version of this model."
         )
+    bare = {key.removeprefix("model.diffusion_model."): shape for key, shape in shapes.items()}
     for entry in CHECKPOINT_FAMILIES:
-        if entry.marker not in shapes:
+        if entry.marker not in shapes and entry.marker not in bare:
             continue
-        if entry.conv_in_width is None or (conv_in and conv_in[0] == entry.conv_in_width):
+        width = shapes.get(entry.width_key) or bare.get(entry.width_key)
+        if entry.conv_in_width is None or (width and width[0] == entry.conv_in_width):
             return entry
     raise ConfigError(
-        f"{path} is not a Stable Diffusion 1.x/2.x or SDXL checkpoint that Imagine can read "
-        "(none of their text encoder keys is in it; an SDXL refiner or a UNet-only file "
+        f"{path} is not a Stable Diffusion 1.x/2.x, SDXL, SD3 or FLUX checkpoint that "
+        "Imagine can read (none of their keys is in it; an SDXL refiner or a UNet-only file "
         "cannot generate alone); use a diffusers folder or hub id for other models."
     )
 

@@ -52,9 +52,12 @@ def insert_or_ignore(
     dialect: str, table: Any, values: Any, conflict: Sequence[Any]
 ) -> postgresql.Insert | sqlite.Insert:
     """``INSERT … ON CONFLICT (conflict) DO NOTHING`` in ``dialect`` (PostgreSQL or SQLite):
-    a row that is there already, or arrives concurrently, stands."""
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return insert(table).values(values).on_conflict_do_nothing(index_elements=conflict)
+    a row that is there already, or arrives concurrently, stands. With ``values`` None the
+    rows come as the execution's parameters (a statement that can be built once)."""
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    if values is not None:
+        insert = insert.values(values)
+    return insert.on_conflict_do_nothing(index_elements=conflict)
 
 
 def parse_database_url(raw: str) -> URL:
@@ -305,10 +308,10 @@ class Database:
             yield await connection.execution_options(isolation_level="AUTOCOMMIT")
 
     @asynccontextmanager
-    async def reading(self) -> AsyncIterator[AsyncSession]:
-        """A session for reads, outside a transaction: each statement costs one round trip
-        (no BEGIN and COMMIT around them) and sees what was committed when it ran. For
-        reads that need not agree with each other; never for writes.
+    async def autocommit_session(self) -> AsyncIterator[AsyncSession]:
+        """A session on an :meth:`autocommit` connection: each statement commits by itself
+        and costs one round trip (no BEGIN and COMMIT around it). For one statement that
+        does all the work, or for reads that need not agree with each other.
 
         A SQLite file locked past the busy timeout raises :class:`QueueUnavailable`.
         """

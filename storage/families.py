@@ -48,6 +48,10 @@ class ModelFamily:
     latent_format: str = "sd15"
     # Flags this family cannot honour, each with the sentence that says why and what instead.
     refused_flags: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Which ControlNet architecture serves it (the class is picked in generation/controlnet.py)
+    # and the pipelines diffusers has a ControlNet variant of for it.
+    controlnet: str = "unet"
+    control_kinds: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
 
     @property
     def pixel_budget(self) -> int:
@@ -56,6 +60,18 @@ class ModelFamily:
     @property
     def shown_name(self) -> str:
         return self.label or self.name
+
+    def control_refusal(self, kind: str) -> str | None:
+        """Why this family takes no control on a ``kind`` (txt2img, img2img, inpaint)
+        generation, or None if it does."""
+        if kind in self.control_kinds:
+            return None
+        done = {"txt2img": "text-to-image", "img2img": "variation", "inpaint": "inpainting"}
+        offered = ", ".join(done[k] for k in self.control_kinds) or "no"
+        return (
+            f"{self.shown_name} models take controls only on {offered} generations, not on "
+            f"a {done[kind]}; leave the controls out of this one."
+        )
 
     def refusal(self, flag: str) -> str | None:
         """Why this family refuses ``--flag``, or None if it honours it."""
@@ -80,6 +96,8 @@ _SD3 = ModelFamily(
     t5_tokenizer="tokenizer_3",
     latent_format="sd3",
     refused_flags=_refusing(("sampler", _NO_SAMPLER)),
+    controlnet="sd3",
+    control_kinds=("txt2img",),
 )
 # FLUX.1-dev's guidance is distilled: a guidance embedding, no second (negative) pass.
 _FLUX = ModelFamily(
@@ -95,6 +113,8 @@ _FLUX = ModelFamily(
     t5_tokenizer="tokenizer_2",
     latent_format="flux",
     refused_flags=_refusing(("no", _NO_NEGATIVE), ("sampler", _NO_SAMPLER)),
+    controlnet="flux",
+    control_kinds=("txt2img", "img2img"),
 )
 
 

@@ -10,14 +10,14 @@ import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import cast
+from typing import NoReturn, cast
 
-from sqlalchemy import Table, Update, bindparam, false, func, select, text, update
+from sqlalchemy import Select, Table, Update, bindparam, false, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload
 
-from storage.database import insert_or_ignore
+from storage.database import Database, insert_or_ignore
 from storage.errors import IllegalTransition, NotFound
 from storage.models import (
     Generation,
@@ -210,20 +210,43 @@ async def transition(
     if recipe is not None:
         parameters["recipe"] = recipe
     result = await session.execute(
-        _transition_statement(target, tuple(sorted(parameters))), parameters
+        transition_statement(target, tuple(sorted(parameters))), parameters
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
-        current = await session.scalar(
-            select(Generation.status).where(Generation.id == generation_id)
-        )
-        if current is None:
-            raise NotFound(f"There is no generation {generation_id}; check the id.")
-        raise IllegalTransition(generation_id, current.value, target.value)
+        await refuse_transition(session, generation_id, target)
     return await get_generation(session, generation_id)
 
 
+async def transition_in_one_statement(
+    database: Database,
+    statement: Select[Generation],
+    parameters: dict[str, object],
+    target: GenerationStatus,
+) -> Generation:
+    """Run ``statement`` (the move of generation ``parameters["generation_id"]`` to
+    ``target``, with more work in its ``WITH``, returning the row, its images and styles) on
+    an autocommit connection: one round trip, atomic by itself. Raises as
+    :func:`transition` does when the row did not move."""
+    async with database.autocommit_session() as session:
+        result = await session.execute(statement, parameters)
+        generation = result.unique().scalar_one_or_none()
+        if generation is None:
+            await refuse_transition(session, cast(int, parameters["generation_id"]), target)
+        return generation
+
+
+async def refuse_transition(
+    session: AsyncSession, generation_id: int, target: GenerationStatus
+) -> NoReturn:
+    """Raise why the generation could not move to ``target`` (its status, or its absence)."""
+    current = await session.scalar(select(Generation.status).where(Generation.id == generation_id))
+    if current is None:
+        raise NotFound(f"There is no generation {generation_id}; check the id.")
+    raise IllegalTransition(generation_id, current.value, target.value)
+
+
 @functools.cache
-def _transition_statement(target: GenerationStatus, parameters: tuple[str, ...]) -> Update:
+def transition_statement(target: GenerationStatus, parameters: tuple[str, ...]) -> Update:
     """The conditional UPDATE of :func:`transition`, with these bound parameters; built
     once for each, as building it costs more than running it."""
     table = cast(Table, Generation.__table__)

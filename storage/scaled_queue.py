@@ -28,21 +28,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import re
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import (
+    Integer,
+    Select,
+    String,
+    Table,
+    bindparam,
+    column,
+    func,
+    literal,
+    literal_column,
+    select,
+    table,
+    text,
+    update,
+)
+from sqlalchemy import cast as cast_
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased, contains_eager
 
 from storage.database import Database, is_outage
 from storage.errors import IllegalTransition, NotFound, QueueUnavailable
 from storage.events import EventBus
-from storage.generations import check_id, get_generation, transition
-from storage.models import Generation, GenerationStatus, Guild
+from storage.generations import (
+    check_id,
+    get_generation,
+    transition_in_one_statement,
+    transition_statement,
+)
+from storage.models import Generation, GenerationStatus, Guild, utcnow
 from storage.queue import (
     Cancellations,
     RunJob,
@@ -59,6 +81,7 @@ from storage.scheduling import (
 )
 
 if TYPE_CHECKING:
+    import psycopg
     from procrastinate import App
 
 log = logging.getLogger(__name__)
@@ -101,7 +124,76 @@ def make_app(url: URL) -> App:
     import procrastinate
 
     conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    return procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=conninfo))
+    # Each of procrastinate's queries is one statement (a function call), atomic by itself:
+    # in autocommit it is one round trip, not a BEGIN, the query and a COMMIT.
+    return procrastinate.App(
+        connector=procrastinate.PsycopgConnector(conninfo=conninfo, configure=_autocommit)
+    )
+
+
+async def _autocommit(connection: psycopg.AsyncConnection[Any]) -> None:
+    await connection.set_autocommit(True)
+
+
+_JOBS = table(
+    "procrastinate_jobs",
+    column("queue_name"),
+    column("status"),
+    column("lock"),
+    column("priority", Integer),
+)
+
+
+@functools.cache
+def _start_statement() -> Select[Generation]:
+    """:func:`start_job` in one statement: the row goes ``running`` (as
+    :func:`~storage.generations.transition` moves it), that user's waiting jobs move up a
+    turn (:func:`advance_turns`, only if the row moved), and the row comes back with its
+    images and styles."""
+    generations = cast(Table, Generation.__table__)
+    claimed = (
+        transition_statement(S.RUNNING, ("generation_id", "now", "worker_name"))
+        .returning(*generations.c)
+        .cte("claimed")
+    )
+    turned = (
+        update(_JOBS)
+        .where(
+            _JOBS.c.queue_name == bindparam("queue", type_=String),
+            _JOBS.c.status == literal_column("'todo'"),
+            _JOBS.c.lock.like(
+                literal("imagine-user:") + cast_(claimed.c.requester_id, String) + ":%"
+            ),
+        )
+        .values(priority=_JOBS.c.priority + (TURN - 1))
+        .cte("turned")
+    )
+    row = aliased(Generation, claimed)
+    return (
+        select(row)
+        .outerjoin(row.images)
+        .outerjoin(row.styles)
+        .options(contains_eager(row.images), contains_eager(row.styles))
+        .add_cte(turned)
+    )
+
+
+async def start_job(
+    database: Database, generation_id: int, worker_name: str, queue: str
+) -> Generation:
+    """Move a queued generation to ``running`` on ``worker_name`` and advance its user's
+    turns in ``queue``, in one round trip; :class:`IllegalTransition` if it is not queued."""
+    return await transition_in_one_statement(
+        database,
+        _start_statement(),
+        {
+            "generation_id": generation_id,
+            "now": utcnow(),
+            "worker_name": worker_name,
+            "queue": queue,
+        },
+        S.RUNNING,
+    )
 
 
 async def advance_turns(session: AsyncSession, queue: str, requester_id: int) -> None:
@@ -311,11 +403,7 @@ class ProcrastinateJobs:
 
         async def run_generation(generation_id: int) -> None:
             try:
-                async with database.session() as session:
-                    generation = await transition(
-                        session, generation_id, S.RUNNING, worker_name=worker_name
-                    )
-                    await advance_turns(session, name, generation.requester_id)
+                generation = await start_job(database, generation_id, worker_name, name)
             except IllegalTransition:
                 log.info("generation %s is no longer queued; nothing to run", generation_id)
                 return

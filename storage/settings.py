@@ -156,6 +156,14 @@ class Settings(BaseSettings):
             "empty: the Hugging Face cache."
         ),
     )
+    t5_tokenizer: Path | None = Field(
+        default=None,
+        description=(
+            "Folder with the T5 tokenizer (spiece.model or tokenizer.json, e.g. the "
+            "tokenizer_2 folder of a FLUX diffusers model) for SD3 and FLUX single-file "
+            "checkpoints; empty: the Hugging Face cache."
+        ),
+    )
     upscaler: str | None = Field(
         default=None,
         description=(

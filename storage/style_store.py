@@ -3,7 +3,9 @@
 A LoRA upload is checked before anything is stored, without loading it: the
 safetensors header is parsed as JSON (never unpickled), its tensors must lie
 inside the file, and the width of its cross-attention layers must match the
-base model family (768 for SD 1.5, 1024 for SD 2, 2048 for SDXL). The worker
+base model family (768 for SD 1.5, 1024 for SD 2, 2048 for SDXL); an SD3 or FLUX
+LoRA's transformer keys must be of the family's architecture and its attention as
+wide as the family's transformer (SD 3.5 1536 / 2432, FLUX 3072). The worker
 checks every key against the loaded model again when it first applies it.
 """
 
@@ -24,6 +26,28 @@ from storage.models import Style
 STYLE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Width of the text embedding the UNet's cross-attention reads, by family.
 CROSS_ATTENTION_WIDTH = {"sd15": 768, "sd2": 1024, "sdxl": 2048, "tiny-sd": 32, "tiny-sdxl": 80}
+# SD3 / FLUX LoRAs adapt the transformer: its architecture and the widths of its attention
+# (heads x head width) by family: SD 3.5 Medium 1536, Large 2432; FLUX.1 3072; tiny ones 32.
+TRANSFORMER_LORA = {
+    "sd3": ("sd3", (1536, 2432)),
+    "sd3-turbo": ("sd3", (2432,)),
+    "flux": ("flux", (3072,)),
+    "flux-schnell": ("flux", (3072,)),
+    "tiny-sd3": ("sd3", (32,)),
+    "tiny-flux": ("flux", (32,)),
+}
+_ARCHITECTURES = {"sd3": "SD3 (MMDiT)", "flux": "FLUX"}
+# Keys only FLUX's transformer has (diffusers / peft or kohya names), and SD3's joint blocks.
+_FLUX_KEY = re.compile(
+    r"^(transformer\.)?single_transformer_blocks\.|^lora_(unet|transformer)_(double|single)_blocks_"
+)
+_MMDIT_KEY = re.compile(
+    r"^(transformer\.)?transformer_blocks\.|^lora_(unet|transformer)_(joint|transformer)_blocks_"
+)
+# The down (A) half of a transformer attention projection: its second dimension is the width.
+_ATTENTION_DOWN = re.compile(
+    r"(attn[._](to_[qkv]|qkv)|attn_qkv)[._](lora_A|lora\.down|lora_down|down)(\.weight)?$"
+)
 _TO_K_DOWN = re.compile(
     r"(attn2[._]to_k|attn2\.processor\.to_k_lora)[._](lora_A|lora\.down|lora_down|down)"
     r"(\.weight)?$"
@@ -95,6 +119,9 @@ class LoraInfo:
     tensors: int
     cross_attention_width: int | None
     rank: int = 0  # the largest rank among its layers
+    # An SD3 / FLUX LoRA's architecture ("sd3" or "flux") and attention width, else None.
+    transformer: str | None = None
+    transformer_width: int | None = None
 
 
 def check_upload(filename: str, size: int, max_bytes: int) -> None:
@@ -131,6 +158,8 @@ def inspect_lora(data: bytes, filename: str, max_bytes: int) -> LoraInfo:
         raise broken
     body = len(data) - 8 - length
     width: int | None = None
+    transformer_width: int | None = None
+    flux = mmdit = False
     tensors = 0
     rank = 0
     for key, entry in header.items():
@@ -150,12 +179,22 @@ def inspect_lora(data: bytes, filename: str, max_bytes: int) -> LoraInfo:
             rank = max(rank, int(entry["shape"][0]))
         if width is None and _TO_K_DOWN.search(key) and len(entry["shape"]) == 2:
             width = int(entry["shape"][1])
+        flux = flux or bool(_FLUX_KEY.search(key))
+        mmdit = mmdit or bool(_MMDIT_KEY.search(key))
+        if (
+            transformer_width is None
+            and (_FLUX_KEY.search(key) or _MMDIT_KEY.search(key))
+            and _ATTENTION_DOWN.search(key)
+            and len(entry["shape"]) == 2
+        ):
+            transformer_width = int(entry["shape"][1])
     if tensors == 0:
         raise StyleRefused(f"{filename} holds no tensors; it is not a LoRA.")
     method = lycoris_method(header)
     if method is not None:
         raise StyleRefused(lycoris_refusal(filename, method))
-    return LoraInfo(tensors, width, rank)
+    transformer = "flux" if flux else "sd3" if mmdit else None
+    return LoraInfo(tensors, width, rank, transformer, transformer_width)
 
 
 def check_rank(info: LoraInfo, max_rank: int, filename: str) -> None:
@@ -168,7 +207,46 @@ def check_rank(info: LoraInfo, max_rank: int, filename: str) -> None:
         )
 
 
+def _check_transformer(info: LoraInfo, family: str, filename: str) -> None:
+    """An SD3 / FLUX family takes a LoRA of its own architecture and attention width."""
+    architecture, widths = TRANSFORMER_LORA[family]
+    name = _ARCHITECTURES[architecture]
+    if info.transformer is None:
+        kind = "UNet (SD 1.5 / SD 2 / SDXL)" if info.cross_attention_width else "unrecognised"
+        raise StyleRefused(
+            f"{filename} is a {kind} LoRA, but this bot runs a {family} model, which takes "
+            f"{name} transformer LoRAs (`transformer.…` keys); upload a LoRA made for {family}."
+        )
+    if info.transformer_width is None:
+        raise StyleRefused(
+            f"{filename} has no attention LoRA layers (attn.to_q/to_k/to_v or attn_qkv), so it "
+            f"cannot be checked against {family}; upload a LoRA that adapts the attention."
+        )
+    if info.transformer != architecture or info.transformer_width not in widths:
+        found = next(
+            (
+                other
+                for other, (arch, sizes) in TRANSFORMER_LORA.items()
+                if arch == info.transformer and info.transformer_width in sizes
+            ),
+            f"a {_ARCHITECTURES[info.transformer]} model {info.transformer_width} wide",
+        )
+        raise StyleRefused(
+            f"{filename} was trained for {found}, but this bot runs a {family} model; "
+            f"upload a LoRA made for {family}."
+        )
+
+
 def check_family(info: LoraInfo, family: str, filename: str) -> None:
+    """Refuse, with a sentence, a LoRA made for another base model family than ``family``."""
+    if family in TRANSFORMER_LORA:
+        _check_transformer(info, family, filename)
+        return
+    if info.transformer is not None:
+        raise StyleRefused(
+            f"{filename} is a transformer LoRA for {_ARCHITECTURES[info.transformer]}, but this "
+            f"bot runs a {family} model, which takes UNet LoRAs; upload a LoRA made for {family}."
+        )
     expected = CROSS_ATTENTION_WIDTH.get(family)
     if info.cross_attention_width is None:
         raise StyleRefused(

@@ -212,3 +212,111 @@ def write_kohya_lora(peft_state: dict[str, torch.Tensor], unet_config: Any, path
             out[f"{lora_name}.alpha"] = torch.tensor(float(tensor.shape[0]))
     save_file(out, str(path))
     return path
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``swap_scale_shift`` is its own inverse: the two halves trade places."""
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def _sd3_transformer_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers``."""
+    state = dict(state)
+    out = {
+        "pos_embed": state.pop("pos_embed.pos_embed"),
+        "x_embedder.proj.weight": state.pop("pos_embed.proj.weight"),
+        "x_embedder.proj.bias": state.pop("pos_embed.proj.bias"),
+        "final_layer.linear.weight": state.pop("proj_out.weight"),
+        "final_layer.linear.bias": state.pop("proj_out.bias"),
+    }
+    for diffusers, original in (
+        ("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+        ("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
+        ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0"),
+        ("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2"),
+        ("context_embedder", "context_embedder"),
+    ):
+        for part in ("weight", "bias"):
+            out[f"{original}.{part}"] = state.pop(f"{diffusers}.{part}")
+    for part in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{part}"] = _swap_halves(
+            state.pop(f"norm_out.linear.{part}")
+        )
+    layers = {int(key.split(".")[1]) for key in state if key.startswith("transformer_blocks.")}
+    last = max(layers)
+    for i in sorted(layers):
+        old, x, c = (
+            f"transformer_blocks.{i}.",
+            f"joint_blocks.{i}.x_block.",
+            f"joint_blocks.{i}.context_block.",
+        )
+        for part in ("weight", "bias"):
+            out[f"{x}attn.qkv.{part}"] = torch.cat(
+                [state.pop(f"{old}attn.to_{p}.{part}") for p in "qkv"]
+            )
+            out[f"{c}attn.qkv.{part}"] = torch.cat(
+                [state.pop(f"{old}attn.add_{p}_proj.{part}") for p in "qkv"]
+            )
+            if f"{old}attn2.to_q.{part}" in state:
+                out[f"{x}attn2.qkv.{part}"] = torch.cat(
+                    [state.pop(f"{old}attn2.to_{p}.{part}") for p in "qkv"]
+                )
+                out[f"{x}attn2.proj.{part}"] = state.pop(f"{old}attn2.to_out.0.{part}")
+            context_mod = state.pop(f"{old}norm1_context.linear.{part}")
+            out[f"{c}adaLN_modulation.1.{part}"] = (
+                _swap_halves(context_mod) if i == last else context_mod
+            )
+            pairs = [
+                ("attn.to_out.0", f"{x}attn.proj"),
+                ("norm1.linear", f"{x}adaLN_modulation.1"),
+                ("ff.net.0.proj", f"{x}mlp.fc1"),
+                ("ff.net.2", f"{x}mlp.fc2"),
+            ]
+            if i != last:
+                pairs += [
+                    ("attn.to_add_out", f"{c}attn.proj"),
+                    ("ff_context.net.0.proj", f"{c}mlp.fc1"),
+                    ("ff_context.net.2", f"{c}mlp.fc2"),
+                ]
+            for diffusers, original in pairs:
+                out[f"{original}.{part}"] = state.pop(f"{old}{diffusers}.{part}")
+        for diffusers, original in (
+            ("attn.norm_q", f"{x}attn.ln_q"),
+            ("attn.norm_k", f"{x}attn.ln_k"),
+            ("attn.norm_added_q", f"{c}attn.ln_q"),
+            ("attn.norm_added_k", f"{c}attn.ln_k"),
+            ("attn2.norm_q", f"{x}attn2.ln_q"),
+            ("attn2.norm_k", f"{x}attn2.ln_k"),
+        ):
+            if f"{old}{diffusers}.weight" in state:
+                out[f"{original}.weight"] = state.pop(f"{old}{diffusers}.weight")
+    if state:
+        raise ValueError(f"SD3 transformer keys left unconverted: {sorted(state)[:5]}")
+    return {"model.diffusion_model." + key: tensor for key, tensor in out.items()}
+
+
+def sd3_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
+    """An SD3 pipeline's weights as Stability ships them: MMDiT, VAE and the three text
+    encoders (``text_encoders.clip_l/clip_g/t5xxl.transformer.…``, in transformers' layout)."""
+    out = _sd3_transformer_to_original(pipe.transformer.state_dict())
+    out.update(_vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
+    for name, encoder in (
+        ("clip_l", pipe.text_encoder),
+        ("clip_g", pipe.text_encoder_2),
+        ("t5xxl", pipe.text_encoder_3),
+    ):
+        out.update(
+            {
+                f"text_encoders.{name}.transformer.{key}": tensor
+                for key, tensor in encoder.state_dict().items()
+                if key != "encoder.embed_tokens.weight"  # T5 ties it to shared.weight
+            }
+        )
+    return out
+
+
+def write_sd3_single_file(pipe: Any, path: Path) -> Path:
+    state = {key: tensor.detach().contiguous() for key, tensor in sd3_state_dict(pipe).items()}
+    save_file(state, str(path))
+    return path

@@ -7,6 +7,7 @@ ControlNets built from the tiny UNets, loaded back through ``from_pretrained``.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import cv2
@@ -23,6 +24,7 @@ from generation.preprocess import Canny, Lineart, Scribble, Unchanged, draw_open
 from generation.tiny import build_tiny_lora, build_tiny_sd, write_tiny_controls
 from storage.blobs import LocalBlobStore, blob_key
 from storage.controls import ControlError, ControlRef, check_controls, make_control
+from storage.families import FAMILIES
 from storage.recipe import Recipe, StyleRef
 from storage.settings import Settings
 from tests.test_styles import write_style
@@ -310,3 +312,61 @@ async def test_the_job_stores_the_map_once_and_then_reuses_it(
     await blobs.delete(source_key)  # a stored map no longer needs its source
     again, maps_again = await control_maps(blobs, control_engine, made)
     assert again == made and np.array_equal(pixels(maps_again[0]), pixels(maps[0]))
+
+
+@pytest.fixture(scope="module")
+def transformer_controls(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("transformer-controls")
+    write_tiny_controls(folder, "tiny-sd3", ("canny",))
+    write_tiny_controls(folder, "tiny-flux", ("canny", "depth"))
+    return folder
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_sd3_and_flux_run_controls_and_weight_zero_is_no_control(
+    model: str, transformer_controls: Path, tmp_path: Path
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path, model=model, device="cpu", controls_dir=transformer_controls
+    )
+    engine = Engine.from_settings(settings)
+    guidance = 3.5 if model == "tiny-flux" else 5.0
+    plain = pixels(generate(engine, model=model, steps=2, guidance=guidance))
+    steered = generate(engine, control(), model=model, steps=2, guidance=guidance)
+    assert np.abs(pixels(steered) - plain).mean() > 2
+    unweighted = generate(engine, control(weight=0.0), model=model, steps=2, guidance=guidance)
+    assert np.abs(pixels(unweighted) - plain).max() <= 1
+    # FLUX runs two controls through a FluxMultiControlNetModel.
+    kinds = ("canny", "depth") if model == "tiny-flux" else ("canny",)
+    made = recipe(*(control(k, weight=0.7) for k in kinds), model=model, steps=2, guidance=guidance)
+    maps = [engine.control_map(ref, photo(), made)[1] for ref in made.controls]
+    first, again = engine.txt2img(made, maps=maps), engine.txt2img(made, maps=maps)
+    assert first[0].png == again[0].png
+    assert [c.model for c in read_recipe(first[0].png).controls] == [f"{k}-{model}" for k in kinds]
+
+
+def test_flux_variations_take_controls_and_sd3_ones_are_refused(
+    transformer_controls: Path, tmp_path: Path
+) -> None:
+    source = Image.new("RGB", (SIZE, SIZE), (120, 90, 60))
+    for model in ("tiny-flux", "tiny-sd3"):
+        settings = Settings(
+            data_dir=tmp_path / model, model=model, device="cpu", controls_dir=transformer_controls
+        )
+        engine = Engine.from_settings(settings)
+        made = recipe(control(), model=model, strength=0.7, steps=2, guidance=3.5)
+        (_, edges) = engine.control_map(made.controls[0], photo(), made)
+        if model == "tiny-sd3":
+            # /imagine refuses it before queueing with the same sentence (bot/submit.py).
+            sentence = FAMILIES[model].control_refusal("img2img") or ""
+            assert sentence.startswith("tiny SD3 models take controls only on text-to-image")
+            with pytest.raises(ControlError, match=re.escape(sentence)):
+                engine.img2img(made, source, maps=[edges])
+            continue
+        assert FAMILIES[model].control_refusal("img2img") is None
+        plain = engine.img2img(recipe(model=model, strength=0.7, steps=2), source)[0].image
+        steered = engine.img2img(made, source, maps=[edges])[0].image
+        assert np.abs(pixels(steered) - pixels(plain)).mean() > 1
+        unweighted = recipe(control(weight=0.0), model=model, strength=0.7, steps=2)
+        none = engine.img2img(unweighted, source, maps=[edges])[0].image
+        assert np.abs(pixels(none) - pixels(plain)).max() <= 1

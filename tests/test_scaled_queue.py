@@ -3,13 +3,18 @@ test_queue_contract.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import text
 
+import generation.worker
+from bench.round_trips import RoundTrips
 from generation.engine import Engine
+from generation.worker import Worker
 from storage.models import GenerationStatus
 from storage.queue import RowQueue
 from storage.scaled_queue import queue_name
@@ -70,6 +75,57 @@ async def test_rows_without_a_job_get_one_when_a_worker_starts(
     await work_until(scaled, tiny_engine, done)
     [row] = await rows(scaled.database)
     assert row.job_id is not None
+
+
+class NotingEngine:
+    """The tiny engine, noting how many round trips the worker had sent as each engine call
+    starts and ends: between the end of one and the start of the next lies one job's
+    bookkeeping (its result, then the next job's claim)."""
+
+    def __init__(self, engine: Engine, round_trips: RoundTrips) -> None:
+        self.engine = engine
+        self.round_trips = round_trips
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def txt2img(self, *args: Any, **kwargs: Any) -> Any:
+        self.starts.append(self.round_trips.count)
+        try:
+            return self.engine.txt2img(*args, **kwargs)
+        finally:
+            self.ends.append(self.round_trips.count)
+
+
+async def test_a_job_costs_the_worker_three_round_trips(
+    scaled: Backend, tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its result (images, thumbnails, grid, status: one statement), its blobs (one), the next
+    # job's claim (one). Each extra statement costs the worker about half a millisecond:
+    # bench/queue_throughput.py --only bookkeeping measures the whole.
+    monkeypatch.setattr(generation.worker, "CANCEL_POLL_SECONDS", 3600)  # no poll in between
+    jobs = 3
+    for number in range(jobs):
+        await scaled.queue.submit(submission(A, f"job {number}"))
+    with RoundTrips(scaled.database.engine) as round_trips:
+        engine = NotingEngine(tiny_engine, round_trips)
+        worker = Worker.for_deployment(
+            scaled.deployment, cast(Engine, engine), name="w", heartbeat_seconds=3600
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        async with asyncio.timeout(120):
+            while len(engine.ends) < jobs:
+                assert not running.done(), running.exception()
+                await asyncio.sleep(0.05)
+        stop.set()
+        await running
+    statements = round_trips.statements
+    for end, start in zip(engine.ends, engine.starts[1:], strict=False):
+        assert 1 <= start - end <= 3, statements[end:start]
+    assert all(row.status is S.SUCCEEDED and row.images for row in await rows(scaled.database))
 
 
 def test_each_model_has_its_own_queue() -> None:

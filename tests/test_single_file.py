@@ -8,6 +8,7 @@ they came from.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -24,7 +25,7 @@ from safetensors.torch import save_file
 from bot.cli.doctor import check_model
 from generation.loading import LoadedModel, load_model
 from generation.lora import LoraSet, check_lora_fits
-from generation.single_file import CONFIGS, clip_tokenizers
+from generation.single_file import CONFIGS, clip_tokenizers, describe_single_file, t5_tokenizer
 from generation.styles import StyleError, StyleSpec, parse_style
 from generation.tiny import build_tiny_lora
 from storage.checkpoints import CHECKPOINT_FAMILIES, detect_checkpoint
@@ -32,7 +33,13 @@ from storage.errors import ConfigError
 from storage.families import guess_family
 from storage.settings import Settings
 from storage.style_store import StyleRefused, check_family, inspect_lora
-from tests.original_layout import original_state_dict, write_kohya_lora, write_single_file
+from tests.original_layout import (
+    original_state_dict,
+    sd3_state_dict,
+    write_kohya_lora,
+    write_sd3_single_file,
+    write_single_file,
+)
 from tests.test_styles import write_style
 
 FAMILY = {"tiny": "tiny-sd", "tiny-sdxl": "tiny-sdxl"}
@@ -323,3 +330,107 @@ def test_lycoris_corrupt_and_misfit_loras_are_refused_with_sentences(
 
     with pytest.raises(StyleError, match=r"kohya/A1111 layout\) does not fit the loaded model"):
         check_lora_fits(sdxl, _style(tmp_path, "kohyasd", kohya, "tiny-sd"))
+
+
+# -- SD3 and FLUX ----------------------------------------------------------------------------
+
+
+def test_a_tiny_sd3_checkpoint_in_stabilitys_layout_loads_offline_and_draws_what_its_folder_draws(
+    settings: Settings, no_network: None, tmp_path: Path
+) -> None:
+    folder = load_model(settings, "tiny-sd3")
+    checkpoint = write_sd3_single_file(folder.pipe, tmp_path / "sd35-civitai.safetensors")
+    assert any(
+        key.startswith("model.diffusion_model.joint_blocks.") for key in sd3_state_dict(folder.pipe)
+    )
+
+    assert guess_family(str(checkpoint)).name == "tiny-sd3"
+    loaded = load_model(settings, str(checkpoint))
+
+    assert loaded.source.kind == "single_file"
+    assert loaded.family.name == "tiny-sd3"
+    assert type(loaded.pipe) is type(folder.pipe)
+    difference = np.abs(render(loaded.pipe) - render(folder.pipe)).max()
+    assert difference <= 1 / 255
+
+
+# Shapes of tensors that tell the released SD3 and FLUX checkpoints apart.
+_PREFIX = "model.diffusion_model."
+SD3_FLUX_SHAPES = {
+    "sd3": {  # SD 3.5 medium, all in one
+        _PREFIX + "joint_blocks.0.x_block.attn.qkv.weight": [4608, 1536],
+        _PREFIX + "joint_blocks.0.x_block.attn2.qkv.weight": [4608, 1536],
+        _PREFIX + "x_embedder.proj.weight": [1536, 16, 2, 2],
+        "first_stage_model.decoder.conv_in.weight": [512, 16, 3, 3],
+        "text_encoders.clip_l.transformer.text_model.embeddings.position_embedding.weight": [
+            77,
+            768,
+        ],
+    },
+    "flux": {  # FLUX.1-dev as Black Forest Labs ships it: the transformer alone
+        "double_blocks.0.img_attn.qkv.weight": [9216, 3072],
+        "guidance_in.in_layer.weight": [3072, 256],
+        "img_in.weight": [3072, 64],
+    },
+    "flux-schnell": {
+        _PREFIX + "double_blocks.0.img_attn.qkv.weight": [9216, 3072],
+        _PREFIX + "img_in.weight": [3072, 64],
+        "vae.decoder.conv_in.weight": [512, 16, 3, 3],
+        "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": [768],
+    },
+}
+
+
+@pytest.mark.parametrize("family", list(SD3_FLUX_SHAPES))
+def test_real_sd3_and_flux_checkpoints_are_told_apart_by_their_keys(
+    family: str, tmp_path: Path
+) -> None:
+    entry = detect_checkpoint(tmp_path / "model.safetensors", SD3_FLUX_SHAPES[family])
+    assert entry.family == family
+    folder = CONFIGS / (entry.configs or entry.family)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == entry.pipeline
+    width = SD3_FLUX_SHAPES[family][
+        next(key for key in SD3_FLUX_SHAPES[family] if key.endswith(entry.width_key))
+    ][0]
+    transformer = json.loads((folder / "transformer" / "config.json").read_text())
+    assert transformer["num_attention_heads"] * transformer["attention_head_dim"] == width
+    assert transformer.get("guidance_embeds", False) == (family == "flux")
+
+
+def test_a_transformer_only_flux_file_and_a_missing_t5_tokenizer_are_refused_with_sentences(
+    settings: Settings, no_network: None, tmp_path: Path
+) -> None:
+    flux_only = tmp_path / "flux1-dev.safetensors"
+    save_file(
+        {key: torch.zeros(shape) for key, shape in SD3_FLUX_SHAPES["flux"].items()},
+        str(flux_only),
+    )
+    assert guess_family(str(flux_only)).name == "flux"
+    with pytest.raises(ConfigError, match="holds the flux transformer only"):
+        load_model(settings, str(flux_only))
+
+    schnell = tmp_path / "schnell-aio.safetensors"
+    save_file(
+        {key: torch.zeros(shape) for key, shape in SD3_FLUX_SHAPES["flux-schnell"].items()},
+        str(schnell),
+    )
+    vocabulary = load_model(settings, "tiny").source.path / "tokenizer"
+    chosen = settings.model_copy(update={"clip_tokenizer": vocabulary})
+    with pytest.raises(ConfigError, match="IMAGINE_T5_TOKENIZER") as refused:
+        describe_single_file(schnell, chosen)
+    assert "needs the T5 tokenizer" in str(refused.value)
+
+
+def test_the_t5_tokenizer_setting_gives_the_family_its_sequence_length(
+    settings: Settings,
+) -> None:
+    t5_folder = load_model(settings, "tiny-flux").source.path / "tokenizer_2"
+    schnell = next(entry for entry in CHECKPOINT_FAMILIES if entry.family == "flux-schnell")
+    chosen = settings.model_copy(update={"t5_tokenizer": t5_folder})
+    tokenizer = t5_tokenizer(schnell, CONFIGS / "flux-schnell", chosen)["tokenizer_2"]
+    assert tokenizer.model_max_length == 256
+    assert tokenizer("a lighthouse").input_ids[-1] == tokenizer.eos_token_id
+    missing = settings.model_copy(update={"t5_tokenizer": t5_folder.parent / "nothing"})
+    with pytest.raises(ConfigError, match=r"holds no spiece\.model"):
+        t5_tokenizer(schnell, CONFIGS / "flux-schnell", missing)

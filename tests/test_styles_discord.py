@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from sqlalchemy import select
 
 from generation.engine import Engine
-from generation.tiny import build_tiny_lora, build_tiny_sd, build_tiny_sdxl
+from generation.tiny import (
+    build_tiny_flux,
+    build_tiny_lora,
+    build_tiny_sd,
+    build_tiny_sd3,
+    build_tiny_sdxl,
+)
 from storage.models import Style
-from storage.style_store import inspect_lora
+from storage.style_store import StyleRefused, check_family, inspect_lora
 from tests.fake_discord import BOB, MANAGE_GUILD, MOD
 from tests.test_bot import Harness, harness, running
 
@@ -135,6 +143,60 @@ def test_inspect_lora_reads_the_cross_attention_width(tiny_engine: Engine, tmp_p
     lora = build_tiny_lora(tiny_engine.pipe.unet, tmp_path / "a.safetensors", seed=1)
     info = inspect_lora(lora.read_bytes(), "a.safetensors", 2**30)
     assert info.cross_attention_width == 32 and info.tensors > 0
+
+
+def _kohya_flux(path: Path, width: int) -> bytes:
+    """A kohya-named FLUX LoRA header (zeros: only the layout and the shapes are read)."""
+    from safetensors.torch import save_file
+
+    name = "lora_unet_double_blocks_0_img_attn_qkv"
+    layers = {f"{name}.lora_down.weight": torch.zeros(2, width)}
+    save_file({**layers, f"{name}.lora_up.weight": torch.zeros(3 * width, 2)}, str(path))
+    return path.read_bytes()
+
+
+def test_sd3_and_flux_loras_are_checked_against_the_family(tmp_path: Path) -> None:
+    sd3: Any = build_tiny_sd3()
+    flux: Any = build_tiny_flux()
+    sd: Any = build_tiny_sd()
+    files = {
+        "sd3": build_tiny_lora(sd3.transformer, tmp_path / "sd3.safetensors"),
+        "flux": build_tiny_lora(flux.transformer, tmp_path / "flux.safetensors"),
+        "sd": build_tiny_lora(sd.unet, tmp_path / "sd.safetensors"),
+    }
+    info = {kind: inspect_lora(path.read_bytes(), path.name, 2**30) for kind, path in files.items()}
+    assert (info["sd3"].transformer, info["sd3"].transformer_width) == ("sd3", 32)
+    assert (info["flux"].transformer, info["flux"].transformer_width) == ("flux", 32)
+    assert info["sd"].transformer is None
+    check_family(info["sd3"], "tiny-sd3", "sd3.safetensors")
+    check_family(info["flux"], "tiny-flux", "flux.safetensors")
+    refusals = [
+        (info["flux"], "tiny-sd3", "flux.safetensors was trained for tiny-flux, but this bot runs"),
+        (info["sd3"], "tiny-flux", "sd3.safetensors was trained for tiny-sd3, but this bot runs"),
+        (info["sd"], "tiny-sd3", "sd.safetensors is a UNet (SD 1.5 / SD 2 / SDXL) LoRA, but"),
+        (info["sd3"], "tiny-sd", "sd3.safetensors is a transformer LoRA for SD3 (MMDiT), but"),
+    ]
+    for lora, family, sentence in refusals:
+        with pytest.raises(StyleRefused, match=re.escape(sentence)):
+            check_family(lora, family, sentence.split()[0])
+    real = inspect_lora(_kohya_flux(tmp_path / "k.safetensors", 3072), "k.safetensors", 2**30)
+    assert (real.transformer, real.transformer_width) == ("flux", 3072)
+    check_family(real, "flux", "k.safetensors")
+    with pytest.raises(StyleRefused, match="trained for flux, but this bot runs a sd3 model"):
+        check_family(real, "sd3", "k.safetensors")
+
+
+async def test_an_sd3_lora_is_refused_on_an_sd_bot_and_nothing_is_kept(
+    running: Harness, tmp_path: Path
+) -> None:
+    sd3: Any = build_tiny_sd3()
+    lora = build_tiny_lora(sd3.transformer, tmp_path / "mmdit.safetensors")
+    refused = await add_style(running, "mmdit.safetensors", lora.read_bytes())
+    assert "mmdit.safetensors is a transformer LoRA for SD3 (MMDiT), but this bot runs" in (
+        await refusal(running, refused)
+    )
+    async with running.database.session() as session:
+        assert list(await session.scalars(select(Style))) == []
 
 
 async def test_a_server_style_can_be_edited_and_removed(

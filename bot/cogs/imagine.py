@@ -8,6 +8,7 @@ to change.
 
 from __future__ import annotations
 
+import io
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +78,14 @@ def describe(generation: Generation, image: Image | None = None) -> str:
         lines.append(
             f"Image prompt: {ref.width}×{ref.height}, sha256 `{ref.sha256[:16]}…`, "
             f"--iw {recipe.image_weight:g} (strength {recipe.strength:g})"
+        )
+    for number, control in enumerate(recipe.controls, start=1):
+        made_by = control.preprocessor or "its preprocessor"
+        how = "the image as its map" if control.raw else f"a map by {made_by}"
+        stored = f" (`{control.map_key[:16]}…`, attached)" if control.map_key else ""
+        lines.append(
+            f"Control {number}: {control.type}, weight {control.weight:g}, steps "
+            f"{control.start:g}–{control.end:g}, {how}{stored}"
         )
     lines.append("Prompt to reproduce it:")
     lines.append(f"```\n{format_recipe(recipe)[:1500]}\n```")
@@ -218,7 +227,15 @@ async def image_action(
         link = await image_link(services, image.id)
         if link is not None:
             text = f"{text}\nOn the web: <{link}>"[:2000]
-        await interaction.response.send_message(text, ephemeral=True)
+        maps = [
+            discord.File(
+                io.BytesIO(await services.blobs.get(ref.map_key)),
+                filename=f"control-{number}-{ref.type}.png",
+            )
+            for number, ref in enumerate(generation.recipe.controls, start=1)
+            if ref.map_key
+        ]
+        await interaction.response.send_message(text, ephemeral=True, files=maps)
     elif action == "delete":
         await _delete(interaction, generation, image)
 
@@ -255,6 +272,7 @@ class ImagineCog(commands.Cog):
         negative="What to keep out of the picture",
         seed="The noise to start from: the same seed and prompt give the same images",
         image="An image to start from (PNG, JPEG, WebP or GIF); --iw 0-2 sets how strongly",
+        control="An image whose structure to keep, with --control canny, depth, pose, ...",
     )
     @app_commands.choices(aspect_ratio=ASPECT_RATIOS)
     @app_commands.autocomplete(style=style_choices)
@@ -267,6 +285,7 @@ class ImagineCog(commands.Cog):
         negative: app_commands.Range[str, 1, 1000] | None = None,
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
         image: discord.Attachment | None = None,
+        control: discord.Attachment | None = None,
     ) -> None:
         options = PromptOverrides(
             aspect_ratio=aspect_ratio,
@@ -274,7 +293,7 @@ class ImagineCog(commands.Cog):
             negative=negative,
             styles=(style,) if style else (),
         )
-        await run_prompt(interaction, prompt, options, image)
+        await run_prompt(interaction, prompt, options, image, control)
 
     # -- /info /show /queue /cancel ------------------------------------------------------------
 
