@@ -103,7 +103,7 @@ async def start_deployment(settings: Settings) -> Deployment:
             events = LocalEventBus()
             wakeup = asyncio.Event()
             queue = RowQueue(database, limits, events, cancellations, wakeup, stale)
-            jobs = RowJobs(database, limits, wakeup)
+            jobs = RowJobs(database, limits, wakeup, max_batch=settings.max_batch)
         else:
             from storage.pg_events import PostgresEventBus
             from storage.scaled_queue import ProcrastinateJobs, ProcrastinateQueue, make_app

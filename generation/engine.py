@@ -43,7 +43,7 @@ from generation.loading import LoadedModel, Pipeline, load_model, load_upscaler
 from generation.lora import LoraSet, LoraSlots
 from generation.metadata import encode_png
 from generation.previews import AsyncPreviews, supports_preview, unpack_latent
-from generation.styles import StyleRegistry, StyleSpec
+from generation.styles import StyleRegistry
 from storage.controls import ControlError, ControlRef
 from storage.derive import UPSCALE_STRENGTH
 from storage.errors import ImagineError
@@ -182,8 +182,10 @@ class Engine:
         lora_slots: int = 2,
         lora_max_rank: int = 64,
         controls: ControlNets | None = None,
+        max_batch: int = 1,
     ) -> None:
         self.loaded = loaded
+        self.max_batch = max_batch
         self.controls = controls
         self.pipe: Pipeline = loaded.pipe
         self.compile_plan = compile_plan or CompilePlan(False, "off")
@@ -232,6 +234,7 @@ class Engine:
             compile_plan=plan_compile(settings.compile, loaded.device, loaded.offload),
             lora_slots=settings.lora_slots,
             lora_max_rank=settings.lora_max_rank,
+            max_batch=settings.max_batch,
             controls=ControlNets(
                 ControlRegistry.from_folder(settings.resolved_controls_dir),
                 settings,
@@ -293,15 +296,18 @@ class Engine:
         self, sizes: Sequence[tuple[int, int]] | None = None, count: int | None = None
     ) -> float:
         """Single-step images before the first user's job: kernels chosen, memory taken
-        and, compiled, one graph per size. Returns the seconds it took."""
+        and, compiled, one graph per size, for a grid and for a full batch of jobs.
+        Returns the seconds it took."""
         started = time.perf_counter()
         graphs = compiled_graphs()
         sizes = sizes or self.warm_up_sizes()
-        count = count or (WARM_UP_COUNT if self.compile_plan.enabled else 1)
+        counts = [count or (WARM_UP_COUNT if self.compile_plan.enabled else 1)]
+        if count is None and self.compile_plan.enabled and self.max_batch > WARM_UP_COUNT:
+            counts.append(self.max_batch)
         styled_path = getattr(self.loras, "styled_path", None)
         paths = [nullcontext, styled_path] if styled_path is not None else [nullcontext]
-        runs = [(size, path) for size in sizes for path in paths]
-        for (width, height), path in runs:
+        runs = [(size, path, count) for size in sizes for path in paths for count in counts]
+        for (width, height), path, count in runs:
             recipe = Recipe(
                 model=self.model_id,
                 prompt="warm-up",
@@ -322,10 +328,10 @@ class Engine:
         if self.compile_plan.enabled:
             mark_warm()
         log.info(
-            "compile %s; warmed up %d run(s) of %d image(s) in %.1fs, %d graph(s) compiled",
+            "compile %s; warmed up %d run(s) of %s image(s) in %.1fs, %d graph(s) compiled",
             self.compile_plan.reason,
             len(runs),
-            count,
+            " or ".join(map(str, counts)),
             seconds,
             compiled_graphs() - graphs,
         )
@@ -346,6 +352,61 @@ class Engine:
         extra: dict[str, Any] = {"width": recipe.width, "height": recipe.height}
         pipe = self._controlled(self.pipe, "txt2img", recipe, maps, extra)
         return self._run(pipe, recipe, extra, progress, cancel, encode=encode)
+
+    def txt2img_batch(
+        self,
+        recipes: Sequence[Recipe],
+        *,
+        progress: Sequence[ProgressCallback | None] = (),
+        cancel: Sequence[CancelToken | None] = (),
+        encode: bool = True,
+    ) -> list[list[GeneratedImage]]:
+        """The images of several recipes in one batched call, each as :meth:`txt2img` makes
+        it alone (its own generator per image). The recipes share what
+        :func:`storage.scheduling.batch_key` says; prompts, negatives, seeds and counts may
+        differ. ``progress[j]`` and ``cancel[j]`` are recipe *j*'s: the call stops when
+        every recipe is cancelled, and a recipe cancelled before the end gets no images."""
+        progress = list(progress) or [None] * len(recipes)
+        cancel = list(cancel) or [None] * len(recipes)
+        if len(recipes) == 1:
+            return [self.txt2img(recipes[0], progress=progress[0], cancel=cancel[0], encode=encode)]
+        listeners: list[_Listener] = []
+        prompts: list[str] = []
+        negatives: list[str] = []
+        seeds: list[int] = []
+        first = recipes[0]
+        self._apply_styles(first)  # one style set for all (the batch key): its LoRAs once
+        for recipe, each, token in zip(recipes, progress, cancel, strict=True):
+            text = self._text_inputs(self.pipe, *self._styled_prompts(recipe))
+            listeners.append(_Listener(range(len(seeds), len(seeds) + recipe.count), each, token))
+            prompts += [text["prompt"]] * recipe.count
+            negatives += [text.get("negative_prompt") or ""] * recipe.count
+            seeds += [recipe.seed_for(i) for i in range(recipe.count)]
+        if all(listener.cancelled for listener in listeners):
+            raise GenerationCancelled()
+        sampler = self._use_scheduler(self.pipe, first.sampler)
+        call = {
+            **text,  # the family's other text inputs, the same for every recipe
+            "prompt": prompts,
+            "num_inference_steps": first.steps,
+            "guidance_scale": first.guidance,
+            "callback_on_step_end_tensor_inputs": ["latents"],
+            "width": first.width,
+            "height": first.height,
+        }
+        if self.family.negative_prompt:
+            if any(negatives) and not all(negatives):
+                raise ImagineError("Jobs of one batch either all have a negative prompt or none.")
+            call["negative_prompt"] = negatives if all(negatives) else None
+        images = self._denoise(self.pipe, first, call, seeds, listeners)
+        made: list[list[GeneratedImage]] = []
+        for recipe, listener in zip(recipes, listeners, strict=True):
+            mine = [images[number] for number in listener.numbers]
+            if listener.cancelled:
+                made.append([])
+            else:
+                made.append(self._generated(recipe, _all_made(mine), sampler, encode))
+        return made
 
     def img2img(
         self,
@@ -541,9 +602,16 @@ class Engine:
             **extra,
         }
         seeds = [recipe.seed_for(i) for i in range(recipe.count)]
-        images = self._denoise(pipe, recipe, call, seeds, progress, cancel)
+        listener = _Listener(range(len(seeds)), progress, cancel)
+        images = _all_made(self._denoise(pipe, recipe, call, seeds, [listener]))
         if finish is not None:
             images = [finish(image) for image in images]
+        return self._generated(recipe, images, sampler, encode)
+
+    def _generated(
+        self, recipe: Recipe, images: list[Image.Image], sampler: str, encode: bool
+    ) -> list[GeneratedImage]:
+        """``recipe``'s images, each with its own recipe and (``encode``) its PNG."""
         final = self.complete_recipe(recipe)
         owns = [
             final.model_copy(update={"seed": recipe.seed_for(index), "count": 1})
@@ -596,27 +664,36 @@ class Engine:
         recipe: Recipe,
         call: dict[str, Any],
         seeds: Sequence[int],
-        progress: ProgressCallback | None,
-        cancel: CancelToken | None,
-    ) -> list[Image.Image]:
+        listeners: Sequence[_Listener],
+    ) -> list[Image.Image | None]:
         """The images of ``seeds`` in one batched call; when that runs out of device memory,
         once more one image at a time after freeing the cache (the same images, each from
-        its own generator); when that does too, :class:`OutOfMemory` says what did not fit."""
+        its own generator); when that does too, :class:`OutOfMemory` says what did not fit.
 
-        def one_call(batch: Sequence[int], on_progress: ProgressCallback | None) -> list[Any]:
-            _injected_out_of_memory(recipe.prompt, len(batch))
+        ``call``'s prompt is one for every image, or a list with one per image (a batch of
+        recipes). Each listener hears of its images' progress; the call stops when all are
+        cancelled. One at a time, a cancelled listener's images are skipped (``None``)."""
+        per_image = isinstance(call["prompt"], list)
+        size = (recipe.width, recipe.height)
+
+        def one_call(numbers: Sequence[int]) -> list[Any]:
+            texts = {
+                key: [call[key][number] for number in numbers]
+                for key in ("prompt", "negative_prompt")
+                if per_image and isinstance(call.get(key), list)
+            }
+            prompts = texts.get("prompt", [recipe.prompt])
+            _injected_out_of_memory(" ".join(prompts), len(numbers))
             result = pipe(
-                **call,
-                num_images_per_prompt=len(batch),
-                generator=[torch.Generator("cpu").manual_seed(seed) for seed in batch],
-                callback_on_step_end=self._step_callback(
-                    on_progress, cancel, size=(recipe.width, recipe.height)
-                ),
+                **(call | texts),
+                num_images_per_prompt=1 if per_image else len(numbers),
+                generator=[torch.Generator("cpu").manual_seed(seeds[n]) for n in numbers],
+                callback_on_step_end=self._listening(listeners, numbers, size),
             )
             return list(result.images)
 
         try:
-            return one_call(seeds, progress)
+            return one_call(range(len(seeds)))
         except torch.OutOfMemoryError as exc:
             log.warning(
                 "%d image(s) of %dx%d ran out of memory (%s); one at a time now",
@@ -627,17 +704,16 @@ class Engine:
             )
         # Freed outside the handler: the exception's traceback holds the failed call's tensors.
         self._free_memory()
-        images: list[Any] = []
+        images: list[Image.Image | None] = []
         try:
-            for number, seed in enumerate(seeds):
-
-                def one_progress(p: Progress, number: int = number) -> None:
-                    if progress is not None:
-                        progress(
-                            Progress(number * p.total + p.step, p.total * len(seeds), p.preview)
-                        )
-
-                images += one_call([seed], None if progress is None else one_progress)
+            for number in range(len(seeds)):
+                owner = next(each for each in listeners if number in each.numbers)
+                if owner.cancelled:
+                    if all(listener.cancelled for listener in listeners):
+                        raise GenerationCancelled()
+                    images.append(None)
+                    continue
+                images += one_call([number])
             return images
         except torch.OutOfMemoryError:
             log.warning(
@@ -647,6 +723,44 @@ class Engine:
         self._free_memory()
         raise OutOfMemory(recipe, len(seeds))
 
+    def _listening(
+        self, listeners: Sequence[_Listener], numbers: Sequence[int], size: tuple[int, int]
+    ) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+        """The step callback of a call making the images ``numbers``: each listener with
+        images among them hears of its progress (one of its images at a time: its share of
+        the whole) and sees previews of its first one there; all cancelled, the call stops."""
+        heard: list[tuple[_Listener, ProgressCallback | None, int]] = []
+        for listener in listeners:
+            mine = [place for place, number in enumerate(numbers) if number in listener.numbers]
+            if not mine:
+                continue
+            progress = listener.progress
+            if progress is not None and len(mine) < len(listener.numbers):
+                progress = _share(
+                    progress,
+                    listener.numbers.index(numbers[mine[0]]),
+                    len(mine),
+                    len(listener.numbers),
+                )
+            heard.append((listener, progress, mine[0]))
+        if len(heard) == 1:
+            listener, progress, first = heard[0]
+            return self._step_callback(progress, listener.cancel, size=size, first=first)
+        callbacks = [
+            (listener, self._step_callback(progress, None, size=size, first=first))
+            for listener, progress, first in heard
+        ]
+
+        def on_step_end(pipe: Any, step: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            if all(listener.cancelled for listener, _ in callbacks):
+                raise GenerationCancelled()
+            for listener, callback in callbacks:
+                if not listener.cancelled:
+                    tensors = callback(pipe, step, t, tensors)
+            return tensors
+
+        return on_step_end
+
     def _free_memory(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
@@ -654,15 +768,18 @@ class Engine:
         elif self.device.type == "mps":
             torch.mps.empty_cache()
 
-    def _apply_styles(self, recipe: Recipe) -> tuple[str, str]:
+    def _styled_prompts(self, recipe: Recipe) -> tuple[str, str]:
+        """The prompt and negative prompt with the templates of ``recipe``'s styles."""
         prompt, negative = recipe.prompt, recipe.negative_prompt
-        active: list[tuple[StyleSpec, float]] = []
         for ref in recipe.styles:
-            style = self.styles.get(ref.name)
-            prompt, negative = style.apply_to_prompt(prompt, negative)
-            active.append((style, ref.weight))
-        self.loras.activate(active)
+            prompt, negative = self.styles.get(ref.name).apply_to_prompt(prompt, negative)
         return prompt, negative
+
+    def _apply_styles(self, recipe: Recipe) -> tuple[str, str]:
+        """Styled prompts, with the styles' LoRAs active at their weights."""
+        active = [(self.styles.get(ref.name), ref.weight) for ref in recipe.styles]
+        self.loras.activate(active)
+        return self._styled_prompts(recipe)
 
     def a1111_sampler(self, sampler_name: str) -> str:
         """How AUTOMATIC1111 names what ``sampler_name`` runs on this model."""
@@ -727,7 +844,9 @@ class Engine:
         total: int | None = None,
         previews: bool = True,
         size: tuple[int, int] = (0, 0),
+        first: int = 0,
     ) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+        """Progress (previews of image ``first`` of the call) and cancel at each step."""
         latent_format = self.family.latent_format if previews else ""
         packed = self.family.packed_latents
         fixed_total = total
@@ -739,8 +858,8 @@ class Engine:
 
         def first_latent(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
             if packed:
-                return unpack_latent(latents[0], size, pipe.vae_scale_factor)
-            return latents[0]
+                return unpack_latent(latents[first], size, pipe.vae_scale_factor)
+            return latents[first]
 
         def on_step_end(
             pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]
@@ -756,6 +875,37 @@ class Engine:
             return tensors
 
         return on_step_end
+
+
+@dataclass(frozen=True)
+class _Listener:
+    """One recipe's images in a denoising call (``numbers``) and who hears of them."""
+
+    numbers: range
+    progress: ProgressCallback | None
+    cancel: CancelToken | None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.cancelled
+
+
+def _share(progress: ProgressCallback, done: int, count: int, total: int) -> ProgressCallback:
+    """``progress`` of images ``done`` to ``done + count`` of ``total``, made apart from
+    the others: each step counts as its share of the whole."""
+
+    def report(p: Progress) -> None:
+        progress(Progress(done * p.total + p.step * count, p.total * total, p.preview))
+
+    return report
+
+
+def _all_made(images: list[Image.Image | None]) -> list[Image.Image]:
+    """The images, none skipped: one skipped was cancelled."""
+    made = [image for image in images if image is not None]
+    if len(made) < len(images):
+        raise GenerationCancelled()
+    return made
 
 
 def _shown(text: str) -> str:

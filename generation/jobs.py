@@ -268,6 +268,62 @@ async def generate(
     return Generated(generation, images, recipe, grid_sampler, started)
 
 
+async def generate_batch(
+    database: Database,
+    blobs: BlobStore,
+    engine: Engine,
+    generations: list[Generation],
+    *,
+    progress: list[ProgressCallback | None],
+    cancel: list[CancelToken],
+) -> list[Generated | JobOutcome]:
+    """:func:`generate` for claimed text-to-image generations that share a
+    :func:`~storage.scheduling.batch_key`, in one engine call. A cancelled one comes back
+    recorded cancelled and the others go on; if the batch fails, each runs again alone,
+    so a bad job fails alone."""
+    if len(generations) == 1:
+        one = await generate(
+            database, blobs, engine, generations[0], progress=progress[0], cancel=cancel[0]
+        )
+        return [one]
+    started = time.perf_counter()
+    try:
+        if generations[0].recipe.styles:  # one server, one style set: the key says so
+            await materialize_styles(database, blobs, engine, generations[0], engine.lora_folder)
+        per_job = await asyncio.to_thread(_run_batch, engine, generations, progress, cancel)
+    except GenerationCancelled:
+        per_job = [[] for _ in generations]  # every one was cancelled: recorded below
+    except Exception as exc:
+        if is_outage(exc):
+            raise
+        log.warning("a batch of %d failed (%s); its jobs run alone", len(generations), exc)
+        return [
+            await generate(database, blobs, engine, generation, progress=each, cancel=token)
+            for generation, each, token in zip(generations, progress, cancel, strict=True)
+        ]
+    outcomes: list[Generated | JobOutcome] = []
+    for generation, images, token in zip(generations, per_job, cancel, strict=True):
+        if token.cancelled or not images:
+            outcomes.append(await _ended(database, generation.id, GenerationCancelled(), started))
+            continue
+        recipe = engine.complete_recipe(generation.recipe)
+        grid_sampler = engine.a1111_sampler(recipe.sampler)
+        outcomes.append(Generated(generation, images, recipe, grid_sampler, started))
+    return outcomes
+
+
+def _run_batch(
+    engine: Engine,
+    generations: list[Generation],
+    progress: list[ProgressCallback | None],
+    cancel: list[CancelToken],
+) -> list[list[GeneratedImage]]:
+    for generation in generations:
+        _injected_fault(generation.recipe.prompt)
+    recipes = [generation.recipe for generation in generations]
+    return engine.txt2img_batch(recipes, progress=progress, cancel=cancel, encode=False)
+
+
 async def finish_generation(
     database: Database, blobs: BlobStore, generated: Generated
 ) -> JobOutcome:

@@ -2,14 +2,14 @@
 
 One :class:`Worker` class serves both modes; what differs (claiming rows or taking
 procrastinate's jobs, in-process events or NOTIFY) comes from the ports that
-:func:`bot.deployment.open_deployment` hands out. One job at a time on one
-engine; the engine runs on a thread, so the event loop (and a Discord bot beside
-it) stays responsive. A job's images are encoded and stored in the background while
-the engine runs the next one (at most ``MAX_FINISHING`` jobs so, to bound memory).
-Rows left running by a stopped worker are re-queued, up to ``IMAGINE_MAX_ATTEMPTS``
-starts in all. A worker whose jobs keep failing stops
-claiming (``max_consecutive_failures``) and says why, so that a supervisor can
-restart it.
+:func:`bot.deployment.open_deployment` hands out. One job, or one batch of compatible
+jobs (``IMAGINE_MAX_BATCH``), at a time on one engine; the engine runs on a thread, so
+the event loop (and a Discord bot beside it) stays responsive. A claim's images are
+encoded and stored in the background while the engine runs the next one (at most
+``MAX_FINISHING`` claims so, to bound memory). Rows left running by a stopped worker
+are re-queued, up to ``IMAGINE_MAX_ATTEMPTS`` starts in all. A worker whose jobs keep
+failing stops claiming (``max_consecutive_failures``) and says why, so that a
+supervisor can restart it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from generation.engine import CancelToken, Engine, Progress
-from generation.jobs import Generated, JobOutcome, finish_generation, generate
+from generation.jobs import Generated, JobOutcome, finish_generation, generate_batch
 from generation.metrics import WorkerMetrics
 from storage.blobs import BlobStore
 from storage.database import Database, is_outage
@@ -84,6 +84,8 @@ class Worker:
         self.max_finishing = max_finishing
         """Jobs stored in the background at once; 0 stores each before the next job."""
         self._finishing_slots = asyncio.Semaphore(max_finishing)
+        self._storing: set[int] = set()
+        """Jobs whose engine part is done and whose images are being stored."""
 
     @classmethod
     def for_deployment(
@@ -177,7 +179,9 @@ class Worker:
         if self.cancel_listener is not None:  # the row's flag is polled all the same
             background.append(asyncio.create_task(self.cancel_listener(self.cancellations.stop)))
         try:
-            await self.jobs.serve(self.model, self.name, self.run_claimed, self._halt)
+            await self.jobs.serve(
+                self.model, self.name, self.run_claimed, self._halt, self._storing.copy
+            )
             await self.finishing_done()
         finally:  # stopped by an error or cancelled: rows still running are re-queued later
             for task in [*background, *self._finishing]:
@@ -189,38 +193,51 @@ class Worker:
         while self._finishing:
             await asyncio.gather(*self._finishing, return_exceptions=True)
 
-    async def run_claimed(self, generation: Generation) -> None:
-        """Run a generation the job source claimed for this worker: the engine's part now,
-        the storing of its images in the background (at most ``max_finishing`` jobs at
-        once) while the engine takes the next job. Whatever breaks in the bookkeeping
-        fails the job with a sentence: its row never stays ``running`` under a live worker."""
+    async def run_claimed(self, generations: list[Generation]) -> None:
+        """Run generations the job source claimed for this worker (one, or a batch sharing
+        one denoising call): the engine's part now, the storing of their images in the
+        background (at most ``max_finishing`` claims at once) while the engine takes the
+        next. Whatever breaks in the bookkeeping fails the jobs with a sentence: their rows
+        never stay ``running`` under a live worker."""
         try:
-            generated = await self._generate(generation)
+            results = await self._generate(generations)
         except Exception as exc:
             await self.finishing_done()  # failures in a row are counted in the jobs' order
-            await self._bookkeeping_broke(generation.id, exc)
+            for generation in generations:
+                await self._bookkeeping_broke(generation.id, exc)
             return
-        if isinstance(generated, JobOutcome):
-            if generated.generation.status is S.FAILED:
+        made: list[Generated] = []
+        for result in results:
+            if isinstance(result, Generated):
+                made.append(result)
+                continue
+            if result.generation.status is S.FAILED:
                 await self.finishing_done()
-            self._finished(generated)
+            self._finished(result, len(generations))
+        if not made:
             return
         if self.max_finishing == 0:
-            await self._finish(generated)
+            await self._finish(made, len(generations))
             return
         await self._finishing_slots.acquire()
-        task = asyncio.create_task(self._finish(generated))
+        self._storing.update(generated.generation.id for generated in made)
+        task = asyncio.create_task(self._finish(made, len(generations)))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
         task.add_done_callback(lambda _: self._finishing_slots.release())
 
-    async def _finish(self, generated: Generated) -> None:
-        try:
-            outcome = await finish_generation(self.database, self.blobs, generated)
-        except Exception as exc:
-            await self._bookkeeping_broke(generated.generation.id, exc)
-        else:
-            self._finished(outcome)
+    async def _finish(self, made: list[Generated], batch: int) -> None:
+        """Store the jobs of one claim, one after another: the first in the fair order
+        is delivered first, and each is announced once, when its images are stored."""
+        for generated in made:
+            try:
+                outcome = await finish_generation(self.database, self.blobs, generated)
+            except Exception as exc:
+                await self._bookkeeping_broke(generated.generation.id, exc)
+            else:
+                self._finished(outcome, batch)
+            finally:
+                self._storing.discard(generated.generation.id)
 
     async def _bookkeeping_broke(self, generation_id: int, exc: Exception) -> None:
         if is_outage(exc):
@@ -264,26 +281,28 @@ class Worker:
             if row.status is S.RUNNING and row.worker_name == self.name:
                 await transition(session, generation_id, S.QUEUED)
 
-    async def _generate(self, generation: Generation) -> Generated | JobOutcome:
-        generation_id = generation.id
-        self.events.publish(JobStarted(generation_id=generation_id, worker_name=self.name))
-        token = CancelToken()
-        self.cancellations.register(generation_id, token.cancel)
-        watcher = asyncio.create_task(self._watch_for_cancel(generation_id, token))
+    async def _generate(self, generations: list[Generation]) -> list[Generated | JobOutcome]:
+        tokens = [CancelToken() for _ in generations]
+        watchers = []
+        for generation, token in zip(generations, tokens, strict=True):
+            self.events.publish(JobStarted(generation_id=generation.id, worker_name=self.name))
+            self.cancellations.register(generation.id, token.cancel)
+            watchers.append(asyncio.create_task(self._watch_for_cancel(generation.id, token)))
         try:
-            return await generate(
+            return await generate_batch(
                 self.database,
                 self.blobs,
                 self.engine,
-                generation,
-                progress=self._progress_publisher(generation_id),
-                cancel=token,
+                generations,
+                progress=[self._progress_publisher(generation.id) for generation in generations],
+                cancel=tokens,
             )
         finally:
-            watcher.cancel()
-            self.cancellations.register(generation_id, None)
+            for generation, watcher in zip(generations, watchers, strict=True):
+                watcher.cancel()
+                self.cancellations.register(generation.id, None)
 
-    def _finished(self, outcome: JobOutcome) -> None:
+    def _finished(self, outcome: JobOutcome, batch: int = 1) -> None:
         """Count, announce and log a job's end."""
         finished = outcome.generation
         self._count(finished.status)
@@ -292,11 +311,12 @@ class Worker:
         if final is not None:
             self.events.publish(final)
         log.info(
-            "generation %s %s in %.2fs (queued %.2fs before) on %s",
+            "generation %s %s in %.2fs (queued %.2fs before, in a batch of %d) on %s",
             finished.id,
             finished.status.value,
             outcome.seconds,
             _waited(finished),
+            batch,
             self.name,
         )
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,7 +33,7 @@ from storage.scheduling import (
     Limits,
     QueuePosition,
     UserLoad,
-    claim_next,
+    claim_batch,
     position_of,
     refuse_over_limit,
     user_load,
@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 S = GenerationStatus
 IDLE_POLL_SECONDS = 1.0
 
-RunJob = Callable[[Generation], Awaitable[object]]
-"""A worker's way to run one claimed generation (its row already ``running``)."""
+RunJob = Callable[[list[Generation]], Awaitable[object]]
+"""A worker's way to run claimed generations (their rows already ``running``): one, or a
+batch that shares one denoising call (:func:`storage.scheduling.claim_batch`)."""
 
 CancelListener = Callable[[Callable[[int], object]], Coroutine[Any, Any, None]]
 """Runs until cancelled, calling its argument with the id of every running generation
@@ -90,9 +91,17 @@ class JobSource(Protocol):
         """Called every few heartbeats: make re-queued and stalled jobs runnable again."""
         ...
 
-    async def serve(self, model: str, worker_name: str, run: RunJob, stop: asyncio.Event) -> None:
-        """Claim jobs of ``model`` one at a time and ``run`` them until ``stop`` is set; the
-        job in hand finishes first."""
+    async def serve(
+        self,
+        model: str,
+        worker_name: str,
+        run: RunJob,
+        stop: asyncio.Event,
+        storing: Callable[[], Collection[int]] = tuple,
+    ) -> None:
+        """Claim jobs of ``model`` (one, or a batch) and ``run`` them until ``stop`` is set;
+        the jobs in hand finish first. ``storing()``: the worker's jobs whose images are
+        being stored; they no longer hold their users' running limits."""
         ...
 
 
@@ -194,8 +203,9 @@ class RowQueue:
 
 
 class RowJobs:
-    """A worker's jobs straight from the rows: claim the next in the fair order, or wait
-    for a submission in this process (``wakeup``) or a poll interval."""
+    """A worker's jobs straight from the rows: claim the next in the fair order (with the
+    compatible ones right after it, up to ``max_batch`` images), or wait for a submission
+    in this process (``wakeup``) or a poll interval."""
 
     def __init__(
         self,
@@ -203,11 +213,13 @@ class RowJobs:
         limits: Limits,
         wakeup: asyncio.Event | None = None,
         idle_poll_seconds: float = IDLE_POLL_SECONDS,
+        max_batch: int = 1,
     ) -> None:
         self.database = database
         self.limits = limits
         self.wakeup = wakeup or asyncio.Event()
         self.idle_poll_seconds = idle_poll_seconds
+        self.max_batch = max_batch
 
     async def prepare(self, model: str) -> None:
         self.wakeup.set()
@@ -215,16 +227,25 @@ class RowJobs:
     async def sweep(self, model: str, stale_seconds: float) -> None:
         self.wakeup.set()  # rows re-queued by the worker's recovery are claimable now
 
-    async def serve(self, model: str, worker_name: str, run: RunJob, stop: asyncio.Event) -> None:
+    async def serve(
+        self,
+        model: str,
+        worker_name: str,
+        run: RunJob,
+        stop: asyncio.Event,
+        storing: Callable[[], Collection[int]] = tuple,
+    ) -> None:
         while not stop.is_set():
             try:
                 async with self.database.session() as session:
-                    generation = await claim_next(session, worker_name, self.limits, model)
+                    batch = await claim_batch(
+                        session, worker_name, self.limits, model, self.max_batch, storing()
+                    )
             except QueueUnavailable:
                 log.warning("the queue is locked by another program; claiming again soon")
-                generation = None
-            if generation is not None:
-                await run(generation)
+                batch = []
+            if batch:
+                await run(batch)
                 continue
             self.wakeup.clear()
             waiters = [asyncio.ensure_future(e.wait()) for e in (stop, self.wakeup)]

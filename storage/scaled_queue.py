@@ -32,6 +32,7 @@ import functools
 import hashlib
 import logging
 import re
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import (
@@ -388,7 +389,15 @@ class ProcrastinateJobs:
             log.warning("retried the jobs of a worker that stopped beating")
         await self.queue.reconcile(model)
 
-    async def serve(self, model: str, worker_name: str, run: RunJob, stop: asyncio.Event) -> None:
+    async def serve(
+        self,
+        model: str,
+        worker_name: str,
+        run: RunJob,
+        stop: asyncio.Event,
+        storing: Callable[[], Collection[int]] = tuple,
+    ) -> None:
+        # procrastinate picks the jobs (one at a time): ``storing`` plays no part here.
         name = queue_name(model)
         database = self.queue.database
 
@@ -398,7 +407,7 @@ class ProcrastinateJobs:
             except IllegalTransition:
                 log.info("generation %s is no longer queued; nothing to run", generation_id)
                 return
-            await run(generation)
+            await run([generation])  # procrastinate hands out one job at a time: no batches
 
         self.queue.app.task(name=TASK, pass_context=False)(run_generation)
         while not stop.is_set():

@@ -5,10 +5,15 @@ The order is round-robin across users: each user's queued jobs are numbered
 user who started a job least recently goes first. So if user A queues ten jobs
 and then user B one, B's job runs second. Users at their running limit are
 skipped. The same order gives positions and waits.
+
+A worker may take several jobs at once (:func:`claim_batch`): the next one and those
+right after it in this order that can share its denoising call, stopping at the first
+that cannot, so a batch is exactly what the worker would have claimed one after another.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -18,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.errors import IllegalTransition, ImagineError
 from storage.generations import get_generation, transition
-from storage.models import Generation, GenerationStatus, Guild, Worker, utcnow
+from storage.models import Generation, GenerationKind, GenerationStatus, Guild, Worker, utcnow
 
 S = GenerationStatus
 DEFAULT_JOB_SECONDS = 10.0
@@ -45,8 +50,12 @@ class QueuePosition:
     workers: int = 0  # live workers for the generation's model (0: nothing will run it)
 
 
-def fair_order(max_running: int | None = None, model: str | None = None) -> Select[int]:
-    """Ids of queued generations in the order they should run."""
+def fair_order(
+    max_running: int | None = None, model: str | None = None, not_counted: Collection[int] = ()
+) -> Select[int]:
+    """Ids of queued generations in the order they should run; the running generations in
+    ``not_counted`` (a batch being claimed, jobs whose images are being stored) do not
+    count against running limits."""
     turn = (
         func.row_number()
         .over(
@@ -84,7 +93,11 @@ def fair_order(max_running: int | None = None, model: str | None = None) -> Sele
         running = (
             select(func.count())
             .select_from(Generation)
-            .where(Generation.status == S.RUNNING, Generation.requester_id == queued.c.requester_id)
+            .where(
+                Generation.status == S.RUNNING,
+                Generation.requester_id == queued.c.requester_id,
+                Generation.id.not_in(not_counted),
+            )
             .scalar_subquery()
         )
         # A server may set its own running limit for the jobs asked for there.
@@ -99,17 +112,23 @@ def fair_order(max_running: int | None = None, model: str | None = None) -> Sele
 
 
 async def claim_next(
-    session: AsyncSession, worker_name: str, limits: Limits, model: str | None = None
+    session: AsyncSession,
+    worker_name: str,
+    limits: Limits,
+    model: str | None = None,
+    storing: Collection[int] = (),
 ) -> Generation | None:
     """Move the fairest runnable queued generation to running; ``None`` if there is none.
 
     With ``model``, only jobs for that base model are considered (a queue per model).
+    ``storing``: the worker's jobs whose images are being stored (their engine part is
+    done); they do not count against their users' running limits.
 
     A generation another worker took first is skipped, so racing workers never
     run the same job.
     """
     candidates = list(
-        await session.scalars(fair_order(limits.max_running_per_user, model).limit(5))
+        await session.scalars(fair_order(limits.max_running_per_user, model, storing).limit(5))
     )
     for generation_id in candidates:
         try:
@@ -117,6 +136,76 @@ async def claim_next(
         except IllegalTransition:
             continue
     return None
+
+
+def batch_key(generation: Generation) -> tuple[object, ...] | None:
+    """What generations must share to run in one denoising call (their prompts, negative
+    prompts, seeds and counts may differ); ``None`` for one that runs alone: one that
+    starts from an image (a variation, an upscale, Zoom Out or Pan, an image prompt) or
+    has controls, whose inputs a batched call would have to prove identical."""
+    recipe = generation.recipe
+    if (
+        generation.kind in (GenerationKind.UPSCALE, GenerationKind.OUTPAINT)
+        or recipe.source_image_id is not None
+        or recipe.init_image is not None
+        or recipe.outpaint is not None
+        or recipe.strength is not None
+        or recipe.controls
+    ):
+        return None
+    return (
+        recipe.model,
+        recipe.width,
+        recipe.height,
+        recipe.steps,
+        recipe.sampler,
+        recipe.guidance,
+        tuple((style.name, style.weight) for style in recipe.styles),
+        # A server's own style shadows a folder style of the same name.
+        generation.guild_id if recipe.styles else None,
+        # SDXL encodes no negative prompt as zeros, unlike an empty one, and SD3 and FLUX
+        # refuse one: never mix the two.
+        bool(recipe.negative_prompt),
+    )
+
+
+async def claim_batch(
+    session: AsyncSession,
+    worker_name: str,
+    limits: Limits,
+    model: str,
+    max_images: int,
+    storing: Collection[int] = (),
+) -> list[Generation]:
+    """Claim the fairest runnable generation and, while their images fit in
+    ``max_images`` and they share its :func:`batch_key`, the ones right after it in the
+    fair order; empty if nothing is queued.
+
+    The order is read again after each claim, as a worker claiming one job after another
+    would, and the first generation that does not fit ends the batch: a batch never lets
+    a job overtake one it would not have overtaken. Jobs of one batch count as one
+    against their user's running limit, and so do jobs being stored (``storing``, as
+    :func:`claim_next`).
+    """
+    first = await claim_next(session, worker_name, limits, model, storing)
+    if first is None:
+        return []
+    batch, key, images = [first], batch_key(first), first.recipe.count
+    while key is not None and images < max_images:
+        not_counted = [*storing, *(one.id for one in batch)]
+        order = fair_order(limits.max_running_per_user, model, not_counted)
+        following = await session.scalar(order.limit(1))
+        if following is None:
+            break
+        candidate = await get_generation(session, following)
+        if batch_key(candidate) != key or images + candidate.recipe.count > max_images:
+            break
+        try:
+            batch.append(await transition(session, following, S.RUNNING, worker_name=worker_name))
+        except IllegalTransition:  # another worker took it: read the order again
+            continue
+        images += candidate.recipe.count
+    return batch
 
 
 @dataclass(frozen=True)

@@ -220,6 +220,16 @@ class Settings(BaseSettings):
             "auto is on with CUDA, off on CPU and MPS."
         ),
     )
+    max_batch: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description=(
+            "Images one denoising call may hold: jobs next in the fair order with the same "
+            "model, size, steps, sampler, guidance and styles run together up to this many "
+            "(a 4-image grid counts 4); 1: one job at a time."
+        ),
+    )
     offload: Literal["none", "model", "sequential"] = Field(
         default="none",
         description=(

@@ -192,3 +192,17 @@ def tiny_engine(engine_settings: Settings) -> Engine:
     from generation.engine import Engine
 
     return Engine.from_settings(engine_settings)
+
+
+@pytest.fixture
+def pipeline_calls(tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The images (generators) of each call of the tiny engine's pipeline, as they run."""
+    calls: list[int] = []
+    original = type(tiny_engine.pipe).__call__
+
+    def counting(pipe: object, *args: object, **kwargs: object) -> object:
+        calls.append(len(kwargs["generator"]))  # type: ignore[arg-type]
+        return original(pipe, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(tiny_engine.pipe), "__call__", counting)
+    return calls

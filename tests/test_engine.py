@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from generation.engine import (
+    TEST_FAULT_ENV,
     CancelToken,
     Engine,
     GenerationCancelled,
@@ -56,18 +58,10 @@ def mean_difference(a: Image.Image, b: Image.Image) -> float:
 
 
 def test_grid_is_one_batched_call_with_one_seed_per_image(
-    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch
+    tiny_engine: Engine, pipeline_calls: list[int]
 ) -> None:
-    calls: list[int] = []
-    original = type(tiny_engine.pipe).__call__
-
-    def counting(pipe: object, *args: object, **kwargs: object) -> object:
-        calls.append(len(kwargs["generator"]))  # type: ignore[arg-type]
-        return original(pipe, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(type(tiny_engine.pipe), "__call__", counting)
     images = tiny_engine.txt2img(recipe())
-    assert calls == [4]
+    assert pipeline_calls == [4]
     assert [image.seed for image in images] == [42, 43, 44, 45]
     assert [image.index for image in images] == [0, 1, 2, 3]
     assert all(image.image.size == (64, 64) for image in images)
@@ -296,3 +290,68 @@ def test_warm_up_runs_one_step_and_changes_no_result(tiny_engine: Engine) -> Non
     before = tiny_engine.txt2img(recipe(seed=77, steps=2))[0].png
     assert tiny_engine.warm_up() > 0
     assert tiny_engine.txt2img(recipe(seed=77, steps=2))[0].png == before
+
+
+def test_a_batch_reports_to_each_recipe_and_stops_only_when_all_are_cancelled(
+    tiny_engine: Engine,
+) -> None:
+    recipes = [recipe(count=1), recipe(prompt="a lighthouse at dusk", seed=7, count=2)]
+    seen: list[list[Progress]] = [[], []]
+    tokens = [CancelToken(), CancelToken()]
+
+    def reporter(index: int) -> Callable[[Progress], None]:
+        def report(progress: Progress) -> None:
+            seen[index].append(progress)
+            if index == 0 and progress.step == 1:
+                tokens[1].cancel()  # the first recipe goes on alone
+
+        return report
+
+    kept, cancelled = tiny_engine.txt2img_batch(
+        recipes, progress=[reporter(0), reporter(1)], cancel=tokens
+    )
+    # Within step 1 the first recipe's report cancelled the second before it heard of it.
+    assert [p.step for p in seen[0] if p.preview is None] == [1, 2, 3, 4] and seen[1] == []
+    assert len(kept) == 1 and cancelled == []  # a cancelled recipe gets no images
+    assert {p.step for p in seen[0] if p.preview is not None} <= {2}  # every 2 steps
+
+    steps: list[int] = []
+
+    def cancel_all_at_two(progress: Progress) -> None:
+        if progress.preview is not None:
+            return  # a preview is an event of its own, after its step's
+        steps.append(progress.step)
+        if progress.step == 2:
+            for token in tokens:
+                token.cancel()
+
+    tokens = [CancelToken(), CancelToken()]
+    with pytest.raises(GenerationCancelled):
+        tiny_engine.txt2img_batch(
+            [recipe(steps=50), recipe(seed=3, steps=50)],
+            progress=[cancel_all_at_two, None],
+            cancel=tokens,
+        )
+    assert steps == [1, 2]
+
+
+def test_a_batch_out_of_memory_runs_again_one_image_at_a_time_each_with_its_seed(
+    tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch, pipeline_calls: list[int]
+) -> None:
+    recipes = [recipe(prompt="a full harbour", seed=3, count=1), recipe(seed=7, count=2)]
+    together = tiny_engine.txt2img_batch(recipes, encode=False)
+    assert pipeline_calls == [3]
+    pipeline_calls.clear()
+    monkeypatch.setenv(TEST_FAULT_ENV, "oom:harbour")
+    steps: list[list[int]] = [[], []]
+    progress = [
+        lambda p, j=j: steps[j].append(p.step * 100 // p.total) if p.preview is None else None
+        for j in range(2)
+    ]
+    apart = tiny_engine.txt2img_batch(recipes, progress=progress, encode=False)
+    assert pipeline_calls == [1, 1, 1]  # 3 ran out of memory (injected): one by one
+    assert steps[0][-1] == 100 and steps[1][-1] == 100 and steps[1] == sorted(steps[1])
+    assert [[one.seed for one in images] for images in apart] == [[3], [7, 8]]
+    for images, expected in zip(apart, together, strict=True):
+        for one, other in zip(images, expected, strict=True):
+            assert np.abs(pixels(one.image) - pixels(other.image)).max() <= BATCH_TOLERANCE

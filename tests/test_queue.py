@@ -6,18 +6,33 @@ What every queue must do is in test_queue_contract.py.
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from generation.engine import Engine
 from generation.worker import Worker
 from storage.blobs import LocalBlobStore
+from storage.controls import ControlRef
 from storage.database import Database
-from storage.events import LocalEventBus
+from storage.events import (
+    JobCancelled,
+    JobEvent,
+    JobFailed,
+    JobProgress,
+    JobSucceeded,
+    LocalEventBus,
+)
 from storage.generations import get_generation, transition
-from storage.models import GenerationKind, GenerationStatus
+from storage.models import Generation, GenerationKind, GenerationStatus, Image
 from storage.queue import Cancellations, RowJobs, RowQueue, Submission
-from storage.recipe import Recipe
-from storage.scheduling import Limits, claim_next
+from storage.recipe import ImageRef, Outpaint, Recipe
+from storage.scheduling import Limits, claim_batch, claim_next
 
 S = GenerationStatus
 ALICE, BOB, CAROL = 1, 2, 3
@@ -136,3 +151,192 @@ async def test_a_worker_claims_only_jobs_for_its_model(database: Database) -> No
         claimed = await claim_next(session, "w", LIMITS, model="tiny")
         assert claimed is not None and claimed.recipe.prompt == "for tiny"
         assert await claim_next(session, "w", LIMITS, model="tiny") is None
+
+
+async def claim_batches(database: Database, max_images: int) -> list[list[str]]:
+    """Claim and finish batches, as one worker would; returns their prompts."""
+    batches: list[list[str]] = []
+    while True:
+        async with database.session() as session:
+            batch = await claim_batch(session, "w", LIMITS, "tiny", max_images)
+            for generation in batch:
+                await transition(session, generation.id, S.SUCCEEDED)
+        if not batch:
+            return batches
+        batches.append([generation.recipe.prompt for generation in batch])
+
+
+@pytest.mark.parametrize(
+    ("max_images", "expected"),
+    [
+        (8, [["a0"], ["b0"], ["c0", "a1", "a2"]]),
+        (2, [["a0"], ["b0"], ["c0", "a1"], ["a2"]]),
+        (1, [["a0"], ["b0"], ["c0"], ["a1"], ["a2"]]),
+    ],
+)
+async def test_a_batch_is_the_compatible_start_of_the_fair_order(
+    database: Database, max_images: int, expected: list[list[str]]
+) -> None:
+    queue = RowQueue(database, LIMITS)
+    for requester, prompt, steps in [
+        (ALICE, "a0", 1),
+        (ALICE, "a1", 1),
+        (ALICE, "a2", 1),
+        (BOB, "b0", 2),  # another step count: it cannot share a0's call
+        (CAROL, "c0", 1),
+    ]:
+        await queue.submit(submission(requester, prompt, steps))
+    # One at a time the order is a0 b0 c0 a1 a2: c0 fits a0's batch but would overtake b0.
+    assert await claim_batches(database, max_images) == expected
+
+
+KEY = "0" * 64
+ALONE = {  # what a batched call would have to prove identical: each such job runs alone
+    "variation": (GenerationKind.VARIATION, {"source_image_id": 1, "strength": 0.5}),
+    "image prompt": (
+        GenerationKind.IMAGINE,
+        {
+            "init_image": ImageRef(blob_key=KEY, sha256=KEY, width=64, height=64),
+            "image_weight": 1.0,
+            "strength": 0.7,
+        },
+    ),
+    "control": (GenerationKind.IMAGINE, {"controls": (ControlRef(type="canny", map_key=KEY),)}),
+    "zoom": (
+        GenerationKind.OUTPAINT,
+        {"source_image_id": 1, "outpaint": Outpaint(left=8, top=0, right=8, bottom=0)},
+    ),
+}
+
+
+@pytest.mark.parametrize("what", list(ALONE))
+async def test_jobs_from_an_image_or_with_controls_run_alone(database: Database, what: str) -> None:
+    kind, inputs = ALONE[what]
+    queue = RowQueue(database, LIMITS)
+    for requester in (ALICE, BOB):
+        one = recipe(f"{what} {requester}").model_copy(update=inputs)
+        await queue.submit(Submission(kind, one, requester))
+    await queue.submit(submission(CAROL, "plain"))
+    assert await claim_batches(database, 8) == [[f"{what} 1"], [f"{what} 2"], ["plain"]]
+
+
+def worker_on(database: Database, engine: Engine, tmp_path: Path, max_batch: int) -> Worker:
+    return Worker(
+        database,
+        LocalBlobStore(tmp_path / "blobs"),
+        engine,
+        jobs=RowJobs(database, LIMITS, max_batch=max_batch),
+        events=LocalEventBus(),
+        cancellations=Cancellations(),
+    )
+
+
+async def run_until_finished(worker: Worker, database: Database) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                async with database.session() as session:
+                    statuses = list(await session.scalars(select(Generation.status)))
+                if all(status in (S.SUCCEEDED, S.CANCELLED) for status in statuses):
+                    break
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def images_of(session: AsyncSession, generation_id: int) -> list[Image]:
+    query = select(Image).where(Image.generation_id == generation_id).order_by(Image.index)
+    return list(await session.scalars(query))
+
+
+def pixels(image: PILImage.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.parametrize("max_batch", [8, 1])
+async def test_a_batched_worker_gives_each_job_the_images_it_gets_alone(
+    database: Database,
+    tiny_engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    pipeline_calls: list[int],
+    max_batch: int,
+) -> None:
+    queue = RowQueue(database, LIMITS)
+    recipes = [
+        recipe("a lighthouse").model_copy(update={"count": 2, "seed": 5}),
+        recipe("a red bicycle").model_copy(update={"seed": 9}),
+        recipe("a harbour").model_copy(update={"count": 3, "seed": 1}),
+    ]
+    for requester, one in zip((ALICE, BOB, CAROL), recipes, strict=True):
+        await queue.submit(Submission(GenerationKind.IMAGINE, one, requester))
+    worker = worker_on(database, tiny_engine, tmp_path, max_batch)
+    finals: list[JobEvent] = []
+    all_announced = asyncio.Event()
+
+    async def listen() -> None:
+        async for event in worker.events.subscribe():
+            if isinstance(event, JobSucceeded | JobFailed | JobCancelled):
+                finals.append(event)
+                if len(finals) == len(recipes):
+                    all_announced.set()
+
+    listener = asyncio.create_task(listen())
+    await asyncio.sleep(0)
+    try:
+        await run_until_finished(worker, database)  # stopping, it stores the last ones first
+        await asyncio.wait_for(all_announced.wait(), 10)
+        await asyncio.sleep(0.1)  # a second announcement would arrive meanwhile
+    finally:
+        listener.cancel()
+    assert pipeline_calls == ([6] if max_batch == 8 else [2, 1, 3])
+    # Each job of the batch stored in the background and announced once, with its images.
+    assert sorted((e.generation_id, len(e.image_ids)) for e in finals) == [(1, 2), (2, 1), (3, 3)]
+    monkeypatch.undo()
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    async with database.session() as session:
+        for generation_id, one in enumerate(recipes, start=1):
+            row = await get_generation(session, generation_id)
+            assert row.status is S.SUCCEEDED
+            stored = await images_of(session, generation_id)
+            alone = tiny_engine.txt2img(one)
+            assert len(stored) == len(alone) == one.count
+            for image, expected in zip(stored, alone, strict=True):
+                got = PILImage.open(io.BytesIO(await blobs.get(image.blob_key)))
+                difference = np.abs(pixels(got) - pixels(expected.image)).max()
+                assert difference <= 1  # 1/255: batched matmuls may round differently
+
+
+async def test_cancelling_one_job_of_a_batch_keeps_the_others(
+    database: Database, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    worker = worker_on(database, tiny_engine, tmp_path, 8)
+    queue = RowQueue(database, LIMITS, worker.events, worker.cancellations)
+    doomed = await queue.submit(submission(ALICE, "doomed", steps=12))
+    kept = await queue.submit(submission(BOB, "kept", steps=12))
+    steps: dict[int, list[int]] = {doomed.id: [], kept.id: []}
+
+    async def cancel_at_the_first_step() -> None:
+        async for event in worker.events.subscribe():
+            if isinstance(event, JobProgress) and event.preview is None:
+                steps[event.generation_id].append(event.step)
+                if event.generation_id == doomed.id and event.step == 1:
+                    await queue.cancel(doomed.id)
+
+    listener = asyncio.create_task(cancel_at_the_first_step())
+    await asyncio.sleep(0)
+    try:
+        await run_until_finished(worker, database)
+    finally:
+        listener.cancel()
+    async with database.session() as session:
+        stopped, finished = [await get_generation(session, i) for i in (doomed.id, kept.id)]
+        assert stopped.status is S.CANCELLED and not await images_of(session, doomed.id)
+        assert finished.status is S.SUCCEEDED and len(await images_of(session, kept.id)) == 1
+    assert stopped.started_at is not None and finished.started_at is not None
+    assert abs(stopped.started_at - finished.started_at).total_seconds() < 1  # one batch
+    assert steps[kept.id] == list(range(1, 13)) and steps[doomed.id] == [1]

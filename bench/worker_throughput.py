@@ -1,0 +1,290 @@
+"""A busy worker's images per second against a loop of bare diffusers calls, in one run.
+
+A queue of 32 mixed jobs (grids of 4 from four users, two sizes, two styles and none,
+in runs of four alike, as people reroll and restyle) goes through the real worker: an
+embedded deployment on a fresh SQLite file, PNGs, thumbnails and grids stored. Prints
+ratios measured in this run, never absolute targets:
+
+  (a) batched worker / bare eager loop, images per second      (GPU target >= 1.6)
+  (b) batched worker / the same worker at IMAGINE_MAX_BATCH=1   (CPU target >= 1.2)
+  (c) one job's latency: engine grid of 4 / bare call           (GPU target <= 1.02)
+  and the graphs compiled during the runs, after the warm-up    (target 0)
+
+The bare loop is eager diffusers on a second copy of the model, styles switched with
+``set_adapters``, one call per job in the same order. ``--arch sd15-full`` or
+``sdxl-full`` builds full-size random-weight models on the device (no downloads);
+``--compile auto`` compiles there as a worker would (auto: on with CUDA).
+
+    python bench/worker_throughput.py                      # tiny model, CPU
+    python bench/worker_throughput.py --arch sd15-full     # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as `python bench/worker_throughput.py`, like the others
+
+from bench.engine_overhead import interleaved, save_full_size, write_styles  # noqa: E402
+from bot.deployment import open_deployment  # noqa: E402
+from generation.compiled import compiled_graphs, plan_compile  # noqa: E402
+from generation.engine import Engine  # noqa: E402
+from generation.loading import LoadedModel, load_model  # noqa: E402
+from generation.styles import StyleRegistry  # noqa: E402
+from generation.worker import Worker  # noqa: E402
+from storage.events import JobFailed, JobSucceeded  # noqa: E402
+from storage.families import size_for  # noqa: E402
+from storage.models import GenerationKind  # noqa: E402
+from storage.queue import Submission  # noqa: E402
+from storage.recipe import Recipe, StyleRef  # noqa: E402
+from storage.settings import Settings  # noqa: E402
+
+JOBS = 32
+USERS = 4
+RUN = 4  # jobs in a row with the same settings
+STYLES = ("first", "second")
+
+
+@dataclass(frozen=True)
+class Setup:
+    settings: Settings
+    engine: Engine
+    bare: LoadedModel
+    sizes: list[tuple[int, int]]
+    steps: int
+
+
+def mixed_jobs(setup: Setup) -> list[Recipe]:
+    """The queue, in submission order (four users taking turns: the fair order too)."""
+    (square, wide), guidance = setup.sizes, setup.engine.family.default_guidance
+    settings = [
+        (square, None),
+        (square, "first"),
+        (wide, "second"),
+        (wide, None),
+        (square, "second"),
+    ]
+    jobs = []
+    for number in range(JOBS):
+        (width, height), style = settings[number // RUN % len(settings)]
+        jobs.append(
+            Recipe(
+                model=setup.settings.model,
+                prompt=f"a lighthouse at dusk, study {number}",
+                seed=1000 + 10 * number,
+                width=width,
+                height=height,
+                steps=setup.steps,
+                guidance=guidance,
+                count=4,
+                styles=() if style is None else (StyleRef(name=style, weight=0.8),),
+            )
+        )
+    return jobs
+
+
+def bare_call(loaded: LoadedModel, recipe: Recipe) -> object:
+    """What a script with diffusers alone would do for this job."""
+    pipe = loaded.pipe
+    if recipe.styles:
+        pipe.enable_lora()
+        pipe.set_adapters([ref.name for ref in recipe.styles], [r.weight for r in recipe.styles])
+    else:
+        pipe.disable_lora()
+    generators = [
+        torch.Generator("cpu").manual_seed(recipe.seed_for(i)) for i in range(recipe.count)
+    ]
+    return pipe(
+        prompt=recipe.prompt,
+        num_images_per_prompt=recipe.count,
+        num_inference_steps=recipe.steps,
+        guidance_scale=recipe.guidance,
+        width=recipe.width,
+        height=recipe.height,
+        generator=generators,
+    )
+
+
+@dataclass(frozen=True)
+class Took:
+    seconds: float
+    cpu_seconds: float  # this process's CPU time: steadier than seconds on a shared CPU
+
+
+class Clock:
+    def __init__(self) -> None:
+        synchronize()
+        self.started = time.perf_counter(), time.process_time()
+
+    def took(self) -> Took:
+        synchronize()
+        wall, cpu = self.started
+        return Took(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def bare_loop(setup: Setup, jobs: list[Recipe]) -> Took:
+    clock = Clock()
+    for recipe in jobs:
+        bare_call(setup.bare, recipe)
+    return clock.took()
+
+
+async def worker_run(setup: Setup, jobs: list[Recipe], max_batch: int, folder: Path) -> Took:
+    """Seconds the real worker takes for ``jobs``, queued before it starts."""
+    settings = setup.settings.model_copy(
+        update={
+            "data_dir": folder,
+            "database_url": None,
+            "max_batch": max_batch,
+            "max_queued_per_user": JOBS,
+        }
+    )
+    setup.engine.max_batch = max_batch
+    async with open_deployment(settings) as deployment:
+        for number, recipe in enumerate(jobs):
+            submission = Submission(GenerationKind.IMAGINE, recipe, 1 + number % USERS)
+            await deployment.queue.submit(submission)
+        finished = 0
+        done = asyncio.Event()
+
+        async def count(events: Any) -> None:
+            nonlocal finished
+            async for event in events.subscribe():
+                if isinstance(event, JobFailed):
+                    raise RuntimeError(f"a job failed: {event.error}")
+                if isinstance(event, JobSucceeded):
+                    finished += 1
+                    if finished == len(jobs):
+                        done.set()
+
+        listener = asyncio.create_task(count(deployment.events))
+        await asyncio.sleep(0)
+        worker = Worker.for_deployment(deployment, setup.engine, name="bench")
+        stop = asyncio.Event()
+        clock = Clock()
+        running = asyncio.create_task(worker.run(stop))
+        waiting = asyncio.create_task(done.wait())
+        await asyncio.wait({waiting, running, listener}, return_when=asyncio.FIRST_COMPLETED)
+        took = clock.took()
+        stop.set()
+        await running
+        listener.cancel()
+        if not done.is_set():
+            raise RuntimeError(f"only {finished} of {len(jobs)} jobs finished")
+        return took
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build(args: argparse.Namespace, work: Path) -> Setup:
+    model = args.model
+    if model is None and args.arch != "tiny":
+        model = str(save_full_size(args.arch, work / args.arch))
+    settings = Settings(
+        data_dir=work, model=model or "tiny", styles_dir=work / "styles", compile=args.compile
+    )
+    loaded = load_model(settings)
+    family = loaded.family
+    write_styles(loaded.pipe.unet, work / "styles", family.name, {name: 4 for name in STYLES})
+    registry = StyleRegistry.from_folder(work / "styles")
+    engine = Engine(
+        loaded,
+        styles=registry,
+        compile_plan=plan_compile(args.compile, loaded.device),
+        max_batch=settings.max_batch,
+        lora_folder=work / "lora-cache",
+    )
+    bare = load_model(settings)
+    for name in STYLES:
+        bare.pipe.load_lora_weights(str(registry.get(name).lora_path), adapter_name=name)
+    sizes = [size_for(None, family), size_for((3, 2), family)]
+    steps = args.steps or (4 if args.arch == "tiny" else 20)
+    return Setup(settings, engine, bare, sizes, steps)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=["tiny", "sd15-full", "sdxl-full"], default="tiny")
+    parser.add_argument("--model", help="a model to load instead of --arch")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--repeats", type=int, default=3, help="of the single-job latency")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="imagine-bench-"))
+    setup = build(args, work)
+    engine, loaded = setup.engine, setup.engine.loaded
+    max_batch = setup.settings.max_batch
+    jobs = mixed_jobs(setup)
+    images = sum(recipe.count for recipe in jobs)
+    print(
+        f"model {setup.settings.model} ({engine.family.name}) on {loaded.device} "
+        f"{loaded.dtype}, sizes {setup.sizes}, {setup.steps} steps; {JOBS} jobs, {images} "
+        f"images; compile {engine.compile_plan.reason}",
+        flush=True,
+    )
+    warm_up = engine.warm_up(sizes=setup.sizes)
+    for recipe in jobs[:: RUN * 2][:3]:  # the bare model's kernels and styles, once
+        bare_call(setup.bare, recipe)
+    print(f"engine warm-up {warm_up:.1f}s", flush=True)
+
+    graphs = compiled_graphs()
+    batched = asyncio.run(worker_run(setup, jobs, max_batch, work / "batched"))
+    one_by_one = asyncio.run(worker_run(setup, jobs, 1, work / "one-by-one"))
+    bare = bare_loop(setup, jobs)
+    recompiled = compiled_graphs() - graphs
+
+    def rate(took: Took) -> str:
+        return (
+            f"{images / took.seconds:.2f} img/s ({took.seconds:.1f}s; "
+            f"{images / took.cpu_seconds:.2f} img per CPU second)"
+        )
+
+    def ratio(faster: Took, slower: Took) -> str:
+        return (
+            f"{slower.seconds / faster.seconds:.3f} "
+            f"(by CPU time {slower.cpu_seconds / faster.cpu_seconds:.3f})"
+        )
+
+    print(f"batched worker (IMAGINE_MAX_BATCH={max_batch}): {rate(batched)}")
+    print(f"worker one job at a time (IMAGINE_MAX_BATCH=1): {rate(one_by_one)}")
+    print(f"bare eager diffusers loop: {rate(bare)}")
+    print(f"(a) batched worker / bare loop = {ratio(batched, bare)} (GPU target >= 1.6)")
+    print(f"(b) batched / one-at-a-time worker = {ratio(batched, one_by_one)} (CPU target >= 1.2)")
+    print(f"    one-at-a-time worker / bare loop = {ratio(one_by_one, bare)}")
+
+    single = jobs[0]
+    setup.engine.max_batch = max_batch
+    latency = interleaved(
+        {
+            "bare": lambda: bare_call(setup.bare, single),
+            "engine": lambda: engine.txt2img(single),
+        },
+        args.repeats,
+    )
+    print(
+        f"(c) one job: engine {latency['engine']:.3f}s / bare {latency['bare']:.3f}s = "
+        f"{latency['engine'] / latency['bare']:.3f} (GPU target <= 1.02; median of "
+        f"{args.repeats})"
+    )
+    print(f"graphs compiled during the runs, after the warm-up: {recompiled} (target 0)")
+    if torch.cuda.is_available():
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
