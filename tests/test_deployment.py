@@ -85,7 +85,11 @@ def test_the_scaled_mode_on_sqlite_is_refused_with_what_to_do(tmp_path: Path) ->
 
 def test_only_the_deployment_asks_which_mode_it_is() -> None:
     """The embedded/scaled choice is made in bot/deployment.py and nowhere else."""
-    asking = re.compile(r"is_embedded|\.mode\s*[!=]=|resolve_mode\(|settings\.mode\b")
+    # (A Pillow image's mode is another mode: only the deployment's values count.)
+    asking = re.compile(
+        r"is_embedded|\.mode\s*[!=]=\s*[\"'](?:embedded|scaled|auto)|resolve_mode\(|"
+        r"settings\.mode\b"
+    )
     offenders = [
         f"{path.relative_to(ROOT)}:{number}"
         for package in ("bot", "generation", "storage", "migrations")
