@@ -276,11 +276,13 @@ async def generate_batch(
     *,
     progress: list[ProgressCallback | None],
     cancel: list[CancelToken],
+    failures_allowed: int | None = None,
 ) -> list[Generated | JobOutcome]:
     """:func:`generate` for claimed text-to-image generations that share a
     :func:`~storage.scheduling.batch_key`, in one engine call. A cancelled one comes back
     recorded cancelled and the others go on; if the batch fails, each runs again alone,
-    so a bad job fails alone."""
+    so a bad job fails alone. After ``failures_allowed`` of those fail (the worker stops
+    claiming at that many), the rest go back to the queue unrun, for another worker."""
     if len(generations) == 1:
         one = await generate(
             database, blobs, engine, generations[0], progress=progress[0], cancel=cancel[0]
@@ -297,10 +299,18 @@ async def generate_batch(
         if is_outage(exc):
             raise
         log.warning("a batch of %d failed (%s); its jobs run alone", len(generations), exc)
-        return [
-            await generate(database, blobs, engine, generation, progress=each, cancel=token)
-            for generation, each, token in zip(generations, progress, cancel, strict=True)
-        ]
+        alone: list[Generated | JobOutcome] = []
+        failed = 0
+        for generation, each, token in zip(generations, progress, cancel, strict=True):
+            if failures_allowed is not None and failed >= failures_allowed:
+                async with database.session() as session:
+                    await transition(session, generation.id, S.QUEUED)
+                continue
+            one = await generate(database, blobs, engine, generation, progress=each, cancel=token)
+            if isinstance(one, JobOutcome) and one.generation.status is S.FAILED:
+                failed += 1
+            alone.append(one)
+        return alone
     outcomes: list[Generated | JobOutcome] = []
     for generation, images, token in zip(generations, per_job, cancel, strict=True):
         if token.cancelled or not images:

@@ -296,6 +296,9 @@ class Worker:
                 generations,
                 progress=[self._progress_publisher(generation.id) for generation in generations],
                 cancel=tokens,
+                failures_allowed=self.max_consecutive_failures - self.failures_in_a_row
+                if self.max_consecutive_failures
+                else None,
             )
         finally:
             for generation, watcher in zip(generations, watchers, strict=True):
