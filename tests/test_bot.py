@@ -112,6 +112,13 @@ class Harness:
         message_id = int(message["id"])
         return await self.fake.click(message_id, self.fake.button(message_id, label), **how)
 
+    async def open_remix(self, message: dict[str, Any]) -> tuple[str, str]:
+        """Press ✏️ Remix under ``message``: the modal's custom id and its pre-filled text."""
+        click = await self.press(message, "Remix")
+        await self.fake.wait_for(lambda: click.responses, what="the modal")
+        modal = click.responses[0]["data"]
+        return modal["custom_id"], modal["components"][0]["components"][0]["value"]
+
     async def generations(self) -> list[Generation]:
         async with self.database.session() as session:
             rows = await session.scalars(

@@ -171,14 +171,9 @@ async def test_a_control_image_steers_and_every_button_keeps_the_control(
 
     await running.result(await running.press(grid, "V1"))
     await running.result(await running.press(grid, "🔄"))
-    click = await running.press(grid, "Remix")
-    await fake.wait_for(lambda: click.responses, what="the modal")
-    modal = click.responses[0]["data"]
-    text = modal["components"][0]["components"][0]["value"]
+    modal_id, text = await running.open_remix(grid)
     assert "--control canny --cw 0.8" in text
-    remixed = await fake.submit_modal(
-        modal["custom_id"], {"prompt": text.replace("a harbour", "a port")}
-    )
+    remixed = await fake.submit_modal(modal_id, {"prompt": text.replace("a harbour", "a port")})
     await running.result(remixed)
     _, variation, reroll, remix = await running.generations()
     for derived in (variation, reroll, remix):

@@ -255,14 +255,9 @@ async def test_imagine_with_an_image_reproduces_and_its_buttons_keep_the_image(
 
     await running.result(await running.press(grid, "V1"))
     await running.result(await running.press(grid, "🔄"))
-    click = await running.press(grid, "Remix")
-    await fake.wait_for(lambda: click.responses, what="the modal")
-    modal = click.responses[0]["data"]
-    text = modal["components"][0]["components"][0]["value"]
+    modal_id, text = await running.open_remix(grid)
     assert "--iw 1.5" in text
-    remixed = await fake.submit_modal(
-        modal["custom_id"], {"prompt": text.replace("a harbour", "a port")}
-    )
+    remixed = await fake.submit_modal(modal_id, {"prompt": text.replace("a harbour", "a port")})
     await running.result(remixed)
     _, variation, reroll, remix = await running.generations()
     for derived in (variation, reroll, remix):
