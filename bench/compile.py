@@ -29,10 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python bench/compile.py`, like the other benches
 
-from bench.engine_overhead import interleaved, save_full_size, write_styles  # noqa: E402
+from bench.engine_overhead import interleaved, write_styles  # noqa: E402
+from bench.full_size import build_loaded  # noqa: E402
 from generation.compiled import CompilePlan, compiled_graphs, plan_compile  # noqa: E402
 from generation.engine import Engine  # noqa: E402
-from generation.loading import load_model  # noqa: E402
+from generation.loading import LoadedModel, load_model, pick_device, pick_dtype  # noqa: E402
 from generation.styles import StyleRegistry  # noqa: E402
 from storage.recipe import Recipe, StyleRef  # noqa: E402
 from storage.settings import Settings  # noqa: E402
@@ -54,11 +55,15 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="imagine-bench-"))
-    model = args.model
-    if model is None and args.arch != "tiny":
-        model = str(save_full_size(args.arch, work / args.arch))
-    settings = Settings(data_dir=work, model=model or "tiny", styles_dir=work / "styles")
-    eager_model = load_model(settings)
+    settings = Settings(data_dir=work, model=args.model or args.arch, styles_dir=work / "styles")
+
+    def load() -> LoadedModel:  # full size: built on the device, a fresh copy each time
+        if args.model is None and args.arch != "tiny":
+            device = pick_device(settings.device)
+            return build_loaded(args.arch, device, pick_dtype(settings.dtype, device))
+        return load_model(settings)
+
+    eager_model = load()
     family = eager_model.family
     side = 64 if args.arch == "tiny" else (512 if args.arch == "sd15-full" else 1024)
     steps = args.steps or (4 if args.arch == "tiny" else 20)
@@ -68,7 +73,7 @@ def main() -> int:
     registry = StyleRegistry.from_folder(styles_dir)
     eager = Engine(eager_model, styles=registry)
     plan = plan_compile("on", eager_model.device)
-    compiled = Engine(load_model(settings), styles=registry, compile_plan=plan)
+    compiled = Engine(load(), styles=registry, compile_plan=plan)
     recipe = Recipe(
         model=settings.model,
         prompt="a lighthouse at dusk",
@@ -120,14 +125,14 @@ def main() -> int:
         flush=True,
     )
 
-    fused = Engine(load_model(settings), styles=registry, compile_plan=CompilePlan(False, "off"))
+    fused = Engine(load(), styles=registry, compile_plan=CompilePlan(False, "off"))
     fused.pipe.unet.fuse_qkv_projections()
     fused.pipe.vae.fuse_qkv_projections()
     difference = np.abs(pixels(fused, recipe) - pixels(eager, recipe)).max()
     print(f"fused QKV projections (eager): largest pixel difference {difference}/255", flush=True)
 
     # What the slots cost: the same compile with no style slots (and fused projections).
-    bare = Engine(load_model(settings), styles=registry, compile_plan=plan, lora_slots=0)
+    bare = Engine(load(), styles=registry, compile_plan=plan, lora_slots=0)
     seconds = bare.warm_up(sizes=[(side, side)], count=1)
     runs = {"eager": partial(eager.txt2img, recipe), "bare": partial(bare.txt2img, recipe)}
     times = interleaved(runs, args.repeats)

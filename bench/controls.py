@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs as the README shows
 
-from bench.engine_overhead import interleaved, save_full_size
+from bench.engine_overhead import interleaved
+from bench.full_size import save_full_size
 from generation.controlnet import ControlNets
 from generation.controls import ControlRegistry
 from generation.engine import Engine

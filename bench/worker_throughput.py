@@ -35,11 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as `python bench/worker_throughput.py`, like the others
 
-from bench.engine_overhead import interleaved, save_full_size, write_styles  # noqa: E402
+from bench.engine_overhead import interleaved, write_styles  # noqa: E402
+from bench.full_size import build_loaded  # noqa: E402
 from bot.deployment import open_deployment  # noqa: E402
 from generation.compiled import compiled_graphs, plan_compile  # noqa: E402
 from generation.engine import Engine  # noqa: E402
-from generation.loading import LoadedModel, load_model  # noqa: E402
+from generation.loading import LoadedModel, load_model, pick_device, pick_dtype  # noqa: E402
 from generation.styles import StyleRegistry  # noqa: E402
 from generation.worker import Worker  # noqa: E402
 from storage.events import JobFailed, JobSucceeded  # noqa: E402
@@ -190,13 +191,21 @@ def synchronize() -> None:
 
 
 def build(args: argparse.Namespace, work: Path) -> Setup:
-    model = args.model
-    if model is None and args.arch != "tiny":
-        model = str(save_full_size(args.arch, work / args.arch))
     settings = Settings(
-        data_dir=work, model=model or "tiny", styles_dir=work / "styles", compile=args.compile
+        data_dir=work,
+        model=args.model or args.arch,
+        styles_dir=work / "styles",
+        compile=args.compile,
     )
-    loaded = load_model(settings)
+    built = args.model is None and args.arch != "tiny"  # full size: built on the device
+
+    def loaded_model() -> LoadedModel:
+        if not built:
+            return load_model(settings)
+        device = pick_device(settings.device)
+        return build_loaded(args.arch, device, pick_dtype(settings.dtype, device))
+
+    loaded = loaded_model()
     family = loaded.family
     write_styles(loaded.pipe.unet, work / "styles", family.name, {name: 4 for name in STYLES})
     registry = StyleRegistry.from_folder(work / "styles")
@@ -207,10 +216,12 @@ def build(args: argparse.Namespace, work: Path) -> Setup:
         max_batch=settings.max_batch,
         lora_folder=work / "lora-cache",
     )
-    bare = load_model(settings)
+    bare = loaded_model()
     for name in STYLES:
         bare.pipe.load_lora_weights(str(registry.get(name).lora_path), adapter_name=name)
     sizes = [size_for(None, family), size_for((3, 2), family)]
+    if args.side:  # a quick check of the full-size code path on a CPU
+        sizes = [(args.side, args.side), (args.side * 3 // 2 // 8 * 8, args.side)]
     steps = args.steps or (4 if args.arch == "tiny" else 20)
     return Setup(settings, engine, bare, sizes, steps)
 
@@ -222,6 +233,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--repeats", type=int, default=3, help="of the single-job latency")
+    parser.add_argument("--side", type=int, default=0, help="square size instead of the native")
+    parser.add_argument(
+        "--skip-one-at-a-time",
+        action="store_true",
+        help="leave out the IMAGINE_MAX_BATCH=1 run (ratio b), to save GPU time",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="imagine-bench-"))
@@ -243,7 +260,9 @@ def main() -> int:
 
     graphs = compiled_graphs()
     batched = asyncio.run(worker_run(setup, jobs, max_batch, work / "batched"))
-    one_by_one = asyncio.run(worker_run(setup, jobs, 1, work / "one-by-one"))
+    one_by_one = None
+    if not args.skip_one_at_a_time:
+        one_by_one = asyncio.run(worker_run(setup, jobs, 1, work / "one-by-one"))
     bare = bare_loop(setup, jobs)
     recompiled = compiled_graphs() - graphs
 
@@ -260,11 +279,14 @@ def main() -> int:
         )
 
     print(f"batched worker (IMAGINE_MAX_BATCH={max_batch}): {rate(batched)}")
-    print(f"worker one job at a time (IMAGINE_MAX_BATCH=1): {rate(one_by_one)}")
     print(f"bare eager diffusers loop: {rate(bare)}")
     print(f"(a) batched worker / bare loop = {ratio(batched, bare)} (GPU target >= 1.6)")
-    print(f"(b) batched / one-at-a-time worker = {ratio(batched, one_by_one)} (CPU target >= 1.2)")
-    print(f"    one-at-a-time worker / bare loop = {ratio(one_by_one, bare)}")
+    if one_by_one is not None:
+        print(f"worker one job at a time (IMAGINE_MAX_BATCH=1): {rate(one_by_one)}")
+        print(
+            f"(b) batched / one-at-a-time worker = {ratio(batched, one_by_one)} (CPU target >= 1.2)"
+        )
+        print(f"    one-at-a-time worker / bare loop = {ratio(one_by_one, bare)}")
 
     single = jobs[0]
     setup.engine.max_batch = max_batch
