@@ -206,10 +206,10 @@ def describe_single_file(path: Path, settings: Settings) -> str:
     shapes = read_shapes(path)
     entry = detect_checkpoint(path, shapes)
     if entry.pipeline == "FluxPipeline" and not _has_components(shapes):
-        _flux_config(path, shapes, entry, settings)
         components = flux_components(entry, settings)
         if components is None:
             raise _no_components(path, entry)
+        _flux_config(path, shapes, entry, settings)
         return f"a {entry.family} transformer, completed by {components}; loadable offline"
     if entry.tiny_model is None and config_folder(entry, settings) is None:
         if not settings.allow_downloads:
@@ -336,14 +336,14 @@ def _load_flux(
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from safetensors import safe_open
 
-    config = _flux_config(path, shapes, entry, settings)
-    folder = config_folder(entry, settings)
-    assert folder is not None  # _flux_config refused a family without configs
     components = None
     if not _has_components(shapes):
         components = flux_components(entry, settings)
         if components is None:
             raise _no_components(path, entry)
+    config = _flux_config(path, shapes, entry, settings)
+    folder = config_folder(entry, settings)
+    assert folder is not None  # _flux_config refused a family without configs
     with safe_open(str(path), framework="pt") as checkpoint:
         state = {key: checkpoint.get_tensor(key).to(dtype) for key in transformer_keys(shapes)}
     with torch.device("meta"):  # no random weights first: FLUX.1 has 12 billion

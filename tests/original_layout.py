@@ -301,18 +301,26 @@ def sd3_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
     encoders (``text_encoders.clip_l/clip_g/t5xxl.transformer.…``, in transformers' layout)."""
     out = _sd3_transformer_to_original(pipe.transformer.state_dict())
     out.update(_vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
-    for name, encoder in (
-        ("clip_l", pipe.text_encoder),
-        ("clip_g", pipe.text_encoder_2),
-        ("t5xxl", pipe.text_encoder_3),
-    ):
-        out.update(
-            {
-                f"text_encoders.{name}.transformer.{key}": tensor
-                for key, tensor in encoder.state_dict().items()
-                if key != "encoder.embed_tokens.weight"  # T5 ties it to shared.weight
-            }
+    out.update(
+        _text_encoders(
+            clip_l=pipe.text_encoder, clip_g=pipe.text_encoder_2, t5xxl=pipe.text_encoder_3
         )
+    )
+    return out
+
+
+def _text_encoders(**encoders: Any) -> dict[str, torch.Tensor]:
+    """Text encoders as all-in-one SD3 and FLUX files hold them: transformers' layout under
+    ``text_encoders.<name>.transformer.`` (CLIP's under ``text_model.``, which transformers
+    5.6 dropped from ``CLIPTextModel``)."""
+    out = {}
+    for name, encoder in encoders.items():
+        for key, tensor in encoder.state_dict().items():
+            if key == "encoder.embed_tokens.weight":  # T5 ties it to shared.weight
+                continue
+            if name.startswith("clip") and not key.startswith(("text_model.", "text_projection")):
+                key = "text_model." + key
+            out[f"text_encoders.{name}.transformer.{key}"] = tensor
     return out
 
 
@@ -372,11 +380,15 @@ def flux_state_dict(transformer: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_flux_single_file(transformer: Any, path: Path, prefix: str = "") -> Path:
+def write_flux_single_file(
+    transformer: Any, path: Path, prefix: str = "", pipe: Any = None
+) -> Path:
     """Save a FLUX transformer as one ``.safetensors`` file in Black Forest Labs' layout
-    (``prefix="model.diffusion_model."`` for the layout of ComfyUI-saved files)."""
-    state = flux_state_dict(transformer)
-    save_file(
-        {prefix + key: tensor.detach().contiguous() for key, tensor in state.items()}, str(path)
-    )
+    (``prefix="model.diffusion_model."`` as ComfyUI saves it); with ``pipe``, an all-in-one
+    file that also holds its autoencoder (``first_stage_model.…``), CLIP-L and T5."""
+    state = {prefix + key: tensor for key, tensor in flux_state_dict(transformer).items()}
+    if pipe is not None:
+        state.update(_vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
+        state.update(_text_encoders(clip_l=pipe.text_encoder, t5xxl=pipe.text_encoder_2))
+    save_file({key: tensor.detach().contiguous() for key, tensor in state.items()}, str(path))
     return path
