@@ -347,7 +347,7 @@ def _load_flux(
     with safe_open(str(path), framework="pt") as checkpoint:
         state = {key: checkpoint.get_tensor(key).to(dtype) for key in transformer_keys(shapes)}
     with torch.device("meta"):  # no random weights first: FLUX.1 has 12 billion
-        transformer = FluxTransformer2DModel(**config)
+        transformer: Any = FluxTransformer2DModel(**config)
     transformer.load_state_dict(
         convert_flux_transformer(state, config, path), strict=True, assign=True
     )
