@@ -1,7 +1,7 @@
 """FLUX transformers in Black Forest Labs' key layout, read at any width.
 
 diffusers' ``convert_flux_transformer_checkpoint_to_diffusers`` assumes FLUX.1's width
-(3072), so a narrower model (the tiny test model, a pruned one) cannot load through it.
+(3072), so a narrower model such as the tiny test one cannot load through it.
 Here every size is read from the tensors: the layer counts from the block indices, the
 width from ``img_in``, the head size from the query norm, the guidance embedding (dev,
 not schnell) from ``guidance_in``. Only the rotary axes are not in the weights: they come
@@ -56,10 +56,6 @@ _MLP_RATIO = 4  # diffusers' FLUX blocks are built with it
 _OTHER_PARTS = ("vae.", "text_encoders.", "first_stage_model.", "cond_stage_model.")
 
 
-def is_flux_transformer(keys: Any) -> bool:
-    return any(key.removeprefix(_PREFIX).startswith("double_blocks.") for key in keys)
-
-
 def _layers(keys: Any, block: str) -> int:
     found = {int(m[1]) for key in keys if (m := re.match(rf"{block}\.(\d+)\.", key))}
     return max(found) + 1 if found else 0
@@ -101,6 +97,12 @@ def flux_transformer_config(
             f"{source} lacks a tensor every FLUX transformer has ({exc}); it may be "
             "damaged or in another layout, so download it again or use a diffusers folder."
         ) from None
+    if config["in_channels"] != config["out_channels"] * config.get("patch_size", 1) ** 2:
+        raise ConfigError(
+            f"{source} is a FLUX Fill, Canny or Depth model (its transformer reads "
+            f"{in_channels} channels, not {config['out_channels']}): it needs an image to work "
+            "from, and Imagine generates from text; use FLUX.1 dev or schnell, or a fine-tune."
+        )
     if width % head_dim or (fused is not None and fused != (3 + _MLP_RATIO) * width):
         raise ConfigError(
             f"{source}: its sizes do not fit together (width {width}, head size "

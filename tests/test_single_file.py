@@ -534,6 +534,30 @@ def test_the_flux_renaming_agrees_with_diffusers_own_conversion(settings: Settin
             assert torch.equal(theirs[key], tensor), key
 
 
+@pytest.mark.parametrize("configs", ["flux-dev", "flux-schnell"])
+def test_full_size_flux_1_files_read_back_to_the_shipped_configs(configs: str) -> None:
+    """FLUX.1 at full size, on the meta device (shapes, no weights): the file written in
+    Black Forest Labs' layout has the released tensors' shapes, is detected as its family,
+    and converts back to the shipped config at width 3072."""
+    from diffusers import FluxTransformer2DModel
+
+    base = dict(FluxTransformer2DModel.load_config(CONFIGS / configs / "transformer"))
+    with torch.device("meta"):
+        transformer: Any = FluxTransformer2DModel.from_config(base)
+    original = flux_state_dict(transformer)
+    shapes = {key: list(tensor.shape) for key, tensor in original.items()}
+    assert shapes["double_blocks.18.img_attn.qkv.weight"] == [9216, 3072]
+    assert shapes["single_blocks.37.linear1.weight"] == [21504, 3072]
+    assert shapes["double_blocks.0.img_attn.norm.query_norm.scale"] == [128]
+    family = {"flux-dev": "flux", "flux-schnell": "flux-schnell"}[configs]
+    assert detect_checkpoint(Path(f"{configs}.safetensors"), shapes).family == family
+    config = flux_transformer_config(shapes, base, configs)
+    for key, value in base.items():
+        if not key.startswith("_"):
+            assert config[key] == value, key
+    assert set(convert_flux_transformer(original, config, configs)) == set(transformer.state_dict())
+
+
 def test_a_cut_short_or_incomplete_flux_file_is_refused_with_a_sentence(
     settings: Settings, no_network: None, tmp_path: Path
 ) -> None:
@@ -563,6 +587,10 @@ def test_a_cut_short_or_incomplete_flux_file_is_refused_with_a_sentence(
     save_file(state | {"single_blocks.0.linear1.weight": torch.zeros(100, 32)}, str(misfit))
     with pytest.raises(ConfigError, match="its sizes do not fit together"):
         load_model(settings, str(misfit))
+    fill = tmp_path / "fill.safetensors"
+    save_file(state | {"img_in.weight": torch.zeros(32, 384)}, str(fill))
+    with pytest.raises(ConfigError, match="is a FLUX Fill, Canny or Depth model"):
+        load_model(settings, str(fill))
 
 
 def test_the_t5_tokenizer_setting_gives_the_family_its_sequence_length(
