@@ -7,6 +7,11 @@ diffusers configs and tokenizers from the hub; here the family is detected from 
 keys (storage/checkpoints.py, one entry per family), its configs are shipped in
 ``single_file_configs/<family>/`` (or are the tiny model's own folder), and the CLIP
 tokenizer's vocabulary comes from a local folder or the Hugging Face cache.
+
+A FLUX transformer is read at the file's own sizes (generation/flux_checkpoint.py); a
+file holding it alone, as Black Forest Labs ships FLUX.1, takes its autoencoder, text
+encoders and tokenizers from a FLUX diffusers folder (IMAGINE_SINGLE_FILE_COMPONENTS, or
+a cached FLUX.1), never downloaded.
 """
 
 from __future__ import annotations
