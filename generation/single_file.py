@@ -7,6 +7,11 @@ diffusers configs and tokenizers from the hub; here the family is detected from 
 keys (storage/checkpoints.py, one entry per family), its configs are shipped in
 ``single_file_configs/<family>/`` (or are the tiny model's own folder), and the CLIP
 tokenizer's vocabulary comes from a local folder or the Hugging Face cache.
+
+A FLUX transformer is read at the file's own sizes (generation/flux_checkpoint.py); a
+file holding it alone, as Black Forest Labs ships FLUX.1, takes its autoencoder, text
+encoders and tokenizers from a FLUX diffusers folder (IMAGINE_SINGLE_FILE_COMPONENTS, or
+a cached FLUX.1), never downloaded.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from typing import Any
 
 import torch
 
+from generation.flux_checkpoint import (
+    convert_flux_transformer,
+    flux_transformer_config,
+    transformer_keys,
+)
 from generation.tiny import ensure_tiny_model
 from storage.checkpoints import CheckpointFamily, detect_checkpoint, read_shapes, unreadable
 from storage.errors import ConfigError
@@ -39,6 +49,10 @@ _CACHED_T5 = (
     ("stabilityai/stable-diffusion-3.5-medium", "tokenizer_3/"),
 )
 _T5_FILES = ("spiece.model", "tokenizer.json")
+# A FLUX file holding the transformer alone takes the rest from a FLUX diffusers model:
+# dev and schnell share their autoencoder, text encoders and tokenizers.
+_FLUX_REPOS = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
+_FLUX_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
 def config_folder(entry: CheckpointFamily, settings: Settings) -> Path | None:
@@ -104,11 +118,61 @@ def _no_t5_vocabulary(entry: CheckpointFamily) -> ConfigError:
 
 
 def _no_components(path: Path, entry: CheckpointFamily) -> ConfigError:
+    if entry.pipeline == "FluxPipeline":
+        return ConfigError(
+            f"{path} holds the {entry.family} transformer alone; its autoencoder, text encoders "
+            "and tokenizers come from a FLUX diffusers model, and none is in the Hugging Face "
+            "cache. Set IMAGINE_SINGLE_FILE_COMPONENTS to a FLUX.1 diffusers folder (or a "
+            "cached hub id such as black-forest-labs/FLUX.1-schnell), or use an all-in-one "
+            "checkpoint."
+        )
     return ConfigError(
         f"{path} holds the {entry.family} transformer only, without the autoencoder and "
         "text encoders that generating needs; use a checkpoint that includes them (Civitai "
         "lists them as 'full' or 'fp8 all-in-one'), or the model's diffusers folder."
     )
+
+
+def _cached_snapshot(repo: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, local_files_only=True))
+    except (OSError, ValueError):  # not cached, or not a hub id
+        return None
+
+
+def _holds_flux_parts(folder: Path) -> bool:
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return index.get("_class_name") == "FluxPipeline" and all(
+        (folder / part).is_dir() for part in _FLUX_PARTS
+    )
+
+
+def flux_components(entry: CheckpointFamily, settings: Settings) -> Path | None:
+    """The FLUX diffusers folder whose autoencoder, text encoders and tokenizers complete a
+    transformer-only file: the tiny model's own, the setting, else a cached FLUX.1."""
+    if entry.tiny_model is not None:
+        return config_folder(entry, settings)
+    chosen = settings.single_file_components
+    if chosen:
+        folder = Path(chosen).expanduser()
+        found = folder if folder.is_dir() else _cached_snapshot(chosen)
+        if found is None or not _holds_flux_parts(found):
+            raise ConfigError(
+                f"IMAGINE_SINGLE_FILE_COMPONENTS is {chosen}, which is neither a FLUX diffusers "
+                f"folder (model_index.json and {', '.join(_FLUX_PARTS)}) nor such a model in "
+                "the Hugging Face cache; point it at one."
+            )
+        return found
+    for repo in _FLUX_REPOS:
+        found = _cached_snapshot(repo)
+        if found is not None and _holds_flux_parts(found):
+            return found
+    return None
 
 
 def _download_vocabulary(settings: Settings) -> Path | None:
@@ -146,6 +210,12 @@ def describe_single_file(path: Path, settings: Settings) -> str:
     :class:`ConfigError` if it cannot load as things stand."""
     shapes = read_shapes(path)
     entry = detect_checkpoint(path, shapes)
+    if entry.pipeline == "FluxPipeline" and not _has_components(shapes):
+        components = flux_components(entry, settings)
+        if components is None:
+            raise _no_components(path, entry)
+        _flux_config(path, shapes, entry, settings)
+        return f"a {entry.family} transformer, completed by {components}; loadable offline"
     if entry.tiny_model is None and config_folder(entry, settings) is None:
         if not settings.allow_downloads:
             raise _no_configs(path, entry)
@@ -205,11 +275,33 @@ def clip_tokenizers(entry: CheckpointFamily, config: Path, settings: Settings) -
 def load_single_file(path: Path, settings: Settings, dtype: torch.dtype) -> tuple[Any, str]:
     """The pipeline of a single-file checkpoint and its family's name, with no download
     where the family's configs ship with Imagine."""
-    import diffusers
     from safetensors import SafetensorError
 
     shapes = read_shapes(path)
     entry = detect_checkpoint(path, shapes)
+    try:
+        if entry.pipeline == "FluxPipeline":
+            pipe = _load_flux(path, shapes, entry, settings, dtype)
+        else:
+            pipe = _load_with_configs(path, shapes, entry, settings, dtype)
+    except SafetensorError as exc:  # a header that reads, over tensors that do not
+        raise unreadable(path, exc) from None
+    _tie_t5_embeddings(pipe)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # diffusers' T5 from a single file is left training: dropout on
+    return pipe, entry.family
+
+
+def _load_with_configs(
+    path: Path,
+    shapes: dict[str, list[int]],
+    entry: CheckpointFamily,
+    settings: Settings,
+    dtype: torch.dtype,
+) -> Any:
+    import diffusers
+
     if entry.tiny_model is None and entry.t5_tokenizer and not _has_components(shapes):
         raise _no_components(path, entry)
     pipe_class = getattr(diffusers, entry.pipeline)
@@ -221,15 +313,63 @@ def load_single_file(path: Path, settings: Settings, dtype: torch.dtype) -> tupl
         kwargs |= t5_tokenizer(entry, config, settings)
     elif not settings.allow_downloads:
         raise _no_configs(path, entry)
-    try:
-        pipe = pipe_class.from_single_file(str(path), **kwargs)
-    except SafetensorError as exc:  # a header that reads, over tensors that do not
-        raise unreadable(path, exc) from None
-    _tie_t5_embeddings(pipe)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()  # diffusers' T5 from a single file is left training: dropout on
-    return pipe, entry.family
+    return pipe_class.from_single_file(str(path), **kwargs)
+
+
+def _flux_config(
+    path: Path, shapes: dict[str, list[int]], entry: CheckpointFamily, settings: Settings
+) -> dict[str, Any]:
+    """The transformer's config, sized from the file's tensors."""
+    folder = config_folder(entry, settings)
+    if folder is None:
+        raise _no_configs(path, entry)
+    base = json.loads((folder / "transformer" / "config.json").read_text())
+    keys = transformer_keys(shapes)
+    return flux_transformer_config({key: shapes[key] for key in keys}, base, path)
+
+
+def _load_flux(
+    path: Path,
+    shapes: dict[str, list[int]],
+    entry: CheckpointFamily,
+    settings: Settings,
+    dtype: torch.dtype,
+) -> Any:
+    """A FLUX pipeline whose transformer is read at the file's own width (diffusers'
+    conversion assumes FLUX.1's); the rest from the same file, or from a FLUX diffusers
+    model when the file holds the transformer alone."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from safetensors import safe_open
+
+    components = None
+    if not _has_components(shapes):
+        components = flux_components(entry, settings)
+        if components is None:
+            raise _no_components(path, entry)
+    config = _flux_config(path, shapes, entry, settings)
+    folder = config_folder(entry, settings)
+    assert folder is not None  # _flux_config refused a family without configs
+    with safe_open(str(path), framework="pt") as checkpoint:
+        state = {key: checkpoint.get_tensor(key).to(dtype) for key in transformer_keys(shapes)}
+    with torch.device("meta"):  # no random weights first: FLUX.1 has 12 billion
+        transformer: Any = FluxTransformer2DModel(**config)
+    transformer.load_state_dict(
+        convert_flux_transformer(state, config, path), strict=True, assign=True
+    )
+    if components is None:
+        kwargs: dict[str, Any] = {"config": str(folder), "local_files_only": True}
+        kwargs |= clip_tokenizers(entry, folder, settings) | t5_tokenizer(entry, folder, settings)
+        return FluxPipeline.from_single_file(
+            str(path), transformer=transformer, dtype=dtype, **kwargs
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder / "scheduler"))
+    return FluxPipeline.from_pretrained(
+        str(components),
+        transformer=transformer,
+        scheduler=scheduler,
+        dtype=dtype,
+        local_files_only=True,
+    )
 
 
 def _tie_t5_embeddings(pipe: Any) -> None:

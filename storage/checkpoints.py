@@ -74,8 +74,9 @@ CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
     ),
     # No configs shipped for SD 3 medium and SD 3.5 large: they load from the hub.
     CheckpointFamily("sd3", "StableDiffusion3Pipeline", _SD3),
+    # Dev or schnell alike: the tiny model's transformer is read with or without guidance.
     CheckpointFamily(
-        "tiny-flux", "FluxPipeline", _FLUX_DEV, 32, tiny_model="tiny-flux", width_key=_FLUX_WIDTH
+        "tiny-flux", "FluxPipeline", _FLUX, 32, tiny_model="tiny-flux", width_key=_FLUX_WIDTH
     ),
     CheckpointFamily(
         "flux",

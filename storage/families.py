@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -281,21 +281,6 @@ def guess_family(model: str) -> ModelFamily:
     if "stable-diffusion-2" in name or "sd2" in name:
         return FAMILIES["sd2"]
     return FAMILIES["sd15"]
-
-
-def single_file_family(keys: Collection[str]) -> str | None:
-    """The base family of a single-file checkpoint in the original layout, from its
-    tensor names alone (sd15, sdxl, sd3, flux or flux-schnell); None if none fits."""
-    bare = {key.removeprefix("model.diffusion_model.") for key in keys}
-    if any(key.startswith("double_blocks.") for key in bare):
-        return "flux" if any(key.startswith("guidance_in.") for key in bare) else "flux-schnell"
-    if any(key.startswith("joint_blocks.") for key in bare):
-        return "sd3"
-    if any(key.startswith("conditioner.embedders.1") for key in keys):
-        return "sdxl"
-    if any(key.startswith(("model.diffusion_model.", "cond_stage_model.")) for key in keys):
-        return "sd15"
-    return None
 
 
 def configured_family(model: str, setting: str = "auto") -> ModelFamily:

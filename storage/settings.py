@@ -164,6 +164,15 @@ class Settings(BaseSettings):
             "checkpoints; empty: the Hugging Face cache."
         ),
     )
+    single_file_components: str | None = Field(
+        default=None,
+        description=(
+            "FLUX diffusers folder or hub id (e.g. black-forest-labs/FLUX.1-schnell) whose "
+            "autoencoder, text encoders and tokenizers complete a FLUX checkpoint file that "
+            "holds the transformer alone; never downloaded. Empty: a FLUX.1 dev or schnell in "
+            "the Hugging Face cache."
+        ),
+    )
     upscaler: str | None = Field(
         default=None,
         description=(

@@ -301,22 +301,94 @@ def sd3_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
     encoders (``text_encoders.clip_l/clip_g/t5xxl.transformer.…``, in transformers' layout)."""
     out = _sd3_transformer_to_original(pipe.transformer.state_dict())
     out.update(_vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
-    for name, encoder in (
-        ("clip_l", pipe.text_encoder),
-        ("clip_g", pipe.text_encoder_2),
-        ("t5xxl", pipe.text_encoder_3),
-    ):
-        out.update(
-            {
-                f"text_encoders.{name}.transformer.{key}": tensor
-                for key, tensor in encoder.state_dict().items()
-                if key != "encoder.embed_tokens.weight"  # T5 ties it to shared.weight
-            }
+    out.update(
+        _text_encoders(
+            clip_l=pipe.text_encoder, clip_g=pipe.text_encoder_2, t5xxl=pipe.text_encoder_3
         )
+    )
+    return out
+
+
+def _text_encoders(**encoders: Any) -> dict[str, torch.Tensor]:
+    """Text encoders as all-in-one SD3 and FLUX files hold them: transformers' layout under
+    ``text_encoders.<name>.transformer.`` (CLIP's under ``text_model.``, which transformers
+    5.6 dropped from ``CLIPTextModel``)."""
+    out = {}
+    for name, encoder in encoders.items():
+        for key, tensor in encoder.state_dict().items():
+            if key == "encoder.embed_tokens.weight":  # T5 ties it to shared.weight
+                continue
+            if name.startswith("clip") and not key.startswith(("text_model.", "text_projection")):
+                key = "text_model." + key
+            out[f"text_encoders.{name}.transformer.{key}"] = tensor
     return out
 
 
 def write_sd3_single_file(pipe: Any, path: Path) -> Path:
     state = {key: tensor.detach().contiguous() for key, tensor in sd3_state_dict(pipe).items()}
     save_file(state, str(path))
+    return path
+
+
+def flux_state_dict(transformer: Any) -> dict[str, torch.Tensor]:
+    """A diffusers FLUX transformer's weights as Black Forest Labs ships them
+    (``flux1-dev.safetensors``): fused q/k/v, the single blocks' q/k/v/MLP in one
+    ``linear1``, the final modulation as (shift, scale); no prefix, transformer alone.
+    It shares generation/flux_checkpoint.py's tables of names, which the tests check
+    against diffusers' own conversion."""
+    from generation.flux_checkpoint import _DOUBLE, _SINGLE, _TOP
+
+    state = dict(transformer.state_dict())
+    out: dict[str, torch.Tensor] = {}
+
+    def move(original: str, diffusers: str) -> None:
+        if original.endswith(".scale"):
+            out[original] = state.pop(diffusers)
+            return
+        for part in ("weight", "bias"):
+            if f"{diffusers}.{part}" in state:
+                out[f"{original}.{part}"] = state.pop(f"{diffusers}.{part}")
+
+    for original, diffusers in _TOP.items():
+        move(original, diffusers)
+    for part in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{part}"] = _swap_halves(
+            state.pop(f"norm_out.linear.{part}")
+        )
+    for i in range(transformer.config.num_layers):
+        old, new = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for original, diffusers in _DOUBLE.items():
+            move(new + original, old + diffusers)
+        for part in ("weight", "bias"):
+            out[f"{new}img_attn.qkv.{part}"] = torch.cat(
+                [state.pop(f"{old}attn.to_{p}.{part}") for p in "qkv"]
+            )
+            out[f"{new}txt_attn.qkv.{part}"] = torch.cat(
+                [state.pop(f"{old}attn.add_{p}_proj.{part}") for p in "qkv"]
+            )
+    for i in range(transformer.config.num_single_layers):
+        old, new = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for original, diffusers in _SINGLE.items():
+            move(new + original, old + diffusers)
+        for part in ("weight", "bias"):
+            out[f"{new}linear1.{part}"] = torch.cat(
+                [state.pop(f"{old}attn.to_{p}.{part}") for p in "qkv"]
+                + [state.pop(f"{old}proj_mlp.{part}")]
+            )
+    if state:
+        raise ValueError(f"FLUX transformer keys left unconverted: {sorted(state)[:5]}")
+    return out
+
+
+def write_flux_single_file(
+    transformer: Any, path: Path, prefix: str = "", pipe: Any = None
+) -> Path:
+    """Save a FLUX transformer as one ``.safetensors`` file in Black Forest Labs' layout
+    (``prefix="model.diffusion_model."`` as ComfyUI saves it); with ``pipe``, an all-in-one
+    file that also holds its autoencoder (``first_stage_model.…``), CLIP-L and T5."""
+    state = {prefix + key: tensor for key, tensor in flux_state_dict(transformer).items()}
+    if pipe is not None:
+        state.update(_vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
+        state.update(_text_encoders(clip_l=pipe.text_encoder, t5xxl=pipe.text_encoder_2))
+    save_file({key: tensor.detach().contiguous() for key, tensor in state.items()}, str(path))
     return path

@@ -20,13 +20,9 @@ from generation.engine import Engine
 from generation.metadata import read_recipe
 from generation.previews import unpack_latent
 from generation.tiny import build_tiny_lora, ensure_tiny_model
-from storage.errors import ImagineError
-from storage.families import (
-    FAMILIES,
-    get_family,
-    guess_family,
-    single_file_family,
-)
+from storage.checkpoints import UNET_CONV_IN, detect_checkpoint
+from storage.errors import ConfigError, ImagineError
+from storage.families import FAMILIES, get_family, guess_family
 from storage.recipe import Recipe
 from storage.settings import Settings
 from tests.fake_discord import EPHEMERAL
@@ -72,15 +68,27 @@ def test_the_family_is_read_from_a_folder_and_from_single_file_keys(tmp_path: Pa
     (folder / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
     assert guess_family(str(folder)).name == "sd3"
 
-    flux = {"double_blocks.0.img_attn.qkv.weight", "guidance_in.in_layer.weight"}
-    assert single_file_family(flux) == "flux"
-    assert single_file_family({"model.diffusion_model.double_blocks.0.x"}) == "flux-schnell"
-    assert single_file_family({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv"}) == "sd3"
-    assert single_file_family({"conditioner.embedders.1.model.x", "model.diffusion_model.x"}) == (
-        "sdxl"
+    # Single files: one table (storage.checkpoints) reads the family from keys and widths.
+    def family(shapes: dict[str, list[int]]) -> str:
+        return detect_checkpoint(tmp_path / "model.safetensors", shapes).family
+
+    flux = {
+        "double_blocks.0.img_attn.qkv.weight": [9216, 3072],
+        "guidance_in.in_layer.weight": [3072, 256],
+        "img_in.weight": [3072, 64],
+    }
+    assert family(flux) == "flux"
+    prefixed = {"model.diffusion_model." + key: shape for key, shape in flux.items()}
+    assert family({k: v for k, v in prefixed.items() if "guidance" not in k}) == "flux-schnell"
+    assert family({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": [6, 2]}) == (
+        "sd3"
     )
-    assert single_file_family({"model.diffusion_model.input_blocks.0.0.weight"}) == "sd15"
-    assert single_file_family({"encoder.down.0.weight"}) is None
+    sdxl = {"conditioner.embedders.1.model.positional_embedding": [77, 1280]}
+    assert family(sdxl | {UNET_CONV_IN: [320, 4, 3, 3]}) == "sdxl"
+    sd15 = {"cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": [77, 8]}
+    assert family(sd15 | {UNET_CONV_IN: [320, 4, 3, 3]}) == "sd15"
+    with pytest.raises(ConfigError, match=r"is not a Stable Diffusion 1\.x/2\.x, SDXL"):
+        family({"encoder.down.0.weight": [1]})
 
 
 def test_flux_refuses_a_negative_prompt_and_schnell_refuses_guidance() -> None:

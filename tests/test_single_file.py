@@ -23,9 +23,16 @@ import torch
 from safetensors.torch import save_file
 
 from bot.cli.doctor import check_model
+from generation.flux_checkpoint import convert_flux_transformer, flux_transformer_config
 from generation.loading import LoadedModel, load_model
 from generation.lora import LoraSet, check_lora_fits
-from generation.single_file import CONFIGS, clip_tokenizers, describe_single_file, t5_tokenizer
+from generation.single_file import (
+    CONFIGS,
+    clip_tokenizers,
+    describe_single_file,
+    flux_components,
+    t5_tokenizer,
+)
 from generation.styles import StyleError, StyleSpec, parse_style
 from generation.tiny import build_tiny_lora
 from storage.checkpoints import CHECKPOINT_FAMILIES, detect_checkpoint
@@ -34,8 +41,10 @@ from storage.families import guess_family
 from storage.settings import Settings
 from storage.style_store import StyleRefused, check_family, inspect_lora
 from tests.original_layout import (
+    flux_state_dict,
     original_state_dict,
     sd3_state_dict,
+    write_flux_single_file,
     write_kohya_lora,
     write_sd3_single_file,
     write_single_file,
@@ -407,8 +416,11 @@ def test_a_transformer_only_flux_file_and_a_missing_t5_tokenizer_are_refused_wit
         str(flux_only),
     )
     assert guess_family(str(flux_only)).name == "flux"
-    with pytest.raises(ConfigError, match="holds the flux transformer only"):
+    with pytest.raises(ConfigError, match="holds the flux transformer alone") as refused:
         load_model(settings, str(flux_only))
+    assert "Set IMAGINE_SINGLE_FILE_COMPONENTS to a FLUX.1 diffusers folder" in str(refused.value)
+    doctor = check_model(settings.model_copy(update={"model": str(flux_only)}))
+    assert doctor.status == "FAIL" and doctor.detail == str(refused.value)
 
     schnell = tmp_path / "schnell-aio.safetensors"
     save_file(
@@ -420,6 +432,165 @@ def test_a_transformer_only_flux_file_and_a_missing_t5_tokenizer_are_refused_wit
     with pytest.raises(ConfigError, match="IMAGINE_T5_TOKENIZER") as refused:
         describe_single_file(schnell, chosen)
     assert "needs the T5 tokenizer" in str(refused.value)
+
+
+def test_the_components_setting_names_a_flux_folder_or_is_refused_with_a_sentence(
+    settings: Settings, no_network: None
+) -> None:
+    dev = next(entry for entry in CHECKPOINT_FAMILIES if entry.family == "flux")
+    assert flux_components(dev, settings) is None  # nothing cached, nothing set
+    tiny_flux = load_model(settings, "tiny-flux").source.path
+    chosen = settings.model_copy(update={"single_file_components": str(tiny_flux)})
+    assert flux_components(dev, chosen) == tiny_flux
+    sd = settings.model_copy(update={"single_file_components": str(tiny_flux.parent / "tiny-sd")})
+    load_model(settings, "tiny")
+    with pytest.raises(ConfigError, match=r"IMAGINE_SINGLE_FILE_COMPONENTS is .* neither a FLUX"):
+        flux_components(dev, sd)
+    hub_id = settings.model_copy(update={"single_file_components": "someone/not-cached"})
+    with pytest.raises(ConfigError, match="nor such a model in the Hugging Face cache"):
+        flux_components(dev, hub_id)
+
+
+FLUX_LAYOUTS = {"bfl": "", "comfy": _PREFIX, "all-in-one": _PREFIX}
+
+
+@pytest.mark.parametrize("layout", list(FLUX_LAYOUTS))
+def test_a_tiny_flux_file_in_black_forest_labs_layout_loads_offline_and_draws_what_its_folder_draws(
+    layout: str, settings: Settings, no_network: None, tmp_path: Path
+) -> None:
+    folder = load_model(settings, "tiny-flux")
+    checkpoint = write_flux_single_file(
+        folder.pipe.transformer,
+        tmp_path / "flux1-tiny.safetensors",
+        FLUX_LAYOUTS[layout],
+        pipe=folder.pipe if layout == "all-in-one" else None,
+    )
+    keys = set(flux_state_dict(folder.pipe.transformer))
+    assert {"double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"} <= keys
+    assert "guidance_in.in_layer.weight" in keys and "final_layer.linear.weight" in keys
+
+    assert guess_family(str(checkpoint)).name == "tiny-flux"
+    assert "loadable offline" in describe_single_file(checkpoint, settings)
+    loaded = load_model(settings, str(checkpoint))
+
+    assert loaded.source.kind == "single_file"
+    assert loaded.family.name == "tiny-flux"
+    assert type(loaded.pipe) is type(folder.pipe)
+    assert loaded.pipe.transformer.config.guidance_embeds is True
+    for name in ("num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads"):
+        assert loaded.pipe.transformer.config[name] == folder.pipe.transformer.config[name]
+    difference = np.abs(render(loaded.pipe) - render(folder.pipe)).max()
+    assert difference <= 1 / 255
+
+
+def test_a_flux_file_without_guidance_in_is_schnell_shaped_and_draws_as_its_transformer(
+    settings: Settings, no_network: None, tmp_path: Path
+) -> None:
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    folder = load_model(settings, "tiny-flux")
+    config = dict(folder.pipe.transformer.config) | {"guidance_embeds": False}
+    torch.manual_seed(4)
+    schnell = FluxTransformer2DModel.from_config(config).eval()
+    checkpoint = write_flux_single_file(schnell, tmp_path / "schnell-tiny.safetensors")
+    assert not any("guidance" in key for key in flux_state_dict(schnell))
+
+    loaded = load_model(settings, str(checkpoint))
+    assert loaded.pipe.transformer.config.guidance_embeds is False
+    reference: Any = FluxPipeline(**(folder.pipe.components | {"transformer": schnell}))
+    reference.set_progress_bar_config(disable=True)
+    difference = np.abs(render(loaded.pipe) - render(reference)).max()
+    assert difference <= 1 / 255
+    assert np.abs(render(loaded.pipe) - render(folder.pipe)).max() > 0.01  # not dev's weights
+
+
+def test_the_flux_renaming_agrees_with_diffusers_own_conversion(settings: Settings) -> None:
+    """diffusers' converter fixes the width at FLUX.1's 3072, which only its split of the
+    single blocks' fused projection depends on: every other tensor must land where ours puts
+    it, and ours must split at the file's own width."""
+    from diffusers.loaders.single_file_utils import (
+        convert_flux_transformer_checkpoint_to_diffusers,
+    )
+
+    transformer = load_model(settings, "tiny-flux").pipe.transformer
+    original = flux_state_dict(transformer)
+    shapes = {key: list(tensor.shape) for key, tensor in original.items()}
+    config = flux_transformer_config(shapes, dict(transformer.config), "tiny")
+    ours = convert_flux_transformer(original, config, "tiny")
+    assert set(ours) == set(transformer.state_dict())
+    for key, tensor in transformer.state_dict().items():
+        assert torch.equal(ours[key], tensor), key
+
+    at_flux_width = dict(original)
+    for part in ("weight", "bias"):  # only the first dimension matters to the split
+        at_flux_width[f"single_blocks.0.linear1.{part}"] = torch.zeros(7 * 3072)
+    theirs = convert_flux_transformer_checkpoint_to_diffusers(at_flux_width)
+    fused = ("attn.to_q.", "attn.to_k.", "attn.to_v.", "proj_mlp.")
+    assert set(theirs) == set(ours)
+    for key, tensor in ours.items():
+        if not (
+            key.startswith("single_transformer_blocks.") and key.split(".", 2)[2].startswith(fused)
+        ):
+            assert torch.equal(theirs[key], tensor), key
+
+
+@pytest.mark.parametrize("configs", ["flux-dev", "flux-schnell"])
+def test_full_size_flux_1_files_read_back_to_the_shipped_configs(configs: str) -> None:
+    """FLUX.1 at full size, on the meta device (shapes, no weights): the file written in
+    Black Forest Labs' layout has the released tensors' shapes, is detected as its family,
+    and converts back to the shipped config at width 3072."""
+    from diffusers import FluxTransformer2DModel
+
+    base = dict(FluxTransformer2DModel.load_config(CONFIGS / configs / "transformer"))
+    with torch.device("meta"):
+        transformer: Any = FluxTransformer2DModel.from_config(base)
+    original = flux_state_dict(transformer)
+    shapes = {key: list(tensor.shape) for key, tensor in original.items()}
+    assert shapes["double_blocks.18.img_attn.qkv.weight"] == [9216, 3072]
+    assert shapes["single_blocks.37.linear1.weight"] == [21504, 3072]
+    assert shapes["double_blocks.0.img_attn.norm.query_norm.scale"] == [128]
+    family = {"flux-dev": "flux", "flux-schnell": "flux-schnell"}[configs]
+    assert detect_checkpoint(Path(f"{configs}.safetensors"), shapes).family == family
+    config = flux_transformer_config(shapes, base, configs)
+    for key, value in base.items():
+        if not key.startswith("_"):
+            assert config[key] == value, key
+    assert set(convert_flux_transformer(original, config, configs)) == set(transformer.state_dict())
+
+
+def test_a_cut_short_or_incomplete_flux_file_is_refused_with_a_sentence(
+    settings: Settings, no_network: None, tmp_path: Path
+) -> None:
+    transformer = load_model(settings, "tiny-flux").pipe.transformer
+    whole = write_flux_single_file(transformer, tmp_path / "whole.safetensors")
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(ConfigError, match=r"not a readable \.safetensors file .* cut short"):
+        load_model(settings, str(cut))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ConfigError, match="its header is not JSON"):
+        load_model(settings, str(garbage))
+
+    state = flux_state_dict(transformer)
+    missing = tmp_path / "missing.safetensors"
+    save_file(
+        {k: v for k, v in state.items() if k != "double_blocks.0.txt_mlp.2.weight"}, str(missing)
+    )
+    with pytest.raises(ConfigError, match="lacks the FLUX transformer tensor"):
+        load_model(settings, str(missing))
+    extra = tmp_path / "extra.safetensors"
+    save_file(state | {"double_blocks.0.img_attn.lora.weight": torch.zeros(2)}, str(extra))
+    with pytest.raises(ConfigError, match="holds tensors Imagine does not know"):
+        load_model(settings, str(extra))
+    misfit = tmp_path / "misfit.safetensors"
+    save_file(state | {"single_blocks.0.linear1.weight": torch.zeros(100, 32)}, str(misfit))
+    with pytest.raises(ConfigError, match="its sizes do not fit together"):
+        load_model(settings, str(misfit))
+    fill = tmp_path / "fill.safetensors"
+    save_file(state | {"img_in.weight": torch.zeros(32, 384)}, str(fill))
+    with pytest.raises(ConfigError, match="is a FLUX Fill, Canny or Depth model"):
+        load_model(settings, str(fill))
 
 
 def test_the_t5_tokenizer_setting_gives_the_family_its_sequence_length(
