@@ -4,6 +4,13 @@ Shapes are static (``dynamic=False``): each image size and batch gets kernels of
 own, and the engine's warm-up compiles the sizes the ``--ar`` choices produce before
 the first job. A shape nobody warmed up (an odd size, an upscale tile) compiles once
 when first met; :func:`recompilations` counts those for the metrics.
+
+Compiling every size is slow the first time (on an H200, SD 1.5's twelve graphs for two
+sizes took over five minutes), so the compiled kernels are kept in the data folder
+(:func:`keep_compiled_kernels`) and a restart reuses them: on the tiny model on a CPU,
+the same warm-up took 490 s with an empty cache and 69 s with the last run's.
+(``dynamic=True``, one graph for every size, was tried and dropped: on the CPU it still
+compiled 11 graphs, took longer to warm up, and ran 1.6 times slower.)
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
@@ -27,10 +35,14 @@ RECOMPILE_LIMIT = 64
 class CompilePlan:
     enabled: bool
     reason: str  # the sentence the log and ``imagine doctor`` show
+    cache_dir: Path | None = None  # compiled kernels kept here across restarts
 
 
-def plan_compile(setting: str, device: torch.device, offload: str = "none") -> CompilePlan:
-    """What ``IMAGINE_COMPILE`` means on ``device`` (with ``IMAGINE_OFFLOAD``)."""
+def plan_compile(
+    setting: str, device: torch.device, offload: str = "none", cache_dir: Path | None = None
+) -> CompilePlan:
+    """What ``IMAGINE_COMPILE`` means on ``device`` (with ``IMAGINE_OFFLOAD``); compiled
+    kernels are kept in ``cache_dir`` when given."""
     if setting == "off":
         return CompilePlan(False, "off (IMAGINE_COMPILE=off)")
     if offload == "sequential":  # weights arrive layer by layer through hooks on every call
@@ -55,12 +67,27 @@ def plan_compile(setting: str, device: torch.device, offload: str = "none") -> C
                 "installed; install g++ (apt install g++) or set IMAGINE_COMPILE=off."
             )
     note = " (experimental on MPS)" if device.type == "mps" else ""
-    return CompilePlan(True, f"on: denoiser and VAE decoder compiled for {device.type}{note}")
+    return CompilePlan(
+        True, f"on: denoiser and VAE decoder compiled for {device.type}{note}", cache_dir
+    )
 
 
-def compile_pipeline(pipe: Pipeline, *, fuse_qkv: bool) -> None:
+def keep_compiled_kernels(folder: Path) -> Path:
+    """Inductor's caches (compiled graphs, generated kernels, Triton's binaries) in
+    ``folder`` rather than in /tmp, which a container loses at every restart; an
+    explicit ``TORCHINDUCTOR_CACHE_DIR`` wins. Returns the folder in use."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    chosen = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    chosen.mkdir(parents=True, exist_ok=True)
+    return chosen
+
+
+def compile_pipeline(pipe: Pipeline, *, fuse_qkv: bool, cache_dir: Path | None = None) -> None:
     """Compile ``pipe``'s denoiser and VAE decoder in place (the modules stay the same
-    objects, so LoRA hot-swapping and ``from_pipe`` siblings see the compiled ones)."""
+    objects, so LoRA hot-swapping and ``from_pipe`` siblings see the compiled ones);
+    the kernels are kept in ``cache_dir`` when given."""
+    if cache_dir is not None:
+        keep_compiled_kernels(cache_dir)
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     if fuse_qkv:
         # Fused projections bypass to_q/to_k/to_v, and with them any LoRA on those.

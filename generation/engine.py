@@ -193,7 +193,9 @@ class Engine:
         if self.compile_plan.enabled:
             # Slots before compiling: the compiled graph then has them, and swaps keep it.
             self.loras = LoraSlots(self.pipe, lora_slots, lora_max_rank, lora_cache_size)
-            compile_pipeline(self.pipe, fuse_qkv=lora_slots == 0)
+            compile_pipeline(
+                self.pipe, fuse_qkv=lora_slots == 0, cache_dir=self.compile_plan.cache_dir
+            )
         else:
             self.loras = LoraSet(self.pipe, lora_cache_size)
         self.img2img_pipe: Pipeline = AutoPipelineForImage2Image.from_pipe(self.pipe)
@@ -231,7 +233,12 @@ class Engine:
             upscale_tile=settings.upscale_tile,
             upscaler=upscaler,
             lora_folder=settings.data_dir / "lora-cache",
-            compile_plan=plan_compile(settings.compile, loaded.device, loaded.offload),
+            compile_plan=plan_compile(
+                settings.compile,
+                loaded.device,
+                loaded.offload,
+                cache_dir=settings.data_dir / "cache" / "compiled",
+            ),
             lora_slots=settings.lora_slots,
             lora_max_rank=settings.lora_max_rank,
             max_batch=settings.max_batch,
@@ -307,7 +314,18 @@ class Engine:
         styled_path = getattr(self.loras, "styled_path", None)
         paths = [nullcontext, styled_path] if styled_path is not None else [nullcontext]
         runs = [(size, path, count) for size in sizes for path in paths for count in counts]
-        for (width, height), path, count in runs:
+        for number, ((width, height), path, count) in enumerate(runs, start=1):
+            if self.compile_plan.enabled:  # compiling a size takes a minute the first time
+                log.info(
+                    "warm-up %d/%d: %dx%d, %d image(s)%s, %.0fs so far",
+                    number,
+                    len(runs),
+                    width,
+                    height,
+                    count,
+                    " with style slots" if path is not nullcontext else "",
+                    time.perf_counter() - started,
+                )
             recipe = Recipe(
                 model=self.model_id,
                 prompt="warm-up",

@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from generation.compiled import compiled_graphs, plan_compile, recompilations
+from generation.compiled import (
+    compiled_graphs,
+    keep_compiled_kernels,
+    plan_compile,
+    recompilations,
+)
 from generation.engine import Engine
 from generation.lora import LoraSlots
 from generation.metrics import WorkerMetrics
@@ -95,6 +100,27 @@ def test_auto_compiles_only_on_cuda() -> None:
     assert plan_compile("auto", torch.device("cuda")).enabled
     assert plan_compile("on", torch.device("cpu")).enabled
     assert not plan_compile("off", torch.device("cuda")).enabled
+
+
+def test_compiled_kernels_are_kept_in_the_data_folder_unless_the_owner_chose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert keep_compiled_kernels(tmp_path / "data" / "compiled") == tmp_path / "data" / "compiled"
+    assert (tmp_path / "data" / "compiled").is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "chosen"))
+    assert keep_compiled_kernels(tmp_path / "data" / "compiled") == tmp_path / "chosen"
+
+
+def test_the_warm_up_leaves_its_kernels_in_the_cache_for_the_next_start(
+    compiled: Engine,
+) -> None:
+    import os
+
+    assert compiled.compile_plan.cache_dir is not None
+    cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    # Inductor's compiled graphs (fxgraph) and generated kernels, where a restart finds them.
+    assert (cache / "fxgraph").is_dir() and any((cache / "fxgraph").rglob("*"))
 
 
 def test_on_without_a_cpp_compiler_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
