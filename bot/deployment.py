@@ -113,7 +113,9 @@ async def start_deployment(settings: Settings) -> Deployment:
             await stack.enter_async_context(app.open_async())
             scaled = ProcrastinateQueue(database, limits, app, events, cancellations, stale)
             queue = scaled
-            jobs = ProcrastinateJobs(scaled, settings.worker_heartbeat_seconds)
+            jobs = ProcrastinateJobs(
+                scaled, settings.worker_heartbeat_seconds, max_batch=settings.max_batch
+            )
         stack.push_async_callback(events.close)
     except BaseException:
         await stack.aclose()

@@ -22,6 +22,17 @@ transaction); :meth:`ProcrastinateQueue.reconcile` gives every queued row
 without a live job a new one, and runs at every worker's start and then
 periodically. :class:`ProcrastinateJobs` is the worker's side: procrastinate
 hands it the jobs of its model's queue.
+
+**Batches** (``IMAGINE_MAX_BATCH``): with the job procrastinate handed it, a worker takes
+the jobs procrastinate would hand out next, one after another, while they share the
+first one's :func:`~storage.scheduling.batch_key` and their images fit. Each is taken as
+procrastinate's fetch takes a job (``FOR UPDATE SKIP LOCKED``, status ``doing`` under the
+worker's id), so stalled-job recovery treats it like any other, and finished on its own.
+The first job that does not fit ends the batch, and so does one whose lock a job of the
+batch holds (procrastinate would not hand it out before that job ends): a batch never lets
+a job overtake one it would not have overtaken. A lock allows one running job, so a
+user's jobs under one lock never share a batch (with ``IMAGINE_MAX_RUNNING_PER_USER=1``
+a user's jobs never do; other users' jobs join theirs).
 """
 
 from __future__ import annotations
@@ -36,6 +47,8 @@ from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import (
+    BigInteger,
+    Boolean,
     Integer,
     Select,
     String,
@@ -51,6 +64,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import cast as cast_
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased, contains_eager
@@ -77,12 +91,13 @@ from storage.scheduling import (
     RECENT_JOBS,
     Limits,
     QueuePosition,
+    batch_key,
     estimated_wait,
 )
 
 if TYPE_CHECKING:
     import psycopg
-    from procrastinate import App
+    from procrastinate import App, JobContext
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +220,83 @@ async def advance_turns(session: AsyncSession, queue: str, requester_id: int) ->
         ),
         {"queue": queue, "lock": f"imagine-user:{requester_id}:%"},
     )
+
+
+# procrastinate's choice of the next job in a queue (procrastinate_fetch_job_v2's candidate:
+# waiting, due, its lock neither running nor owed to an earlier job), except that a lock
+# held by a job of the worker's batch (:taken) does not hide a job: that job ends the batch.
+_NEXT_JOB = """
+    FROM procrastinate_jobs AS jobs
+    WHERE jobs.status = 'todo' AND jobs.queue_name = :queue
+    AND (jobs.scheduled_at IS NULL OR jobs.scheduled_at <= now())
+    AND NOT EXISTS (
+        SELECT 1 FROM procrastinate_jobs AS other_jobs
+        WHERE jobs.lock IS NOT NULL AND other_jobs.lock = jobs.lock
+        AND ((other_jobs.status = 'doing' AND other_jobs.id <> ALL(:taken))
+            OR (other_jobs.status = 'todo' AND (other_jobs.priority > jobs.priority
+                OR (other_jobs.priority = jobs.priority AND other_jobs.id < jobs.id)))))
+    ORDER BY jobs.priority DESC, jobs.id ASC LIMIT 1
+"""
+
+_generations = cast(Table, Generation.__table__)
+_NEXT_IN_QUEUE = (
+    text(
+        "SELECT next.job_id, next.lock_held, g.id, g.kind, g.recipe, g.guild_id FROM ("
+        " SELECT jobs.id AS job_id, (jobs.args->>'generation_id')::bigint AS generation_id,"
+        " EXISTS (SELECT 1 FROM procrastinate_jobs AS mine"
+        "   WHERE mine.id = ANY(:taken) AND mine.lock = jobs.lock) AS lock_held"
+        + _NEXT_JOB
+        + ") AS next LEFT JOIN generations g ON g.id = next.generation_id"
+    )
+    .bindparams(bindparam("taken", type_=ARRAY(BigInteger)))
+    .columns(
+        column("job_id", BigInteger),
+        column("lock_held", Boolean),
+        _generations.c.id,
+        _generations.c.kind,
+        _generations.c.recipe,
+        _generations.c.guild_id,
+    )
+)
+
+# Take job :job for worker :worker_id as procrastinate's fetch would, if it still comes next.
+_TAKE_JOB = text(
+    "WITH candidate AS (SELECT jobs.id" + _NEXT_JOB + " FOR UPDATE OF jobs SKIP LOCKED) "
+    "UPDATE procrastinate_jobs SET status = 'doing', worker_id = :worker_id FROM candidate "
+    "WHERE procrastinate_jobs.id = candidate.id AND candidate.id = :job "
+    "RETURNING procrastinate_jobs.id"
+).bindparams(bindparam("taken", type_=ARRAY(BigInteger)))
+
+
+async def next_in_queue(
+    database: Database, queue: str, taken: Collection[int]
+) -> tuple[int, Generation | None, bool] | None:
+    """The job procrastinate would hand out next in ``queue`` to a worker holding the jobs
+    ``taken``: its id, its generation (kind, recipe and guild only; ``None`` if the row is
+    gone) and whether a job of ``taken`` holds its lock; ``None`` if no job waits."""
+    async with database.autocommit() as connection:
+        row = (
+            await connection.execute(_NEXT_IN_QUEUE, {"queue": queue, "taken": list(taken)})
+        ).one_or_none()
+    if row is None:
+        return None
+    generation = None
+    if row.id is not None:
+        generation = Generation(id=row.id, kind=row.kind, recipe=row.recipe, guild_id=row.guild_id)
+    return int(row.job_id), generation, bool(row.lock_held)
+
+
+async def take_job(
+    database: Database, queue: str, job_id: int, worker_id: int, taken: Collection[int]
+) -> bool:
+    """Mark job ``job_id`` taken by procrastinate worker ``worker_id`` (``doing``, as its
+    fetch does) if it is still the next in ``queue``; False if the order changed."""
+    async with database.autocommit() as connection:
+        took = await connection.scalar(
+            _TAKE_JOB,
+            {"queue": queue, "job": job_id, "worker_id": worker_id, "taken": list(taken)},
+        )
+    return took is not None
 
 
 class ProcrastinateQueue:
@@ -366,7 +458,8 @@ class ProcrastinateQueue:
 
 
 class ProcrastinateJobs:
-    """A worker's jobs from procrastinate: the queue of its model, one job at a time.
+    """A worker's jobs from procrastinate: the queue of its model, the job procrastinate
+    hands out with those that may share its batch (up to ``max_batch`` images).
 
     ``queue`` is the :class:`ProcrastinateQueue` whose open app this uses (to register
     the task, run procrastinate's worker, reconcile and retry stalled jobs)."""
@@ -375,9 +468,11 @@ class ProcrastinateJobs:
         self,
         queue: ProcrastinateQueue,
         heartbeat_seconds: float = 5.0,
+        max_batch: int = 1,
     ) -> None:
         self.queue = queue
         self.heartbeat_seconds = heartbeat_seconds
+        self.max_batch = max_batch
 
     async def prepare(self, model: str) -> None:
         requeued = await self.queue.reconcile(model)
@@ -397,19 +492,25 @@ class ProcrastinateJobs:
         stop: asyncio.Event,
         storing: Callable[[], Collection[int]] = tuple,
     ) -> None:
-        # procrastinate picks the jobs (one at a time): ``storing`` plays no part here.
+        # procrastinate's locks keep the running limits: ``storing`` plays no part here.
         name = queue_name(model)
         database = self.queue.database
 
-        async def run_generation(generation_id: int) -> None:
+        async def run_generation(context: JobContext, generation_id: int) -> None:
             try:
                 generation = await start_job(database, generation_id, worker_name, name)
             except IllegalTransition:
                 log.info("generation %s is no longer queued; nothing to run", generation_id)
                 return
-            await run([generation])  # procrastinate hands out one job at a time: no batches
+            joined = await self._join(generation, context, name, worker_name)
+            try:
+                await run([generation, *joined.values()])
+            except BaseException:
+                await self._finish(joined, "failed")  # as procrastinate fails the first
+                raise
+            await self._finish(joined, "succeeded")
 
-        self.queue.app.task(name=TASK, pass_context=False)(run_generation)
+        self.queue.app.task(name=TASK, pass_context=True)(run_generation)
         while not stop.is_set():
             try:
                 await self._run_procrastinate(name, worker_name, stop)
@@ -424,6 +525,46 @@ class ProcrastinateJobs:
             await asyncio.sleep(1)
             await self.queue.database.wait_until_back()
             log.warning("the database is back; %s fetches jobs again", worker_name)
+
+    async def _join(
+        self, first: Generation, context: JobContext, queue: str, worker_name: str
+    ) -> dict[int, Generation]:
+        """The jobs procrastinate would hand out after ``first``'s, taken and started while
+        they share its batch key and their images fit; by procrastinate job id."""
+        joined: dict[int, Generation] = {}
+        key, images, worker_id = batch_key(first), first.recipe.count, context.job.worker_id
+        if key is None or worker_id is None or context.job.id is None:
+            return joined
+        database = self.queue.database
+        taken = [context.job.id]
+        while images < self.max_batch:
+            following = await next_in_queue(database, queue, taken)
+            if following is None:
+                break
+            job_id, candidate, lock_held = following
+            if lock_held or candidate is None or batch_key(candidate) != key:
+                break
+            if images + candidate.recipe.count > self.max_batch:
+                break
+            if not await take_job(database, queue, job_id, worker_id, taken):
+                continue  # another worker took it, or one came before it: read the order again
+            taken.append(job_id)
+            try:
+                joined[job_id] = await start_job(database, candidate.id, worker_name, queue)
+            except IllegalTransition:  # cancelled meanwhile: its job is done, as when alone
+                await self._finish({job_id: candidate}, "succeeded")
+                continue
+            images += candidate.recipe.count
+        return joined
+
+    async def _finish(self, jobs: Collection[int], status: str) -> None:
+        """End procrastinate jobs a batch took, as procrastinate ends the job it handed out."""
+        from procrastinate.jobs import Status
+
+        for job_id in jobs:
+            await self.queue.app.job_manager.finish_job_by_id_async(
+                job_id=job_id, status=Status(status), delete_job=False
+            )
 
     async def _run_procrastinate(self, queue: str, worker_name: str, stop: asyncio.Event) -> None:
         """procrastinate's worker on ``queue``, until ``stop`` is set or it stops by itself."""

@@ -80,6 +80,7 @@ def deployment_settings(database: Database, tmp_path: Path, mode: str) -> Settin
         max_running_per_user=LIMITS.max_running_per_user,
         max_queued_per_user=LIMITS.max_queued_per_user,
         worker_heartbeat_seconds=0.5,
+        max_batch=8,  # batching on in both modes: the fair order must hold all the same
     )
 
 

@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.engine import URL
 
 from storage.database import Database
@@ -23,6 +23,7 @@ from storage.queue import RowQueue, Submission
 from storage.recipe import Recipe
 from storage.scheduling import Limits, heartbeat, requeue_orphans
 from tests.conftest import migrated_database
+from tests.test_queue import recipe
 
 S = GenerationStatus
 IMAGINE = Path(sys.executable).parent / "imagine"
@@ -63,27 +64,58 @@ async def statuses(database: Database) -> dict[int, tuple[GenerationStatus, str 
         return {row.id: (row.status, row.worker_name) for row in rows}
 
 
+async def submit_lighthouses(database: Database, steps: int) -> list[int]:
+    """Four users' jobs of two images each, on the same settings (one batch of 8 can hold
+    them all); their ids."""
+    queue = RowQueue(database, Limits(max_running_per_user=1, max_queued_per_user=10))
+    lighthouse = recipe("a lighthouse", steps)
+    lighthouse = lighthouse.model_copy(update={"seed": 3, "width": 96, "height": 96, "count": 2})
+    return [
+        (await queue.submit(Submission(GenerationKind.IMAGINE, lighthouse, user))).id
+        for user in (1, 2, 3, 4)
+    ]
+
+
+async def all_succeeded(database: Database, deadline: float) -> bool:
+    """Wait until every job succeeded (True) or ``deadline`` passed (False)."""
+    while time.monotonic() < deadline:
+        current = await statuses(database)
+        if all(status is S.SUCCEEDED for status, _ in current.values()):
+            return True
+        await asyncio.sleep(0.25)
+    return False
+
+
+def stop_all(*processes: subprocess.Popen[str] | None) -> None:
+    for process in processes:
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        if process is not None:
+            process.wait(timeout=60)
+
+
+async def check_delivered_once(database: Database, jobs: list[int]) -> None:
+    """Each job has its two images, and a bot delivering each result gets it once."""
+    async with database.session() as session:
+        for generation_id in jobs:
+            generation = await get_generation(session, generation_id)
+            assert [image.index for image in generation.images] == [0, 1]
+    for generation_id in jobs:
+        async with database.session() as session:
+            assert await mark_delivered(session, generation_id) is True
+        async with database.session() as session:
+            assert await mark_delivered(session, generation_id) is False
+
+
 async def test_a_sigkilled_worker_s_job_runs_again_elsewhere_exactly_once(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     async with migrated_database("postgresql", tmp_path, request) as database:
-        queue = RowQueue(database, Limits(max_running_per_user=1, max_queued_per_user=10))
-        recipe = Recipe(
-            model="tiny",
-            prompt="a lighthouse",
-            seed=3,
-            width=96,
-            height=96,
-            steps=80,
-            guidance=5.0,
-            count=2,
-        )
-        jobs = [
-            (await queue.submit(Submission(GenerationKind.IMAGINE, recipe, user))).id
-            for user in (1, 2, 3, 4)
-        ]
-        doomed = start_worker(database.url, "doomed", tmp_path)
-        survivor = start_worker(database.url, "survivor", tmp_path)
+        jobs = await submit_lighthouses(database, steps=80)
+        # Each job alone (its two images fill a batch): a batch killed is the next test's.
+        doomed = start_worker(database.url, "doomed", tmp_path, IMAGINE_MAX_BATCH="2")
+        survivor = start_worker(database.url, "survivor", tmp_path, IMAGINE_MAX_BATCH="2")
         try:
             deadline = time.monotonic() + 120
             victim = None
@@ -95,21 +127,11 @@ async def test_a_sigkilled_worker_s_job_runs_again_elsewhere_exactly_once(
             assert victim is not None, "the first worker never started a job"
             doomed.send_signal(signal.SIGKILL)
             doomed.wait(timeout=30)
-
-            while time.monotonic() < deadline:
-                current = await statuses(database)
-                if all(status is S.SUCCEEDED for status, _ in current.values()):
-                    break
-                await asyncio.sleep(0.25)
-            else:
+            if not await all_succeeded(database, deadline):
                 log = (tmp_path / "survivor.log").read_text()[-3000:]
                 pytest.fail(f"not every job finished: {await statuses(database)}\n{log}")
         finally:
-            for process in (doomed, survivor):
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-            for process in (doomed, survivor):
-                process.wait(timeout=60)
+            stop_all(doomed, survivor)
         survivor_log = (tmp_path / "survivor.log").read_text()
         assert survivor.returncode == 0, survivor_log
         assert doomed.returncode == -signal.SIGKILL
@@ -117,14 +139,60 @@ async def test_a_sigkilled_worker_s_job_runs_again_elsewhere_exactly_once(
         async with database.session() as session:
             again = await get_generation(session, victim)
             assert again.worker_name == "survivor" and again.attempts == 2
-            for generation_id in jobs:
+        await check_delivered_once(database, jobs)
+
+
+async def test_a_batch_of_a_sigkilled_worker_runs_again_each_job_exactly_once(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    async with migrated_database("postgresql", tmp_path, request) as database:
+        jobs = await submit_lighthouses(database, steps=40)
+        doomed = start_worker(database.url, "doomed", tmp_path)  # IMAGINE_MAX_BATCH: 8
+        survivor = None
+        try:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                current = await statuses(database)
+                if set(current.values()) == {(S.RUNNING, "doomed")}:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail(f"the worker never ran the four jobs at once: {current}")
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait(timeout=30)
+            survivor = start_worker(database.url, "survivor", tmp_path)
+            if not await all_succeeded(database, deadline):
+                log = (tmp_path / "survivor.log").read_text()[-3000:]
+                pytest.fail(f"not every job finished: {await statuses(database)}\n{log}")
+        finally:
+            stop_all(doomed, survivor)
+        assert survivor is not None
+        survivor_log = (tmp_path / "survivor.log").read_text()
+        assert survivor.returncode == 0, survivor_log
+        assert doomed.returncode == -signal.SIGKILL
+        assert survivor_log.count("in a batch of 4") == 4, survivor_log  # batched again
+
+        async with database.session() as session:
+            for generation_id in jobs:  # started by the killed worker, then once more
                 generation = await get_generation(session, generation_id)
-                assert [image.index for image in generation.images] == [0, 1]
-        for generation_id in jobs:  # a bot delivering each result gets it once
-            async with database.session() as session:
-                assert await mark_delivered(session, generation_id) is True
-            async with database.session() as session:
-                assert await mark_delivered(session, generation_id) is False
+                assert generation.worker_name == "survivor" and generation.attempts == 2
+            # Each row's procrastinate job was started twice and succeeded once.
+            events = (
+                await session.execute(
+                    text(
+                        "SELECT j.args->>'generation_id' AS generation_id, e.type::text AS kind, "
+                        "count(*) AS times FROM procrastinate_events e "
+                        "JOIN procrastinate_jobs j ON j.id = e.job_id "
+                        "WHERE e.type IN ('started', 'succeeded') GROUP BY 1, 2"
+                    )
+                )
+            ).all()
+        assert sorted((int(row.generation_id), row.kind, row.times) for row in events) == [
+            (generation_id, kind, times)
+            for generation_id in jobs
+            for kind, times in (("started", 2), ("succeeded", 1))
+        ]
+        await check_delivered_once(database, jobs)
 
 
 async def test_jobs_of_live_workers_are_left_alone(database: Database) -> None:
