@@ -93,6 +93,7 @@ from storage.scheduling import (
     QueuePosition,
     batch_key,
     estimated_wait,
+    ran_before,
 )
 
 if TYPE_CHECKING:
@@ -241,7 +242,8 @@ _NEXT_JOB = """
 _generations = cast(Table, Generation.__table__)
 _NEXT_IN_QUEUE = (
     text(
-        "SELECT next.job_id, next.lock_held, g.id, g.kind, g.recipe, g.guild_id FROM ("
+        "SELECT next.job_id, next.lock_held, g.id, g.kind, g.recipe, g.guild_id, g.attempts"
+        " FROM ("
         " SELECT jobs.id AS job_id, (jobs.args->>'generation_id')::bigint AS generation_id,"
         " EXISTS (SELECT 1 FROM procrastinate_jobs AS mine"
         "   WHERE mine.id = ANY(:taken) AND mine.lock = jobs.lock) AS lock_held"
@@ -256,6 +258,7 @@ _NEXT_IN_QUEUE = (
         _generations.c.kind,
         _generations.c.recipe,
         _generations.c.guild_id,
+        _generations.c.attempts,
     )
 )
 
@@ -272,8 +275,9 @@ async def next_in_queue(
     database: Database, queue: str, taken: Collection[int]
 ) -> tuple[int, Generation | None, bool] | None:
     """The job procrastinate would hand out next in ``queue`` to a worker holding the jobs
-    ``taken``: its id, its generation (kind, recipe and guild only; ``None`` if the row is
-    gone) and whether a job of ``taken`` holds its lock; ``None`` if no job waits."""
+    ``taken``: its id, its generation (kind, recipe, guild and attempts only; ``None`` if
+    the row is gone) and whether a job of ``taken`` holds its lock; ``None`` if no job
+    waits."""
     async with database.autocommit() as connection:
         row = (
             await connection.execute(_NEXT_IN_QUEUE, {"queue": queue, "taken": list(taken)})
@@ -282,7 +286,10 @@ async def next_in_queue(
         return None
     generation = None
     if row.id is not None:
-        generation = Generation(id=row.id, kind=row.kind, recipe=row.recipe, guild_id=row.guild_id)
+        generation = Generation(
+            id=row.id, kind=row.kind, recipe=row.recipe, guild_id=row.guild_id,
+            attempts=row.attempts,
+        )  # fmt: skip
     return int(row.job_id), generation, bool(row.lock_held)
 
 
@@ -535,6 +542,8 @@ class ProcrastinateJobs:
         key, images, worker_id = batch_key(first), first.recipe.count, context.job.worker_id
         if key is None or worker_id is None or context.job.id is None:
             return joined
+        if ran_before(first, claimed=True):
+            return joined  # alone: if it crashed a worker, it takes no other job down again
         database = self.queue.database
         taken = [context.job.id]
         while images < self.max_batch:
@@ -542,7 +551,9 @@ class ProcrastinateJobs:
             if following is None:
                 break
             job_id, candidate, lock_held = following
-            if lock_held or candidate is None or batch_key(candidate) != key:
+            if lock_held or candidate is None or ran_before(candidate, claimed=False):
+                break
+            if batch_key(candidate) != key:
                 break
             if images + candidate.recipe.count > self.max_batch:
                 break

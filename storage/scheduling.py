@@ -169,6 +169,14 @@ def batch_key(generation: Generation) -> tuple[object, ...] | None:
     )
 
 
+def ran_before(generation: Generation, *, claimed: bool) -> bool:
+    """Whether ``generation`` was started before (by a worker that crashed or stalled, or
+    in a batch with such a job): it then runs alone, so a job that crashes workers is
+    found and given up without taking its batch-mates down with it again. ``claimed``:
+    whether this claim already counted its attempt."""
+    return generation.attempts > (1 if claimed else 0)
+
+
 async def claim_batch(
     session: AsyncSession,
     worker_name: str,
@@ -183,7 +191,8 @@ async def claim_batch(
 
     The order is read again after each claim, as a worker claiming one job after another
     would, and the first generation that does not fit ends the batch: a batch never lets
-    a job overtake one it would not have overtaken. Jobs of one batch count as one
+    a job overtake one it would not have overtaken. A generation that ran before
+    (:func:`ran_before`) runs alone. Jobs of one batch count as one
     against their user's running limit, and so do jobs being stored (``storing``, as
     :func:`claim_next`).
     """
@@ -191,6 +200,8 @@ async def claim_batch(
     if first is None:
         return []
     batch, key, images = [first], batch_key(first), first.recipe.count
+    if ran_before(first, claimed=True):
+        key = None  # alone: if it crashed a worker, it takes no other job down again
     while key is not None and images < max_images:
         not_counted = [*storing, *(one.id for one in batch)]
         order = fair_order(limits.max_running_per_user, model, not_counted)
@@ -198,7 +209,11 @@ async def claim_batch(
         if following is None:
             break
         candidate = await get_generation(session, following)
-        if batch_key(candidate) != key or images + candidate.recipe.count > max_images:
+        if (
+            ran_before(candidate, claimed=False)
+            or batch_key(candidate) != key
+            or images + candidate.recipe.count > max_images
+        ):
             break
         try:
             batch.append(await transition(session, following, S.RUNNING, worker_name=worker_name))

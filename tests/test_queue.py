@@ -220,6 +220,28 @@ async def test_jobs_from_an_image_or_with_controls_run_alone(database: Database,
     assert await claim_batches(database, 8) == [[f"{what} 1"], [f"{what} 2"], ["plain"]]
 
 
+async def test_jobs_that_ran_before_run_alone(database: Database) -> None:
+    queue = RowQueue(database, LIMITS)
+    for requester in (ALICE, BOB, CAROL):
+        await queue.submit(submission(requester, f"job {requester}"))
+    async with database.session() as session:
+        crashed = await claim_batch(session, "w", LIMITS, "tiny", 8)
+        assert len(crashed) == 3  # one batch, whose worker then dies
+        for generation in crashed[:2]:  # re-queued, as requeue_orphans does
+            await transition(session, generation.id, S.QUEUED)
+    await transition_after(database, crashed[2].id, S.SUCCEEDED)  # it had finished
+    # Either may be the job that crashed the worker: each runs alone; new jobs batch again.
+    assert await claim_batches(database, 8) == [["job 1"], ["job 2"]]
+    await queue.submit(submission(ALICE, "fresh 1"))
+    await queue.submit(submission(BOB, "fresh 2"))
+    assert await claim_batches(database, 8) == [["fresh 1", "fresh 2"]]
+
+
+async def transition_after(database: Database, generation_id: int, target: S) -> None:
+    async with database.session() as session:
+        await transition(session, generation_id, target)
+
+
 def worker_on(database: Database, engine: Engine, tmp_path: Path, max_batch: int) -> Worker:
     return Worker(
         database,
