@@ -53,7 +53,6 @@ from sqlalchemy import (
 from sqlalchemy import cast as cast_
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased, contains_eager
 
 from storage.database import Database, is_outage
 from storage.errors import IllegalTransition, NotFound, QueueUnavailable
@@ -61,10 +60,18 @@ from storage.events import EventBus
 from storage.generations import (
     check_id,
     get_generation,
+    returned_columns,
     transition_in_one_statement,
     transition_statement,
 )
-from storage.models import Generation, GenerationStatus, Guild, utcnow
+from storage.models import (
+    Generation,
+    GenerationStatus,
+    GenerationStyle,
+    Guild,
+    Image,
+    utcnow,
+)
 from storage.queue import (
     Cancellations,
     RunJob,
@@ -145,7 +152,7 @@ _JOBS = table(
 
 
 @functools.cache
-def _start_statement() -> Select[Generation]:
+def _start_statement() -> Select[Any]:
     """:func:`start_job` in one statement: the row goes ``running`` (as
     :func:`~storage.generations.transition` moves it), that user's waiting jobs move up a
     turn (:func:`advance_turns`, only if the row moved), and the row comes back with its
@@ -168,12 +175,15 @@ def _start_statement() -> Select[Generation]:
         .values(priority=_JOBS.c.priority + (TURN - 1))
         .cte("turned")
     )
-    row = aliased(Generation, claimed)
+    images = cast(Table, Image.__table__)
+    styles = cast(Table, GenerationStyle.__table__)
     return (
-        select(row)
-        .outerjoin(row.images)
-        .outerjoin(row.styles)
-        .options(contains_eager(row.images), contains_eager(row.styles))
+        select(*returned_columns(claimed, images, styles))
+        .select_from(
+            claimed.outerjoin(images, images.c.generation_id == claimed.c.id).outerjoin(
+                styles, styles.c.generation_id == claimed.c.id
+            )
+        )
         .add_cte(turned)
     )
 
