@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, inspect
+from sqlalchemy import Select, UpdateBase, inspect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import make_transient_to_detached
@@ -30,7 +30,7 @@ class Precompiled:
     Its selected columns must be labelled (the keys of :meth:`fetch`'s rows); binds with
     a value in the statement (an ``IN`` list, a literal) keep it."""
 
-    def __init__(self, statement: Select[Any], dialect: Dialect) -> None:
+    def __init__(self, statement: Select[Any] | UpdateBase, dialect: Dialect) -> None:
         compiled = statement.compile(dialect=dialect)
         unset = {name: None for name, bind in compiled.binds.items() if bind.required}
         expanded = compiled.construct_expanded_state(unset)
@@ -41,7 +41,7 @@ class Precompiled:
         self.parameters = [
             (name, processors.get(name), name in unset) for name in expanded.positiontup
         ]
-        self.types = [(str(column.key), column.type) for column in statement.selected_columns]
+        self.types = [(str(column.key), column.type) for column in statement.exported_columns]
         self.dialect = dialect
         self.columns: list[tuple[str, Callable[[Any], Any] | None]] | None = None
 
@@ -72,6 +72,12 @@ class Precompiled:
             }
             for row in result.all()
         ]
+
+    async def execute_many(
+        self, connection: AsyncConnection, parameters: list[Mapping[str, Any]]
+    ) -> None:
+        """Run it once for each of ``parameters`` (the driver's ``executemany``)."""
+        await connection.exec_driver_sql(self.sql, [self.arguments(each) for each in parameters])
 
 
 def detached(cls: type[T], values: Mapping[str, Any], **related: object) -> T:

@@ -32,6 +32,7 @@ import functools
 import hashlib
 import logging
 import re
+import select as select_module
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, cast
 
@@ -89,6 +90,7 @@ from storage.scheduling import (
 
 if TYPE_CHECKING:
     import psycopg
+    import psycopg_pool
     from procrastinate import App
 
 log = logging.getLogger(__name__)
@@ -134,12 +136,36 @@ def make_app(url: URL) -> App:
     # Each of procrastinate's queries is one statement (a function call), atomic by itself:
     # in autocommit it is one round trip, not a BEGIN, the query and a COMMIT.
     return procrastinate.App(
-        connector=procrastinate.PsycopgConnector(conninfo=conninfo, configure=_autocommit)
+        connector=procrastinate.PsycopgConnector(
+            conninfo=conninfo, configure=_autocommit, pool_factory=_pool
+        )
     )
 
 
 async def _autocommit(connection: psycopg.AsyncConnection[Any]) -> None:
     await connection.set_autocommit(True)
+
+
+def _pool(**kwargs: Any) -> psycopg_pool.AsyncConnectionPool[Any]:
+    """procrastinate's pool, checking a connection only when it may have been closed."""
+    import psycopg_pool
+
+    return psycopg_pool.AsyncConnectionPool(**{**kwargs, "check": _check_if_stirred})
+
+
+async def _check_if_stirred(connection: psycopg.AsyncConnection[Any]) -> None:
+    # procrastinate's check is an empty query before each of its own: a round trip, as much
+    # as the query. A server that ended an idle connection (a restart, a shutdown) has sent
+    # its goodbye or closed the socket, so there is something to read: only then is it
+    # checked (and replaced if it fails), as storage.database does for asyncpg.
+    if connection.closed or connection.broken:
+        import psycopg
+
+        raise psycopg.OperationalError("the connection is closed")
+    idle = select_module.poll()
+    idle.register(connection.fileno(), select_module.POLLIN)
+    if idle.poll(0):
+        await connection.execute("")
 
 
 _JOBS = table(
