@@ -21,10 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from sqlalchemy import Executable, delete, select
+from sqlalchemy import delete, select
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 
 from storage.errors import BlobNotFound, BlobStoreFull, ConfigError
+from storage.precompiled import Precompiled
 
 if TYPE_CHECKING:
     from storage.database import Database
@@ -147,12 +149,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 @functools.cache
-def _insert_blobs(dialect: str) -> Executable:
-    """Built once per dialect: building it for each job cost more than its round trip."""
+def _insert_blobs(dialect: Dialect) -> Precompiled:
+    """Compiled once per dialect: building and compiling it for each job cost more than
+    its round trip."""
     from storage.database import insert_or_ignore
     from storage.models import Blob
 
-    return insert_or_ignore(dialect, Blob, None, [Blob.key])
+    return Precompiled(insert_or_ignore(dialect.name, Blob, None, [Blob.key]), dialect)
 
 
 class DatabaseBlobStore:
@@ -180,8 +183,8 @@ class DatabaseBlobStore:
             async with self.database.autocommit() as connection:
                 # One statement, so one transaction of its own: the same bytes stored already
                 # (or concurrently) have the same key and the same data; the existing row stands.
-                await connection.execute(
-                    _insert_blobs(connection.dialect.name),
+                await _insert_blobs(connection.dialect).execute_many(
+                    connection,
                     [
                         {"key": key, "data": data, "size": len(data), "created_at": now}
                         for key, data in rows.items()

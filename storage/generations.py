@@ -10,16 +10,31 @@ import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NoReturn, cast
+from typing import Any, NoReturn, cast
 
-from sqlalchemy import Select, Table, Update, bindparam, false, func, select, text, update
+from sqlalchemy import (
+    FromClause,
+    Label,
+    Select,
+    Table,
+    Update,
+    bindparam,
+    false,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from storage.database import Database, insert_or_ignore
 from storage.errors import IllegalTransition, NotFound
 from storage.models import (
+    Base,
     Generation,
     GenerationKind,
     GenerationStatus,
@@ -28,6 +43,7 @@ from storage.models import (
     User,
     utcnow,
 )
+from storage.precompiled import Precompiled, detached
 from storage.recipe import Recipe
 
 S = GenerationStatus
@@ -219,20 +235,72 @@ async def transition(
 
 async def transition_in_one_statement(
     database: Database,
-    statement: Select[Generation],
+    statement: Select[Any],
     parameters: dict[str, object],
     target: GenerationStatus,
 ) -> Generation:
     """Run ``statement`` (the move of generation ``parameters["generation_id"]`` to
-    ``target``, with more work in its ``WITH``, returning the row, its images and styles) on
-    an autocommit connection: one round trip, atomic by itself. Raises as
-    :func:`transition` does when the row did not move."""
-    async with database.autocommit_session() as session:
-        result = await session.execute(statement, parameters)
-        generation = result.unique().scalar_one_or_none()
-        if generation is None:
+    ``target``, with more work in its ``WITH``, selecting :func:`returned_columns`) on an
+    autocommit connection: one round trip, atomic by itself; returns the row with its
+    images and styles. Raises as :func:`transition` does when the row did not move.
+
+    It runs often (a worker's claim and success), so it is compiled once and its rows are
+    made into objects here, without the ORM's per-execution work."""
+    async with database.autocommit() as connection:
+        rows = await _precompiled(statement, connection.dialect).fetch(connection, parameters)
+    if not rows:
+        async with database.autocommit_session() as session:
             await refuse_transition(session, cast(int, parameters["generation_id"]), target)
-        return generation
+    return _generation_from_rows(rows)
+
+
+@functools.cache
+def _precompiled(statement: Select[Any], dialect: Dialect) -> Precompiled:
+    return Precompiled(statement, dialect)
+
+
+def _part(prefix: str, model: type[Base]) -> tuple[str, type[Base], list[str], list[str]]:
+    table = cast(Table, model.__table__)
+    return prefix, model, [c.key for c in table.c], [c.key for c in table.primary_key]
+
+
+# What transition_in_one_statement selects: its prefix, model, columns and primary key.
+_PARTS = (_part("g_", Generation), _part("i_", Image), _part("s_", GenerationStyle))
+
+
+def returned_columns(
+    generation: FromClause, images: FromClause, styles: FromClause
+) -> list[Label[Any]]:
+    """What :func:`transition_in_one_statement`'s statement selects, from the joined
+    ``generation`` row (a CTE returning it), its ``images`` and its ``styles`` (tables, or
+    CTEs returning their rows)."""
+    return [
+        source.c[key].label(prefix + key)
+        for (prefix, _, keys, _), source in zip(_PARTS, (generation, images, styles), strict=True)
+        for key in keys
+    ]
+
+
+def _generation_from_rows(rows: list[dict[str, Any]]) -> Generation:
+    """The generation in ``rows`` (one per image and style, outer-joined), as a session
+    loads it with its images (in order) and styles, then detached."""
+    found: list[dict[tuple[object, ...], dict[str, Any]]] = [{}, {}, {}]
+    for row in rows:
+        for (prefix, _, keys, primary_key), seen in zip(_PARTS, found, strict=True):
+            identity = tuple(row[prefix + key] for key in primary_key)
+            if identity[0] is not None and identity not in seen:
+                seen[identity] = {key: row[prefix + key] for key in keys}
+    generation_values, image_values, style_values = (list(seen.values()) for seen in found)
+    images = [detached(Image, values) for values in sorted(image_values, key=_by_index)]
+    styles = [detached(GenerationStyle, values) for values in style_values]
+    generation = detached(Generation, generation_values[0], images=images, styles=styles)
+    for child in (*images, *styles):
+        set_committed_value(child, "generation", generation)
+    return generation
+
+
+def _by_index(values: dict[str, Any]) -> int:
+    return cast(int, values["index"])
 
 
 async def refuse_transition(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -27,18 +27,25 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.orm import aliased, contains_eager
 
 from storage.database import Database
 from storage.generations import (
     NewImage,
     add_images,
     record_grid,
+    returned_columns,
     transition,
     transition_in_one_statement,
     transition_statement,
 )
-from storage.models import Generation, GenerationStatus, Image, Thumbnail, utcnow
+from storage.models import (
+    Generation,
+    GenerationStatus,
+    GenerationStyle,
+    Image,
+    Thumbnail,
+    utcnow,
+)
 from storage.recipe import Recipe
 from storage.thumbnails import NewThumbnail, record_images_thumbnails
 
@@ -106,7 +113,7 @@ def _unnest(*columns: tuple[str, type[Integer] | type[BigInteger] | type[String]
 
 
 @functools.cache
-def _success_statement() -> Select[Generation]:
+def _success_statement() -> Select[Any]:
     """:func:`record_success` on PostgreSQL, built once."""
     generations = cast(Table, Generation.__table__)
     images = cast(Table, Image.__table__)
@@ -189,13 +196,13 @@ def _success_statement() -> Select[Generation]:
         )
         .cte("thumbnailed")
     )
-    row = aliased(Generation, finished)
-    image = aliased(Image, inserted)
+    styles = cast(Table, GenerationStyle.__table__)
     return (
-        select(row)
-        .outerjoin(image, image.generation_id == row.id)
-        .outerjoin(row.styles)
-        .options(contains_eager(row.images.of_type(image)), contains_eager(row.styles))
-        .order_by(image.index)
+        select(*returned_columns(finished, inserted, styles))
+        .select_from(
+            finished.outerjoin(inserted, inserted.c.generation_id == finished.c.id).outerjoin(
+                styles, styles.c.generation_id == finished.c.id
+            )
+        )
         .add_cte(thumbnailed)
     )

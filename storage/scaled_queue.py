@@ -43,6 +43,7 @@ import functools
 import hashlib
 import logging
 import re
+import select as select_module
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any, cast
 
@@ -67,7 +68,6 @@ from sqlalchemy import cast as cast_
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased, contains_eager
 
 from storage.database import Database, is_outage
 from storage.errors import IllegalTransition, NotFound, QueueUnavailable
@@ -75,10 +75,18 @@ from storage.events import EventBus
 from storage.generations import (
     check_id,
     get_generation,
+    returned_columns,
     transition_in_one_statement,
     transition_statement,
 )
-from storage.models import Generation, GenerationStatus, Guild, utcnow
+from storage.models import (
+    Generation,
+    GenerationStatus,
+    GenerationStyle,
+    Guild,
+    Image,
+    utcnow,
+)
 from storage.queue import (
     Cancellations,
     RunJob,
@@ -98,6 +106,7 @@ from storage.scheduling import (
 
 if TYPE_CHECKING:
     import psycopg
+    import psycopg_pool
     from procrastinate import App, JobContext
 
 log = logging.getLogger(__name__)
@@ -143,12 +152,36 @@ def make_app(url: URL) -> App:
     # Each of procrastinate's queries is one statement (a function call), atomic by itself:
     # in autocommit it is one round trip, not a BEGIN, the query and a COMMIT.
     return procrastinate.App(
-        connector=procrastinate.PsycopgConnector(conninfo=conninfo, configure=_autocommit)
+        connector=procrastinate.PsycopgConnector(
+            conninfo=conninfo, configure=_autocommit, pool_factory=_pool
+        )
     )
 
 
 async def _autocommit(connection: psycopg.AsyncConnection[Any]) -> None:
     await connection.set_autocommit(True)
+
+
+def _pool(**kwargs: Any) -> psycopg_pool.AsyncConnectionPool[Any]:
+    """procrastinate's pool, checking a connection only when it may have been closed."""
+    import psycopg_pool
+
+    return psycopg_pool.AsyncConnectionPool(**{**kwargs, "check": _check_if_stirred})
+
+
+async def _check_if_stirred(connection: psycopg.AsyncConnection[Any]) -> None:
+    # procrastinate's check is an empty query before each of its own: a round trip, as much
+    # as the query. A server that ended an idle connection (a restart, a shutdown) has sent
+    # its goodbye or closed the socket, so there is something to read: only then is it
+    # checked (and replaced if it fails), as storage.database does for asyncpg.
+    if connection.closed or connection.broken:
+        import psycopg
+
+        raise psycopg.OperationalError("the connection is closed")
+    idle = select_module.poll()
+    idle.register(connection.fileno(), select_module.POLLIN)
+    if idle.poll(0):
+        await connection.execute("")
 
 
 _JOBS = table(
@@ -161,7 +194,7 @@ _JOBS = table(
 
 
 @functools.cache
-def _start_statement() -> Select[Generation]:
+def _start_statement() -> Select[Any]:
     """:func:`start_job` in one statement: the row goes ``running`` (as
     :func:`~storage.generations.transition` moves it), that user's waiting jobs move up a
     turn (:func:`advance_turns`, only if the row moved), and the row comes back with its
@@ -184,12 +217,15 @@ def _start_statement() -> Select[Generation]:
         .values(priority=_JOBS.c.priority + (TURN - 1))
         .cte("turned")
     )
-    row = aliased(Generation, claimed)
+    images = cast(Table, Image.__table__)
+    styles = cast(Table, GenerationStyle.__table__)
     return (
-        select(row)
-        .outerjoin(row.images)
-        .outerjoin(row.styles)
-        .options(contains_eager(row.images), contains_eager(row.styles))
+        select(*returned_columns(claimed, images, styles))
+        .select_from(
+            claimed.outerjoin(images, images.c.generation_id == claimed.c.id).outerjoin(
+                styles, styles.c.generation_id == claimed.c.id
+            )
+        )
         .add_cte(turned)
     )
 

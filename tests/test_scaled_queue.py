@@ -13,15 +13,20 @@ from typing import Any, cast
 import numpy as np
 import pytest
 from PIL import Image as PILImage
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 import generation.worker
 from bench.round_trips import RoundTrips
 from generation.engine import Engine
 from generation.worker import Worker
+from storage.errors import IllegalTransition
+from storage.generations import NewImage, get_generation
 from storage.models import GenerationKind, GenerationStatus
 from storage.queue import RowQueue, Submission
-from storage.scaled_queue import queue_name
+from storage.recipe import StyleRef
+from storage.results import record_success
+from storage.scaled_queue import queue_name, start_job
+from storage.thumbnails import NewThumbnail
 from tests.conftest import migrated_database
 from tests.test_queue import pixels
 from tests.test_queue_contract import (
@@ -199,3 +204,55 @@ async def test_a_batch_is_what_procrastinate_would_hand_out_one_after_another(
     # and a1 waits for a0's lock (one running job per user), so a1 joins d0's batch.
     assert run_order(finished) == [A, B, C, D, A, A]
     assert pipeline_calls == [2, 1, 2, 1]
+
+
+def _columns(row: object) -> dict[str, object]:
+    return {
+        attribute.key: getattr(row, attribute.key) for attribute in inspect(row).mapper.column_attrs
+    }
+
+
+async def test_a_claim_and_a_success_hand_back_the_row_as_a_session_loads_it(
+    scaled: Backend,
+) -> None:
+    recipe = submission(A).recipe.model_copy(
+        update={"styles": (StyleRef(name="ink", weight=0.5), StyleRef(name="wash", weight=1.0))}
+    )
+    queued = await scaled.queue.submit(Submission(GenerationKind.IMAGINE, recipe, A))
+    database = scaled.database
+    claimed = await start_job(database, queued.id, "w", queue_name(recipe.model))
+    async with database.session() as session:
+        loaded = await get_generation(session, queued.id)
+    assert claimed.status is S.RUNNING and _columns(claimed) == _columns(loaded)
+    assert [_columns(style) for style in claimed.styles] == [
+        _columns(style) for style in loaded.styles
+    ]
+    keys = await scaled.deployment.blobs.put_many([b"second", b"first", b"thumb"])
+    images = [NewImage(1, 8, 64, 64, keys[0], keys[0]), NewImage(0, 7, 64, 64, keys[1], keys[1])]
+    thumbnails = [[NewThumbnail(256, keys[2], 8, 8)], [NewThumbnail(256, keys[2], 8, 8)]]
+    done = await record_success(database, queued.id, images, thumbnails, keys[2], recipe)
+    async with database.session() as session:
+        loaded = await get_generation(session, queued.id)
+    assert done.status is S.SUCCEEDED and _columns(done) == _columns(loaded)
+    assert [image.index for image in done.images] == [0, 1]
+    assert [_columns(image) for image in done.images] == [_columns(i) for i in loaded.images]
+    assert all(inspect(row).detached for row in (done, *done.images, *done.styles))
+    with pytest.raises(IllegalTransition):
+        await start_job(database, queued.id, "w", queue_name(recipe.model))
+
+
+async def test_procrastinate_replaces_connections_the_server_ended(scaled: Backend) -> None:
+    # Its pool checks a connection with a query only when the socket has something to read:
+    # a server that ended the connection (a restart, an operator) has said so there.
+    await scaled.queue.submit(submission(A, "before"))
+    async with scaled.database.autocommit() as connection:
+        ended = await connection.scalar(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    assert ended
+    await asyncio.sleep(0.2)  # their goodbyes arrive
+    after = await scaled.queue.submit(submission(A, "after"))
+    assert after.job_id is not None
