@@ -170,7 +170,9 @@ async def test_a_batch_of_a_sigkilled_worker_runs_again_each_job_exactly_once(
         survivor_log = (tmp_path / "survivor.log").read_text()
         assert survivor.returncode == 0, survivor_log
         assert doomed.returncode == -signal.SIGKILL
-        assert survivor_log.count("in a batch of 4") == 4, survivor_log  # batched again
+        # Each alone: any of them may have been what killed the worker (storage.scheduling's
+        # ran_before), so none takes the others down a second time.
+        assert survivor_log.count("in a batch of 1") == 4, survivor_log
 
         async with database.session() as session:
             for generation_id in jobs:  # started by the killed worker, then once more
