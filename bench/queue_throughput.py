@@ -278,6 +278,9 @@ async def bookkeeping(url: URL, jobs: int = 300) -> None:
         max_running_per_user=1,
         max_queued_per_user=100_000,
         model="noop-bookkeeping",
+        # One job per engine call: the bookkeeping of a job on its own (a batch shares
+        # some of it; looking for batch-mates costs a round trip more per batch).
+        max_batch=1,
     )
     async with open_deployment(settings) as deployment:
         fetch, fetch_cpu = await bare_fetch(deployment, 200)
