@@ -196,6 +196,14 @@ class NoopEngine:
         self.cpu.append(time.process_time())
         if self.counted is not None:
             self.counted.mark()
+        return self._images(recipe)
+
+    def txt2img_batch(self, recipes: Any, **_: Any) -> list[list[GeneratedImage]]:
+        """A batch is one engine call, as on the real engine."""
+        images = self.txt2img(recipes[0])
+        return [images] + [self._images(recipe) for recipe in recipes[1:]]
+
+    def _images(self, recipe: Recipe) -> list[GeneratedImage]:
         seed = recipe.seed or 0
         count = recipe.count if self.grids else 1
         return [GeneratedImage(n, seed + n, self.image, self.png, recipe) for n in range(count)]
