@@ -99,6 +99,9 @@ def start_bot(url: URL, fake: FakeDiscord, data_dir: Path) -> subprocess.Popen[s
         "IMAGINE_MAX_RUNNING_PER_USER": "1",
         "IMAGINE_MAX_QUEUED_PER_USER": "10",
         "IMAGINE_WORKER_STALE_SECONDS": "10",
+        # One job at a time: batches of two would leave almost no moment with jobs
+        # queued, running and finished at once, which is when the restart must come.
+        "IMAGINE_MAX_BATCH": "1",
         "IMAGINE_WEB_PORT": "0",
         "HF_HUB_OFFLINE": "1",
     }
