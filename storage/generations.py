@@ -13,8 +13,8 @@ from datetime import datetime
 from typing import Any, NoReturn, cast
 
 from sqlalchemy import (
+    CTE,
     FromClause,
-    Label,
     Select,
     Table,
     Update,
@@ -240,7 +240,7 @@ async def transition_in_one_statement(
     target: GenerationStatus,
 ) -> Generation:
     """Run ``statement`` (the move of generation ``parameters["generation_id"]`` to
-    ``target``, with more work in its ``WITH``, selecting :func:`returned_columns`) on an
+    ``target``, with more work in its ``WITH``, selecting :func:`returned_rows`) on an
     autocommit connection: one round trip, atomic by itself; returns the row with its
     images and styles. Raises as :func:`transition` does when the row did not move.
 
@@ -268,17 +268,26 @@ def _part(prefix: str, model: type[Base]) -> tuple[str, type[Base], list[str], l
 _PARTS = (_part("g_", Generation), _part("i_", Image), _part("s_", GenerationStyle))
 
 
-def returned_columns(
-    generation: FromClause, images: FromClause, styles: FromClause
-) -> list[Label[Any]]:
-    """What :func:`transition_in_one_statement`'s statement selects, from the joined
-    ``generation`` row (a CTE returning it), its ``images`` and its ``styles`` (tables, or
-    CTEs returning their rows)."""
-    return [
+def returned_rows(generation: FromClause, images: FromClause, work: CTE) -> Select[Any]:
+    """What :func:`transition_in_one_statement`'s statement selects: the ``generation``
+    row (a CTE returning it) outer-joined with its ``images`` (the table, or a CTE
+    returning their rows) and its styles, with the statement's other ``work`` in its
+    ``WITH``."""
+    styles = cast(Table, GenerationStyle.__table__)
+    columns = [
         source.c[key].label(prefix + key)
         for (prefix, _, keys, _), source in zip(_PARTS, (generation, images, styles), strict=True)
         for key in keys
     ]
+    return (
+        select(*columns)
+        .select_from(
+            generation.outerjoin(images, images.c.generation_id == generation.c.id).outerjoin(
+                styles, styles.c.generation_id == generation.c.id
+            )
+        )
+        .add_cte(work)
+    )
 
 
 def _generation_from_rows(rows: list[dict[str, Any]]) -> Generation:

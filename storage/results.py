@@ -33,7 +33,7 @@ from storage.generations import (
     NewImage,
     add_images,
     record_grid,
-    returned_columns,
+    returned_rows,
     transition,
     transition_in_one_statement,
     transition_statement,
@@ -41,7 +41,6 @@ from storage.generations import (
 from storage.models import (
     Generation,
     GenerationStatus,
-    GenerationStyle,
     Image,
     Thumbnail,
     utcnow,
@@ -196,13 +195,4 @@ def _success_statement() -> Select[Any]:
         )
         .cte("thumbnailed")
     )
-    styles = cast(Table, GenerationStyle.__table__)
-    return (
-        select(*returned_columns(finished, inserted, styles))
-        .select_from(
-            finished.outerjoin(inserted, inserted.c.generation_id == finished.c.id).outerjoin(
-                styles, styles.c.generation_id == finished.c.id
-            )
-        )
-        .add_cte(thumbnailed)
-    )
+    return returned_rows(finished, inserted, thumbnailed)

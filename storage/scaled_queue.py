@@ -75,14 +75,13 @@ from storage.events import EventBus
 from storage.generations import (
     check_id,
     get_generation,
-    returned_columns,
+    returned_rows,
     transition_in_one_statement,
     transition_statement,
 )
 from storage.models import (
     Generation,
     GenerationStatus,
-    GenerationStyle,
     Guild,
     Image,
     utcnow,
@@ -217,17 +216,7 @@ def _start_statement() -> Select[Any]:
         .values(priority=_JOBS.c.priority + (TURN - 1))
         .cte("turned")
     )
-    images = cast(Table, Image.__table__)
-    styles = cast(Table, GenerationStyle.__table__)
-    return (
-        select(*returned_columns(claimed, images, styles))
-        .select_from(
-            claimed.outerjoin(images, images.c.generation_id == claimed.c.id).outerjoin(
-                styles, styles.c.generation_id == claimed.c.id
-            )
-        )
-        .add_cte(turned)
-    )
+    return returned_rows(claimed, cast(Table, Image.__table__), turned)
 
 
 async def start_job(
