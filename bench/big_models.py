@@ -106,13 +106,13 @@ def engine_and_bare(
 
 
 def option_figures(
-    engine: Engine, loaded: LoadedModel, recipe: Recipe
+    engine: Engine, loaded: LoadedModel, recipe: Recipe, repeats: int
 ) -> tuple[float, float, float]:
-    """Seconds per image (median of 2), peak GiB, and one bare call's seconds."""
+    """Seconds per image (median of ``repeats``), peak GiB, and one bare call's seconds."""
     engine.txt2img(recipe.model_copy(update={"steps": 1}))  # kernels, hooks, allocator
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    seconds = statistics.median(timed(lambda: engine.txt2img(recipe)) for _ in range(2))
+    seconds = statistics.median(timed(lambda: engine.txt2img(recipe)) for _ in range(repeats))
     peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else 0.0
     return seconds, peak, timed(lambda: bare_call(loaded, recipe))
 
@@ -124,13 +124,18 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="of (a) (default: family's)")
     parser.add_argument("--option-steps", type=int, default=4, help="of each option in (b)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--option-repeats", type=int, default=2, help="timed calls per option")
     parser.add_argument("--options", default=",".join(OPTIONS), help="comma-separated")
+    parser.add_argument(
+        "--skip-overhead", action="store_true", help="leave out (a); build only the options'"
+    )
     args = parser.parse_args()
     options = [name.strip() for name in args.options.split(",") if name.strip()]
     if not torch.cuda.is_available():
         options = [name for name in options if name == "none"]
 
-    loaded: LoadedModel | None = load(args, "none", "none")
+    first = options[0] if args.skip_overhead and options else "none"
+    loaded: LoadedModel | None = load(args, *OPTIONS[first])
     assert loaded is not None
     family = loaded.family
     side = args.side or family.native_side
@@ -149,19 +154,20 @@ def main() -> int:
         f"{recipe.steps} steps, median of {args.repeats}; compile off",
         flush=True,
     )
-    times = engine_and_bare(Engine(loaded), loaded, recipe, args.repeats)
-    print(
-        f"(a) one image: engine {times['engine']:.3f}s / bare {times['bare']:.3f}s = "
-        f"{times['engine'] / times['bare']:.3f}; engine {1 / times['engine']:.3f} img/s; "
-        f"without the PNG (as a worker waits) {times['unencoded']:.3f}s = "
-        f"{times['unencoded'] / times['bare']:.3f}",
-        flush=True,
-    )
+    if not args.skip_overhead:
+        times = engine_and_bare(Engine(loaded), loaded, recipe, args.repeats)
+        print(
+            f"(a) one image: engine {times['engine']:.3f}s / bare {times['bare']:.3f}s = "
+            f"{times['engine'] / times['bare']:.3f}; engine {1 / times['engine']:.3f} img/s; "
+            f"without the PNG (as a worker waits) {times['unencoded']:.3f}s = "
+            f"{times['unencoded'] / times['bare']:.3f}",
+            flush=True,
+        )
 
     short = recipe.model_copy(update={"steps": args.option_steps})
     for name in options:
         offload, quantize = OPTIONS[name]
-        if name != "none" or loaded is None:
+        if name != first or loaded is None:
             loaded = None  # the last option's weights go before the next's come
             gc.collect()
             if torch.cuda.is_available():
@@ -171,7 +177,7 @@ def main() -> int:
             except Exception as exc:  # a quantisation this GPU lacks: say so, go on
                 print(f"(b) {name}: could not load: {type(exc).__name__}: {exc}", flush=True)
                 continue
-        seconds, peak, bare = option_figures(Engine(loaded), loaded, short)
+        seconds, peak, bare = option_figures(Engine(loaded), loaded, short, args.option_repeats)
         print(
             f"(b) {name:10s} (IMAGINE_OFFLOAD={offload}, IMAGINE_QUANTIZE={quantize}): "
             f"{seconds:.2f}s per image at {short.steps} steps ({1 / seconds:.3f} img/s), "

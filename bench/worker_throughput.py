@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import tempfile
 import time
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT))  # run as `python bench/worker_throughput.py`, lik
 from bench.engine_overhead import interleaved, write_styles  # noqa: E402
 from bench.full_size import build_loaded  # noqa: E402
 from bot.deployment import open_deployment  # noqa: E402
-from generation.compiled import compiled_graphs, plan_compile  # noqa: E402
+from generation.compiled import compiled_graphs, eager_runs, plan_compile  # noqa: E402
 from generation.engine import Engine  # noqa: E402
 from generation.loading import LoadedModel, load_model, pick_device, pick_dtype  # noqa: E402
 from generation.styles import StyleRegistry  # noqa: E402
@@ -196,6 +197,7 @@ def build(args: argparse.Namespace, work: Path) -> Setup:
         model=args.model or args.arch,
         styles_dir=work / "styles",
         compile=args.compile,
+        **({"max_batch": args.max_batch} if args.max_batch else {}),
     )
     built = args.model is None and args.arch != "tiny"  # full size: built on the device
 
@@ -207,7 +209,10 @@ def build(args: argparse.Namespace, work: Path) -> Setup:
 
     loaded = loaded_model()
     family = loaded.family
-    write_styles(loaded.pipe.unet, work / "styles", family.name, {name: 4 for name in STYLES})
+    bare = loaded_model()
+    # Written from the bare model, which loads them anyway: making a LoRA leaves its
+    # layers wrapped, and the engine's model stays as a worker loads it.
+    write_styles(bare.pipe.unet, work / "styles", family.name, {name: 4 for name in STYLES})
     registry = StyleRegistry.from_folder(work / "styles")
     engine = Engine(
         loaded,
@@ -216,7 +221,6 @@ def build(args: argparse.Namespace, work: Path) -> Setup:
         max_batch=settings.max_batch,
         lora_folder=work / "lora-cache",
     )
-    bare = loaded_model()
     for name in STYLES:
         bare.pipe.load_lora_weights(str(registry.get(name).lora_path), adapter_name=name)
     sizes = [size_for(None, family), size_for((3, 2), family)]
@@ -239,7 +243,19 @@ def main() -> int:
         action="store_true",
         help="leave out the IMAGINE_MAX_BATCH=1 run (ratio b), to save GPU time",
     )
+    parser.add_argument(
+        "--max-batch", type=int, default=None, help="IMAGINE_MAX_BATCH (default: the setting's)"
+    )
+    parser.add_argument(
+        "--latency-count",
+        type=int,
+        default=0,
+        help="images of (c)'s job (default 4, a grid); IMAGINE_MAX_BATCH's needs no more compiling",
+    )
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    for name in ("generation.engine", "generation.compiled"):  # the warm-up's steps
+        logging.getLogger(name).setLevel(logging.INFO)
 
     work = Path(tempfile.mkdtemp(prefix="imagine-bench-"))
     setup = build(args, work)
@@ -253,12 +269,17 @@ def main() -> int:
         f"images; compile {engine.compile_plan.reason}",
         flush=True,
     )
-    warm_up = engine.warm_up(sizes=setup.sizes)
+    # What this queue runs: batches of IMAGINE_MAX_BATCH at both sizes, styled or not, and
+    # the single grid of (c); IMAGINE_COMPILE_SIZES does the same for a worker's ratios.
+    single = jobs[0].model_copy(update={"count": args.latency_count or jobs[0].count})
+    warm_up = engine.warm_up(sizes=setup.sizes, count=max_batch)
+    if max_batch != single.count:
+        warm_up += engine.warm_up(sizes=setup.sizes[:1], count=single.count, styled=False)
     for recipe in jobs[:: RUN * 2][:3]:  # the bare model's kernels and styles, once
         bare_call(setup.bare, recipe)
     print(f"engine warm-up {warm_up:.1f}s", flush=True)
 
-    graphs = compiled_graphs()
+    graphs, eager = compiled_graphs(), eager_runs()
     batched = asyncio.run(worker_run(setup, jobs, max_batch, work / "batched"))
     one_by_one = None
     if not args.skip_one_at_a_time:
@@ -288,7 +309,6 @@ def main() -> int:
         )
         print(f"    one-at-a-time worker / bare loop = {ratio(one_by_one, bare)}")
 
-    single = jobs[0]
     setup.engine.max_batch = max_batch
     latency = interleaved(
         {
@@ -298,11 +318,15 @@ def main() -> int:
         args.repeats,
     )
     print(
-        f"(c) one job: engine {latency['engine']:.3f}s / bare {latency['bare']:.3f}s = "
+        f"(c) one job of {single.count} images: engine {latency['engine']:.3f}s / bare "
+        f"{latency['bare']:.3f}s = "
         f"{latency['engine'] / latency['bare']:.3f} (GPU target <= 1.02; median of "
         f"{args.repeats})"
     )
-    print(f"graphs compiled during the runs, after the warm-up: {recompiled} (target 0)")
+    print(
+        f"graphs compiled during the runs, after the warm-up: {recompiled} (target 0); "
+        f"calls run uncompiled, their shape not warmed up: {eager_runs() - eager}"
+    )
     if torch.cuda.is_available():
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     return 0

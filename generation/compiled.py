@@ -1,11 +1,12 @@
 """``torch.compile`` of the denoiser and the VAE decoder: whether, how, and what it cost.
 
-Shapes are static (``dynamic=False``): each image size and batch gets kernels of its
-own, and the engine's warm-up compiles the sizes the ``--ar`` choices produce before
-the first job. A shape nobody warmed up (an odd size, an upscale tile) compiles once
-when first met; :func:`recompilations` counts those for the metrics.
+Shapes are static (``dynamic=False``): each image size, batch and style path gets
+kernels of its own, and the engine's warm-up compiles the sizes of the ``--ar`` ratios
+in ``IMAGINE_COMPILE_SIZES`` before the first job. After the warm-up nothing compiles
+while a job waits: a shape nobody warmed up (an odd size, an upscale tile) runs
+uncompiled (:func:`warm_stance`), and :func:`eager_runs` counts those for the metrics.
 
-Compiling every size is slow the first time (on an H200, SD 1.5's twelve graphs for two
+Compiling a size is slow the first time (on an H200, SD 1.5's twelve graphs for two
 sizes took over five minutes), so the compiled kernels are kept in the data folder
 (:func:`keep_compiled_kernels`) and a restart reuses them: on the tiny model on a CPU,
 the same warm-up took 490 s with an empty cache and 69 s with the last run's.
@@ -15,8 +16,11 @@ compiled 11 graphs, took longer to warm up, and ran 1.6 times slower.)
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +29,8 @@ from torch._dynamo.utils import counters
 
 from generation.loading import Pipeline
 from storage.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # dynamo falls back to eager for a function after this many graphs; every warmed-up
 # size is one graph, so the default of 8 would be used up by the --ar choices alone.
@@ -123,3 +129,76 @@ def recompilations() -> int:
     if _graphs_after_warm_up is None:
         return 0
     return compiled_graphs() - _graphs_after_warm_up
+
+
+# After the warm-up, a warmed-up shape whose guards fail for a reason nobody foresaw runs
+# eagerly rather than compile while a job waits; the tests set "fail_on_recompile" to
+# prove that no such reason exists on the paths they cover.
+STANCE_AFTER_WARM_UP = "eager_on_recompile"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one compiled graph of the denoiser is for: its input's size, its batch of
+    images, and whether the style slots are on."""
+
+    width: int
+    height: int
+    images: int
+    styled: bool
+
+
+class WarmShapes:
+    """The shapes the warm-up compiled; the stance each later denoising call runs under."""
+
+    def __init__(self) -> None:
+        self.shapes: set[Shape] = set()
+        self.warming = False
+        self.warm = False
+
+    @contextmanager
+    def warming_up(self) -> Iterator[None]:
+        self.warming = True
+        try:
+            yield
+        finally:
+            self.warming = False
+            self.warm = True
+            mark_warm()
+
+    @contextmanager
+    def stance(self, shape: Shape) -> Iterator[None]:
+        """Compile freely before and during the warm-up; afterwards run the warmed-up
+        shapes compiled and every other one eagerly (counted and logged once)."""
+        if self.warming or not self.warm:
+            yield
+            if self.warming:
+                self.shapes.add(shape)
+            return
+        if shape in self.shapes:
+            with torch.compiler.set_stance(STANCE_AFTER_WARM_UP):
+                yield
+            return
+        global _eager_runs
+        _eager_runs += 1
+        if shape not in _told:
+            _told.add(shape)
+            log.info(
+                "%dx%d, %d image(s)%s runs uncompiled: the warm-up did not cover it "
+                "(IMAGINE_COMPILE_SIZES names the --ar ratios it covers)",
+                shape.width,
+                shape.height,
+                shape.images,
+                " with styles" if shape.styled else "",
+            )
+        with torch.compiler.set_stance("force_eager"):
+            yield
+
+
+_eager_runs = 0
+_told: set[Shape] = set()
+
+
+def eager_runs() -> int:
+    """Denoising calls since the warm-up whose shape it did not cover, run uncompiled."""
+    return _eager_runs

@@ -32,9 +32,10 @@ from PIL import Image
 
 from generation.compiled import (
     CompilePlan,
+    Shape,
+    WarmShapes,
     compile_pipeline,
     compiled_graphs,
-    mark_warm,
     plan_compile,
 )
 from generation.controlnet import ControlNets
@@ -47,7 +48,7 @@ from generation.styles import StyleRegistry
 from storage.controls import ControlError, ControlRef
 from storage.derive import UPSCALE_STRENGTH
 from storage.errors import ImagineError
-from storage.families import ASPECT_RATIOS, ModelFamily, size_for
+from storage.families import ModelFamily, size_for
 from storage.recipe import Outpaint, Recipe
 from storage.samplers import (
     DEFAULT_SAMPLER,
@@ -183,8 +184,11 @@ class Engine:
         lora_max_rank: int = 64,
         controls: ControlNets | None = None,
         max_batch: int = 1,
+        warm_up_ratios: Sequence[tuple[int, int] | None] = (None,),
     ) -> None:
         self.loaded = loaded
+        self.warm_up_ratios = list(warm_up_ratios)
+        self.warm_shapes = WarmShapes()
         self.max_batch = max_batch
         self.controls = controls
         self.pipe: Pipeline = loaded.pipe
@@ -242,6 +246,7 @@ class Engine:
             lora_slots=settings.lora_slots,
             lora_max_rank=settings.lora_max_rank,
             max_batch=settings.max_batch,
+            warm_up_ratios=settings.compile_ratios,
             controls=ControlNets(
                 ControlRegistry.from_folder(settings.resolved_controls_dir),
                 settings,
@@ -293,18 +298,23 @@ class Engine:
         )
 
     def warm_up_sizes(self) -> list[tuple[int, int]]:
-        """The native size; compiled, every size an ``--ar`` choice produces."""
+        """The native size; compiled, the sizes of the ratios ``IMAGINE_COMPILE_SIZES``
+        names (the native one when it names none)."""
         if not self.compile_plan.enabled:
             return [size_for(None, self.family)]
-        sizes = [size_for(ratio, self.family) for ratio in ASPECT_RATIOS]
+        sizes = [size_for(ratio, self.family) for ratio in self.warm_up_ratios or [None]]
         return list(dict.fromkeys(sizes))
 
     def warm_up(
-        self, sizes: Sequence[tuple[int, int]] | None = None, count: int | None = None
+        self,
+        sizes: Sequence[tuple[int, int]] | None = None,
+        count: int | None = None,
+        *,
+        styled: bool | None = None,
     ) -> float:
         """Single-step images before the first user's job: kernels chosen, memory taken
-        and, compiled, one graph per size, for a grid and for a full batch of jobs.
-        Returns the seconds it took."""
+        and, compiled, one graph per size, for a grid and for a full batch of jobs, with
+        and without the style slots (``styled`` picks one). Returns the seconds it took."""
         started = time.perf_counter()
         graphs = compiled_graphs()
         sizes = sizes or self.warm_up_sizes()
@@ -313,7 +323,28 @@ class Engine:
             counts.append(self.max_batch)
         styled_path = getattr(self.loras, "styled_path", None)
         paths = [nullcontext, styled_path] if styled_path is not None else [nullcontext]
+        if styled is not None:
+            paths = [styled_path if styled and styled_path is not None else nullcontext]
         runs = [(size, path, count) for size in sizes for path in paths for count in counts]
+        warming = self.warm_shapes.warming_up() if self.compile_plan.enabled else nullcontext()
+        with warming:
+            self._warm_up_runs(runs, started)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - started
+        log.info(
+            "compile %s; warmed up %d run(s) of %s image(s) in %.1fs, %d graph(s) compiled",
+            self.compile_plan.reason,
+            len(runs),
+            " or ".join(map(str, counts)),
+            seconds,
+            compiled_graphs() - graphs,
+        )
+        return seconds
+
+    def _warm_up_runs(
+        self, runs: Sequence[tuple[tuple[int, int], Any, int]], started: float
+    ) -> None:
         for number, ((width, height), path, count) in enumerate(runs, start=1):
             if self.compile_plan.enabled:  # compiling a size takes a minute the first time
                 log.info(
@@ -340,20 +371,6 @@ class Engine:
                 self._run(
                     self.pipe, recipe, {"width": width, "height": height}, None, None, encode=False
                 )
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - started
-        if self.compile_plan.enabled:
-            mark_warm()
-        log.info(
-            "compile %s; warmed up %d run(s) of %s image(s) in %.1fs, %d graph(s) compiled",
-            self.compile_plan.reason,
-            len(runs),
-            " or ".join(map(str, counts)),
-            seconds,
-            compiled_graphs() - graphs,
-        )
-        return seconds
 
     def txt2img(
         self,
@@ -702,12 +719,13 @@ class Engine:
             }
             prompts = texts.get("prompt", [recipe.prompt])
             _injected_out_of_memory(" ".join(prompts), len(numbers))
-            result = pipe(
-                **(call | texts),
-                num_images_per_prompt=1 if per_image else len(numbers),
-                generator=[torch.Generator("cpu").manual_seed(seeds[n]) for n in numbers],
-                callback_on_step_end=self._listening(listeners, numbers, size),
-            )
+            with self._stance(size, len(numbers)):
+                result = pipe(
+                    **(call | texts),
+                    num_images_per_prompt=1 if per_image else len(numbers),
+                    generator=[torch.Generator("cpu").manual_seed(seeds[n]) for n in numbers],
+                    callback_on_step_end=self._listening(listeners, numbers, size),
+                )
             return list(result.images)
 
         try:
@@ -792,6 +810,13 @@ class Engine:
         for ref in recipe.styles:
             prompt, negative = self.styles.get(ref.name).apply_to_prompt(prompt, negative)
         return prompt, negative
+
+    def _stance(self, size: tuple[int, int], images: int) -> Any:
+        """Compiled, after the warm-up: the warmed-up shapes run compiled, others eagerly."""
+        if not self.compile_plan.enabled:
+            return nullcontext()
+        styled = isinstance(self.loras, LoraSlots) and self.loras.enabled
+        return self.warm_shapes.stance(Shape(*size, images, styled))
 
     def _apply_styles(self, recipe: Recipe) -> tuple[str, str]:
         """Styled prompts, with the styles' LoRAs active at their weights."""

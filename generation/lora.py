@@ -262,6 +262,11 @@ class LoraSlots:
                 self._empty(index)
         self._enable(bool(styles) or self._warming)
 
+    @property
+    def enabled(self) -> bool:
+        """Whether the slots are on: the styled graph runs."""
+        return self._enabled and bool(self.names)
+
     @contextmanager
     def styled_path(self) -> Iterator[None]:
         """For the warm-up: jobs in here run the styled graph, their slots empty."""
@@ -348,10 +353,11 @@ def slot_targets(denoiser: Any) -> list[str]:
         inside = ".attentions." in name or name.startswith(
             ("transformer_blocks", "single_transformer_blocks")
         )
-        if not inside:
+        if not inside or ".lora_" in name:  # a LoRA's own layers are no targets
             continue
         if isinstance(module, torch.nn.Linear) or (
             isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1)
         ):
-            names.append(name)
+            # A layer a LoRA was once loaded into is wrapped: the wrapper is the target.
+            names.append(name.removesuffix(".base_layer"))
     return names

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from generation.compiled import compiled_graphs, recompilations
+from generation.compiled import compiled_graphs, eager_runs, recompilations
 from storage.errors import ConfigError
 from storage.models import GenerationStatus
 
@@ -53,6 +53,13 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self.recompilations.set_function(recompilations)
+        self.eager_runs = Gauge(
+            "imagine_compile_eager_runs",
+            "Denoising calls after the warm-up whose size or batch it did not compile, run "
+            "uncompiled rather than wait for a compile (IMAGINE_COMPILE_SIZES)",
+            registry=self.registry,
+        )
+        self.eager_runs.set_function(eager_runs)
         for status in GenerationStatus:
             if status.is_final:
                 self.jobs.labels(status=status.value)

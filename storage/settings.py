@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from storage.errors import ConfigError
+from storage.families import ASPECT_RATIOS
 
 CONFIG_FILE_ENV = "IMAGINE_CONFIG"
 DEFAULT_CONFIG_FILE = "imagine.toml"
@@ -225,8 +226,17 @@ class Settings(BaseSettings):
     compile: Literal["auto", "on", "off"] = Field(
         default="auto",
         description=(
-            "torch.compile the denoiser and VAE decoder, warmed up at every --ar size: "
-            "auto is on with CUDA, off on CPU and MPS."
+            "torch.compile the denoiser and VAE decoder, warmed up at the sizes of "
+            "IMAGINE_COMPILE_SIZES: auto is on with CUDA, off on CPU and MPS."
+        ),
+    )
+    compile_sizes: str = Field(
+        default="1:1",
+        description=(
+            "With IMAGINE_COMPILE: the --ar ratios whose sizes the worker compiles before its "
+            "first job, comma-separated W:H, or all (every --ar choice). Each costs minutes "
+            "the first start and seconds after (kernels are kept in the data folder); other "
+            "sizes run uncompiled, never waiting for a compile."
         ),
     )
     max_batch: int = Field(
@@ -353,6 +363,17 @@ class Settings(BaseSettings):
         parse_rate(value)
         return value.strip()
 
+    @field_validator("compile_sizes")
+    @classmethod
+    def _ratios_are_readable(cls, value: str) -> str:
+        parse_ratios(value)
+        return value.strip()
+
+    @property
+    def compile_ratios(self) -> list[tuple[int, int] | None]:
+        """The ratios ``compile_sizes`` names; ``None`` is the family's native square."""
+        return [None if ratio == (1, 1) else ratio for ratio in parse_ratios(self.compile_sizes)]
+
     @field_validator("image_origins")
     @classmethod
     def _origins_are_origins(cls, value: str) -> str:
@@ -410,6 +431,26 @@ class Settings(BaseSettings):
 
 
 _RATE = re.compile(r"(?P<count>[0-9]+)\s*/\s*(?P<window>[0-9]+(?:\.[0-9]+)?)")
+
+
+_RATIO = re.compile(r"(?P<width>[0-9]{1,3})\s*:\s*(?P<height>[0-9]{1,3})")
+
+
+def parse_ratios(setting: str) -> list[tuple[int, int]]:
+    """``"1:1, 3:2"`` as ``[(1, 1), (3, 2)]``; ``"all"`` as every ``--ar`` choice."""
+    text = setting.strip().lower()
+    if text == "all":
+        return list(ASPECT_RATIOS)
+    ratios = []
+    for part in filter(None, (piece.strip() for piece in text.split(","))):
+        match = _RATIO.fullmatch(part)
+        ratio = (int(match["width"]), int(match["height"])) if match else (0, 0)
+        if 0 in ratio:
+            raise ValueError(f"{part!r} is not a ratio: write W:H such as 1:1,3:2,2:3, or all")
+        ratios.append(ratio)
+    if not ratios:
+        raise ValueError("name at least one ratio, such as 1:1, or all")
+    return list(dict.fromkeys(ratios))
 
 
 def parse_rate(setting: str) -> tuple[int, float] | None:

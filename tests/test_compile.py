@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
+import generation.compiled
 from generation.compiled import (
     compiled_graphs,
+    eager_runs,
     keep_compiled_kernels,
     plan_compile,
     recompilations,
@@ -27,7 +29,7 @@ from generation.styles import StyleError
 from generation.tiny import build_tiny_lora, build_tiny_sd
 from storage.errors import ConfigError
 from storage.recipe import Recipe, StyleRef
-from storage.settings import Settings
+from storage.settings import Settings, parse_ratios
 from storage.style_store import StyleRefused, check_rank, inspect_lora
 from tests.test_styles import write_style
 
@@ -56,6 +58,15 @@ def engine_settings(data_dir: Path, styles_dir: Path, compile: Literal["on", "of
         lora_slots=2,
         lora_max_rank=MAX_RANK,
     )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def recompiling_fails() -> Any:
+    """A worker runs a warmed-up shape whose guards fail eagerly; here that would hide a
+    recompilation, so it raises instead."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generation.compiled, "STANCE_AFTER_WARM_UP", "fail_on_recompile")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +215,44 @@ def test_a_worker_without_slots_refuses_styles_with_a_sentence(
     engine = Engine.from_settings(settings)  # compiles lazily: nothing runs here
     with pytest.raises(StyleError, match="This worker runs no styles"):
         run(engine, "watercolor")
+
+
+def test_a_shape_the_warm_up_did_not_cover_runs_eagerly_instead_of_compiling(
+    compiled: Engine, eager: Engine
+) -> None:
+    graphs, before = compiled_graphs(), eager_runs()
+    two = recipe().model_copy(update={"count": 2})  # the warm-up compiled one image only
+    images = [np.asarray(done.image, dtype=np.int16) for done in compiled.txt2img(two)]
+    again = [np.asarray(done.image, dtype=np.int16) for done in eager.txt2img(two)]
+    assert compiled_graphs() == graphs
+    assert eager_runs() == before + 1
+    for image, reference in zip(images, again, strict=True):
+        assert np.abs(image - reference).max() <= 1
+    metrics = generate_latest(WorkerMetrics().registry).decode()
+    assert f"imagine_compile_eager_runs {float(eager_runs())}" in metrics
+
+
+def test_the_warm_up_covers_the_ratios_the_owner_named(styles_dir: Path, tmp_path: Path) -> None:
+    settings = engine_settings(tmp_path, styles_dir, "on")
+    engine = Engine.from_settings(settings)  # compiles lazily: nothing runs here
+    side = engine.family.native_side
+    assert engine.warm_up_sizes() == [(side, side)]  # 1:1 alone by default: the native square
+    wide = Engine.from_settings(settings.model_copy(update={"compile_sizes": "1:1, 16:9"}))
+    square, (width, height) = wide.warm_up_sizes()
+    assert square == (side, side) and width > height
+    assert len(parse_ratios("all")) == 8
+    with pytest.raises(ValueError, match="'3x2' is not a ratio: write W:H"):
+        Settings(compile_sizes="1:1,3x2")
+    with pytest.raises(ValueError, match="'0:1' is not a ratio"):
+        Settings(compile_sizes="0:1")
+
+
+def test_style_slots_cover_layers_a_lora_was_once_loaded_into(tmp_path: Path) -> None:
+    from generation.lora import slot_targets
+
+    fresh: Any = build_tiny_sd()
+    used: Any = build_tiny_sd()
+    build_tiny_lora(used.unet, tmp_path / "made.safetensors")  # leaves its layers wrapped
+    assert any(name.endswith(".base_layer") for name, _ in used.unet.named_modules())
+    assert slot_targets(used.unet) == slot_targets(fresh.unet)
+    assert "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k" in slot_targets(used.unet)
