@@ -30,6 +30,7 @@ from generation.flux_checkpoint import (
 from generation.tiny import ensure_tiny_model
 from storage.checkpoints import CheckpointFamily, detect_checkpoint, read_shapes, unreadable
 from storage.errors import ConfigError
+from storage.families import file_family
 from storage.settings import Settings
 
 CONFIGS = Path(__file__).parent / "single_file_configs"
@@ -47,8 +48,13 @@ _CACHED_T5 = (
     ("black-forest-labs/FLUX.1-schnell", "tokenizer_2/"),
     ("black-forest-labs/FLUX.1-dev", "tokenizer_2/"),
     ("stabilityai/stable-diffusion-3.5-medium", "tokenizer_3/"),
+    ("stabilityai/stable-diffusion-3.5-large", "tokenizer_3/"),
+    ("stabilityai/stable-diffusion-3.5-large-turbo", "tokenizer_3/"),
+    ("stabilityai/stable-diffusion-3-medium-diffusers", "tokenizer_3/"),
 )
 _T5_FILES = ("spiece.model", "tokenizer.json")
+# The T5 encoder in an all-in-one SD3 or FLUX file (what diffusers looks for, too).
+_T5_WEIGHT = "text_encoders.t5xxl.transformer.shared.weight"
 # A FLUX file holding the transformer alone takes the rest from a FLUX diffusers model:
 # dev and schnell share their autoencoder, text encoders and tokenizers.
 _FLUX_REPOS = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
@@ -210,25 +216,43 @@ def describe_single_file(path: Path, settings: Settings) -> str:
     :class:`ConfigError` if it cannot load as things stand."""
     shapes = read_shapes(path)
     entry = detect_checkpoint(path, shapes)
+    family = file_family(entry, path).name
     if entry.pipeline == "FluxPipeline" and not _has_components(shapes):
         components = flux_components(entry, settings)
         if components is None:
             raise _no_components(path, entry)
         _flux_config(path, shapes, entry, settings)
-        return f"a {entry.family} transformer, completed by {components}; loadable offline"
+        return f"a {family} transformer, completed by {components}; loadable offline"
     if entry.tiny_model is None and config_folder(entry, settings) is None:
         if not settings.allow_downloads:
             raise _no_configs(path, entry)
-        return f"a {entry.family} checkpoint; its configuration is downloaded at start"
-    if entry.tiny_model is None and entry.t5_tokenizer and not _has_components(shapes):
-        raise _no_components(path, entry)
+        return f"a {family} checkpoint; its configuration is downloaded at start"
+    _refuse_without_encoders(path, shapes, entry)
     if entry.tokenizers and _tokenizer_vocabulary(settings) is None:
         if not settings.allow_downloads:
             raise _no_vocabulary(entry)
-        return f"a {entry.family} checkpoint; the CLIP tokenizer is downloaded at start"
+        return f"a {family} checkpoint; the CLIP tokenizer is downloaded at start"
     if entry.t5_tokenizer and entry.tiny_model is None and _t5_vocabulary(settings) is None:
         raise _no_t5_vocabulary(entry)
-    return f"a {entry.family} checkpoint, loadable offline"
+    return f"a {family} checkpoint, loadable offline"
+
+
+def _refuse_without_encoders(
+    path: Path, shapes: dict[str, list[int]], entry: CheckpointFamily
+) -> None:
+    """An all-in-one file must hold its autoencoder and every text encoder: diffusers takes
+    a part missing from the file from the config folder, which holds no weights."""
+    if entry.tiny_model is not None or not entry.t5_tokenizer:
+        return
+    if not _has_components(shapes):
+        raise _no_components(path, entry)
+    if _T5_WEIGHT not in shapes:
+        raise ConfigError(
+            f"{path} holds the {entry.family} transformer and CLIP encoders but not the T5 "
+            "encoder (text_encoders.t5xxl…) that Imagine reads prompts with; use the version "
+            "of the file that includes T5 (for SD 3 medium, sd3_medium_incl_clips_t5xxlfp8), "
+            "or the model's diffusers folder."
+        )
 
 
 def _has_components(shapes: dict[str, list[int]]) -> bool:
@@ -290,7 +314,7 @@ def load_single_file(path: Path, settings: Settings, dtype: torch.dtype) -> tupl
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()  # diffusers' T5 from a single file is left training: dropout on
-    return pipe, entry.family
+    return pipe, file_family(entry, path).name
 
 
 def _load_with_configs(
@@ -302,8 +326,7 @@ def _load_with_configs(
 ) -> Any:
     import diffusers
 
-    if entry.tiny_model is None and entry.t5_tokenizer and not _has_components(shapes):
-        raise _no_components(path, entry)
+    _refuse_without_encoders(path, shapes, entry)
     pipe_class = getattr(diffusers, entry.pipeline)
     config = config_folder(entry, settings)
     kwargs: dict[str, Any] = {"dtype": dtype}

@@ -32,6 +32,10 @@ class CheckpointFamily:
     t5_tokenizer: str | None = None  # the tokenizer folder needing T5's sentencepiece model
     configs: str | None = None  # the folder of single_file_configs/, if not the family's name
     width_key: str = UNET_CONV_IN  # the tensor whose first dimension is that width
+    without: tuple[str, ...] = ()  # keys this family's checkpoints never hold
+    # The keys cannot tell a distilled variant from its base (SD 3.5 Large Turbo is shaped
+    # as Large), so the file's name picks it, as a hub id's does (families.variant_family).
+    named_variants: bool = False
 
 
 _SDXL = "conditioner.embedders.1.model.positional_embedding"
@@ -40,6 +44,7 @@ _SD2 = "cond_stage_model.model.token_embedding.weight"
 # MMDiT (SD3) and FLUX keys, found with or without the ``model.diffusion_model.`` prefix.
 _SD3 = "joint_blocks.0.x_block.attn.qkv.weight"
 _SD35_MEDIUM = "joint_blocks.0.x_block.attn2.qkv.weight"  # SD 3.5 medium's dual attention
+_SD35_QK_NORM = "joint_blocks.0.x_block.attn.ln_q.weight"  # SD 3.5's RMS norm; SD 3 has none
 _SD3_WIDTH = "x_embedder.proj.weight"
 _FLUX = "double_blocks.0.img_attn.qkv.weight"
 _FLUX_DEV = "guidance_in.in_layer.weight"  # dev's distilled guidance; schnell has none
@@ -62,6 +67,8 @@ CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
         tiny_model="tiny-sd3",
         width_key=_SD3_WIDTH,
     ),
+    # SD 3.5 medium (width 1536, dual attention), SD 3.5 large and large turbo (2432, QK
+    # norm), SD 3 medium (1536, neither): each is one set of configs.
     CheckpointFamily(
         "sd3",
         "StableDiffusion3Pipeline",
@@ -71,9 +78,35 @@ CHECKPOINT_FAMILIES: tuple[CheckpointFamily, ...] = (
         width_key=_SD3_WIDTH,
         t5_tokenizer="tokenizer_3",
         configs="sd35-medium",
+        named_variants=True,
     ),
-    # No configs shipped for SD 3 medium and SD 3.5 large: they load from the hub.
-    CheckpointFamily("sd3", "StableDiffusion3Pipeline", _SD3),
+    CheckpointFamily(
+        "sd3",
+        "StableDiffusion3Pipeline",
+        _SD35_QK_NORM,
+        2432,
+        ("tokenizer", "tokenizer_2"),
+        width_key=_SD3_WIDTH,
+        t5_tokenizer="tokenizer_3",
+        configs="sd35-large",
+        without=(_SD35_MEDIUM,),
+        named_variants=True,
+    ),
+    CheckpointFamily(
+        "sd3",
+        "StableDiffusion3Pipeline",
+        _SD3,
+        1536,
+        ("tokenizer", "tokenizer_2"),
+        width_key=_SD3_WIDTH,
+        t5_tokenizer="tokenizer_3",
+        configs="sd3-medium",
+        without=(_SD35_MEDIUM, _SD35_QK_NORM),
+        named_variants=True,
+    ),
+    # Any other MMDiT (another width, or dual attention without QK norm) ships no configs:
+    # it loads from the hub when downloads are allowed.
+    CheckpointFamily("sd3", "StableDiffusion3Pipeline", _SD3, named_variants=True),
     # Dev or schnell alike: the tiny model's transformer is read with or without guidance.
     CheckpointFamily(
         "tiny-flux", "FluxPipeline", _FLUX, 32, tiny_model="tiny-flux", width_key=_FLUX_WIDTH
@@ -148,6 +181,8 @@ def detect_checkpoint(path: Path, shapes: dict[str, list[int]]) -> CheckpointFam
     for entry in CHECKPOINT_FAMILIES:
         if entry.marker not in shapes and entry.marker not in bare:
             continue
+        if any(key in shapes or key in bare for key in entry.without):
+            continue
         width = shapes.get(entry.width_key) or bare.get(entry.width_key)
         if entry.conv_in_width is None or (width and width[0] == entry.conv_in_width):
             return entry
@@ -158,9 +193,9 @@ def detect_checkpoint(path: Path, shapes: dict[str, list[int]]) -> CheckpointFam
     )
 
 
-def checkpoint_family(path: Path) -> str | None:
-    """The family of the checkpoint file at ``path``, or None where it cannot be told."""
+def checkpoint_entry(path: Path) -> CheckpointFamily | None:
+    """The entry of the checkpoint file at ``path``, or None where it cannot be told."""
     try:
-        return detect_checkpoint(path, read_shapes(path)).family
+        return detect_checkpoint(path, read_shapes(path))
     except ConfigError:
         return None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
-from storage.checkpoints import checkpoint_family
+from storage.checkpoints import CheckpointFamily, checkpoint_entry
 
 _NO_SAMPLER = (
     "{label} samples by flow matching with its own scheduler, which the listed samplers "
@@ -238,6 +238,14 @@ def variant_family(base: str, model: str) -> ModelFamily:
     return FAMILIES[base]
 
 
+def file_family(entry: CheckpointFamily, path: Path) -> ModelFamily:
+    """A checkpoint file's family: its keys' entry, narrowed by the file's name where the
+    keys cannot tell (``sd3_large_turbo.safetensors`` is shaped as SD 3.5 Large)."""
+    if entry.named_variants:
+        return variant_family(entry.family, path.name)
+    return FAMILIES[entry.family]
+
+
 def _folder_family(model: str) -> ModelFamily | None:
     """The family a local diffusers folder names in its model_index.json, if it is one."""
     index = Path(model).expanduser() / "model_index.json"
@@ -268,9 +276,10 @@ def guess_family(model: str) -> ModelFamily:
     if from_folder is not None:
         return from_folder
     if model.endswith(".safetensors"):
-        found = checkpoint_family(Path(model).expanduser())
+        path = Path(model).expanduser()
+        found = checkpoint_entry(path)
         if found is not None:  # a checkpoint file says what it is in its header
-            return FAMILIES[found]
+            return file_family(found, path)
     name = model.lower().replace("_", "-")
     if "flux" in name:
         return variant_family("flux", name)

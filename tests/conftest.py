@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 from sqlalchemy.engine import URL, make_url
@@ -177,6 +178,21 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]
     data_dir = tmp_path / "data"
     monkeypatch.setenv("IMAGINE_DATA_DIR", str(data_dir))
     yield data_dir
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """An empty Hugging Face cache, offline mode, and any connection attempt fails."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a single-file checkpoint must load without the network")
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-home"))
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,10 @@ test models round-trip through ``from_single_file``.
 
 from __future__ import annotations
 
+import json
+import math
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +223,7 @@ def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first], dim=0)
 
 
-def _sd3_transformer_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def sd3_transformer_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers``."""
     state = dict(state)
     out = {
@@ -299,7 +302,7 @@ def _sd3_transformer_to_original(state: dict[str, torch.Tensor]) -> dict[str, to
 def sd3_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
     """An SD3 pipeline's weights as Stability ships them: MMDiT, VAE and the three text
     encoders (``text_encoders.clip_l/clip_g/t5xxl.transformer.…``, in transformers' layout)."""
-    out = _sd3_transformer_to_original(pipe.transformer.state_dict())
+    out = sd3_transformer_to_original(pipe.transformer.state_dict())
     out.update(_vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
     out.update(
         _text_encoders(
@@ -322,6 +325,26 @@ def _text_encoders(**encoders: Any) -> dict[str, torch.Tensor]:
                 key = "text_model." + key
             out[f"text_encoders.{name}.transformer.{key}"] = tensor
     return out
+
+
+_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
+
+
+def write_header_only(shapes: dict[str, list[int]], path: Path, dtype: str = "BF16") -> Path:
+    """A valid ``.safetensors`` file at full size whose tensors are all zeros, written as a
+    header and a sparse hole: a released model's layout, taking neither disk nor memory."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for key, shape in shapes.items():
+        size = _DTYPE_BYTES[dtype] * math.prod(shape)
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        handle.truncate(8 + len(encoded) + offset)
+    return path
 
 
 def write_sd3_single_file(pipe: Any, path: Path) -> Path:
