@@ -43,7 +43,7 @@ if wants sd15; then
 fi
 if wants worker15; then
     # Batches of 8 at two sizes, styled or not, and (c) on a batch of 8: six graphs.
-    run 400 sd15-worker bench/worker_throughput.py --arch sd15-full --compile on \
+    run 440 sd15-worker bench/worker_throughput.py --arch sd15-full --compile on \
         --skip-one-at-a-time --latency-count 8 --repeats 3
 fi
 for option in int8 float8 model; do  # parts int8, float8 and model: one process each
