@@ -1,9 +1,10 @@
 """ControlNets on a resident pipeline: loaded once, kept, and shared through ``from_pipe``.
 
-A ControlNet pipeline (text-to-image, image-to-image or inpainting; SD or SDXL, as
-diffusers' AutoPipelines pick it) is made with ``from_pipe`` from the engine's own
-pipeline, so it shares the UNet, VAE, text encoders and the style LoRAs loaded into
-them: base + styles + controls, one copy of each weight.
+A ControlNet pipeline (text-to-image, image-to-image or inpainting; SD or SDXL as
+diffusers' AutoPipelines pick it, SD3 and FLUX as ``_PIPELINE_CLASSES`` says) is made
+with ``from_pipe`` from the engine's own pipeline, so it shares the UNet or transformer,
+VAE, text encoders and the style LoRAs loaded into them: base + styles + controls, one
+copy of each weight.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from diffusers import (
     AutoPipelineForText2Image,
     ControlNetModel,
     FluxControlNetImg2ImgPipeline,
+    FluxControlNetInpaintPipeline,
     FluxControlNetModel,
     FluxControlNetPipeline,
     SD3ControlNetModel,
@@ -98,12 +100,20 @@ class FluxSameNoiseControlNetImg2ImgPipeline(_SameNoise, FluxControlNetImg2ImgPi
     pass
 
 
+class FluxSameNoiseControlNetInpaintPipeline(_SameNoise, FluxControlNetInpaintPipeline):
+    """Its ``prepare_latents`` (diffusers 0.42) encodes the canvas and then draws the noise,
+    and ``prepare_mask_latents`` encodes the masked canvas after it, both with the call's
+    generators, as ``FluxInpaintPipeline`` does: from the reset generators they draw what
+    the uncontrolled inpainting draws."""
+
+
 # (ModelFamily.controlnet, kind) → the pipeline class made ``from_pipe``, where the
 # AutoPipeline's pick needs replacing.
 _PIPELINE_CLASSES: dict[tuple[str, str], Any] = {
     ("sd3", "txt2img"): SeededSD3ControlNetPipeline,
     ("flux", "txt2img"): FluxSameNoiseControlNetPipeline,
     ("flux", "img2img"): FluxSameNoiseControlNetImg2ImgPipeline,
+    ("flux", "inpaint"): FluxSameNoiseControlNetInpaintPipeline,
 }
 
 

@@ -513,15 +513,20 @@ class Engine:
         recipe: Recipe,
         source: Image.Image,
         *,
+        maps: Sequence[Image.Image] = (),
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
         encode: bool = True,
     ) -> list[GeneratedImage]:
         """Zoom Out and Pan: ``source`` on a larger canvas, the new area generated around it
-        and the source's own pixels put back unchanged."""
+        and the source's own pixels put back unchanged. ``maps`` are the control maps of
+        ``recipe.controls`` at the canvas's size, run by the family's ControlNet inpainting
+        pipeline; a family that has none refuses them before any work."""
         margins = recipe.outpaint
         if margins is None:
             raise ImagineError("Zoom Out and Pan need the margins to add around the image.")
+        if recipe.controls or maps:
+            self._control_nets().check_kind("inpaint")
         source = source.convert("RGB")
         canvas_size = (
             source.width + margins.left + margins.right,
@@ -550,9 +555,8 @@ class Engine:
             "width": recipe.width,
             "height": recipe.height,
         }
-        return self._run(
-            self.inpaint_pipe, recipe, extra, progress, cancel, encode=encode, finish=keep_source
-        )
+        pipe = self._controlled(self.inpaint_pipe, "inpaint", recipe, maps, extra)
+        return self._run(pipe, recipe, extra, progress, cancel, encode=encode, finish=keep_source)
 
     def upscale(
         self,

@@ -159,7 +159,9 @@ def _run_engine(
         assert source is not None
         return [engine.upscale(recipe, source, progress=progress, cancel=cancel, encode=False)]
     if source is not None and recipe.outpaint is not None:
-        return engine.outpaint(recipe, source, progress=progress, cancel=cancel, encode=False)
+        return engine.outpaint(
+            recipe, source, maps=maps, progress=progress, cancel=cancel, encode=False
+        )
     if source is not None:
         return engine.img2img(
             recipe, source, maps=maps, progress=progress, cancel=cancel, encode=False

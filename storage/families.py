@@ -52,6 +52,8 @@ class ModelFamily:
     # and the pipelines diffusers has a ControlNet variant of for it.
     controlnet: str = "unet"
     control_kinds: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
+    # For a kind it lacks: why, and what to do instead ({label}: its name in sentences).
+    control_gaps: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def pixel_budget(self) -> int:
@@ -67,11 +69,14 @@ class ModelFamily:
         if kind in self.control_kinds:
             return None
         done = {"txt2img": "text-to-image", "img2img": "variation", "inpaint": "inpainting"}
-        offered = ", ".join(done[k] for k in self.control_kinds) or "no"
-        return (
-            f"{self.shown_name} models take controls only on {offered} generations, not on "
-            f"a {done[kind]}; leave the controls out of this one."
-        )
+        names = [done[k] for k in self.control_kinds] or ["no"]
+        offered = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        refused = f"{self.shown_name} models take controls only on {offered} generations"
+        gap = self.control_gaps.get(kind)
+        if gap is not None:
+            return f"{refused}: {gap.format(label=self.shown_name)}"
+        article = "an" if done[kind][0] in "aeiou" else "a"
+        return f"{refused}, not on {article} {done[kind]}; leave the controls out of this one."
 
     def refusal(self, flag: str) -> str | None:
         """Why this family refuses ``--flag``, or None if it honours it."""
@@ -98,6 +103,26 @@ _SD3 = ModelFamily(
     refused_flags=_refusing(("sampler", _NO_SAMPLER)),
     controlnet="sd3",
     control_kinds=("txt2img",),
+    # diffusers 0.42: StableDiffusion3ControlNetInpaintingPipeline feeds the ControlNet the
+    # masked image and its mask (an inpainting ControlNet with an extra conditioning
+    # channel, alimama-creative's), never a depth, pose or edge map; and there is no SD3
+    # ControlNet image-to-image pipeline at all.
+    control_gaps=MappingProxyType(
+        {
+            "img2img": (
+                "diffusers has no image-to-image ControlNet pipeline for {label}, so image "
+                "prompts with --iw and variations cannot take one. Leave out --iw (the image "
+                "then gives only the structure) or the controls; on a FLUX model, variations "
+                "take controls."
+            ),
+            "inpaint": (
+                "diffusers inpaints {label} with a ControlNet only through an inpainting "
+                "ControlNet, which reads the image and its mask, not through the depth, pose "
+                "or edge ControlNets that controls run. Leave the controls out of this Zoom "
+                "Out or Pan; on a FLUX model, inpainting takes controls."
+            ),
+        }
+    ),
 )
 # FLUX.1-dev's guidance is distilled: a guidance embedding, no second (negative) pass.
 _FLUX = ModelFamily(
@@ -114,7 +139,7 @@ _FLUX = ModelFamily(
     latent_format="flux",
     refused_flags=_refusing(("no", _NO_NEGATIVE), ("sampler", _NO_SAMPLER)),
     controlnet="flux",
-    control_kinds=("txt2img", "img2img"),
+    control_kinds=("txt2img", "img2img", "inpaint"),
 )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -17,16 +18,20 @@ from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
 from generation.controls import ControlRegistry, parse_control
-from generation.engine import Engine
-from generation.jobs import control_maps
+from generation.engine import Engine, Progress
+from generation.jobs import control_maps, run_generation
 from generation.metadata import read_recipe
 from generation.preprocess import Canny, Lineart, Scribble, Unchanged, draw_openpose
 from generation.tiny import build_tiny_lora, build_tiny_sd, write_tiny_controls
 from storage.blobs import LocalBlobStore, blob_key
 from storage.controls import ControlError, ControlRef, check_controls, make_control
+from storage.database import Database
 from storage.families import FAMILIES
-from storage.recipe import Recipe, StyleRef
+from storage.generations import get_generation
+from storage.models import GenerationKind, GenerationStatus
+from storage.recipe import Outpaint, Recipe, StyleRef
 from storage.settings import Settings
+from tests.test_jobs import submit
 from tests.test_styles import write_style
 
 SIZE = 64
@@ -100,6 +105,12 @@ def control_engine(controls_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         styles_dir=styles,
         controls_dir=controls_dir,
     )
+    return Engine.from_settings(settings)
+
+
+def engine_for(model: str, controls_dir: Path, data_dir: Path) -> Engine:
+    """A CPU engine running ``model`` with the controls in ``controls_dir``."""
+    settings = Settings(data_dir=data_dir, model=model, device="cpu", controls_dir=controls_dir)
     return Engine.from_settings(settings)
 
 
@@ -282,10 +293,7 @@ def test_img2img_takes_a_control(control_engine: Engine) -> None:
 def test_tiny_sdxl_runs_a_control_and_refuses_one_it_lacks(
     controls_dir: Path, tmp_path: Path
 ) -> None:
-    settings = Settings(
-        data_dir=tmp_path, model="tiny-sdxl", device="cpu", controls_dir=controls_dir
-    )
-    engine = Engine.from_settings(settings)
+    engine = engine_for("tiny-sdxl", controls_dir, tmp_path)
     made = recipe(control(), model="tiny-sdxl")
     _, edges = engine.control_map(made.controls[0], photo(), made)
     steered = engine.txt2img(made, maps=[edges])[0].image
@@ -326,10 +334,7 @@ def transformer_controls(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sd3_and_flux_run_controls_and_weight_zero_is_no_control(
     model: str, transformer_controls: Path, tmp_path: Path
 ) -> None:
-    settings = Settings(
-        data_dir=tmp_path, model=model, device="cpu", controls_dir=transformer_controls
-    )
-    engine = Engine.from_settings(settings)
+    engine = engine_for(model, transformer_controls, tmp_path)
     guidance = 3.5 if model == "tiny-flux" else 5.0
     plain = pixels(generate(engine, model=model, steps=2, guidance=guidance))
     steered = generate(engine, control(), model=model, steps=2, guidance=guidance)
@@ -350,10 +355,7 @@ def test_flux_variations_take_controls_and_sd3_ones_are_refused(
 ) -> None:
     source = Image.new("RGB", (SIZE, SIZE), (120, 90, 60))
     for model in ("tiny-flux", "tiny-sd3"):
-        settings = Settings(
-            data_dir=tmp_path / model, model=model, device="cpu", controls_dir=transformer_controls
-        )
-        engine = Engine.from_settings(settings)
+        engine = engine_for(model, transformer_controls, tmp_path / model)
         made = recipe(control(), model=model, strength=0.7, steps=2, guidance=3.5)
         (_, edges) = engine.control_map(made.controls[0], photo(), made)
         if model == "tiny-sd3":
@@ -370,3 +372,97 @@ def test_flux_variations_take_controls_and_sd3_ones_are_refused(
         unweighted = recipe(control(weight=0.0), model=model, strength=0.7, steps=2)
         none = engine.img2img(unweighted, source, maps=[edges])[0].image
         assert np.abs(pixels(none) - pixels(plain)).max() <= 1
+
+
+PAN = Outpaint(left=0, top=0, right=SIZE // 2, bottom=0, action="pan right")
+
+
+def test_flux_zoom_out_and_pan_take_controls_and_keep_the_source(
+    transformer_controls: Path, tmp_path: Path
+) -> None:
+    engine = engine_for("tiny-flux", transformer_controls, tmp_path)
+    source = photo().crop((0, 0, SIZE // 2, SIZE))  # the disc; the box is in the new half
+    panned = {"model": "tiny-flux", "steps": 2, "guidance": 3.5, "outpaint": PAN, "count": 2}
+    made = recipe(control(), **panned)
+    (_, edges) = engine.control_map(made.controls[0], photo(), made)
+    plain = engine.outpaint(recipe(**panned), source)
+    steered = engine.outpaint(made, source, maps=[edges])
+    for image, without in zip(steered, plain, strict=True):
+        assert image.image.size == (SIZE, SIZE)
+        kept, new = np.split(pixels(image.image), 2, axis=1)
+        assert np.array_equal(kept, pixels(source))  # the source's own pixels, unchanged
+        new_without = np.split(pixels(without.image), 2, axis=1)[1]
+        assert np.abs(new - new_without).mean() > 2  # the control steers the new half
+    # The same noise as without controls: a control at weight 0 changes nothing.
+    unweighted = engine.outpaint(recipe(control(weight=0.0), **panned), source, maps=[edges])
+    for image, without in zip(unweighted, plain, strict=True):
+        assert np.abs(pixels(image.image) - pixels(without.image)).max() <= 1
+    again = engine.outpaint(made, source, maps=[edges])
+    assert [image.png for image in again] == [image.png for image in steered]
+    embedded = read_recipe(steered[1].png)
+    assert embedded.outpaint == PAN and embedded.seed == made.seed_for(1)
+    assert [c.model for c in embedded.controls] == ["canny-tiny-flux"]
+
+
+def test_sd3_zoom_out_and_pan_refuse_controls_before_any_work(
+    transformer_controls: Path, tmp_path: Path
+) -> None:
+    engine = engine_for("tiny-sd3", transformer_controls, tmp_path)
+    made = recipe(control(), model="tiny-sd3", steps=2, outpaint=PAN)
+    sentence = FAMILIES["tiny-sd3"].control_refusal("inpaint") or ""
+    assert sentence.startswith("tiny SD3 models take controls only on text-to-image")
+    assert "inpainting ControlNet" in sentence and "Leave the controls out" in sentence
+    (_, edges) = engine.control_map(made.controls[0], photo(), made)
+    heard: list[Progress] = []
+    with pytest.raises(ControlError, match=re.escape(sentence)):
+        engine.outpaint(
+            made, photo().crop((0, 0, SIZE // 2, SIZE)), maps=[edges], progress=heard.append
+        )
+    assert not heard and engine._inpaint_pipe is None  # no pipeline made, no step run
+    assert engine.controls is not None and not engine.controls._models  # no ControlNet loaded
+
+
+def test_sd_zoom_out_and_pan_take_controls(control_engine: Engine) -> None:
+    source = photo().crop((0, 0, SIZE // 2, SIZE))
+    made = recipe(control(), steps=2, outpaint=PAN)
+    (_, edges) = control_engine.control_map(made.controls[0], photo(), made)
+    plain = control_engine.outpaint(recipe(steps=2, outpaint=PAN), source)[0].image
+    steered = control_engine.outpaint(made, source, maps=[edges])[0].image
+    kept, new = np.split(pixels(steered), 2, axis=1)
+    assert np.array_equal(kept, pixels(source))
+    assert np.abs(new - np.split(pixels(plain), 2, axis=1)[1]).mean() > 2
+
+
+def test_a_refusal_without_a_stated_reason_names_what_the_family_takes() -> None:
+    family = replace(FAMILIES["tiny-sd"], control_kinds=("txt2img", "img2img"))
+    assert family.control_refusal("inpaint") == (
+        "tiny-sd models take controls only on text-to-image and variation generations, not on "
+        "an inpainting; leave the controls out of this one."
+    )
+
+
+async def test_a_pan_job_with_a_control_stores_its_map_and_keeps_the_source(
+    database: Database, transformer_controls: Path, tmp_path: Path
+) -> None:
+    engine = engine_for("tiny-flux", transformer_controls, tmp_path / "data")
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    flux = {"model": "tiny-flux", "steps": 2, "guidance": 3.5, "count": 1}
+    first = await submit(database, GenerationKind.IMAGINE, recipe(**flux))
+    made = await run_generation(database, blobs, engine, first, worker_name="w")
+    source = made.images[0].image
+    async with database.session() as session:
+        source_id = (await get_generation(session, first)).images[0].id
+    buffer = io.BytesIO()
+    photo().save(buffer, format="PNG")
+    ref = make_control("canny", source_key=await blobs.put(buffer.getvalue()))
+    pan = recipe(ref, **flux, outpaint=PAN, source_image_id=source_id, width=SIZE + SIZE // 2)
+    panned = await submit(database, GenerationKind.OUTPAINT, pan)
+    outcome = await run_generation(database, blobs, engine, panned, worker_name="w")
+    assert outcome.generation.status is GenerationStatus.SUCCEEDED
+    async with database.session() as session:
+        stored = await get_generation(session, panned)
+    (control_ref,) = stored.recipe.controls
+    assert control_ref.map_key is not None and control_ref.model == "canny-tiny-flux"
+    image = Image.open(io.BytesIO(await blobs.get(stored.images[0].blob_key)))
+    assert image.size == (SIZE + SIZE // 2, SIZE)
+    assert np.array_equal(pixels(image)[:, :SIZE], pixels(source))  # PAN adds SIZE // 2
