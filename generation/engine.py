@@ -60,6 +60,7 @@ from storage.samplers import (
     unknown_sampler_message,
 )
 from storage.settings import Settings
+from storage.slot_rank import SlotRank, size_slots
 
 UPSCALE_OVERLAP = 0.125  # of the tile side
 WARM_UP_COUNT = 4  # images of a default /imagine grid: the batch a compiled warm-up sizes for
@@ -181,7 +182,7 @@ class Engine:
         lora_folder: Path | None = None,
         compile_plan: CompilePlan | None = None,
         lora_slots: int = 2,
-        lora_max_rank: int = 64,
+        lora_slot_rank: SlotRank | int = 64,
         controls: ControlNets | None = None,
         max_batch: int = 1,
         warm_up_ratios: Sequence[tuple[int, int] | None] = (None,),
@@ -196,7 +197,7 @@ class Engine:
         self.loras: LoraSet | LoraSlots
         if self.compile_plan.enabled:
             # Slots before compiling: the compiled graph then has them, and swaps keep it.
-            self.loras = LoraSlots(self.pipe, lora_slots, lora_max_rank, lora_cache_size)
+            self.loras = LoraSlots(self.pipe, lora_slots, lora_slot_rank, lora_cache_size)
             compile_pipeline(
                 self.pipe, fuse_qkv=lora_slots == 0, cache_dir=self.compile_plan.cache_dir
             )
@@ -224,27 +225,41 @@ class Engine:
         self._versions = library_versions()
 
     @classmethod
-    def from_settings(cls, settings: Settings, model: str | None = None) -> Engine:
+    def from_settings(
+        cls, settings: Settings, model: str | None = None, stored_style_rank: int = 0
+    ) -> Engine:
+        """The engine ``settings`` describe. ``stored_style_rank`` is the largest rank of
+        the styles in the database (:func:`storage.slot_rank.stored_style_rank`): with the
+        styles folder's, it sizes a compiled engine's style slots."""
         loaded = load_model(settings, model)
         upscaler = None
         if settings.upscaler:
             upscaler = load_upscaler(settings, loaded.device, loaded.dtype)
+        styles = StyleRegistry.from_folder(settings.resolved_styles_dir)
+        compile_plan = plan_compile(
+            settings.compile,
+            loaded.device,
+            loaded.offload,
+            cache_dir=settings.data_dir / "cache" / "compiled",
+        )
+        slot_rank = size_slots(
+            settings.fixed_slot_rank,
+            [stored_style_rank, *styles.lora_ranks()],
+            settings.lora_max_rank,
+        )
+        if compile_plan.enabled and settings.lora_slots:
+            log.info(slot_rank.describe())
         return cls(
             loaded,
-            styles=StyleRegistry.from_folder(settings.resolved_styles_dir),
+            styles=styles,
             lora_cache_size=settings.lora_cache_size,
             preview_every=settings.preview_every,
             upscale_tile=settings.upscale_tile,
             upscaler=upscaler,
             lora_folder=settings.data_dir / "lora-cache",
-            compile_plan=plan_compile(
-                settings.compile,
-                loaded.device,
-                loaded.offload,
-                cache_dir=settings.data_dir / "cache" / "compiled",
-            ),
+            compile_plan=compile_plan,
             lora_slots=settings.lora_slots,
-            lora_max_rank=settings.lora_max_rank,
+            lora_slot_rank=slot_rank,
             max_batch=settings.max_batch,
             warm_up_ratios=settings.compile_ratios,
             controls=ControlNets(

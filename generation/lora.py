@@ -13,6 +13,7 @@ import torch
 
 from generation.loading import Pipeline
 from generation.styles import StyleError, StyleSpec
+from storage.slot_rank import SlotRank, size_slots
 from storage.style_store import lora_format, lycoris_method, lycoris_refusal
 
 # A LoRA layer's key once diffusers has converted the file: component, module, half.
@@ -198,7 +199,8 @@ class LoraSlots:
     are swapped in place (diffusers' LoRA hot-swap), so no style change recompiles.
 
     Every slot targets the same layers (the attention blocks' linear and 1x1 layers) at
-    rank ``max_rank``; a style fills slot *i* when it is the recipe's *i*-th style, its
+    one rank, sized at the worker's start (:mod:`storage.slot_rank`; an int is a rank
+    the owner fixed); a style fills slot *i* when it is the recipe's *i*-th style, its
     smaller rank padded with zeros. Scales are tensors filled in place. An unused slot
     holds zeros at scale zero, so its output adds exactly nothing: an image is the same
     whatever the slots held before. A job without styles turns the slots off and runs a
@@ -206,13 +208,14 @@ class LoraSlots:
     both (:meth:`styled_path`).
     """
 
-    def __init__(self, pipe: Pipeline, slots: int, max_rank: int, cache_size: int) -> None:
+    def __init__(self, pipe: Pipeline, slots: int, rank: SlotRank | int, cache_size: int) -> None:
         from peft import LoraConfig
         from peft.tuners.lora import LoraLayer
         from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 
         self.pipe = pipe
-        self.max_rank = max_rank
+        self.sizing = rank if isinstance(rank, SlotRank) else size_slots(rank, (), rank)
+        self.rank = self.sizing.rank
         self.names = [f"slot_{index}" for index in range(slots)]
         self._held: list[str | None] = [None] * slots
         self._base: list[dict[Any, float]] = [{} for _ in range(slots)]
@@ -226,11 +229,11 @@ class LoraSlots:
         if not slots:
             self._layers: list[Any] = []
             return
-        config = LoraConfig(r=max_rank, lora_alpha=max_rank, target_modules=self.targets)
+        config = LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=self.targets)
         for name in self.names:
             denoiser.add_adapter(config, adapter_name=name)
         denoiser.set_adapters(self.names)
-        prepare_model_for_compiled_hotswap(denoiser, target_rank=max_rank)
+        prepare_model_for_compiled_hotswap(denoiser, target_rank=self.rank)
         self._layers = [m for m in denoiser.modules() if isinstance(m, LoraLayer)]
         for index in range(slots):
             self._empty(index)
@@ -337,11 +340,8 @@ class LoraSlots:
                     "the attention layers a compiled worker swaps styles into; set "
                     "IMAGINE_COMPILE=off to use it."
                 )
-            if down and tensor.shape[0] > self.max_rank:
-                raise StyleError(
-                    f"The LoRA of style {style.name!r} has rank {tensor.shape[0]}, above the "
-                    f"{self.max_rank} of this worker's style slots (IMAGINE_LORA_MAX_RANK)."
-                )
+            if down and tensor.shape[0] > self.rank:
+                raise StyleError(self.sizing.refusal(style.name, tensor.shape[0]))
 
 
 def slot_targets(denoiser: Any) -> list[str]:

@@ -29,6 +29,7 @@ from typing import Any
 from storage.errors import ImagineError, NotFound
 from storage.families import FAMILIES
 from storage.recipe import StyleRef, search_names, unknown_style_message
+from storage.style_store import lora_rank_of
 
 STYLE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -184,6 +185,12 @@ class StyleRegistry:
             return self._styles[name]
         except KeyError:
             raise UnknownStyle(name, self._styles) from None
+
+    def lora_ranks(self) -> list[int]:
+        """Each style's LoRA rank, from the files' headers alone (no weights are read);
+        a file without a readable header is left out (using it fails with a sentence)."""
+        ranks = (lora_rank_of(style.lora_path) for style in self._styles.values())
+        return [rank for rank in ranks if rank is not None]
 
     def search(self, text: str, limit: int = 25) -> list[str]:
         """Names for autocomplete: prefix matches first, then substring, then fuzzy."""

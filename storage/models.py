@@ -306,6 +306,9 @@ class Style(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     lora_blob_key: Mapped[str | None] = mapped_column(String(64))
     lora_sha256: Mapped[str | None] = mapped_column(String(64))
+    # The LoRA's largest layer rank, so a worker sizes its style slots without reading
+    # every blob; None on rows added before it was recorded, until a worker fills it in.
+    lora_rank: Mapped[int | None] = mapped_column(Integer)
     default_weight: Mapped[float] = mapped_column(Float, default=1.0)
     trigger_words: Mapped[list[str]] = mapped_column(JSON, default=list)
     prompt_template: Mapped[str] = mapped_column(Text, default="{prompt}")

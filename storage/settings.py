@@ -15,7 +15,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import platformdirs
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -211,7 +211,17 @@ class Settings(BaseSettings):
         le=1024,
         description=(
             "Highest LoRA rank a style may have; /style add refuses a larger one (a compiled "
-            "model swaps styles into slots of this rank)."
+            "worker's style slots grow up to this rank: IMAGINE_LORA_SLOT_RANK)."
+        ),
+    )
+    lora_slot_rank: str = Field(
+        default="auto",
+        description=(
+            "With IMAGINE_COMPILE: the rank of the style slots (every styled step pays for "
+            "it). auto: sized at each worker start to the largest installed style (a power "
+            "of two, at least 8, at most IMAGINE_LORA_MAX_RANK); a style added later with a "
+            "larger rank runs after the worker restarts. Or a whole number up to "
+            "IMAGINE_LORA_MAX_RANK."
         ),
     )
     lora_slots: int = Field(
@@ -362,6 +372,28 @@ class Settings(BaseSettings):
     def _rate_is_readable(cls, value: str) -> str:
         parse_rate(value)
         return value.strip()
+
+    @field_validator("lora_slot_rank", mode="before")
+    @classmethod
+    def _slot_rank_is_auto_or_fits(cls, given: object, info: ValidationInfo) -> str:
+        # Before pydantic's own check, so a TOML file may write the rank as a number.
+        value = str(given).strip().lower()
+        if value == "auto":
+            return value
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{value!r} is neither auto nor a rank of 1 or more, such as 16")
+        limit = info.data.get("lora_max_rank")
+        if limit is not None and int(value) > limit:
+            raise ValueError(
+                f"{value} is above IMAGINE_LORA_MAX_RANK ({limit}); set a rank of at most "
+                f"{limit}, or raise IMAGINE_LORA_MAX_RANK too"
+            )
+        return str(int(value))
+
+    @property
+    def fixed_slot_rank(self) -> int | None:
+        """The style slots' rank the owner set, or None to size them from the styles."""
+        return None if self.lora_slot_rank == "auto" else int(self.lora_slot_rank)
 
     @field_validator("compile_sizes")
     @classmethod

@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -161,7 +163,6 @@ def inspect_lora(data: bytes, filename: str, max_bytes: int) -> LoraInfo:
     transformer_width: int | None = None
     flux = mmdit = False
     tensors = 0
-    rank = 0
     for key, entry in header.items():
         if key == "__metadata__":
             continue
@@ -175,8 +176,6 @@ def inspect_lora(data: bytes, filename: str, max_bytes: int) -> LoraInfo:
         if size is None or not 0 <= start <= end <= body or end - start != count * size:
             raise broken
         tensors += 1
-        if _DOWN_WEIGHT.search(key) and len(entry["shape"]) >= 2:
-            rank = max(rank, int(entry["shape"][0]))
         if width is None and _TO_K_DOWN.search(key) and len(entry["shape"]) == 2:
             width = int(entry["shape"][1])
         flux = flux or bool(_FLUX_KEY.search(key))
@@ -194,11 +193,55 @@ def inspect_lora(data: bytes, filename: str, max_bytes: int) -> LoraInfo:
     if method is not None:
         raise StyleRefused(lycoris_refusal(filename, method))
     transformer = "flux" if flux else "sd3" if mmdit else None
-    return LoraInfo(tensors, width, rank, transformer, transformer_width)
+    return LoraInfo(tensors, width, header_rank(header), transformer, transformer_width)
+
+
+def header_rank(header: Mapping[str, Any]) -> int:
+    """The largest rank among a LoRA's layers, from its safetensors header: the first
+    dimension of each down (A) half; 0 when it has none."""
+    rank = 0
+    for key, entry in header.items():
+        if key == "__metadata__" or not isinstance(entry, dict):
+            continue
+        shape = entry.get("shape")
+        if _DOWN_WEIGHT.search(key) and isinstance(shape, list) and len(shape) >= 2:
+            rank = max(rank, int(shape[0]))
+    return rank
+
+
+# safetensors itself refuses headers above 100 MB; a longer one is a damaged file.
+_MAX_HEADER = 100_000_000
+
+
+def lora_rank_of(source: Path | bytes) -> int | None:
+    """The rank of a LoRA file or blob (see :func:`header_rank`) from its header alone, so
+    a worker sizing its style slots reads no weights; None if it has no readable header."""
+    try:
+        if isinstance(source, bytes):
+            data = source
+            raw = _header_bytes(data[:8], lambda count: data[8 : 8 + count])
+        else:
+            with source.open("rb") as file:
+                raw = _header_bytes(file.read(8), file.read)
+        header = json.loads(raw) if raw is not None else None
+        return header_rank(header) if isinstance(header, dict) else None
+    except (OSError, ValueError, TypeError):  # JSON and Unicode errors are ValueErrors
+        return None
+
+
+def _header_bytes(prefix: bytes, read: Callable[[int], bytes]) -> bytes | None:
+    """The header after the 8-byte little-endian length ``prefix``, or None if cut short."""
+    if len(prefix) != 8:
+        return None
+    (length,) = struct.unpack("<Q", prefix)
+    if not 2 <= length <= _MAX_HEADER:
+        return None
+    raw = read(length)
+    return raw if len(raw) == length else None
 
 
 def check_rank(info: LoraInfo, max_rank: int, filename: str) -> None:
-    """Refuse a LoRA of a rank above the slots a compiled model swaps styles into."""
+    """Refuse a LoRA of a rank above the largest a compiled worker's style slots grow to."""
     if info.rank > max_rank:
         raise StyleRefused(
             f"{filename} is a rank-{info.rank} LoRA; this bot takes styles up to rank "
@@ -311,6 +354,7 @@ async def add_style(
     family: str,
     lora_blob_key: str,
     lora_sha256: str,
+    lora_rank: int,
     created_by: int,
     description: str = "",
     default_weight: float = 1.0,
@@ -323,6 +367,7 @@ async def add_style(
         description=description,
         lora_blob_key=lora_blob_key,
         lora_sha256=lora_sha256,
+        lora_rank=lora_rank,
         default_weight=default_weight,
         trigger_words=trigger_words or [],
         prompt_template="{prompt}",

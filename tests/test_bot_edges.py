@@ -114,6 +114,7 @@ async def test_a_refused_style_name_keeps_no_upload(
             family=tiny_engine.family.name,
             lora_blob_key="kept-elsewhere",
             lora_sha256="0" * 64,
+            lora_rank=4,
             created_by=int(MOD["id"]),
         )
     lora = build_tiny_lora(tiny_engine.pipe.unet, tmp_path / "neon.safetensors", seed=21)

@@ -25,7 +25,7 @@ from generation.compiled import (
 from generation.engine import Engine
 from generation.lora import LoraSlots
 from generation.metrics import WorkerMetrics
-from generation.styles import StyleError
+from generation.styles import StyleError, StyleRegistry
 from generation.tiny import build_tiny_lora, build_tiny_sd
 from storage.errors import ConfigError
 from storage.recipe import Recipe, StyleRef
@@ -192,7 +192,9 @@ def test_compiled_images_equal_eager_ones_within_one_level(
 
 
 def test_a_style_above_the_slot_rank_is_refused(compiled: Engine, styles_dir: Path) -> None:
-    with pytest.raises(StyleError, match="has rank 32, above the 16"):
+    # The styles folder's largest is rank 32: the slots stop at IMAGINE_LORA_MAX_RANK.
+    assert isinstance(compiled.loras, LoraSlots) and compiled.loras.rank == MAX_RANK
+    with pytest.raises(StyleError, match=r"has rank 32, above IMAGINE_LORA_MAX_RANK \(16\)"):
         run(compiled, "huge")
     data = (styles_dir / "huge.safetensors").read_bytes()
     info = inspect_lora(data, "huge.safetensors", 2**30)
@@ -201,6 +203,38 @@ def test_a_style_above_the_slot_rank_is_refused(compiled: Engine, styles_dir: Pa
         check_rank(info, MAX_RANK, "huge.safetensors")
     pixel = inspect_lora((styles_dir / "pixel.safetensors").read_bytes(), "p.safetensors", 2**30)
     check_rank(pixel, MAX_RANK, "p.safetensors")  # rank 16 is fine
+
+
+def test_a_style_added_after_the_start_above_the_slots_runs_after_a_restart(
+    styles_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "styles"
+    folder.mkdir()
+    (folder / "watercolor.safetensors").write_bytes(
+        (styles_dir / "watercolor.safetensors").read_bytes()
+    )
+    write_style(folder, "watercolor", "watercolor.safetensors")
+    settings = engine_settings(tmp_path, folder, "on")
+    engine = Engine.from_settings(settings)  # compiles lazily: nothing runs here
+    assert isinstance(engine.loras, LoraSlots) and engine.loras.rank == 8  # for rank 4
+    # A rank-16 style added while it runs, as /style add puts a server's style in.
+    engine.styles.put(StyleRegistry.from_folder(styles_dir).get("pixel"))
+    expected = (
+        "The LoRA of style 'pixel' has rank 16, above the rank-8 style slots this worker "
+        "sized at its start for the styles installed then; it runs after the worker "
+        "restarts (or with IMAGINE_LORA_SLOT_RANK set to 16 or more)."
+    )
+    with pytest.raises(StyleError) as refused:
+        run(engine, "pixel")
+    assert str(refused.value) == expected
+    assert engine.loras.resident == []  # the slot stays empty
+    fixed = Engine.from_settings(settings.model_copy(update={"lora_slot_rank": "8"}))
+    with pytest.raises(StyleError, match=r"IMAGINE_LORA_SLOT_RANK=8\); it runs once"):
+        fixed.loras.activate([(StyleRegistry.from_folder(styles_dir).get("pixel"), 1.0)])
+    restarted = Engine.from_settings(settings, stored_style_rank=16)
+    assert isinstance(restarted.loras, LoraSlots) and restarted.loras.rank == 16
+    restarted.loras.activate([(StyleRegistry.from_folder(styles_dir).get("pixel"), 1.0)])
+    assert len(restarted.loras.resident) == 1
 
 
 def test_more_styles_than_slots_is_refused_with_the_setting(compiled: Engine) -> None:

@@ -234,3 +234,32 @@ async def test_0012_allows_outpaint_generations_and_a_downgrade_keeps_them(
     async with empty_database.session() as session:
         kinds = (await session.execute(text("SELECT id, kind FROM generations"))).all()
     assert [tuple(row) for row in kinds] == [(2, "variation")]
+
+
+async def test_0013_leaves_the_rank_of_existing_styles_to_fill_in_and_a_downgrade_keeps_them(
+    empty_database: Database,
+) -> None:
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    await runner.upgrade(empty_database, "0012")
+    async with empty_database.session() as session:
+        await session.execute(
+            text(
+                "INSERT INTO styles (id, guild_id, name, description, lora_blob_key,"
+                " default_weight, trigger_words, prompt_template, negative_template,"
+                " base_model_family, enabled, created_at) VALUES (1, 5, 'neon', '', 'k', 1.0,"
+                " '[]', '{prompt}', '{negative}', 'sd15', :yes, :now)"
+            ),
+            {"now": datetime(2026, 11, 27, tzinfo=UTC), "yes": True},
+        )
+    await runner.upgrade(empty_database)
+    async with empty_database.session() as session:
+        rows = (await session.execute(text("SELECT name, lora_rank FROM styles"))).all()
+        assert [tuple(row) for row in rows] == [("neon", None)]  # a worker fills it in
+        await session.execute(text("UPDATE styles SET lora_rank = 16"))
+    await runner.downgrade(empty_database, "0012")
+    async with empty_database.session() as session:
+        styles = (await session.execute(text("SELECT * FROM styles"))).mappings().all()
+    assert [row["name"] for row in styles] == ["neon"] and "lora_rank" not in styles[0]

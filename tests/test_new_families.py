@@ -180,7 +180,7 @@ def test_a_compiled_worker_style_slots_take_a_transformer_lora(model: str, tmp_p
         f'name = "s"\nlora = "l.safetensors"\nbase_model_family = "{model}"\n'
     )
     style = StyleRegistry.from_folder(tmp_path).get("s")
-    slots = LoraSlots(build(), slots=1, max_rank=8, cache_size=2)
+    slots = LoraSlots(build(), slots=1, rank=8, cache_size=2)
     slots.activate([(style, 1.0)])  # FLUX's single-stream blocks are slot targets too
     assert len(slots.resident) == 1
 

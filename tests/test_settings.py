@@ -74,6 +74,35 @@ def test_bad_values_get_one_sentence(
 
 
 @pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("sixteen", r"IMAGINE_LORA_SLOT_RANK\) is invalid: .*'sixteen' is neither auto nor a rank"),
+        ("0", r"'0' is neither auto nor a rank of 1 or more"),
+        ("128", r"128 is above IMAGINE_LORA_MAX_RANK \(64\); set a rank of at most 64"),
+    ],
+)
+def test_a_bad_slot_rank_says_what_to_write(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, value: str, expected: str
+) -> None:
+    monkeypatch.setenv("IMAGINE_LORA_SLOT_RANK", value)
+    with pytest.raises(ConfigError, match=expected) as refused:
+        load_settings()
+    assert "\n" not in str(refused.value)
+
+
+def test_the_slot_rank_is_auto_or_a_number_within_the_max_rank(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert load_settings().fixed_slot_rank is None  # auto by default
+    config = tmp_path / "ranks.toml"
+    config.write_text("lora_max_rank = 128\nlora_slot_rank = 96\n")  # TOML's number
+    monkeypatch.setenv("IMAGINE_CONFIG", str(config))
+    assert load_settings().fixed_slot_rank == 96
+    monkeypatch.setenv("IMAGINE_LORA_SLOT_RANK", " Auto ")
+    assert load_settings().fixed_slot_rank is None
+
+
+@pytest.mark.parametrize(
     ("url", "expected"),
     [
         ("not a url", "is not a database URL"),

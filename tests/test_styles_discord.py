@@ -59,6 +59,7 @@ async def test_a_manager_adds_a_style_and_everyone_can_use_it(
     async with running.database.session() as session:
         [style] = list(await session.scalars(select(Style)))
     assert style.lora_sha256 == hashlib.sha256(data).hexdigest()
+    assert style.lora_rank == 4  # build_tiny_lora's rank: workers size their slots by it
     assert style.created_by == int(MOD["id"]) and style.preview_generation_id is not None
     assert await running.services.blobs.get(style.lora_blob_key or "") == data
 

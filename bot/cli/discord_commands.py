@@ -168,10 +168,11 @@ async def run_bot(settings: Settings) -> int:
 
 async def _embedded_worker(deployment: Deployment, stop: asyncio.Event) -> None:
     """Load the model off the event loop (the bot is online meanwhile), then run jobs."""
-    from bot.cli.engine import load_engine
+    from bot.cli.engine import load_engine, stored_style_rank
     from generation.worker import Worker
 
-    engine = await asyncio.to_thread(load_engine, deployment.settings)
+    rank = await stored_style_rank(deployment)
+    engine = await asyncio.to_thread(load_engine, deployment.settings, rank)
     seconds = await asyncio.to_thread(engine.warm_up)
     worker = Worker.for_deployment(
         deployment, engine, name=f"{socket.gethostname()}-{os.getpid()}-bot"

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bot.cli.engine import load_engine
+from bot.cli.engine import load_engine, stored_style_rank
 from bot.deployment import start_deployment
 from storage.blobs import LocalBlobStore
 from storage.deployment import Deployment
@@ -241,7 +241,7 @@ async def _submit_and_run(
     deployment = await start_deployment(settings)
     loop = asyncio.get_running_loop()
     try:
-        engine = load_engine(settings)
+        engine = load_engine(settings, await stored_style_rank(deployment))
         from generation.engine import CancelToken
 
         cancel = CancelToken()

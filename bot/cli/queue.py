@@ -101,12 +101,13 @@ async def _model_of(deployment: Deployment, generation_id: int) -> str:
 async def serve_worker(deployment: Deployment, name: str) -> int:
     """Load the engine, warm it up, and run jobs until SIGTERM/SIGINT (the job in hand
     finishes first) or until too many fail in a row; returns the process's exit code."""
-    from bot.cli.engine import load_engine
+    from bot.cli.engine import load_engine, stored_style_rank
     from generation.worker import Worker
 
     log = logging.getLogger(__name__)
     settings = deployment.settings
-    engine = await asyncio.to_thread(load_engine, settings)
+    rank = await stored_style_rank(deployment)
+    engine = await asyncio.to_thread(load_engine, settings, rank)
     worker = Worker.for_deployment(
         deployment,
         engine,

@@ -282,6 +282,7 @@ class StylesCog(commands.Cog):
                     family=family,
                     lora_blob_key=key,
                     lora_sha256=hashlib.sha256(data).hexdigest(),
+                    lora_rank=info.rank,
                     created_by=interaction.user.id,
                     description=description,
                     default_weight=weight,
