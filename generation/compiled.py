@@ -140,12 +140,14 @@ STANCE_AFTER_WARM_UP = "eager_on_recompile"
 @dataclass(frozen=True)
 class Shape:
     """What one compiled graph of the denoiser is for: its input's size, its batch of
-    images, and whether the style slots are on."""
+    images, and whether the style slots are on, at which rank (slots that grew after the
+    warm-up no longer fit its graph)."""
 
     width: int
     height: int
     images: int
     styled: bool
+    slot_rank: int = 0
 
 
 class WarmShapes:

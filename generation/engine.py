@@ -835,7 +835,8 @@ class Engine:
         if not self.compile_plan.enabled:
             return nullcontext()
         styled = isinstance(self.loras, LoraSlots) and self.loras.enabled
-        return self.warm_shapes.stance(Shape(*size, images, styled))
+        rank = self.loras.rank if styled and isinstance(self.loras, LoraSlots) else 0
+        return self.warm_shapes.stance(Shape(*size, images, styled, rank))
 
     def _apply_styles(self, recipe: Recipe) -> tuple[str, str]:
         """Styled prompts, with the styles' LoRAs active at their weights."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 
@@ -15,6 +16,8 @@ from generation.loading import Pipeline
 from generation.styles import StyleError, StyleSpec
 from storage.slot_rank import SlotRank, size_slots
 from storage.style_store import lora_format, lycoris_method, lycoris_refusal
+
+log = logging.getLogger(__name__)
 
 # A LoRA layer's key once diffusers has converted the file: component, module, half.
 _LORA_KEY = re.compile(
@@ -206,13 +209,14 @@ class LoraSlots:
     whatever the slots held before. A job without styles turns the slots off and runs a
     second compiled graph without them, so it pays nothing for them; the warm-up compiles
     both (:meth:`styled_path`).
+
+    Sized automatically, the slots grow for a style added after the start with a larger
+    rank (up to IMAGINE_LORA_MAX_RANK): its job runs at once, and styled jobs run
+    uncompiled until the worker restarts and compiles the larger slots (:attr:`rank` is
+    part of the engine's warmed-up shapes, so the engine knows).
     """
 
     def __init__(self, pipe: Pipeline, slots: int, rank: SlotRank | int, cache_size: int) -> None:
-        from peft import LoraConfig
-        from peft.tuners.lora import LoraLayer
-        from peft.utils.hotswap import prepare_model_for_compiled_hotswap
-
         self.pipe = pipe
         self.sizing = rank if isinstance(rank, SlotRank) else size_slots(rank, (), rank)
         self.rank = self.sizing.rank
@@ -226,17 +230,48 @@ class LoraSlots:
         self.denoiser = denoiser
         self._enabled = True
         self.targets = slot_targets(denoiser)
-        if not slots:
-            self._layers: list[Any] = []
-            return
+        self._layers: list[Any] = []
+        if slots:
+            self._add_slots(check_compiled="error")
+
+    def _add_slots(self, check_compiled: Literal["error", "ignore"]) -> None:
+        """Empty slots of :attr:`rank` on every target layer."""
+        from peft import LoraConfig
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
         config = LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=self.targets)
         for name in self.names:
-            denoiser.add_adapter(config, adapter_name=name)
-        denoiser.set_adapters(self.names)
-        prepare_model_for_compiled_hotswap(denoiser, target_rank=self.rank)
-        self._layers = [m for m in denoiser.modules() if isinstance(m, LoraLayer)]
-        for index in range(slots):
+            self.denoiser.add_adapter(config, adapter_name=name)
+        self.denoiser.set_adapters(self.names)
+        prepare_model_for_compiled_hotswap(
+            self.denoiser, target_rank=self.rank, check_compiled=check_compiled
+        )
+        self._layers = [m for m in self.denoiser.modules() if isinstance(m, LoraLayer)]
+        self._enabled = True
+        for index in range(len(self.names)):
             self._empty(index)
+
+    def _grow(self, style: StyleSpec, needed: int) -> None:
+        """Slots large enough for ``style``'s rank ``needed``: the compiled styled graph no
+        longer fits them, so styled jobs run uncompiled until the worker restarts."""
+        before = self.rank
+        grown = size_slots(None, [needed], self.sizing.limit)
+        self.sizing = replace(self.sizing, rank=grown.rank, largest=needed)
+        self.rank = grown.rank
+        for name in self.names:
+            self.denoiser.delete_adapters(name)
+        self._held = [None] * len(self.names)
+        self._base = [{} for _ in self.names]
+        self._add_slots(check_compiled="ignore")  # its styled graph is left for eager runs
+        log.warning(
+            "style slots grew from rank %d to %d for style %r (rank %d), added after this "
+            "worker started: styled jobs run uncompiled until it restarts",
+            before,
+            self.rank,
+            style.name,
+            needed,
+        )
 
     @property
     def resident(self) -> list[str]:
@@ -254,6 +289,8 @@ class LoraSlots:
                 f"A generation can combine at most {len(self.names)} styles on this worker "
                 f"(IMAGINE_LORA_SLOTS); {len(styles)} were asked for."
             )
+        for style, _ in styles:  # checked (the slots may grow) before any slot changes
+            self._state(style)
         for index, (style, weight) in enumerate(styles):
             name = adapter_name(style)
             if self._held[index] != name:
@@ -327,6 +364,7 @@ class LoraSlots:
 
     def _check_slot_fits(self, style: StyleSpec, lora: CheckedLora) -> None:
         targets = set(self.targets)
+        rank = 0
         for (component, module, down), tensor in lora.layers.items():
             if component.startswith("text_encoder"):
                 raise StyleError(
@@ -340,8 +378,13 @@ class LoraSlots:
                     "the attention layers a compiled worker swaps styles into; set "
                     "IMAGINE_COMPILE=off to use it."
                 )
-            if down and tensor.shape[0] > self.rank:
-                raise StyleError(self.sizing.refusal(style.name, tensor.shape[0]))
+            if down:
+                rank = max(rank, tensor.shape[0])
+        if rank <= self.rank:
+            return
+        if self.sizing.fixed or rank > self.sizing.limit:
+            raise StyleError(self.sizing.refusal(style.name, rank))
+        self._grow(style, rank)
 
 
 def slot_targets(denoiser: Any) -> list[str]:

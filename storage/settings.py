@@ -220,8 +220,8 @@ class Settings(BaseSettings):
             "With IMAGINE_COMPILE: the rank of the style slots (every styled step pays for "
             "it). auto: sized at each worker start to the largest installed style (a power "
             "of two, at least 8, at most IMAGINE_LORA_MAX_RANK); a style added later with a "
-            "larger rank runs after the worker restarts. Or a whole number up to "
-            "IMAGINE_LORA_MAX_RANK."
+            "larger rank makes them grow, and styled jobs run uncompiled until the worker "
+            "restarts. Or a whole number up to IMAGINE_LORA_MAX_RANK."
         ),
     )
     lora_slots: int = Field(

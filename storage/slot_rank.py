@@ -4,7 +4,9 @@ Every styled denoising step pays for the slots' rank in every attention layer, s
 slots are only as large as the installed styles need (IMAGINE_LORA_SLOT_RANK=auto): the
 smallest power of two of at least 8 that holds the largest style of the styles folder and
 of the database, at most IMAGINE_LORA_MAX_RANK. A style added later with a larger rank
-runs after the worker restarts; until then its jobs fail with :meth:`SlotRank.refusal`.
+makes the slots grow (generation/lora.py): it runs at once, and styled jobs run uncompiled
+until the worker restarts. A rank the owner fixed, or one above IMAGINE_LORA_MAX_RANK, is
+refused with :meth:`SlotRank.refusal`.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ from prometheus_client import generate_latest
 
 import generation.compiled
 from generation.compiled import (
+    Shape,
+    WarmShapes,
     compiled_graphs,
     eager_runs,
     keep_compiled_kernels,
@@ -205,9 +207,11 @@ def test_a_style_above_the_slot_rank_is_refused(compiled: Engine, styles_dir: Pa
     check_rank(pixel, MAX_RANK, "p.safetensors")  # rank 16 is fine
 
 
-def test_a_style_added_after_the_start_above_the_slots_runs_after_a_restart(
-    styles_dir: Path, tmp_path: Path
+def test_a_style_added_after_the_start_above_the_slots_makes_them_grow(
+    styles_dir: Path, tmp_path: Path, eager: Engine
 ) -> None:
+    import torch
+
     folder = tmp_path / "styles"
     folder.mkdir()
     (folder / "watercolor.safetensors").write_bytes(
@@ -218,23 +222,35 @@ def test_a_style_added_after_the_start_above_the_slots_runs_after_a_restart(
     engine = Engine.from_settings(settings)  # compiles lazily: nothing runs here
     assert isinstance(engine.loras, LoraSlots) and engine.loras.rank == 8  # for rank 4
     # A rank-16 style added while it runs, as /style add puts a server's style in.
-    engine.styles.put(StyleRegistry.from_folder(styles_dir).get("pixel"))
-    expected = (
-        "The LoRA of style 'pixel' has rank 16, above the rank-8 style slots this worker "
-        "sized at its start for the styles installed then; it runs after the worker "
-        "restarts (or with IMAGINE_LORA_SLOT_RANK set to 16 or more)."
-    )
-    with pytest.raises(StyleError) as refused:
-        run(engine, "pixel")
-    assert str(refused.value) == expected
-    assert engine.loras.resident == []  # the slot stays empty
+    for name in ("inkwash", "pixel"):
+        engine.styles.put(StyleRegistry.from_folder(styles_dir).get(name))
+    with torch.compiler.set_stance("force_eager"):  # the slots' work, without compiling
+        grown = {name: run(engine, *styles) for name, styles in SEQUENCE.items()}
+    assert engine.loras.rank == 16
+    for name in ("pixel", "watercolor", "both"):
+        difference = np.abs(grown[name] - run(eager, *SEQUENCE[name])).max()
+        assert difference <= 1, (name, difference)
+    assert np.array_equal(grown["none"], grown["plain"])
+    # A rank the owner fixed does not grow: the style is refused with both ranks.
     fixed = Engine.from_settings(settings.model_copy(update={"lora_slot_rank": "8"}))
     with pytest.raises(StyleError, match=r"IMAGINE_LORA_SLOT_RANK=8\); it runs once"):
         fixed.loras.activate([(StyleRegistry.from_folder(styles_dir).get("pixel"), 1.0)])
+    assert fixed.loras.rank == 8 and fixed.loras.resident == []
     restarted = Engine.from_settings(settings, stored_style_rank=16)
     assert isinstance(restarted.loras, LoraSlots) and restarted.loras.rank == 16
-    restarted.loras.activate([(StyleRegistry.from_folder(styles_dir).get("pixel"), 1.0)])
-    assert len(restarted.loras.resident) == 1
+
+
+def test_grown_slots_run_the_styled_jobs_uncompiled() -> None:
+    warm = WarmShapes()
+    with warm.warming_up(), warm.stance(Shape(64, 64, 1, True, 8)):
+        pass
+    before = eager_runs()
+    with warm.stance(Shape(64, 64, 1, True, 8)):  # the warmed-up graph
+        pass
+    assert eager_runs() == before
+    with warm.stance(Shape(64, 64, 1, True, 16)):  # its slots grew since
+        pass
+    assert eager_runs() == before + 1
 
 
 def test_more_styles_than_slots_is_refused_with_the_setting(compiled: Engine) -> None:
