@@ -99,9 +99,6 @@ def start_bot(url: URL, fake: FakeDiscord, data_dir: Path) -> subprocess.Popen[s
         "IMAGINE_MAX_RUNNING_PER_USER": "1",
         "IMAGINE_MAX_QUEUED_PER_USER": "10",
         "IMAGINE_WORKER_STALE_SECONDS": "10",
-        # One job at a time: batches of two would leave almost no moment with jobs
-        # queued, running and finished at once, which is when the restart must come.
-        "IMAGINE_MAX_BATCH": "1",
         "IMAGINE_WEB_PORT": "0",
         "HF_HUB_OFFLINE": "1",
     }
@@ -130,7 +127,12 @@ async def test_a_restarted_and_a_stopped_server_lose_no_job_and_answer_every_mem
             ]
             return "\n".join([*parts, f"--- postgres.log ---\n{server.log_tail()}"])
 
-        workers = [start_worker(url, name, tmp_path, stale_seconds=10) for name in WORKERS]
+        # One job at a time: batches of two would leave almost no moment with jobs queued,
+        # running and finished at once, which is when the restart must come.
+        workers = [
+            start_worker(url, name, tmp_path, stale_seconds=10, IMAGINE_MAX_BATCH="1")
+            for name in WORKERS
+        ]
         fake = FakeDiscord()
         await fake.start()
         bot: subprocess.Popen[str] | None = None
