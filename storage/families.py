@@ -217,7 +217,7 @@ PIPELINE_FAMILIES = {
 _VARIANTS = {"sd3": (("turbo", "sd3-turbo"),), "flux": (("schnell", "flux-schnell"),)}
 
 
-# The ratios /imagine offers as choices; a compiled engine warms up at each one's size.
+# The ratios /imagine offers as choices; IMAGINE_COMPILE_SIZES=all warms up at each size.
 ASPECT_RATIOS: tuple[tuple[int, int], ...] = (
     (1, 1),
     (3, 2),
