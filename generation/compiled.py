@@ -4,7 +4,7 @@ Shapes are static (``dynamic=False``): each image size, batch and style path get
 kernels of its own, and the engine's warm-up compiles the sizes of the ``--ar`` ratios
 in ``IMAGINE_COMPILE_SIZES`` before the first job. After the warm-up nothing compiles
 while a job waits: a shape nobody warmed up (an odd size, an upscale tile) runs
-uncompiled (:func:`warm_stance`), and :func:`eager_runs` counts those for the metrics.
+uncompiled (:meth:`WarmShapes.stance`), and :func:`eager_runs` counts those for the metrics.
 
 Compiling a size is slow the first time (on an H200, SD 1.5's twelve graphs for two
 sizes took over five minutes), so the compiled kernels are kept in the data folder
@@ -140,14 +140,17 @@ STANCE_AFTER_WARM_UP = "eager_on_recompile"
 @dataclass(frozen=True)
 class Shape:
     """What one compiled graph of the denoiser is for: its input's size, its batch of
-    images, and whether the style slots are on, at which rank (slots that grew after the
-    warm-up no longer fit its graph)."""
+    images, and the rank of the style slots when they are on (0 when off: slots that grew
+    after the warm-up no longer fit its graph)."""
 
     width: int
     height: int
     images: int
-    styled: bool
-    slot_rank: int = 0
+    slot_rank: int
+
+    @property
+    def styled(self) -> bool:
+        return self.slot_rank > 0
 
 
 class WarmShapes:

@@ -834,9 +834,9 @@ class Engine:
         """Compiled, after the warm-up: the warmed-up shapes run compiled, others eagerly."""
         if not self.compile_plan.enabled:
             return nullcontext()
-        styled = isinstance(self.loras, LoraSlots) and self.loras.enabled
-        rank = self.loras.rank if styled and isinstance(self.loras, LoraSlots) else 0
-        return self.warm_shapes.stance(Shape(*size, images, styled, rank))
+        slots = self.loras if isinstance(self.loras, LoraSlots) else None
+        rank = slots.rank if slots is not None and slots.enabled else 0
+        return self.warm_shapes.stance(Shape(*size, images, rank))
 
     def _apply_styles(self, recipe: Recipe) -> tuple[str, str]:
         """Styled prompts, with the styles' LoRAs active at their weights."""

@@ -219,7 +219,6 @@ class LoraSlots:
     def __init__(self, pipe: Pipeline, slots: int, rank: SlotRank | int, cache_size: int) -> None:
         self.pipe = pipe
         self.sizing = rank if isinstance(rank, SlotRank) else size_slots(rank, (), rank)
-        self.rank = self.sizing.rank
         self.names = [f"slot_{index}" for index in range(slots)]
         self._held: list[str | None] = [None] * slots
         self._base: list[dict[Any, float]] = [{} for _ in range(slots)]
@@ -258,7 +257,6 @@ class LoraSlots:
         before = self.rank
         grown = size_slots(None, [needed], self.sizing.limit)
         self.sizing = replace(self.sizing, rank=grown.rank, largest=needed)
-        self.rank = grown.rank
         for name in self.names:
             self.denoiser.delete_adapters(name)
         self._held = [None] * len(self.names)
@@ -272,6 +270,11 @@ class LoraSlots:
             style.name,
             needed,
         )
+
+    @property
+    def rank(self) -> int:
+        """The slots' rank: sized at the start, grown since for a larger style."""
+        return self.sizing.rank
 
     @property
     def resident(self) -> list[str]:

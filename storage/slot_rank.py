@@ -54,7 +54,8 @@ class SlotRank:
         )
 
     def refusal(self, style: str, rank: int) -> str:
-        """Why the style ``style`` of rank ``rank``, above the slots, cannot run here."""
+        """Why the style ``style`` of rank ``rank`` cannot run here: above
+        IMAGINE_LORA_MAX_RANK, or above a rank the owner fixed (sized slots grow instead)."""
         start = f"The LoRA of style {style!r} has rank {rank}"
         if rank > self.limit:
             return (
@@ -62,16 +63,10 @@ class SlotRank:
                 f"slots take; use a LoRA of rank {self.limit} or less, or ask the bot's owner "
                 "to raise that setting and restart the worker."
             )
-        if self.fixed:
-            return (
-                f"{start}, above the rank-{self.rank} style slots of this worker "
-                f"(IMAGINE_LORA_SLOT_RANK={self.rank}); it runs once the bot's owner sets "
-                f"IMAGINE_LORA_SLOT_RANK to auto or {rank} or more and restarts the worker."
-            )
         return (
-            f"{start}, above the rank-{self.rank} style slots this worker sized at its start "
-            "for the styles installed then; it runs after the worker restarts (or with "
-            f"IMAGINE_LORA_SLOT_RANK set to {rank} or more)."
+            f"{start}, above the rank-{self.rank} style slots of this worker "
+            f"(IMAGINE_LORA_SLOT_RANK={self.rank}); it runs once the bot's owner sets "
+            f"IMAGINE_LORA_SLOT_RANK to auto or {rank} or more and restarts the worker."
         )
 
 

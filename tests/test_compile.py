@@ -242,13 +242,13 @@ def test_a_style_added_after_the_start_above_the_slots_makes_them_grow(
 
 def test_grown_slots_run_the_styled_jobs_uncompiled() -> None:
     warm = WarmShapes()
-    with warm.warming_up(), warm.stance(Shape(64, 64, 1, True, 8)):
+    with warm.warming_up(), warm.stance(Shape(64, 64, 1, 8)):
         pass
     before = eager_runs()
-    with warm.stance(Shape(64, 64, 1, True, 8)):  # the warmed-up graph
+    with warm.stance(Shape(64, 64, 1, 8)):  # the warmed-up graph
         pass
     assert eager_runs() == before
-    with warm.stance(Shape(64, 64, 1, True, 16)):  # its slots grew since
+    with warm.stance(Shape(64, 64, 1, 16)):  # its slots grew since
         pass
     assert eager_runs() == before + 1
 
