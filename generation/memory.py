@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,9 @@ from typing import Any
 
 import torch
 
+from storage.checkpoints import unreadable
 from storage.errors import ConfigError
+from storage.safetensors_header import HeaderError, read_header
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +118,10 @@ def recipe_quantization(quantization: str) -> str | None:
 
 def _header_shapes(path: Path) -> dict[str, int]:
     """Parameters per tensor of one .safetensors file, read from its header alone."""
-    with path.open("rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(length))
-    sizes = {}
-    for key, entry in header.items():
-        if key != "__metadata__":
-            sizes[key] = math.prod(int(side) for side in entry["shape"])
-    return sizes
+    try:
+        return read_header(path).parameters()
+    except HeaderError as exc:
+        raise unreadable(path, exc) from None
 
 
 def _single_file_part(key: str) -> str:

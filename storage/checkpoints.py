@@ -8,15 +8,13 @@ Civitai checkpoint without loading it; the engine loads it by the same entry
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from storage.errors import ConfigError
+from storage.safetensors_header import HeaderError, read_header
 
 UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
-_HEADER_LIMIT = 100 * 2**20
 
 
 @dataclass(frozen=True)
@@ -144,29 +142,11 @@ def unreadable(path: Path, reason: object) -> ConfigError:
 def read_shapes(path: Path) -> dict[str, list[int]]:
     """Each tensor's shape, from the safetensors header (no weight is read)."""
     try:
-        with path.open("rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                raise unreadable(path, "shorter than a header")
-            (length,) = struct.unpack("<Q", head)
-            if not 2 <= length <= _HEADER_LIMIT:
-                raise unreadable(path, "its header length is impossible")
-            header = json.loads(handle.read(length))
-            body = path.stat().st_size - 8 - length
-    except OSError as exc:
+        header = read_header(path)
+        header.check_offsets()
+        return header.shapes()
+    except HeaderError as exc:
         raise unreadable(path, exc) from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise unreadable(path, "its header is not JSON") from None
-    if not isinstance(header, dict):
-        raise unreadable(path, "its header is not a table of tensors")
-    tensors = {
-        key: entry
-        for key, entry in header.items()
-        if key != "__metadata__" and isinstance(entry, dict)
-    }
-    if any(entry.get("data_offsets", [0, 0])[-1] > body for entry in tensors.values()):
-        raise unreadable(path, "its tensors run past the end of the file: it was cut short")
-    return {key: list(entry.get("shape", [])) for key, entry in tensors.items()}
 
 
 def detect_checkpoint(path: Path, shapes: dict[str, list[int]]) -> CheckpointFamily:

@@ -11,10 +11,9 @@ checks every key against the loaded model again when it first applies it.
 
 from __future__ import annotations
 
-import json
+import math
 import re
-import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.errors import ImagineError, NotFound
 from storage.models import Style
+from storage.safetensors_header import HeaderError, read_header
 
 STYLE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Width of the text embedding the UNet's cross-attention reads, by family.
@@ -147,32 +147,24 @@ def inspect_lora(data: bytes, filename: str, max_bytes: int) -> LoraInfo:
         f"{filename} is not a valid safetensors file (it is damaged or cut short); "
         "download it again and upload the whole file."
     )
-    if len(data) < 8:
-        raise broken
-    (length,) = struct.unpack("<Q", data[:8])
-    if length < 2 or 8 + length > len(data):
-        raise broken
     try:
-        header = json.loads(data[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = read_header(data)
+    except HeaderError:
         raise broken from None
-    if not isinstance(header, dict):
-        raise broken
-    body = len(data) - 8 - length
+    body = header.body_bytes
     width: int | None = None
     transformer_width: int | None = None
     flux = mmdit = False
     tensors = 0
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
+    for key, entry in header.entries.items():
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
             raise broken
-        start, end = entry["data_offsets"]
-        size = _DTYPE_BYTES.get(entry["dtype"])
-        count = 1
-        for dim in entry["shape"]:
-            count *= int(dim)
+        try:  # a crafted header may hold anything where numbers belong
+            start, end = (int(offset) for offset in entry["data_offsets"])
+            count = math.prod(int(dim) for dim in entry["shape"])
+            size = _DTYPE_BYTES.get(entry["dtype"])
+        except (TypeError, ValueError):
+            raise broken from None
         if size is None or not 0 <= start <= end <= body or end - start != count * size:
             raise broken
         tensors += 1
@@ -189,11 +181,11 @@ def inspect_lora(data: bytes, filename: str, max_bytes: int) -> LoraInfo:
             transformer_width = int(entry["shape"][1])
     if tensors == 0:
         raise StyleRefused(f"{filename} holds no tensors; it is not a LoRA.")
-    method = lycoris_method(header)
+    method = lycoris_method(header.entries)
     if method is not None:
         raise StyleRefused(lycoris_refusal(filename, method))
     transformer = "flux" if flux else "sd3" if mmdit else None
-    return LoraInfo(tensors, width, header_rank(header), transformer, transformer_width)
+    return LoraInfo(tensors, width, header_rank(header.entries), transformer, transformer_width)
 
 
 def header_rank(header: Mapping[str, Any]) -> int:
@@ -205,39 +197,18 @@ def header_rank(header: Mapping[str, Any]) -> int:
             continue
         shape = entry.get("shape")
         if _DOWN_WEIGHT.search(key) and isinstance(shape, list) and len(shape) >= 2:
-            rank = max(rank, int(shape[0]))
+            if isinstance(shape[0], int):  # anything else is a damaged header's
+                rank = max(rank, shape[0])
     return rank
-
-
-# safetensors itself refuses headers above 100 MB; a longer one is a damaged file.
-_MAX_HEADER = 100_000_000
 
 
 def lora_rank_of(source: Path | bytes) -> int | None:
     """The rank of a LoRA file or blob (see :func:`header_rank`) from its header alone, so
     a worker sizing its style slots reads no weights; None if it has no readable header."""
     try:
-        if isinstance(source, bytes):
-            data = source
-            raw = _header_bytes(data[:8], lambda count: data[8 : 8 + count])
-        else:
-            with source.open("rb") as file:
-                raw = _header_bytes(file.read(8), file.read)
-        header = json.loads(raw) if raw is not None else None
-        return header_rank(header) if isinstance(header, dict) else None
-    except (OSError, ValueError, TypeError):  # JSON and Unicode errors are ValueErrors
+        return header_rank(read_header(source).entries)
+    except HeaderError:
         return None
-
-
-def _header_bytes(prefix: bytes, read: Callable[[int], bytes]) -> bytes | None:
-    """The header after the 8-byte little-endian length ``prefix``, or None if cut short."""
-    if len(prefix) != 8:
-        return None
-    (length,) = struct.unpack("<Q", prefix)
-    if not 2 <= length <= _MAX_HEADER:
-        return None
-    raw = read(length)
-    return raw if len(raw) == length else None
 
 
 def check_rank(info: LoraInfo, max_rank: int, filename: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,15 @@ def test_doctor_reports_memory_on_the_cpu_and_refuses_offload_there(
     assert check.status == OK and "GiB of weights in cpu memory" in check.detail
     refused = check_memory(engine_settings.model_copy(update={"offload": "sequential"}))
     assert refused.status == FAIL and "IMAGINE_OFFLOAD=none" in refused.detail
+
+
+def test_doctor_names_a_weights_file_cut_short(tiny_engine: Engine, tmp_path: Path) -> None:
+    """An interrupted download: doctor says which file to fetch again, never a traceback."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_engine.loaded.source.path, folder)
+    (weights,) = (folder / "unet").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:20])
+    settings = Settings(data_dir=tmp_path / "data", model=str(folder), device="cpu")
+    check = check_memory(settings)
+    assert check.status == FAIL
+    assert str(weights) in check.detail and "download it again" in check.detail

@@ -299,11 +299,11 @@ def check_memory(settings: Settings) -> Check:
         source = resolve_source(
             settings.model, settings.model_copy(update={"allow_downloads": False})
         )
+        parts = parameter_counts(source.path)  # a file cut short says which
     except ModelNotFound:
         return Check("memory", WARN, "the model is not on this machine yet: sizes unknown")
     except ImagineError as exc:
         return Check("memory", FAIL, str(exc))
-    parts = parameter_counts(source.path)
     dtype_bytes = pick_dtype(settings.dtype, device).itemsize
     weights = sum(parts.values()) * dtype_bytes / GIB
     if device.type != "cuda":
