@@ -195,10 +195,9 @@ def header_rank(header: Mapping[str, Any]) -> int:
     for key, entry in header.items():
         if key == "__metadata__" or not isinstance(entry, dict):
             continue
-        shape = entry.get("shape")
+        shape = entry.get("shape")  # anything but a list of numbers is a damaged header's
         if _DOWN_WEIGHT.search(key) and isinstance(shape, list) and len(shape) >= 2:
-            if isinstance(shape[0], int):  # anything else is a damaged header's
-                rank = max(rank, shape[0])
+            rank = max(rank, shape[0] if isinstance(shape[0], int) else 0)
     return rank
 
 
