@@ -44,7 +44,7 @@ fi
 if wants worker15; then
     # Batches of 8 at two sizes, styled or not, and (c) on a batch of 8: six graphs.
     run 440 sd15-worker bench/worker_throughput.py --arch sd15-full --compile on \
-        --skip-one-at-a-time --latency-count 8 --repeats 3
+        --skip-one-at-a-time --latency-count 8 --repeats 3 --rounds 1
 fi
 for option in int8 float8 model; do  # parts int8, float8 and model: one process each
     if wants "$option"; then
@@ -65,5 +65,5 @@ if wants sdxl; then
 fi
 if wants workerxl; then
     run 600 sdxl-worker bench/worker_throughput.py --arch sdxl-full --compile on \
-        --skip-one-at-a-time --latency-count 8 --repeats 3
+        --skip-one-at-a-time --latency-count 8 --repeats 3 --rounds 1
 fi

@@ -10,6 +10,9 @@ ratios measured in this run, never absolute targets:
   (c) one job's latency: engine grid of 4 / bare call           (GPU target <= 1.02)
   and the graphs compiled during the runs, after the warm-up    (target 0)
 
+The queue runs ``--rounds`` times (default 2) in turn, every other round backwards, so a
+shared machine's drift weighs on each run alike; the figures are their totals.
+
 The bare loop is eager diffusers on a second copy of the model, styles switched with
 ``set_adapters``, one call per job in the same order. ``--arch sd15-full`` or
 ``sdxl-full`` builds full-size random-weight models on the device (no downloads);
@@ -27,7 +30,8 @@ import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +126,14 @@ def bare_call(loaded: LoadedModel, recipe: Recipe) -> object:
 class Took:
     seconds: float
     cpu_seconds: float  # this process's CPU time: steadier than seconds on a shared CPU
+    busy_seconds: float = 0.0  # the engine's time in its pipelines (Engine.busy_seconds)
+
+    def __add__(self, other: Took) -> Took:
+        return Took(
+            self.seconds + other.seconds,
+            self.cpu_seconds + other.cpu_seconds,
+            self.busy_seconds + other.busy_seconds,
+        )
 
 
 class Clock:
@@ -174,17 +186,32 @@ async def worker_run(setup: Setup, jobs: list[Recipe], max_batch: int, folder: P
         await asyncio.sleep(0)
         worker = Worker.for_deployment(deployment, setup.engine, name="bench")
         stop = asyncio.Event()
+        busy = setup.engine.busy_seconds
         clock = Clock()
         running = asyncio.create_task(worker.run(stop))
         waiting = asyncio.create_task(done.wait())
         await asyncio.wait({waiting, running, listener}, return_when=asyncio.FIRST_COMPLETED)
-        took = clock.took()
+        took = replace(clock.took(), busy_seconds=setup.engine.busy_seconds - busy)
         stop.set()
         await running
         listener.cancel()
         if not done.is_set():
             raise RuntimeError(f"only {finished} of {len(jobs)} jobs finished")
         return took
+
+
+def alternating(
+    phases: dict[str, Callable[[Path], Took]], rounds: int, work: Path
+) -> dict[str, Took]:
+    """Each phase's total over ``rounds``, run in turn and every other round backwards
+    (A B C, C B A, ...): a machine that slows down or speeds up during the run (a shared
+    CPU does) weighs on every phase alike, where one round would charge it to the last."""
+    total = {name: Took(0.0, 0.0) for name in phases}
+    names = list(phases)
+    for number in range(rounds):
+        for name in names if number % 2 == 0 else names[::-1]:
+            total[name] += phases[name](work / f"{name.replace(' ', '-')}-{number}")
+    return total
 
 
 def synchronize() -> None:
@@ -242,6 +269,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--repeats", type=int, default=3, help="of the single-job latency")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="of the queue runs, in turn and every other round backwards (1 on a GPU saves time)",
+    )
     parser.add_argument("--side", type=int, default=0, help="square size instead of the native")
     parser.add_argument(
         "--skip-one-at-a-time",
@@ -285,17 +318,23 @@ def main() -> int:
     print(f"engine warm-up {warm_up:.1f}s", flush=True)
 
     graphs, eager = compiled_graphs(), eager_runs()
-    batched = asyncio.run(worker_run(setup, jobs, max_batch, work / "batched"))
-    one_by_one = None
+    phases: dict[str, Callable[[Path], Took]] = {
+        "batched": lambda folder: asyncio.run(worker_run(setup, jobs, max_batch, folder)),
+        "bare": lambda _: bare_loop(setup, jobs),
+    }
     if not args.skip_one_at_a_time:
-        one_by_one = asyncio.run(worker_run(setup, jobs, 1, work / "one-by-one"))
-    bare = bare_loop(setup, jobs)
+        phases["one by one"] = lambda folder: asyncio.run(worker_run(setup, jobs, 1, folder))
+    took = alternating(phases, args.rounds, work)
+    batched, bare, one_by_one = took["batched"], took["bare"], took.get("one by one")
     recompiled = compiled_graphs() - graphs
 
     def rate(took: Took) -> str:
+        busy = ""
+        if took.busy_seconds:  # a worker's run: how much of it the engine was busy
+            busy = f"; engine busy {took.busy_seconds / took.seconds:.0%} of the wall time"
         return (
-            f"{images / took.seconds:.2f} img/s ({took.seconds:.1f}s; "
-            f"{images / took.cpu_seconds:.2f} img per CPU second)"
+            f"{images * args.rounds / took.seconds:.2f} img/s ({took.seconds:.1f}s; "
+            f"{images * args.rounds / took.cpu_seconds:.2f} img per CPU second{busy})"
         )
 
     def ratio(faster: Took, slower: Took) -> str:

@@ -213,6 +213,9 @@ class Engine:
         # Where LoRAs of styles stored in the database are written before loading.
         self.lora_folder = lora_folder or Path(tempfile.gettempdir()) / "imagine-loras"
         self.preview_every = preview_every
+        self.busy_seconds = 0.0
+        """Seconds spent in the pipelines' calls (denoising and decoding): a busy worker
+        whose engine is busy much less than the wall clock waits on its own bookkeeping."""
         self.upscale_tile = upscale_tile or 2 * loaded.family.native_side
         self.upscaler = upscaler
         self._default_scheduler = self.pipe.scheduler
@@ -738,13 +741,17 @@ class Engine:
             }
             prompts = texts.get("prompt", [recipe.prompt])
             _injected_out_of_memory(" ".join(prompts), len(numbers))
-            with self._stance(size, len(numbers)):
-                result = pipe(
-                    **(call | texts),
-                    num_images_per_prompt=1 if per_image else len(numbers),
-                    generator=[torch.Generator("cpu").manual_seed(seeds[n]) for n in numbers],
-                    callback_on_step_end=self._listening(listeners, numbers, size),
-                )
+            started = time.perf_counter()
+            try:
+                with self._stance(size, len(numbers)):
+                    result = pipe(
+                        **(call | texts),
+                        num_images_per_prompt=1 if per_image else len(numbers),
+                        generator=[torch.Generator("cpu").manual_seed(seeds[n]) for n in numbers],
+                        callback_on_step_end=self._listening(listeners, numbers, size),
+                    )
+            finally:
+                self.busy_seconds += time.perf_counter() - started
             return list(result.images)
 
         try:
@@ -880,15 +887,19 @@ class Engine:
         on_step = self._step_callback(progress, cancel, total=recipe.steps, previews=False)
         upscaler = self.upscaler
         assert upscaler is not None
-        result = upscaler(
-            prompt=prompt,
-            negative_prompt=negative or None,
-            image=source.convert("RGB"),
-            num_inference_steps=recipe.steps,
-            guidance_scale=recipe.guidance,
-            generator=torch.Generator("cpu").manual_seed(recipe.seed),
-            callback=lambda step, t, latents: on_step(upscaler, step, t, {"latents": latents}),
-        )
+        started = time.perf_counter()
+        try:
+            result = upscaler(
+                prompt=prompt,
+                negative_prompt=negative or None,
+                image=source.convert("RGB"),
+                num_inference_steps=recipe.steps,
+                guidance_scale=recipe.guidance,
+                generator=torch.Generator("cpu").manual_seed(recipe.seed),
+                callback=lambda step, t, latents: on_step(upscaler, step, t, {"latents": latents}),
+            )
+        finally:
+            self.busy_seconds += time.perf_counter() - started
         image = result.images[0]
         if image.size != target:  # e.g. the x4 upscaler asked for 2x
             image = image.resize(target, Image.Resampling.LANCZOS)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from generation.compiled import compiled_graphs, eager_runs, recompilations
 from storage.errors import ConfigError
 from storage.models import GenerationStatus
+
+
+class HasBusySeconds(Protocol):
+    busy_seconds: float
 
 
 class WorkerMetrics:
@@ -60,9 +66,20 @@ class WorkerMetrics:
             registry=self.registry,
         )
         self.eager_runs.set_function(eager_runs)
+        self.engine_busy = Gauge(
+            "imagine_engine_busy_seconds",
+            "Seconds the engine spent in its pipelines (denoising and decoding). Its rate is "
+            "the GPU's duty cycle: well below 1 with jobs queued, the worker waits on its "
+            "own bookkeeping",
+            registry=self.registry,
+        )
         for status in GenerationStatus:
             if status.is_final:
                 self.jobs.labels(status=status.value)
+
+    def watch_engine(self, engine: HasBusySeconds) -> None:
+        """Report ``engine.busy_seconds`` (read when scraped)."""
+        self.engine_busy.set_function(lambda: engine.busy_seconds)
 
     def job_finished(self, status: GenerationStatus, seconds: float) -> None:
         self.jobs.labels(status=status.value).inc()

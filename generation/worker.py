@@ -80,6 +80,7 @@ class Worker:
         self.heartbeat_seconds = heartbeat_seconds
         self.stale_after = timedelta(seconds=stale_seconds)
         self.metrics = metrics or WorkerMetrics()
+        self.metrics.watch_engine(engine)
         self._finishing: set[asyncio.Task[None]] = set()
         self.max_finishing = max_finishing
         """Jobs stored in the background at once; 0 stores each before the next job."""

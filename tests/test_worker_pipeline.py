@@ -9,6 +9,7 @@ store (one that, for the first job, waits for the test and then finds the disk f
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -202,3 +203,28 @@ async def test_a_job_that_never_fits_fails_with_its_size_and_the_worker_goes_on(
         )
         assert (await load(database, after)).status is S.SUCCEEDED
         assert worker.gave_up is None
+
+
+async def test_the_engine_s_busy_seconds_are_its_calls_and_a_metric(
+    tmp_path: Path, request: pytest.FixtureRequest, tiny_engine: Engine
+) -> None:
+    """``imagine_engine_busy_seconds`` grows by the time the pipelines ran, no more: its
+    rate against the wall clock is how busy the GPU was."""
+    from prometheus_client import generate_latest
+
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    async with migrated_database("sqlite", tmp_path, request) as database:
+        async with serving(database, blobs, tiny_engine) as (queue, recorded, worker, _, _):
+            before = tiny_engine.busy_seconds
+            started = time.perf_counter()
+            job = await submit(queue, "a quiet pier", requester=1)
+            await asyncio.wait_for(recorded.first(JobSucceeded, job), timeout=120)
+            wall = time.perf_counter() - started
+            busy = tiny_engine.busy_seconds - before
+            assert 0 < busy < wall
+        scraped = generate_latest(worker.metrics.registry).decode()
+        (line,) = [row for row in scraped.splitlines() if row.startswith("imagine_engine_busy")]
+        assert float(line.split()[-1]) == pytest.approx(tiny_engine.busy_seconds)
+    alone = tiny_engine.busy_seconds
+    tiny_engine.txt2img(recipe("a quiet pier"), encode=False)
+    assert tiny_engine.busy_seconds > alone
