@@ -328,13 +328,19 @@ class Worker:
         """Another process (``imagine cancel``) flags the row; stop the run when it does."""
         while not token.cancelled:
             await asyncio.sleep(CANCEL_POLL_SECONDS)
-            try:
-                async with self.database.session() as session:
-                    if await cancel_requested(session, generation_id):
-                        token.cancel()
-            except Exception as exc:  # a restarting database: ask again next time
-                if not is_outage(exc):
-                    raise
+            # Shielded: when the job ends during a query, the query finishes and hands its
+            # connection back; cancelled in the middle, the pool logged a traceback.
+            if await asyncio.shield(self._cancel_flagged(generation_id)):
+                token.cancel()
+
+    async def _cancel_flagged(self, generation_id: int) -> bool:
+        try:
+            async with self.database.session() as session:
+                return await cancel_requested(session, generation_id)
+        except Exception as exc:  # a restarting database: ask again next time
+            if not is_outage(exc):
+                raise
+            return False
 
     def _progress_publisher(self, generation_id: int) -> Callable[[Progress], None]:
         loop = asyncio.get_running_loop()
