@@ -11,7 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storage.checkpoints import read_shapes
+from storage.checkpoints import (
+    CHECKPOINT_FAMILIES,
+    UNET_CONV_IN,
+    checkpoint_entry,
+    detect_checkpoint,
+    read_shapes,
+)
 from storage.errors import ConfigError
 from storage.safetensors_header import MAX_HEADER_BYTES, HeaderError, read_header
 from storage.style_store import StyleRefused, inspect_lora, lora_rank_of
@@ -87,7 +93,14 @@ _ENTRY = st.fixed_dictionaries(
     optional={"data_offsets": _JSON | st.lists(st.integers(-4, 600), max_size=3)},
 )
 _KEYS = st.sampled_from(
-    ["unet.down.to_k.lora_A.weight", "lora_unet_down_to_k.lora_down.weight", "__metadata__"]
+    [
+        "unet.down.to_k.lora_A.weight",
+        "lora_unet_down_to_k.lora_down.weight",
+        "__metadata__",
+        UNET_CONV_IN,
+        *(entry.marker for entry in CHECKPOINT_FAMILIES),
+        *(entry.width_key for entry in CHECKPOINT_FAMILIES if entry.width_key),
+    ]
 ) | st.text(max_size=30)
 _HEADERS = st.dictionaries(_KEYS, _ENTRY | _JSON, max_size=4)
 
@@ -115,3 +128,17 @@ def test_any_bytes_get_a_header_or_a_sentence(data: bytes) -> None:
         assert info.tensors > 0
     rank = lora_rank_of(data)
     assert rank is None or rank >= 0
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(header=_HEADERS, body=st.binary(max_size=64))
+def test_any_checkpoint_file_is_a_family_or_a_sentence(
+    header: dict[str, object], body: bytes, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    path = tmp_path_factory.mktemp("checkpoint") / "model.safetensors"
+    path.write_bytes(_file(header, body))
+    try:
+        detect_checkpoint(path, read_shapes(path))
+    except ConfigError as exc:
+        assert str(path) in str(exc)
+    assert checkpoint_entry(path) in (None, *CHECKPOINT_FAMILIES)
