@@ -16,9 +16,9 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -741,17 +741,13 @@ class Engine:
             }
             prompts = texts.get("prompt", [recipe.prompt])
             _injected_out_of_memory(" ".join(prompts), len(numbers))
-            started = time.perf_counter()
-            try:
-                with self._stance(size, len(numbers)):
-                    result = pipe(
-                        **(call | texts),
-                        num_images_per_prompt=1 if per_image else len(numbers),
-                        generator=[torch.Generator("cpu").manual_seed(seeds[n]) for n in numbers],
-                        callback_on_step_end=self._listening(listeners, numbers, size),
-                    )
-            finally:
-                self.busy_seconds += time.perf_counter() - started
+            with self._busy(), self._stance(size, len(numbers)):
+                result = pipe(
+                    **(call | texts),
+                    num_images_per_prompt=1 if per_image else len(numbers),
+                    generator=[torch.Generator("cpu").manual_seed(seeds[n]) for n in numbers],
+                    callback_on_step_end=self._listening(listeners, numbers, size),
+                )
             return list(result.images)
 
         try:
@@ -837,6 +833,15 @@ class Engine:
             prompt, negative = self.styles.get(ref.name).apply_to_prompt(prompt, negative)
         return prompt, negative
 
+    @contextmanager
+    def _busy(self) -> Iterator[None]:
+        """Counts the time inside, failed calls included, in :attr:`busy_seconds`."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.busy_seconds += time.perf_counter() - started
+
     def _stance(self, size: tuple[int, int], images: int) -> Any:
         """Compiled, after the warm-up: the warmed-up shapes run compiled, others eagerly."""
         if not self.compile_plan.enabled:
@@ -887,8 +892,7 @@ class Engine:
         on_step = self._step_callback(progress, cancel, total=recipe.steps, previews=False)
         upscaler = self.upscaler
         assert upscaler is not None
-        started = time.perf_counter()
-        try:
+        with self._busy():
             result = upscaler(
                 prompt=prompt,
                 negative_prompt=negative or None,
@@ -898,8 +902,6 @@ class Engine:
                 generator=torch.Generator("cpu").manual_seed(recipe.seed),
                 callback=lambda step, t, latents: on_step(upscaler, step, t, {"latents": latents}),
             )
-        finally:
-            self.busy_seconds += time.perf_counter() - started
         image = result.images[0]
         if image.size != target:  # e.g. the x4 upscaler asked for 2x
             image = image.resize(target, Image.Resampling.LANCZOS)
