@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def read_header(source: Path | bytes) -> Header:
     return Header(table, metadata if isinstance(metadata, dict) else {}, body)
 
 
-def _split(prefix: bytes, read: Any, size: int) -> tuple[bytes, int]:
+def _split(prefix: bytes, read: Callable[[int], bytes], size: int) -> tuple[bytes, int]:
     """The header's bytes after the 8-byte ``prefix``, and how many bytes follow it."""
     if len(prefix) < 8:
         raise HeaderError("it is shorter than a header")

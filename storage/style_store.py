@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.errors import ImagineError, NotFound
 from storage.models import Style
-from storage.safetensors_header import HeaderError, read_header
+from storage.safetensors_header import Header, HeaderError, read_header
 
 STYLE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Width of the text embedding the UNet's cross-attention reads, by family.
@@ -185,16 +184,14 @@ def inspect_lora(data: bytes, filename: str, max_bytes: int) -> LoraInfo:
     if method is not None:
         raise StyleRefused(lycoris_refusal(filename, method))
     transformer = "flux" if flux else "sd3" if mmdit else None
-    return LoraInfo(tensors, width, header_rank(header.entries), transformer, transformer_width)
+    return LoraInfo(tensors, width, header_rank(header), transformer, transformer_width)
 
 
-def header_rank(header: Mapping[str, Any]) -> int:
+def header_rank(header: Header) -> int:
     """The largest rank among a LoRA's layers, from its safetensors header: the first
     dimension of each down (A) half; 0 when it has none."""
     rank = 0
-    for key, entry in header.items():
-        if key == "__metadata__" or not isinstance(entry, dict):
-            continue
+    for key, entry in header.tensors.items():
         shape = entry.get("shape")  # anything but a list of numbers is a damaged header's
         if _DOWN_WEIGHT.search(key) and isinstance(shape, list) and len(shape) >= 2:
             rank = max(rank, shape[0] if isinstance(shape[0], int) else 0)
@@ -205,7 +202,7 @@ def lora_rank_of(source: Path | bytes) -> int | None:
     """The rank of a LoRA file or blob (see :func:`header_rank`) from its header alone, so
     a worker sizing its style slots reads no weights; None if it has no readable header."""
     try:
-        return header_rank(read_header(source).entries)
+        return header_rank(read_header(source))
     except HeaderError:
         return None
 
