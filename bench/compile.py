@@ -37,7 +37,7 @@ from generation.loading import LoadedModel, load_model, pick_device, pick_dtype 
 from generation.styles import StyleRegistry  # noqa: E402
 from storage.recipe import Recipe, StyleRef  # noqa: E402
 from storage.settings import Settings  # noqa: E402
-from storage.slot_rank import size_slots  # noqa: E402
+from storage.slot_rank import configured_slots  # noqa: E402
 
 STYLE_RANKS = {"first": 4, "second": 8, "third": 16}
 
@@ -75,7 +75,7 @@ def main() -> int:
     eager = Engine(eager_model, styles=registry)
     plan = plan_compile("on", eager_model.device)
     # Slots sized as a worker sizes them at start: for the largest style (rank 16).
-    slot_rank = size_slots(settings.fixed_slot_rank, registry.lora_ranks(), settings.lora_max_rank)
+    slot_rank = configured_slots(settings, registry.lora_ranks())
     print(slot_rank.describe(), flush=True)
     compiled = Engine(load(), styles=registry, compile_plan=plan, lora_slot_rank=slot_rank)
     recipe = Recipe(

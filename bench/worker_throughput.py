@@ -54,7 +54,7 @@ from storage.models import GenerationKind  # noqa: E402
 from storage.queue import Submission  # noqa: E402
 from storage.recipe import Recipe, StyleRef  # noqa: E402
 from storage.settings import Settings  # noqa: E402
-from storage.slot_rank import size_slots  # noqa: E402
+from storage.slot_rank import configured_slots  # noqa: E402
 
 JOBS = 32
 USERS = 4
@@ -247,9 +247,7 @@ def build(args: argparse.Namespace, work: Path) -> Setup:
         styles=registry,
         compile_plan=plan_compile(args.compile, loaded.device),
         # As a worker sizes its style slots at start: rank 8 for these rank-4 styles.
-        lora_slot_rank=size_slots(
-            settings.fixed_slot_rank, registry.lora_ranks(), settings.lora_max_rank
-        ),
+        lora_slot_rank=configured_slots(settings, registry.lora_ranks()),
         max_batch=settings.max_batch,
         lora_folder=work / "lora-cache",
     )

@@ -60,7 +60,7 @@ from storage.samplers import (
     unknown_sampler_message,
 )
 from storage.settings import Settings
-from storage.slot_rank import SlotRank, size_slots
+from storage.slot_rank import SlotRank, configured_slots
 
 UPSCALE_OVERLAP = 0.125  # of the tile side
 WARM_UP_COUNT = 4  # images of a default /imagine grid: the batch a compiled warm-up sizes for
@@ -245,11 +245,7 @@ class Engine:
             loaded.offload,
             cache_dir=settings.data_dir / "cache" / "compiled",
         )
-        slot_rank = size_slots(
-            settings.fixed_slot_rank,
-            [stored_style_rank, *styles.lora_ranks()],
-            settings.lora_max_rank,
-        )
+        slot_rank = configured_slots(settings, [stored_style_rank, *styles.lora_ranks()])
         if compile_plan.enabled and settings.lora_slots:
             log.info(slot_rank.describe())
         return cls(

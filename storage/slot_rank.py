@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from storage.blobs import BlobStore
 from storage.errors import BlobNotFound
 from storage.models import Style
+from storage.settings import Settings
 from storage.style_store import lora_rank_of
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,12 @@ def size_slots(fixed: int | None, ranks: Iterable[int], limit: int) -> SlotRank:
     while rank < largest:
         rank *= 2
     return SlotRank(min(rank, limit), largest, False, limit)
+
+
+def configured_slots(settings: Settings, ranks: Iterable[int]) -> SlotRank:
+    """:func:`size_slots` for styles of ``ranks`` as ``settings`` say: the rank the owner
+    fixed (IMAGINE_LORA_SLOT_RANK) or auto, within IMAGINE_LORA_MAX_RANK."""
+    return size_slots(settings.fixed_slot_rank, ranks, settings.lora_max_rank)
 
 
 async def stored_style_rank(session: AsyncSession, blobs: BlobStore) -> int:
