@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 S = GenerationStatus
 CANCEL_POLL_SECONDS = 0.5
 MAX_FINISHING = 2  # jobs encoding and storing their images while the engine runs the next
+SHUTDOWN_GRACE_SECONDS = 10.0  # for a heartbeat under way when the worker stops
 
 
 class Worker:
@@ -149,22 +150,35 @@ class Worker:
                 self.events.publish(final)
 
     async def _keep_alive(self) -> None:
-        """Heartbeats, and every other beat a sweep for jobs of workers that went quiet."""
+        """Heartbeats, and every other beat a sweep for jobs of workers that went quiet.
+        Stopped (the worker is ending) in the middle of a beat, it lets the beat's queries
+        finish first, for up to ``SHUTDOWN_GRACE_SECONDS``: cancelled mid-query, the
+        connection pool logged a traceback on the way out."""
         beats = 0
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
+            beats += 1
+            beat = asyncio.ensure_future(self._beat_and_sweep(sweep=beats % 2 == 0))
             try:
-                await self.beat()
-                async with self.database.session() as session:
-                    self.metrics.queue_depth.set(await queue_depth(session, self.model))
-                beats += 1
-                if beats % 2 == 0:
-                    await self.recover(at_start=False)
-                    await self.jobs.sweep(self.model, self.stale_after.total_seconds())
-            except Exception as exc:  # a restarting database: beat again next time
-                if not is_outage(exc):
-                    raise
+                await asyncio.shield(beat)
+            except asyncio.CancelledError:
+                await asyncio.wait([beat], timeout=SHUTDOWN_GRACE_SECONDS)
+                beat.cancel()  # still waiting on a database that does not answer
+                raise
+
+    async def _beat_and_sweep(self, *, sweep: bool) -> None:
+        try:
+            await self.beat()
+            async with self.database.session() as session:
+                self.metrics.queue_depth.set(await queue_depth(session, self.model))
+            if sweep:
+                await self.recover(at_start=False)
+                await self.jobs.sweep(self.model, self.stale_after.total_seconds())
+        except Exception as exc:  # beat again next time: a worker that stops beating loses its jobs
+            if is_outage(exc):  # a restarting database
                 log.warning("no heartbeat: the database is unavailable or locked (%s)", exc)
+            else:
+                log.exception("the heartbeat failed; trying again in %ss", self.heartbeat_seconds)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run jobs until ``stop`` is set, or until too many failed in a row

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from generation.engine import TEST_FAULT_ENV, CancelToken, Engine, Progress
 from generation.worker import Worker
@@ -81,6 +82,18 @@ class Recorded:
                     return position
             self.changed.clear()
             await self.changed.wait()
+
+
+def _worker(database: Database, blobs: LocalBlobStore, engine: Engine, **options: float) -> Worker:
+    return Worker(
+        database,
+        blobs,
+        engine,
+        jobs=RowJobs(database, LIMITS),
+        events=LocalEventBus(),
+        cancellations=Cancellations(),
+        **options,  # type: ignore[arg-type]
+    )
 
 
 @asynccontextmanager
@@ -253,14 +266,7 @@ async def test_a_job_ending_mid_query_lets_its_cancel_watcher_s_query_finish(
     monkeypatch.setattr(worker_module, "CANCEL_POLL_SECONDS", 0)
     blobs = LocalBlobStore(tmp_path / "blobs")
     async with migrated_database("sqlite", tmp_path, request) as database:
-        worker = Worker(
-            database,
-            blobs,
-            tiny_engine,
-            jobs=RowJobs(database, LIMITS),
-            events=LocalEventBus(),
-            cancellations=Cancellations(),
-        )
+        worker = _worker(database, blobs, tiny_engine)
         watcher = asyncio.create_task(worker._watch_for_cancel(1, CancelToken()))
         await asyncio.wait_for(started.wait(), timeout=30)
         watcher.cancel()  # the job ended
@@ -268,3 +274,89 @@ async def test_a_job_ending_mid_query_lets_its_cancel_watcher_s_query_finish(
             await watcher
         release.set()
         await asyncio.wait_for(finished.wait(), timeout=30)
+
+
+def before_each_heartbeat(
+    monkeypatch: pytest.MonkeyPatch, before: Callable[[int], Awaitable[None]]
+) -> None:
+    """The worker's heartbeats await ``before(n)`` for the n-th beat (the first is
+    ``run()``'s own, before it takes jobs), then beat."""
+    import generation.worker as worker_module
+
+    real_heartbeat = worker_module.heartbeat
+    beats = 0
+
+    async def beat(session: AsyncSession, name: str, model: str) -> None:
+        nonlocal beats
+        beats += 1
+        await before(beats)
+        await real_heartbeat(session, name, model)
+
+    monkeypatch.setattr(worker_module, "heartbeat", beat)
+
+
+@asynccontextmanager
+async def beating_worker(
+    tmp_path: Path, request: pytest.FixtureRequest, engine: Engine
+) -> AsyncIterator[asyncio.Event]:
+    """A worker on a fresh SQLite database, beating every 10 ms, until the test sets the
+    event it is given; then its ``run()`` must return within 30 s."""
+    async with migrated_database("sqlite", tmp_path, request) as database:
+        worker = _worker(database, LocalBlobStore(tmp_path / "b"), engine, heartbeat_seconds=0.01)
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            yield stop
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, timeout=30)
+
+
+async def test_a_worker_stopping_mid_heartbeat_lets_the_beat_s_query_finish(
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    tiny_engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker told to stop while its heartbeat is in the middle of a query waits for
+    the query (cancelled there, the pool logged a traceback on the way out)."""
+    started, release, finished = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def second_is_slow(beat: int) -> None:
+        if beat == 2:
+            started.set()
+            await release.wait()
+            finished.set()
+
+    before_each_heartbeat(monkeypatch, second_is_slow)
+    async with beating_worker(tmp_path, request, tiny_engine) as stop:
+        await asyncio.wait_for(started.wait(), timeout=30)
+        stop.set()
+        asyncio.get_running_loop().call_later(0.3, release.set)
+    assert finished.is_set()  # run() returned after the beat, not in its middle
+
+
+async def test_a_heartbeat_that_fails_is_logged_and_the_next_one_beats(
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    tiny_engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unexpected error in one heartbeat is logged with its traceback, and the worker
+    keeps beating: a worker whose heartbeat stopped for good would have its running jobs
+    taken for a dead worker's and run a second time elsewhere."""
+    later_beat = asyncio.Event()
+
+    async def second_breaks(beat: int) -> None:
+        if beat == 2:
+            raise RuntimeError("something no one expected")
+        if beat >= 3:
+            later_beat.set()
+
+    before_each_heartbeat(monkeypatch, second_breaks)
+    async with beating_worker(tmp_path, request, tiny_engine):
+        await asyncio.wait_for(later_beat.wait(), timeout=30)
+    failed = [r for r in caplog.records if "the heartbeat failed" in r.getMessage()]
+    assert failed and failed[0].exc_info is not None
+    assert "something no one expected" in caplog.text
