@@ -112,7 +112,7 @@ async def test_a_sigkilled_worker_s_job_runs_again_elsewhere_exactly_once(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     async with migrated_database("postgresql", tmp_path, request) as database:
-        jobs = await submit_lighthouses(database, steps=80)
+        jobs = await submit_lighthouses(database, steps=20)
         # Each job alone (its two images fill a batch): a batch killed is the next test's.
         doomed = start_worker(database.url, "doomed", tmp_path, IMAGINE_MAX_BATCH="2")
         survivor = start_worker(database.url, "survivor", tmp_path, IMAGINE_MAX_BATCH="2")
@@ -146,7 +146,7 @@ async def test_a_batch_of_a_sigkilled_worker_runs_again_each_job_exactly_once(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     async with migrated_database("postgresql", tmp_path, request) as database:
-        jobs = await submit_lighthouses(database, steps=40)
+        jobs = await submit_lighthouses(database, steps=12)
         doomed = start_worker(database.url, "doomed", tmp_path)  # IMAGINE_MAX_BATCH: 8
         survivor = None
         try:
