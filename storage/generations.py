@@ -34,6 +34,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from storage.database import Database, insert_or_ignore
 from storage.errors import IllegalTransition, NotFound
 from storage.models import (
+    MAX_ID,
     Base,
     Generation,
     GenerationKind,
@@ -159,9 +160,6 @@ async def create_generation(
     session.add(generation)
     await session.flush()
     return generation
-
-
-MAX_ID = 2**63 - 1  # the database's 64-bit keys
 
 
 def check_id(what: str, row_id: int) -> None:

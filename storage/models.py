@@ -44,6 +44,7 @@ NAMING_CONVENTION = {
 
 # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
 Id = BigInteger().with_variant(Integer(), "sqlite")
+MAX_ID = 2**63 - 1  # the largest 64-bit key: ids from text anyone can craft are checked against it
 
 
 def utcnow() -> datetime:

@@ -25,6 +25,7 @@ from sqlalchemy import ColumnElement, Select, and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.models import (
+    MAX_ID,
     Generation,
     GenerationKind,
     GenerationStatus,
@@ -38,7 +39,6 @@ from storage.models import (
 from storage.recipe import Recipe
 
 PAGE_SIZE = 24
-MAX_ID = 2**63 - 1
 
 
 class WebSort(StrEnum):

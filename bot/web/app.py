@@ -37,8 +37,8 @@ from bot.web.guard import RateLimit, RateLimiter, SecurityHeaders
 from storage.blobs import BlobStore
 from storage.database import Database
 from storage.errors import BlobNotFound
+from storage.models import MAX_ID
 from storage.web_gallery import (
-    MAX_ID,
     BadCursor,
     Period,
     WebImage,
