@@ -400,7 +400,7 @@ async def _most_liked_by_style(
         .order_by(ranked.c.style, ranked.c.rank)
     )
     found: dict[str, list[int]] = {}
-    for style, image_id in rows.tuples():
+    for style, image_id in rows:
         found.setdefault(style, []).append(image_id)
     return found
 
