@@ -116,7 +116,7 @@ def recipe_quantization(quantization: str) -> str | None:
 # --- sizes, for ``imagine doctor`` --------------------------------------------------
 
 
-def _header_shapes(path: Path) -> dict[str, int]:
+def _header_parameters(path: Path) -> dict[str, int]:
     """Parameters per tensor of one .safetensors file, read from its header alone."""
     try:
         return read_header(path).parameters()
@@ -148,14 +148,14 @@ def parameter_counts(model_path: Path) -> dict[str, int]:
     (no weights read). Denoisers are named ``denoiser``, T5 encoders ``t5``."""
     counts: dict[str, int] = {}
     if model_path.is_file():
-        for key, size in _header_shapes(model_path).items():
+        for key, size in _header_parameters(model_path).items():
             part = _single_file_part(key)
             counts[part] = counts.get(part, 0) + size
         return counts
     for folder in sorted(p for p in model_path.iterdir() if p.is_dir()):
         for file in sorted(folder.glob("*.safetensors")):
             part = _folder_part(folder)
-            counts[part] = counts.get(part, 0) + sum(_header_shapes(file).values())
+            counts[part] = counts.get(part, 0) + sum(_header_parameters(file).values())
     return counts
 
 
