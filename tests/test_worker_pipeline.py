@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -84,7 +85,8 @@ class Recorded:
             await self.changed.wait()
 
 
-def _worker(database: Database, blobs: LocalBlobStore, engine: Engine, **options: float) -> Worker:
+def _worker(database: Database, blobs: LocalBlobStore, engine: Engine, **options: Any) -> Worker:
+    """A worker on the row queue; ``options``: more of :class:`Worker`'s keywords."""
     return Worker(
         database,
         blobs,
@@ -92,7 +94,7 @@ def _worker(database: Database, blobs: LocalBlobStore, engine: Engine, **options
         jobs=RowJobs(database, LIMITS),
         events=LocalEventBus(),
         cancellations=Cancellations(),
-        **options,  # type: ignore[arg-type]
+        **options,
     )
 
 
