@@ -534,12 +534,15 @@ class ProcrastinateJobs:
             except IllegalTransition:
                 log.info("generation %s is no longer queued; nothing to run", generation_id)
                 return
-            joined = await self._join(generation, context, name, worker_name)
+            stranded: list[int] = []
+            joined = await self._join(generation, context, name, worker_name, stranded)
             try:
                 await run([generation, *joined.values()])
             except BaseException:
                 await self._finish(joined, "failed")  # as procrastinate fails the first
                 raise
+            finally:
+                await self._release(stranded)
             await self._finish(joined, "succeeded")
 
         self.queue.app.task(name=TASK, pass_context=True)(run_generation)
@@ -559,16 +562,45 @@ class ProcrastinateJobs:
             log.warning("the database is back; %s fetches jobs again", worker_name)
 
     async def _join(
-        self, first: Generation, context: JobContext, queue: str, worker_name: str
+        self,
+        first: Generation,
+        context: JobContext,
+        queue: str,
+        worker_name: str,
+        stranded: list[int],
     ) -> dict[int, Generation]:
         """The jobs procrastinate would hand out after ``first``'s, taken and started while
-        they share its batch key and their images fit; by procrastinate job id."""
+        they share its batch key and their images fit; by procrastinate job id.
+
+        It never raises: ``first`` is running already, and must run whatever happens here.
+        An error (the database went away) ends the batch as it stands; a job it had taken
+        but whose row it could not start is added to ``stranded``, to be released."""
         joined: dict[int, Generation] = {}
+        try:
+            await self._take_following(first, context, queue, worker_name, joined, stranded)
+        except Exception as exc:
+            log.warning(
+                "generation %s runs in a batch of %d: taking more jobs failed (%s)",
+                first.id,
+                1 + len(joined),
+                exc,
+            )
+        return joined
+
+    async def _take_following(
+        self,
+        first: Generation,
+        context: JobContext,
+        queue: str,
+        worker_name: str,
+        joined: dict[int, Generation],
+        stranded: list[int],
+    ) -> None:
         key, images, worker_id = batch_key(first), first.recipe.count, context.job.worker_id
         if key is None or worker_id is None or context.job.id is None:
-            return joined
+            return
         if ran_before(first, claimed=True):
-            return joined  # alone: if it crashed a worker, it takes no other job down again
+            return  # alone: if it crashed a worker, it takes no other job down again
         database = self.queue.database
         taken = [context.job.id]
         while images < self.max_batch:
@@ -585,13 +617,30 @@ class ProcrastinateJobs:
             if not await take_job(database, queue, job_id, worker_id, taken):
                 continue  # another worker took it, or one came before it: read the order again
             taken.append(job_id)
+            stranded.append(job_id)  # taken, its row not running yet
             try:
                 joined[job_id] = await start_job(database, candidate.id, worker_name, queue)
             except IllegalTransition:  # cancelled meanwhile: its job is done, as when alone
                 await self._finish({job_id: candidate}, "succeeded")
+                stranded.remove(job_id)
                 continue
+            stranded.remove(job_id)
             images += candidate.recipe.count
-        return joined
+
+    async def _release(self, stranded: list[int]) -> None:
+        """End the jobs a batch took but whose rows it could not start: their rows are
+        still queued, and ``reconcile`` (at the next sweep) gives each a new job."""
+        if not stranded:
+            return
+        try:
+            await self._finish(stranded, "failed")
+        except Exception as exc:
+            log.warning(
+                "could not release procrastinate job(s) %s (%s): their generations run "
+                "once this worker restarts",
+                stranded,
+                exc,
+            )
 
     async def _finish(self, jobs: Collection[int], status: str) -> None:
         """End procrastinate jobs a batch took, as procrastinate ends the job it handed out."""

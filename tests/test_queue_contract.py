@@ -123,9 +123,11 @@ async def work_until(
     engine: Engine,
     done: Callable[[], Awaitable[bool]],
     within: float = 90,
+    **options: Any,
 ) -> None:
-    """Run one worker until ``done()`` holds, then stop it."""
-    worker = Worker.for_deployment(backend.deployment, engine, name="w")
+    """Run one worker until ``done()`` holds, then stop it; ``options``: more of
+    :meth:`Worker.for_deployment`'s keywords."""
+    worker = Worker.for_deployment(backend.deployment, engine, name="w", **options)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:

@@ -256,3 +256,44 @@ async def test_procrastinate_replaces_connections_the_server_ended(scaled: Backe
     await asyncio.sleep(0.2)  # their goodbyes arrive
     after = await scaled.queue.submit(submission(A, "after"))
     assert after.job_id is not None
+
+
+async def test_a_batch_that_cannot_take_more_jobs_runs_the_jobs_it_has(
+    scaled: Backend,
+    tiny_engine: Engine,
+    pipeline_calls: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database fails as a batch starts its second job's row, the job already taken
+    from procrastinate: the first job still runs (alone) instead of staying running for
+    good; the second's job is released, so its row gets a new one at the next sweep; and
+    every job succeeds."""
+    import storage.scaled_queue as scaled_queue
+
+    for user, prompt in ((A, "a lighthouse"), (B, "a red bicycle"), (C, "a harbour")):
+        one = submission(user, prompt)
+        await scaled.queue.submit(replace(one, recipe=one.recipe.model_copy(update={"count": 1})))
+    real_start = scaled_queue.start_job
+    starts: list[int] = []
+
+    async def failing_second(database: Any, generation_id: int, *args: Any) -> Any:
+        starts.append(generation_id)
+        if len(starts) == 2:
+            raise ConnectionResetError("the database went away")
+        return await real_start(database, generation_id, *args)
+
+    monkeypatch.setattr(scaled_queue, "start_job", failing_second)
+    # Heartbeats 5 times a second: a sweep (every other beat) gives the row its new job.
+    await work_until(scaled, tiny_engine, all_finished(scaled.database), heartbeat_seconds=0.2)
+    finished = await rows(scaled.database)
+    assert [row.status for row in finished] == [S.SUCCEEDED] * 3
+    assert pipeline_calls == [1, 1, 1]  # the first alone; the third could not join it either
+    second = finished[1]
+    async with scaled.database.session() as session:
+        jobs = (
+            await session.execute(
+                text("SELECT status FROM procrastinate_jobs WHERE args->>'generation_id' = :id"),
+                {"id": str(second.id)},
+            )
+        ).all()
+    assert sorted(str(status) for (status,) in jobs) == ["failed", "succeeded"]
