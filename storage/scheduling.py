@@ -29,6 +29,7 @@ S = GenerationStatus
 DEFAULT_JOB_SECONDS = 10.0
 RECENT_JOBS = 20
 STALE_WORKER = timedelta(seconds=30)  # six missed heartbeats
+CLAIM_TRIES = 5  # claims another worker won, before claim_next gives up for now
 
 
 class QueueFull(ImagineError):
@@ -124,18 +125,20 @@ async def claim_next(
     ``storing``: the worker's jobs whose images are being stored (their engine part is
     done); they do not count against their users' running limits.
 
-    A generation another worker took first is skipped, so racing workers never
-    run the same job.
+    A generation another worker took first is passed over and the order read again (that
+    claim may have brought its user to their running limit), so racing workers never run
+    the same job.
     """
-    candidates = list(
-        await session.scalars(fair_order(limits.max_running_per_user, model, storing).limit(5))
-    )
-    for generation_id in candidates:
+    order = fair_order(limits.max_running_per_user, model, storing).limit(1)
+    for _ in range(CLAIM_TRIES):
+        generation_id = await session.scalar(order)
+        if generation_id is None:
+            return None
         try:
             return await transition(session, generation_id, S.RUNNING, worker_name=worker_name)
-        except IllegalTransition:
+        except IllegalTransition:  # another worker claimed it after this read
             continue
-    return None
+    return None  # outrun that often: the worker asks again at its next poll
 
 
 def batch_key(generation: Generation) -> tuple[object, ...] | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -138,6 +139,35 @@ async def test_rows_left_running_are_requeued_then_failed_after_too_many_tries(
             row = await get_generation(session, generation.id)
         assert row.status is expected
     assert row.error is not None and "crashed the worker 2 times" in row.error
+
+
+async def test_a_claim_lost_to_another_worker_reads_the_order_again(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker claims the row this one read as next: the order is read again, where
+    that claim has brought its user to the running limit, so their next job must wait."""
+    import storage.scheduling as scheduling
+
+    queue = RowQueue(database, LIMITS)
+    first = await queue.submit(submission(ALICE, "a0"))
+    await queue.submit(submission(ALICE, "a1"))
+    real_transition = scheduling.transition
+    claims: list[int] = []
+
+    async def outrun(session: AsyncSession, generation_id: int, *args: Any, **kw: Any) -> Any:
+        claims.append(generation_id)
+        if len(claims) == 1:  # w1 commits its claim between w2's read and w2's claim
+            async with database.session() as other:
+                await real_transition(other, generation_id, S.RUNNING, worker_name="w1")
+        return await real_transition(session, generation_id, *args, **kw)
+
+    monkeypatch.setattr(scheduling, "transition", outrun)
+    async with database.session() as session:
+        assert await claim_next(session, "w2", LIMITS) is None  # a1 waits for a0
+    assert claims == [first.id]
+    async with database.session() as session:
+        running = await session.scalars(select(Generation.id).where(Generation.status == S.RUNNING))
+        assert list(running) == [first.id]
 
 
 async def test_a_worker_claims_only_jobs_for_its_model(database: Database) -> None:
