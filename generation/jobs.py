@@ -266,7 +266,7 @@ async def generate(
         recipe = engine.complete_recipe(recipe)
         grid_sampler = engine.a1111_sampler(recipe.sampler)
     except Exception as exc:
-        return await _ended(database, generation.id, exc, started)
+        return await _ended(database, generation, exc, started)
     return Generated(generation, images, recipe, grid_sampler, started)
 
 
@@ -306,7 +306,7 @@ async def generate_batch(
         for generation, each, token in zip(generations, progress, cancel, strict=True):
             if failures_allowed is not None and failed >= failures_allowed:
                 async with database.session() as session:
-                    await transition(session, generation.id, S.QUEUED)
+                    await transition(session, generation.id, S.QUEUED, owner=generation.worker_name)
                 continue
             one = await generate(database, blobs, engine, generation, progress=each, cancel=token)
             if isinstance(one, JobOutcome) and one.generation.status is S.FAILED:
@@ -316,7 +316,7 @@ async def generate_batch(
     outcomes: list[Generated | JobOutcome] = []
     for generation, images, token in zip(generations, per_job, cancel, strict=True):
         if token.cancelled or not images:
-            outcomes.append(await _ended(database, generation.id, GenerationCancelled(), started))
+            outcomes.append(await _ended(database, generation, GenerationCancelled(), started))
             continue
         recipe = engine.complete_recipe(generation.recipe)
         grid_sampler = engine.a1111_sampler(recipe.sampler)
@@ -377,7 +377,7 @@ async def finish_generation(
             for per_image in encoded
         ]
     except Exception as exc:
-        return await _ended(database, generation_id, exc, generated.started)
+        return await _ended(database, generated.generation, exc, generated.started)
 
     generation = await record_success(
         database,
@@ -396,22 +396,24 @@ async def finish_generation(
         made,
         grid_key,
         recipe,
+        owner=generated.generation.worker_name,
     )
     return JobOutcome(generation, images, time.perf_counter() - generated.started)
 
 
 async def _ended(
-    database: Database, generation_id: int, exc: Exception, started: float
+    database: Database, claimed: Generation, exc: Exception, started: float
 ) -> JobOutcome:
     """Record how a job ended early: cancelled, or failed with a sentence."""
+    generation_id, owner = claimed.id, claimed.worker_name
     if isinstance(exc, GenerationCancelled):
         async with database.session() as session:
-            generation = await transition(session, generation_id, S.CANCELLED)
+            generation = await transition(session, generation_id, S.CANCELLED, owner=owner)
         return JobOutcome(generation, [], time.perf_counter() - started)
     if is_outage(exc):
         raise exc  # not the job's fault: the worker runs it again once the database is back
     message = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
     log.error("generation %s failed", generation_id, exc_info=exc)
     async with database.session() as session:
-        generation = await transition(session, generation_id, S.FAILED, error=message)
+        generation = await transition(session, generation_id, S.FAILED, error=message, owner=owner)
     return JobOutcome(generation, [], time.perf_counter() - started)

@@ -15,6 +15,7 @@ supervisor can restart it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import timedelta
@@ -25,7 +26,7 @@ from generation.metrics import WorkerMetrics
 from storage.blobs import BlobStore
 from storage.database import Database, is_outage
 from storage.deployment import Deployment
-from storage.errors import ImagineError
+from storage.errors import IllegalTransition, ImagineError
 from storage.events import (
     EventBus,
     JobFailed,
@@ -258,15 +259,32 @@ class Worker:
         if is_outage(exc):
             await self._run_again_later(generation_id, exc)
             return
+        if isinstance(exc, IllegalTransition):  # its row moved on without this worker
+            self._taken_over(exc)
+            return
         log.error("generation %s broke the worker's bookkeeping", generation_id, exc_info=exc)
         reason = str(exc) if isinstance(exc, ImagineError) else f"{type(exc).__name__}: {exc}"
         try:
             async with self.database.session() as session:
-                await transition(session, generation_id, S.FAILED, error=reason)
+                await transition(session, generation_id, S.FAILED, error=reason, owner=self.name)
             self.events.publish(JobFailed(generation_id=generation_id, error=reason))
+        except IllegalTransition as moved:
+            self._taken_over(moved)
+            return
         except Exception:
             log.exception("could not record the failure of generation %s", generation_id)
         self._count(S.FAILED)
+
+    def _taken_over(self, refused: IllegalTransition) -> None:
+        """A row this worker ran is no longer its own: the only other hand that moves a
+        running row is the sweep of a worker that stopped beating (this one, while the
+        database was away), and another worker runs it again. Not a failure of the job."""
+        log.warning(
+            "generation %s is no longer this worker's (%s): it was re-queued while this "
+            "worker's heartbeat was missing, so its result here is dropped",
+            refused.generation_id,
+            refused,
+        )
 
     def _count(self, status: GenerationStatus) -> None:
         """Track failures in a row; at the limit, stop claiming (the caller's job is done)."""
@@ -291,10 +309,10 @@ class Worker:
         again (if it is still this worker's) and runs again; its result is never lost."""
         log.warning("generation %s lost the database (%s); it will run again", generation_id, exc)
         await self.database.wait_until_back()
-        async with self.database.session() as session:
-            row = await get_generation(session, generation_id)
-            if row.status is S.RUNNING and row.worker_name == self.name:
-                await transition(session, generation_id, S.QUEUED)
+        # Unless the row moved on meanwhile: a sweep re-queued it, or it ended.
+        with contextlib.suppress(IllegalTransition):
+            async with self.database.session() as session:
+                await transition(session, generation_id, S.QUEUED, owner=self.name)
 
     async def _generate(self, generations: list[Generation]) -> list[Generated | JobOutcome]:
         tokens = [CancelToken() for _ in generations]

@@ -6,6 +6,7 @@ Functions take an :class:`AsyncSession` so that callers decide the transaction
 
 from __future__ import annotations
 
+import enum
 import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,16 @@ from storage.precompiled import Precompiled, detached
 from storage.recipe import Recipe
 
 S = GenerationStatus
+
+
+class Anyone(enum.Enum):
+    """A move of a row whoever holds it (a user's cancel of a queued job, a claim)."""
+
+    ANYONE = "anyone"
+
+
+ANYONE = Anyone.ANYONE
+
 CANCEL_CHANNEL = "imagine_cancels"  # PostgreSQL: NOTIFY'd with a running generation's id
 
 # Which status each status may move to. running → queued is a re-queue after
@@ -208,17 +219,23 @@ async def transition(
     worker_name: str | None = None,
     error: str | None = None,
     recipe: Recipe | None = None,
+    owner: str | Anyone | None = ANYONE,
 ) -> Generation:
     """Move a generation to ``target``, or raise :class:`IllegalTransition`; ``recipe``
     replaces the row's in the same statement (the engine's completed one).
 
     The move is one conditional UPDATE, so two workers racing for the same row
     cannot both win: the loser sees the winner's status and gets the exception.
+    With ``owner``, a running row moves only while that worker still holds it
+    (``None``: no named worker): a worker taken for dead, whose row a sweep re-queued
+    and another worker may have claimed, can neither end it nor re-queue it.
     """
     now = utcnow()
     parameters: dict[str, object] = {"generation_id": generation_id, "now": now}
     if worker_name is not None:
         parameters["worker_name"] = worker_name
+    if owner is not ANYONE:
+        parameters["owner"] = owner
     if error is not None:
         parameters["error"] = error
     if recipe is not None:
@@ -227,7 +244,7 @@ async def transition(
         transition_statement(target, tuple(sorted(parameters))), parameters
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
-        await refuse_transition(session, generation_id, target)
+        await refuse_transition(session, generation_id, target, owner)
     return await get_generation(session, generation_id)
 
 
@@ -247,8 +264,9 @@ async def transition_in_one_statement(
     async with database.autocommit() as connection:
         rows = await _precompiled(statement, connection.dialect).fetch(connection, parameters)
     if not rows:
+        owner = cast("str | None", parameters["owner"]) if "owner" in parameters else ANYONE
         async with database.autocommit_session() as session:
-            await refuse_transition(session, cast(int, parameters["generation_id"]), target)
+            await refuse_transition(session, cast(int, parameters["generation_id"]), target, owner)
     return _generation_from_rows(rows)
 
 
@@ -311,13 +329,25 @@ def _by_index(values: dict[str, Any]) -> int:
 
 
 async def refuse_transition(
-    session: AsyncSession, generation_id: int, target: GenerationStatus
+    session: AsyncSession,
+    generation_id: int,
+    target: GenerationStatus,
+    owner: str | Anyone | None = ANYONE,
 ) -> NoReturn:
-    """Raise why the generation could not move to ``target`` (its status, or its absence)."""
-    current = await session.scalar(select(Generation.status).where(Generation.id == generation_id))
-    if current is None:
+    """Raise why the generation could not move to ``target`` (its status, or its absence;
+    for a move by ``owner``, the worker that holds the row instead)."""
+    row = (
+        await session.execute(
+            select(Generation.status, Generation.worker_name).where(Generation.id == generation_id)
+        )
+    ).one_or_none()
+    if row is None:
         raise NotFound(f"There is no generation {generation_id}; check the id.")
-    raise IllegalTransition(generation_id, current.value, target.value)
+    current, holder = row
+    state = current.value
+    if owner is not ANYONE and current is S.RUNNING and holder != owner:
+        state = f"running on worker {holder}" if holder else "running on no named worker"
+    raise IllegalTransition(generation_id, state, target.value)
 
 
 @functools.cache
@@ -343,11 +373,15 @@ def transition_statement(target: GenerationStatus, parameters: tuple[str, ...]) 
     for optional in ("error", "recipe"):
         if optional in parameters:
             values[optional] = bindparam(optional, type_=table.c[optional].type)
-    return (
+    statement = (
         update(table)
         .where(table.c.id == bindparam("generation_id"), table.c.status.in_(sources))
         .values(**values)
     )
+    if "owner" in parameters:  # NULL-safe: IS on SQLite, IS NOT DISTINCT FROM on PostgreSQL
+        owner = bindparam("owner", type_=table.c.worker_name.type)
+        statement = statement.where(table.c.worker_name.is_not_distinct_from(owner))
+    return statement
 
 
 async def image_is_private(session: AsyncSession, image_id: int) -> bool:

@@ -58,11 +58,13 @@ async def record_success(
     thumbnails: Sequence[Sequence[NewThumbnail]],
     grid_key: str | None,
     recipe: Recipe,
+    *,
+    owner: str | None,
 ) -> Generation:
     """Record a running generation's images (``thumbnails[i]`` are ``images[i]``'s), its
     grid (unless it has one) and its completed ``recipe``, and move it to ``succeeded``;
     returns it with its images. :class:`~storage.errors.IllegalTransition` if it is no
-    longer running (then nothing is recorded)."""
+    longer running on worker ``owner`` (then nothing is recorded)."""
     if database.backend != "postgresql":
         async with database.session() as session:
             rows = await add_images(session, generation_id, images)
@@ -71,7 +73,7 @@ async def record_success(
             )
             if grid_key is not None:
                 await record_grid(session, generation_id, grid_key)
-            return await transition(session, generation_id, S.SUCCEEDED, recipe=recipe)
+            return await transition(session, generation_id, S.SUCCEEDED, recipe=recipe, owner=owner)
     made = [
         (image.index, thumb)
         for image, per_image in zip(images, thumbnails, strict=True)
@@ -83,6 +85,7 @@ async def record_success(
         {
             "generation_id": generation_id,
             "now": utcnow(),
+            "owner": owner,
             "recipe": recipe,
             "grid": grid_key,
             "indexes": [image.index for image in images],
@@ -119,7 +122,7 @@ def _success_statement() -> Select[Any]:
     thumbnails = cast(Table, Thumbnail.__table__)
     now = bindparam("now", type_=images.c.created_at.type)
     finished = (
-        transition_statement(S.SUCCEEDED, ("generation_id", "now", "recipe"))
+        transition_statement(S.SUCCEEDED, ("generation_id", "now", "owner", "recipe"))
         .values(
             grid_blob_key=func.coalesce(
                 generations.c.grid_blob_key, bindparam("grid", type_=String)

@@ -373,29 +373,31 @@ async def requeue_orphans(
     if own_name is not None:
         alive = alive.where(Worker.name != own_name)
     orphans = list(
-        await session.scalars(
-            select(Generation.id).where(
+        await session.execute(
+            select(Generation.id, Generation.worker_name, Generation.attempts).where(
                 Generation.status == S.RUNNING,
                 or_(Generation.worker_name.is_(None), Generation.worker_name.not_in(alive)),
             )
         )
     )
     moved = []
-    for generation_id in orphans:
-        generation = await get_generation(session, generation_id)
+    # Each move holds only while the row is still the gone worker's: another sweep may
+    # re-queue it first and a live worker claim it, which this one must not undo.
+    for generation_id, owner, attempts in orphans:
         try:
-            if generation.attempts >= max_attempts:
+            if attempts >= max_attempts:
                 await transition(
                     session,
                     generation_id,
                     S.FAILED,
                     error=(
-                        f"This job crashed the worker {generation.attempts} times and was "
+                        f"This job crashed the worker {attempts} times and was "
                         "stopped; try different settings."
                     ),
+                    owner=owner,
                 )
             else:
-                await transition(session, generation_id, S.QUEUED)
+                await transition(session, generation_id, S.QUEUED, owner=owner)
         except IllegalTransition:  # it finished meanwhile, or another worker moved it
             continue
         moved.append(generation_id)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from generation.worker import Worker
 from storage.blobs import LocalBlobStore
 from storage.controls import ControlRef
 from storage.database import Database
+from storage.errors import IllegalTransition
 from storage.events import (
     JobCancelled,
     JobEvent,
@@ -33,7 +35,8 @@ from storage.generations import get_generation, transition
 from storage.models import Generation, GenerationKind, GenerationStatus, Image
 from storage.queue import Cancellations, RowJobs, RowQueue, Submission
 from storage.recipe import ImageRef, Outpaint, Recipe
-from storage.scheduling import Limits, claim_batch, claim_next
+from storage.results import record_success
+from storage.scheduling import Limits, claim_batch, claim_next, requeue_orphans
 
 S = GenerationStatus
 ALICE, BOB, CAROL = 1, 2, 3
@@ -168,6 +171,81 @@ async def test_a_claim_lost_to_another_worker_reads_the_order_again(
     async with database.session() as session:
         running = await session.scalars(select(Generation.id).where(Generation.status == S.RUNNING))
         assert list(running) == [first.id]
+
+
+async def test_only_the_worker_holding_a_running_row_moves_it(database: Database) -> None:
+    """A worker taken for dead (its database went away longer than the stale time) whose
+    row was re-queued and claimed by another neither ends nor re-queues that row, and a
+    sweep that read the row as the dead worker's cannot undo the new claim."""
+    queue = RowQueue(database, LIMITS)
+    job = await queue.submit(submission(ALICE))
+    async with database.session() as session:
+        await claim_next(session, "slow", LIMITS)  # it never beats: taken for dead
+    async with database.session() as session:
+        assert await requeue_orphans(session, 3, stale_after=timedelta(0)) == [job.id]
+    async with database.session() as session:
+        await claim_next(session, "fresh", LIMITS)
+    for target in (S.SUCCEEDED, S.FAILED, S.CANCELLED, S.QUEUED):
+        with pytest.raises(IllegalTransition, match="is running on worker fresh and cannot"):
+            async with database.session() as session:
+                await transition(session, job.id, target, owner="slow")
+    with pytest.raises(IllegalTransition, match="running on worker fresh"):
+        await record_success(database, job.id, [], [], None, job.recipe, owner="slow")
+    async with database.session() as session:
+        row = await get_generation(session, job.id)
+        assert (row.status, row.worker_name, row.attempts) == (S.RUNNING, "fresh", 2)
+        done = await transition(session, job.id, S.SUCCEEDED, owner="fresh")
+    assert done.status is S.SUCCEEDED
+
+
+async def test_a_worker_taken_for_dead_drops_its_result_and_the_job_runs_again(
+    database: Database,
+    tiny_engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the engine runs, a sweep re-queues the job (as after a database outage longer
+    than the stale time): the worker's result is not the row's any more. It is dropped,
+    not recorded as the job's failure, and the job runs again and succeeds."""
+    queue = RowQueue(database, LIMITS)
+    job = await queue.submit(submission(ALICE))
+    worker = worker_on(database, tiny_engine, tmp_path, 1)
+    loop = asyncio.get_running_loop()
+    real_txt2img = tiny_engine.txt2img
+    swept: list[int] = []
+
+    async def sweep() -> None:
+        async with database.session() as session:
+            swept.extend(await requeue_orphans(session, 3, stale_after=timedelta(0)))
+
+    def txt2img(*args: Any, **kwargs: Any) -> Any:  # on the engine's thread
+        if not swept:
+            asyncio.run_coroutine_threadsafe(sweep(), loop).result(timeout=30)
+        return real_txt2img(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_engine, "txt2img", txt2img)
+    finals: list[JobEvent] = []
+
+    async def listen() -> None:
+        async for event in worker.events.subscribe():
+            if isinstance(event, JobSucceeded | JobFailed | JobCancelled):
+                finals.append(event)
+
+    listener = asyncio.create_task(listen())
+    await asyncio.sleep(0)
+    try:
+        await run_until_finished(worker, database)
+        await asyncio.sleep(0.1)  # an announcement of the dropped result would arrive meanwhile
+    finally:
+        listener.cancel()
+    assert swept == [job.id]
+    async with database.session() as session:
+        row = await get_generation(session, job.id)
+    assert (row.status, row.attempts, row.error) == (S.SUCCEEDED, 2, None)
+    assert [type(event) for event in finals] == [JobSucceeded]
+    assert worker.failures_in_a_row == 0
+    assert f"generation {job.id} is no longer this worker's" in caplog.text
 
 
 async def test_a_worker_claims_only_jobs_for_its_model(database: Database) -> None:

@@ -230,7 +230,7 @@ async def test_a_claim_and_a_success_hand_back_the_row_as_a_session_loads_it(
     keys = await scaled.deployment.blobs.put_many([b"second", b"first", b"thumb"])
     images = [NewImage(1, 8, 64, 64, keys[0], keys[0]), NewImage(0, 7, 64, 64, keys[1], keys[1])]
     thumbnails = [[NewThumbnail(256, keys[2], 8, 8)], [NewThumbnail(256, keys[2], 8, 8)]]
-    done = await record_success(database, queued.id, images, thumbnails, keys[2], recipe)
+    done = await record_success(database, queued.id, images, thumbnails, keys[2], recipe, owner="w")
     async with database.session() as session:
         loaded = await get_generation(session, queued.id)
     assert done.status is S.SUCCEEDED and _columns(done) == _columns(loaded)
