@@ -88,12 +88,15 @@ async def remix_submitted(
         return
     # The remix hangs under the first image of what it remixed, for the web gallery's lineage.
     parent = min(source.images, key=lambda image: image.index).id if source.images else None
+    private = source.private  # a private result's remix is answered only to its member
     if url is None:
-        await submit(interaction, GenerationKind.REMIX, recipes, parent_image_id=parent)
+        await submit(
+            interaction, GenerationKind.REMIX, recipes, parent_image_id=parent, private=private
+        )
         return
     if not await within_rate_limit(interaction):
         return
-    await interaction.response.defer(thinking=True)
+    await interaction.response.defer(thinking=True, ephemeral=private)
     try:
         image = await receive_image(services, url=url)
         recipes = parse_text(services, text, guild_id, image=image, control_source=structure)
@@ -101,7 +104,12 @@ async def remix_submitted(
         await refuse_failure(interaction, exc)
         return
     await submit(
-        interaction, GenerationKind.REMIX, recipes, parent_image_id=parent, rate_limited=False
+        interaction,
+        GenerationKind.REMIX,
+        recipes,
+        parent_image_id=parent,
+        private=private,
+        rate_limited=False,
     )
 
 

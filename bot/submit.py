@@ -147,11 +147,20 @@ async def within_rate_limit(interaction: discord.Interaction[ImagineBot]) -> boo
 
 async def defer_within_rate_limit(interaction: discord.Interaction[ImagineBot]) -> bool:
     """A button's first response before any database work, so that it is in time however
-    busy the database is: refused if over the rate limit, else deferred."""
+    busy the database is: refused if over the rate limit, else deferred (privately under
+    a private result: :func:`from_private_reply`)."""
     if not await within_rate_limit(interaction):
         return False
-    await interaction.response.defer(thinking=True)
+    await interaction.response.defer(thinking=True, ephemeral=from_private_reply(interaction))
     return True
+
+
+def from_private_reply(interaction: discord.Interaction[ImagineBot]) -> bool:
+    """Whether ``interaction`` is a button of a message only its member sees (a private
+    result, ``/settings private``): what it makes is answered only to them too. Read from
+    the message, so it is known before any database work."""
+    message = interaction.message
+    return message is not None and message.flags.ephemeral
 
 
 @dataclass(frozen=True)
@@ -217,7 +226,7 @@ async def submit_order(
     order: Order | None = None
     while order is None or number < len(order.recipes):
         if number > 0:
-            message_id = (await interaction.followup.send("⏳", wait=True)).id
+            message_id = (await interaction.followup.send("⏳", wait=True, ephemeral=ephemeral)).id
         async with contextlib.AsyncExitStack() as showing:
             try:
                 # A burst of members waits here, in turn, rather than for more database

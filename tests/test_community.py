@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from sqlalchemy import select
@@ -131,6 +132,47 @@ async def test_private_replies_keep_results_to_their_author(running: Harness) ->
     assert message["flags"] & EPHEMERAL and message["attachments"]
     [generation] = await running.generations()
     assert generation.private and not generation.nsfw  # never on the web gallery
+
+
+async def test_what_a_private_result_makes_stays_private(running: Harness) -> None:
+    """Its buttons (reroll, U, V, Vary, Remix), a --repeat's other runs and /show answer
+    only to its member, and what they make stays off the web; /info and /show refuse a
+    private generation to everyone else."""
+    fake = running.fake
+    await answer(running, await fake.slash("settings", subcommand="set", options={"private": True}))
+    grid = await running.result(await running.imagine("a boat --steps 2 --repeat 2"))
+    rerolled = await running.result(await running.press(grid, "🔄"))
+    await running.result(await running.press(grid, "V1"))
+    single = await running.result(await running.press(grid, "U1"))
+    await running.result(await running.press(single, "Vary (Subtle)"))
+    click = await running.press(rerolled, "Remix")
+    await fake.wait_for(lambda: click.responses, what="the modal")
+    modal = click.responses[0]["data"]
+    text = modal["components"][0]["components"][0]["value"]
+    await running.result(await fake.submit_modal(modal["custom_id"], {"prompt": "a red " + text}))
+    first = (await running.generations())[0]
+    await fake.slash("settings", subcommand="set", options={"private": False})
+    await running.result(await fake.slash("show", options={"generation": first.id}))
+
+    def results() -> list[dict[str, Any]]:
+        messages = fake.messages.values()
+        return [m for m in messages if m["attachments"] and fake.buttons(int(m["id"]))]
+
+    # The grid and the --repeat's second, the reroll, V1, U1, Vary, the remix and /show.
+    await fake.wait_for(lambda: len(results()) == 8 or None, what="every result")
+    assert all(message["flags"] & EPHEMERAL for message in results())
+    made = await running.generations()
+    assert len(made) == 6 and all(generation.private for generation in made)
+
+    refusals = [
+        await fake.slash(command, options={"generation": first.id}, by=BOB)
+        for command in ("info", "show")
+    ]
+    for refused in refusals:
+        said = await fake.wait_for(partial(fake.said_privately, refused), what="the refusal")
+        assert said == (
+            f"Generation {first.id} is private: only the member who made it can see it."
+        )
 
 
 async def test_a_server_waiting_limit_refuses_with_the_count(harness: Harness) -> None:

@@ -21,7 +21,13 @@ from bot.modals import RemixModal
 from bot.prompt import PromptOverrides, format_recipe
 from bot.records import load_generation, load_image
 from bot.replies import Refusal, refuse, send_rendered
-from bot.submit import Order, defer_within_rate_limit, run_prompt, submit_order
+from bot.submit import (
+    Order,
+    defer_within_rate_limit,
+    from_private_reply,
+    run_prompt,
+    submit_order,
+)
 from bot.views import (
     GRID_TEMPLATE,
     IMAGE_TEMPLATE,
@@ -41,7 +47,7 @@ from storage.derive import (
     variation_recipe,
     zoom_margins,
 )
-from storage.errors import ImagineError, NotFound
+from storage.errors import ImagineError
 from storage.gallery import remove_from_gallery, toggle_like
 from storage.generations import recent_generations
 from storage.models import Generation, GenerationKind, GenerationStatus, Image
@@ -49,6 +55,7 @@ from storage.recipe import MAX_SEED
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
+    from storage.database import Database
 
 S = GenerationStatus
 
@@ -132,14 +139,28 @@ async def grid_action(
 
     async def order() -> Order:
         generation = await load_generation(database, generation_id)
+        # What is made from a private result stays off the web too.
         if action == "reroll":
-            return Order(GenerationKind.REROLL, [reroll_recipe(generation.recipe)])
+            recipes = [reroll_recipe(generation.recipe)]
+            return Order(GenerationKind.REROLL, recipes, private=generation.private)
         image = _tile(generation, int(action[1:]))
         recipe = variation_recipe(generation.recipe, image, strong=True)
-        # What is made from a private result stays off the web too.
         return Order(GenerationKind.VARIATION, [recipe], image.id, generation.private)
 
-    await submit_order(interaction, order)
+    await submit_order(interaction, order, ephemeral=from_private_reply(interaction))
+
+
+async def load_visible(
+    database: Database, interaction: discord.Interaction[Any], generation_id: int
+) -> Generation:
+    """A generation by its number for ``/info`` and ``/show``; a private one (made with
+    ``/settings private``) only for the member who made it."""
+    found = await load_generation(database, generation_id)
+    if found.private and found.requester_id != interaction.user.id:
+        raise Refusal(
+            f"Generation {generation_id} is private: only the member who made it can see it."
+        )
+    return found
 
 
 async def _post_tile(
@@ -211,7 +232,7 @@ async def image_action(
                 recipe = variation_recipe(generation.recipe, image, strong=action == "strong")
             return Order(kind, [recipe], image.id, generation.private)
 
-        await submit_order(interaction, order)
+        await submit_order(interaction, order, ephemeral=from_private_reply(interaction))
         return
     image, generation = await load_image(services.database, image_id)
     if action == "remix":
@@ -303,8 +324,8 @@ class ImagineCog(commands.Cog):
     @app_commands.describe(generation="The generation's number (#N under its images)")
     async def info(self, interaction: discord.Interaction[ImagineBot], generation: int) -> None:
         try:
-            found = await load_generation(self.services.database, generation)
-        except NotFound as exc:
+            found = await load_visible(self.services.database, interaction, generation)
+        except ImagineError as exc:
             await refuse(interaction, str(exc))
             return
         await interaction.response.send_message(describe(found), ephemeral=True)
@@ -313,8 +334,8 @@ class ImagineCog(commands.Cog):
     @app_commands.describe(generation="The generation's number (#N under its images)")
     async def show(self, interaction: discord.Interaction[ImagineBot], generation: int) -> None:
         try:
-            found = await load_generation(self.services.database, generation)
-        except NotFound as exc:
+            found = await load_visible(self.services.database, interaction, generation)
+        except ImagineError as exc:
             await refuse(interaction, str(exc))
             return
         if found.status is not S.SUCCEEDED:
@@ -324,7 +345,7 @@ class ImagineCog(commands.Cog):
                 "shown.",
             )
             return
-        await interaction.response.defer(thinking=True)
+        await interaction.response.defer(thinking=True, ephemeral=found.private)
         rendered = await self.bot.delivery.render(found, interaction.filesize_limit)
         await send_rendered(interaction, rendered)
 
