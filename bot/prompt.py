@@ -4,7 +4,8 @@
 
 Grammar, in order of application:
 
-1. ``—`` (the em dash phones make of ``--``) is read as ``--``.
+1. ``—`` (the em dash phones make of ``--``) that starts a word is read as ``--``; one
+   on its own (``a lighthouse — at dusk``) or inside a word is punctuation.
 2. ``{a, b}`` permutations expand the whole text into one text per option
    (nesting allowed; braces must balance; prompts cannot hold literal braces).
 3. In each text, a ``--name`` that starts a word opens a flag; its value runs to
@@ -97,6 +98,14 @@ _CONTROL_TUNING = {
 }
 _ALIASES = {"guidance": "cfg", "aspect": "ar"}
 _FLAG = re.compile(r"(?<!\S)--(\S*)")
+_PHONE_DASH = re.compile(r"(?<!\S)—(?=\S)")  # the em dash a phone made of a flag's --
+
+
+def _dashes(text: str) -> str:
+    """``text`` with each em dash that starts a word (``—ar``) read as ``--``."""
+    return _PHONE_DASH.sub("--", text)
+
+
 _STYLE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _RATIO = re.compile(r"^(\d{1,3}):(\d{1,3})$")
 _WHOLE = re.compile(r"^\d{1,10}$")
@@ -429,11 +438,27 @@ def _style(value: str, defaults: PromptDefaults, known: Collection[str] | None) 
     return StyleRef(name=name, weight=weight)
 
 
+def _no_prompt() -> PromptError:
+    return PromptError(
+        "Write what to imagine before the flags, for example: a lighthouse at dusk --ar 3:2.",
+        flag="prompt",
+        value="",
+        allowed="a description of the picture",
+    )
+
+
 def _negative(value: str) -> str:
     items = [" ".join(item.split()) for item in value.split(",")]
     negative = ", ".join(item for item in items if item)
     if not negative:
         raise _refuse("no", value, "what to leave out, for example --no people, text")
+    if _FLAG.search(_dashes(negative)):  # "--no dogs,--seed 5": the seed would be lost in it
+        raise _refuse(
+            "no",
+            value,
+            "what to leave out; a flag after it needs a space before its --, as in "
+            "--no dogs --seed 5",
+        )
     return negative
 
 
@@ -463,9 +488,9 @@ def _typed(
     if overrides.seed is not None and "seed" in wanted:
         values["seed"] = _whole("seed", str(overrides.seed), 0, MAX_SEED)
     if overrides.negative is not None and overrides.negative.strip() and "no" in wanted:
-        negative = overrides.negative.replace("—", "--")
+        negative = _dashes(overrides.negative)
         # A recipe must write back as prompt text (remix, /info): no flags, no braces.
-        if _FLAG.search(negative.replace("—", "--")) or "{" in negative or "}" in negative:
+        if _FLAG.search(negative) or "{" in negative or "}" in negative:
             raise _refuse("no", negative, "what to leave out, without --flags or {} braces")
         values["no"] = _negative(negative)
     if overrides.steps is not None and "steps" in wanted:
@@ -542,6 +567,8 @@ def _parse_one(
     control_expected: bool = False,
 ) -> list[Recipe]:
     prompt, flags = _split(text)
+    if not prompt:  # before the flags' values: "--ar 3:2 a cat" is a prompt put last
+        raise _no_prompt()
     values: _Values = {}
     styles: list[StyleRef] = []
     for raw_name, value in flags:
@@ -605,13 +632,6 @@ def _parse_one(
     values = {**fallback_values, **values}
     if not styles:
         styles = list(fallback_styles)
-    if not prompt:
-        raise PromptError(
-            "Write what to imagine before the flags, for example: a lighthouse at dusk --ar 3:2.",
-            flag="prompt",
-            value="",
-            allowed="a description of the picture",
-        )
     if len(prompt) > MAX_PROMPT_LENGTH:
         raise PromptError(
             f"The prompt is {len(prompt)} characters long; shorten it to at most "
@@ -685,7 +705,7 @@ def parse_prompt(
     draw = random_seed or fresh_seed
     typed = _typed(overrides or PromptOverrides(), defaults, known_styles)
     recipes: list[Recipe] = []
-    text = text.replace("—", "--")
+    text = _dashes(text)
     if text.count("{") > MAX_GROUPS:
         raise PromptError(
             f"The prompt has {text.count('{')} {{}} groups; use at most {MAX_GROUPS}.",

@@ -80,6 +80,26 @@ def test_dashes_inside_words_are_text() -> None:
     assert recipe.prompt == "a state-of-the-art--robot"
 
 
+def test_an_em_dash_that_starts_no_word_is_punctuation() -> None:
+    (recipe,) = parse("a lighthouse — at dusk, pre—war —ar 3:2 —seed 4")
+    assert recipe.prompt == "a lighthouse — at dusk, pre—war"
+    assert (recipe.aspect_ratio, recipe.seed) == ("3:2", 4)
+    assert parse(format_recipe(recipe)) == [recipe]
+
+
+def test_flags_before_the_prompt_are_told_to_go_after_it() -> None:
+    for text in ("--ar 3:2 a cat", "—seed 5 a cat", "--no people"):
+        with pytest.raises(PromptError, match="Write what to imagine before the flags"):
+            parse(text)
+
+
+def test_a_flag_glued_to_a_negative_is_refused_not_swallowed() -> None:
+    for text in ("a cat --no dogs,--seed 5", "a cat --no dogs,—ar 2:1"):
+        with pytest.raises(PromptError, match="needs a space before its --") as refused:
+            parse(text)
+        assert refused.value.flag == "--no"
+
+
 def test_permutations_expand_into_several_generations() -> None:
     recipes = parse("a {red, blue} {car, bike} --seed 3")
     assert [r.prompt for r in recipes] == ["a red car", "a red bike", "a blue car", "a blue bike"]
@@ -308,7 +328,7 @@ def test_a_typed_negative_is_never_read_as_flags() -> None:
             parse("a cat", overrides=PromptOverrides(negative=negative))
         assert refused.value.flag == "--no"
     (recipe,) = parse("a cat", overrides=PromptOverrides(negative="state-of-the-art—robots"))
-    assert recipe.negative_prompt == "state-of-the-art--robots"
+    assert recipe.negative_prompt == "state-of-the-art—robots"
     assert parse(format_recipe(recipe)) == [recipe]
     (blank,) = parse("a cat", overrides=PromptOverrides(negative="   "))
     assert blank.negative_prompt == ""
