@@ -7,8 +7,17 @@ from typing import Any
 
 from sqlalchemy import select
 
-from storage.models import PolicyChange
-from tests.fake_discord import ALICE, ARTISTS_ROLE, BOB, EPHEMERAL, MANAGE_GUILD, MOD
+from bot.cogs.community import MAX_BANNED
+from storage.models import Guild, PolicyChange
+from tests.fake_discord import (
+    ALICE,
+    ARTISTS_ROLE,
+    BOB,
+    EPHEMERAL,
+    GUILD_ID,
+    MANAGE_GUILD,
+    MOD,
+)
 from tests.test_bot import Harness, harness, running
 
 __all__ = ["harness", "running"]
@@ -71,6 +80,37 @@ async def test_policy_is_for_managers_and_every_change_is_recorded(running: Harn
     async with running.database.session() as session:
         [change] = list(await session.scalars(select(PolicyChange)))
     assert change.user_id == int(MOD["id"]) and "banned 2" in change.change
+
+
+async def test_a_ban_past_the_limit_is_refused_whole(running: Harness) -> None:
+    fake = running.fake
+
+    async def ban(words: str) -> dict[str, Any]:
+        return await answer(
+            running,
+            await fake.slash(
+                "policy",
+                subcommand="ban",
+                options={"words": words},
+                by=MOD,
+                permissions=MANAGE_GUILD,
+            ),
+        )
+
+    full = [f"word{number:03}" for number in range(MAX_BANNED)]
+    assert f"banned {MAX_BANNED} word(s)" in (await ban(", ".join(full)))["content"]
+    refused = await ban("aardvark, zebra")  # sorted, the cut kept the first 200: word199 went
+    assert refused["flags"] & EPHEMERAL
+    assert refused["content"] == (
+        f"A server can ban at most {MAX_BANNED} words or phrases; this one bans {MAX_BANNED}, "
+        f"and these would make {MAX_BANNED + 2}. Unban some first (/policy unban), or ban "
+        "fewer at once."
+    )
+    async with running.database.session() as session:
+        guild = await session.get(Guild, GUILD_ID)
+        changes = list(await session.scalars(select(PolicyChange)))
+    assert guild is not None and guild.banned_words == full
+    assert len(changes) == 1
 
 
 async def test_nsfw_prompts_follow_the_server_setting(running: Harness) -> None:

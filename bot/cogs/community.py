@@ -10,6 +10,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.choices import ASPECT_RATIOS, style_choices
+from bot.replies import Refusal
 from storage.community import change_policy as record_policy_change
 from storage.community import (
     guild_policy as load_guild_policy,
@@ -195,7 +196,14 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
         new = _words(words)
 
         def apply(guild: Guild) -> None:
-            guild.banned_words = sorted(set(guild.banned_words or []) | set(new))[:MAX_BANNED]
+            banned = set(guild.banned_words or []) | set(new)
+            if len(banned) > MAX_BANNED:  # refused whole: none silently dropped, none un-banned
+                raise Refusal(
+                    f"A server can ban at most {MAX_BANNED} words or phrases; this one bans "
+                    f"{len(guild.banned_words or [])}, and these would make {len(banned)}. "
+                    "Unban some first (/policy unban), or ban fewer at once."
+                )
+            guild.banned_words = sorted(banned)
 
         await self._change(interaction, f"banned {len(new)} word(s)", apply)
 
