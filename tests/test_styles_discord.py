@@ -53,9 +53,13 @@ async def test_a_manager_adds_a_style_and_everyone_can_use_it(
     fake = running.fake
     lora = build_tiny_lora(tiny_engine.pipe.unet, tmp_path / "neon.safetensors", seed=21)
     data = lora.read_bytes()
-    added = await add_style(running, "neon.safetensors", data, description="glowing tubes")
+    # Braces and dashes of the description are not read as prompt syntax for the preview.
+    described = "glowing tubes {soft — dreamy, --no"
+    added = await add_style(running, "neon.safetensors", data, description=described)
     preview = await running.result(added)  # the fixed-seed preview, with its buttons
     assert preview["attachments"]
+    said = await fake.wait_for(lambda: fake.said_privately(added), what="the confirmation")
+    assert said.startswith("Style **neon** is added") and "preview is being made" in said
     async with running.database.session() as session:
         [style] = list(await session.scalars(select(Style)))
     assert style.lora_sha256 == hashlib.sha256(data).hexdigest()
@@ -81,6 +85,14 @@ async def test_a_manager_adds_a_style_and_everyone_can_use_it(
     await running.result(tried)
     *_, last = await running.generations()
     assert last.recipe.prompt == "a fox" and last.recipe.styles[0].name == "neon"
+
+    # A preview that cannot be made (trigger words past the prompt's 1500 characters) does
+    # not hide that the style is stored.
+    many = ", ".join(f"word{number}" for number in range(200))
+    long = await add_style(running, "long.safetensors", data, name="long", trigger_words=many)
+    said = await fake.wait_for(lambda: fake.said_privately(long), what="the confirmation")
+    assert said.startswith("Style **long** is added") and "preview could not be made" in said
+    assert "1500" in said
 
 
 async def test_uploads_that_cannot_be_styles_are_refused_and_nothing_is_kept(

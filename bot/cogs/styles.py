@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,18 @@ if TYPE_CHECKING:
     from bot.app import ImagineBot
 
 PREVIEW_SEED = 1234
+_NOT_PLAIN = re.compile(r"[{}]|(?<!\S)[-—]+")  # what the prompt language reads as groups, flags
+
+
+def preview_prompt(trigger_words: Sequence[str], description: str, name: str) -> str:
+    """The prompt of a style's preview: its trigger words and description (or else its
+    name) as plain text, without the braces and word-initial dashes that the prompt
+    language would read as permutations and flags."""
+    text = _NOT_PLAIN.sub(" ", ", ".join([*trigger_words, description or name]))
+    plain = " ".join(text.split()).strip(", ")
+    return plain or name
+
+
 PAGE_TEMPLATE = r"sty:(?P<page>[0-9]{1,5}):(?P<action>prev|next)"
 TRY_TEMPLATE = r"stt:(?P<name>[A-Za-z0-9_-]{1,64})"
 _BUTTON = discord.ui.Button[Any]
@@ -293,9 +306,17 @@ class StylesCog(commands.Cog):
             await refuse(interaction, str(exc))
             return
         self.services.guild_style_names.setdefault(interaction.guild_id, set()).add(name)
-        prompt = ", ".join([*words, description or name])
+        added = f"Style **{name}** is added ({info.tensors} LoRA tensors, checked for {family})"
         options = PromptOverrides(seed=PREVIEW_SEED, styles=(name,))
-        recipes = parse_text(self.services, prompt, interaction.guild_id, options)
+        try:  # the style is stored: a preview that cannot be made must not hide that
+            prompt = preview_prompt(words, description, name)
+            recipes = parse_text(self.services, prompt, interaction.guild_id, options)
+        except ImagineError as exc:
+            await interaction.followup.send(
+                f"{added}, but its preview could not be made: {exc} Use it with `--style {name}`.",
+                ephemeral=True,
+            )
+            return
         preview = recipes[0].model_copy(update={"count": 1})
         # The moderator's /style add, already answered: its preview is not a member's command.
         generations = await submit(
@@ -306,8 +327,7 @@ class StylesCog(commands.Cog):
                 row = await session.get_one(Style, style_id)
                 row.preview_generation_id = generations[0].id
         await interaction.followup.send(
-            f"Style **{name}** is added ({info.tensors} LoRA tensors, checked for {family}); "
-            "its preview is being made above. Use it with `--style " + name + "`.",
+            f"{added}; its preview is being made above. Use it with `--style {name}`.",
             ephemeral=True,
         )
 
