@@ -23,6 +23,7 @@ from sqlalchemy.orm import selectinload
 
 from bot.app import ImagineBot
 from bot.deployment import open_deployment
+from bot.prompt import format_recipe
 from bot.services import Services
 from bot.uploads import fit_upload
 from generation.engine import Engine
@@ -513,6 +514,23 @@ async def test_info_and_show(running: Harness) -> None:
     assert len(fake.buttons(int(shown["id"]))) == 10
     u1 = await running.result(await running.press(shown, "U1"))
     assert u1["attachments"]
+
+
+async def test_info_attaches_a_recipe_too_long_for_a_message(running: Harness) -> None:
+    fake = running.fake
+    prompt = ("a boat on a long calm sea at dawn, " * 40)[:1400].strip(" ,")
+    negative = ", ".join(["blurry", "dark", "noisy"] * 30)
+    await running.result(await running.imagine(f"{prompt} --steps 2 --seed 3", negative=negative))
+    [generation] = await running.generations()
+    info = await fake.slash("info", options={"generation": generation.id})
+    await fake.wait_for(lambda: info.responses, what="the info")
+    content = info.responses[0]["data"]["content"]
+    assert f"attached as recipe-{generation.id}.txt" in content and len(content) <= 2000
+    assert info.original_id is not None
+    [recipe_text] = fake.attachment_bytes(info.original_id)
+    # Whole, to its last flags: the text that reproduces the generation.
+    assert recipe_text.decode() == format_recipe(generation.recipe)
+    assert "--steps 2" in recipe_text.decode() and "dark, noisy" in recipe_text.decode()
 
 
 async def test_every_image_row_points_at_a_stored_blob(running: Harness) -> None:

@@ -64,8 +64,15 @@ def can_manage_messages(interaction: discord.Interaction[ImagineBot]) -> bool:
     return bool(interaction.permissions.manage_messages)
 
 
-def describe(generation: Generation, image: Image | None = None) -> str:
-    """A generation's (or one of its images') recipe, as text that reproduces it."""
+MESSAGE_LIMIT = 2000  # characters of a Discord message
+
+
+def describe(
+    generation: Generation, image: Image | None = None, footer: str = ""
+) -> tuple[str, list[discord.File]]:
+    """A generation's (or one of its images') recipe, as text that reproduces it, then
+    ``footer``. A prompt to reproduce it too long for the message comes whole as a text
+    file instead, never cut."""
     recipe = generation.recipe
     if image is not None:
         recipe = recipe.model_copy(update={"seed": image.seed})
@@ -94,9 +101,14 @@ def describe(generation: Generation, image: Image | None = None) -> str:
             f"Control {number}: {control.type}, weight {control.weight:g}, steps "
             f"{control.start:g}–{control.end:g}, {how}{stored}"
         )
-    lines.append("Prompt to reproduce it:")
-    lines.append(f"```\n{format_recipe(recipe)[:1500]}\n```")
-    return "\n".join(lines)[:2000]
+    head, reproduce = "\n".join(lines), format_recipe(recipe)
+    text = f"{head}\nPrompt to reproduce it:\n```\n{reproduce}\n```{footer}"
+    if len(text) <= MESSAGE_LIMIT:
+        return text, []
+    name = f"recipe-{generation.id}.txt"
+    attached = f"{head}\nPrompt to reproduce it: attached as {name} (too long for a message)."
+    file = discord.File(io.BytesIO(reproduce.encode()), filename=name)
+    return f"{attached[: MESSAGE_LIMIT - len(footer)]}{footer}", [file]
 
 
 # -- the buttons under a grid -----------------------------------------------------------------
@@ -244,10 +256,8 @@ async def image_action(
             _liked, count = await toggle_like(session, interaction.user.id, image.id)
         await interaction.response.edit_message(view=image_view(image, count))
     elif action == "info":
-        text = describe(generation, image)
         link = await image_link(services, image.id)
-        if link is not None:
-            text = f"{text}\nOn the web: <{link}>"[:2000]
+        text, recipe_file = describe(generation, image, f"\nOn the web: <{link}>" if link else "")
         maps = [
             discord.File(
                 io.BytesIO(await services.blobs.get(ref.map_key)),
@@ -256,7 +266,7 @@ async def image_action(
             for number, ref in enumerate(generation.recipe.controls, start=1)
             if ref.map_key
         ]
-        await interaction.response.send_message(text, ephemeral=True, files=maps)
+        await interaction.response.send_message(text, ephemeral=True, files=recipe_file + maps)
     elif action == "delete":
         await _delete(interaction, generation, image)
 
@@ -328,7 +338,8 @@ class ImagineCog(commands.Cog):
         except ImagineError as exc:
             await refuse(interaction, str(exc))
             return
-        await interaction.response.send_message(describe(found), ephemeral=True)
+        text, files = describe(found)
+        await interaction.response.send_message(text, ephemeral=True, files=files)
 
     @app_commands.command(name="show", description="Post a generation again, with working buttons.")
     @app_commands.describe(generation="The generation's number (#N under its images)")
