@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from bot.image_intake import receive_image
+from bot.prompt import asks_for_control
 from bot.records import load_generation
 from bot.replies import refuse
 from bot.submit import (
@@ -74,7 +75,9 @@ async def remix_submitted(
         source = await load_generation(services.database, generation_id)  # it must still exist
         url, text = take_image_link(services, text)
         kept = source.recipe.init_image if url is None else None
-        structure = next((c.source_key for c in source.recipe.controls if c.source_key), None)
+        structure = None  # unless the text still asks for a control: the member removed it
+        if asks_for_control(text):
+            structure = next((c.source_key for c in source.recipe.controls if c.source_key), None)
         recipes = parse_text(
             services,
             text,

@@ -277,6 +277,12 @@ def _too_many(count: int) -> PromptError:
 # -- flags -----------------------------------------------------------------------------------
 
 
+def asks_for_control(text: str) -> bool:
+    """Whether ``text`` has a ``--control`` flag: a remix keeps the control image of what
+    it remixes only while its text still asks for a control."""
+    return any(name == "control" for name, _ in _split(_dashes(text))[1])
+
+
 def _split(text: str) -> tuple[str, list[tuple[str, str]]]:
     """The prompt and the (flag, value) pairs of one permutation."""
     matches = list(_FLAG.finditer(text))

@@ -179,6 +179,12 @@ async def test_a_control_image_steers_and_every_button_keeps_the_control(
     for derived in (variation, reroll, remix):
         [kept] = derived.recipe.controls
         assert (kept.type, kept.weight, kept.source_key) == ("canny", 0.8, control.source_key)
+    # A remix whose text no longer asks for the control drops it (it was refused).
+    modal_id, text = await running.open_remix(grid)
+    plain = text.replace(" --control canny --cw 0.8", "")
+    await running.result(await fake.submit_modal(modal_id, {"prompt": plain}))
+    *_, uncontrolled = await running.generations()
+    assert uncontrolled.recipe.controls == () and uncontrolled.recipe.prompt == "a harbour"
 
     single = await running.result(await running.press(grid, "U2"))
     info = await running.press(single, "Info")
