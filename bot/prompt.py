@@ -632,9 +632,18 @@ def _parse_one(
     # Only the defaults that apply are checked: a stale one the text replaces refuses nothing.
     # A member's default the family cannot honour (their --cfg on FLUX schnell) is left out.
     given = set(values) | ({"style"} if styles else set()) | set(defaults.family.refused_flags)
-    fallback_values, fallback_styles = _typed(
-        fallbacks, defaults, known_styles, _TYPED_FLAGS - given
-    )
+    try:
+        fallback_values, fallback_styles = _typed(
+            fallbacks, defaults, known_styles, _TYPED_FLAGS - given
+        )
+    except PromptError as error:  # the member never typed it here: say where it comes from
+        raise PromptError(
+            f"Your /settings default does not apply here: {error} Change it with /settings "
+            "set, or give the flag in the prompt.",
+            flag=error.flag,
+            value=error.value,
+            allowed=error.allowed,
+        ) from None
     values = {**fallback_values, **values}
     if not styles:
         styles = list(fallback_styles)

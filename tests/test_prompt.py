@@ -362,10 +362,13 @@ def test_a_stale_user_default_refuses_only_where_it_applies() -> None:
         "a boat --style inkwash", fallbacks=stale, overrides=PromptOverrides(aspect_ratio="1:1")
     )
     assert [s.name for s in given.styles] == ["inkwash"] and given.aspect_ratio == "1:1"
-    with pytest.raises(PromptError, match="There is no style 'deleted-style'"):
+    default = r"^Your /settings default does not apply here: "
+    with pytest.raises(PromptError, match=default + "There is no style 'deleted-style'"):
         parse("a boat --ar 1:1", fallbacks=stale, known_styles=STYLES)
-    with pytest.raises(PromptError, match="--ar 9:1 is not allowed"):
+    with pytest.raises(PromptError, match=default + "--ar 9:1 is not allowed") as refused:
         parse("a boat --style inkwash", fallbacks=stale, known_styles=STYLES)
+    assert str(refused.value).endswith("/settings set, or give the flag in the prompt.")
+    assert refused.value.flag == "--ar"
 
 
 typed_overrides = st.builds(
