@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 PREVIEW_SEED = 1234
 _NOT_PLAIN = re.compile(r"[{}]|(?<!\S)[-—]+")  # what the prompt language reads as groups, flags
+PAGE_TEMPLATE = r"sty:(?P<page>[0-9]{1,5}):(?P<action>prev|next)"
+TRY_TEMPLATE = r"stt:(?P<name>[A-Za-z0-9_-]{1,64})"
+_BUTTON = discord.ui.Button[Any]
 
 
 def preview_prompt(trigger_words: Sequence[str], description: str, name: str) -> str:
@@ -55,11 +58,6 @@ def preview_prompt(trigger_words: Sequence[str], description: str, name: str) ->
     text = _NOT_PLAIN.sub(" ", ", ".join([*trigger_words, description or name]))
     plain = " ".join(text.split()).strip(", ")
     return plain or name
-
-
-PAGE_TEMPLATE = r"sty:(?P<page>[0-9]{1,5}):(?P<action>prev|next)"
-TRY_TEMPLATE = r"stt:(?P<name>[A-Za-z0-9_-]{1,64})"
-_BUTTON = discord.ui.Button[Any]
 
 
 @dataclass(frozen=True)
