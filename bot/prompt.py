@@ -444,15 +444,6 @@ def _style(value: str, defaults: PromptDefaults, known: Collection[str] | None) 
     return StyleRef(name=name, weight=weight)
 
 
-def _no_prompt() -> PromptError:
-    return PromptError(
-        "Write what to imagine before the flags, for example: a lighthouse at dusk --ar 3:2.",
-        flag="prompt",
-        value="",
-        allowed="a description of the picture",
-    )
-
-
 def _negative(value: str) -> str:
     items = [" ".join(item.split()) for item in value.split(",")]
     negative = ", ".join(item for item in items if item)
@@ -574,7 +565,12 @@ def _parse_one(
 ) -> list[Recipe]:
     prompt, flags = _split(text)
     if not prompt:  # before the flags' values: "--ar 3:2 a cat" is a prompt put last
-        raise _no_prompt()
+        raise PromptError(
+            "Write what to imagine before the flags, for example: a lighthouse at dusk --ar 3:2.",
+            flag="prompt",
+            value="",
+            allowed="a description of the picture",
+        )
     values: _Values = {}
     styles: list[StyleRef] = []
     for raw_name, value in flags:
