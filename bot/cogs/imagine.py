@@ -17,6 +17,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.choices import ASPECT_RATIOS, style_choices
+from bot.delivery import MAX_CONTENT
 from bot.modals import RemixModal
 from bot.prompt import PromptOverrides, format_recipe
 from bot.records import load_generation, load_image
@@ -64,9 +65,6 @@ def can_manage_messages(interaction: discord.Interaction[ImagineBot]) -> bool:
     return bool(interaction.permissions.manage_messages)
 
 
-MESSAGE_LIMIT = 2000  # characters of a Discord message
-
-
 def describe(
     generation: Generation, image: Image | None = None, footer: str = ""
 ) -> tuple[str, list[discord.File]]:
@@ -103,12 +101,12 @@ def describe(
         )
     head, reproduce = "\n".join(lines), format_recipe(recipe)
     text = f"{head}\nPrompt to reproduce it:\n```\n{reproduce}\n```{footer}"
-    if len(text) <= MESSAGE_LIMIT:
+    if len(text) <= MAX_CONTENT:
         return text, []
     name = f"recipe-{generation.id}.txt"
     attached = f"{head}\nPrompt to reproduce it: attached as {name} (too long for a message)."
     file = discord.File(io.BytesIO(reproduce.encode()), filename=name)
-    return f"{attached[: MESSAGE_LIMIT - len(footer)]}{footer}", [file]
+    return f"{attached[: MAX_CONTENT - len(footer)]}{footer}", [file]
 
 
 # -- the buttons under a grid -----------------------------------------------------------------
