@@ -99,13 +99,6 @@ _CONTROL_TUNING = {
 _ALIASES = {"guidance": "cfg", "aspect": "ar"}
 _FLAG = re.compile(r"(?<!\S)--(\S*)")
 _PHONE_DASH = re.compile(r"(?<!\S)—(?=\S)")  # the em dash a phone made of a flag's --
-
-
-def _dashes(text: str) -> str:
-    """``text`` with each em dash that starts a word (``—ar``) read as ``--``."""
-    return _PHONE_DASH.sub("--", text)
-
-
 _STYLE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _RATIO = re.compile(r"^(\d{1,3}):(\d{1,3})$")
 _WHOLE = re.compile(r"^\d{1,10}$")
@@ -275,6 +268,11 @@ def _too_many(count: int) -> PromptError:
 
 
 # -- flags -----------------------------------------------------------------------------------
+
+
+def _dashes(text: str) -> str:
+    """``text`` with each em dash that starts a word (``—ar``) read as ``--``."""
+    return _PHONE_DASH.sub("--", text)
 
 
 def asks_for_control(text: str) -> bool:
