@@ -25,9 +25,8 @@ from bot.delivery import Delivery
 from bot.modals import answer_modal
 from bot.policies import GuildPolicies
 from bot.rate_limit import RateLimiter, Turns
-from bot.replies import refuse
+from bot.replies import answer_failure, refuse
 from bot.services import Services
-from storage.errors import ImagineError
 
 log = logging.getLogger(__name__)
 SUBMISSIONS_AT_ONCE = 8
@@ -51,13 +50,9 @@ class ImagineTree(app_commands.CommandTree["ImagineBot"]):
                     "can tell you why.",
                 )
             return
-        original = getattr(error, "original", None)
-        if isinstance(original, ImagineError):
-            # A sentence for the member (the queue unavailable, say) rather than silence.
-            log.warning("/%s for user %s: %s", command, interaction.user.id, original)
-            await refuse(interaction, str(original))
-            return
-        log.error("/%s failed", command, exc_info=error)
+        # A sentence for the member (the queue unavailable, say, or a fault that is
+        # logged) rather than "The application did not respond".
+        await answer_failure(interaction, getattr(error, "original", error), f"/{command}")
 
 
 class ImagineBot(commands.Bot):

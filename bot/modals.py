@@ -18,10 +18,9 @@ import discord
 from bot.image_intake import receive_image
 from bot.prompt import asks_for_control
 from bot.records import load_generation
-from bot.replies import refuse
+from bot.replies import answer_failure, failures_answered, refuse
 from bot.submit import (
     parse_text,
-    refuse_failure,
     run_prompt,
     submit,
     take_image_link,
@@ -104,7 +103,7 @@ async def remix_submitted(
         image = await receive_image(services, url=url)
         recipes = parse_text(services, text, guild_id, image=image, control_source=structure)
     except Exception as exc:
-        await refuse_failure(interaction, exc)
+        await answer_failure(interaction, exc, "the Remix form")
         return
     await submit(
         interaction,
@@ -127,9 +126,11 @@ async def answer_modal(interaction: discord.Interaction[ImagineBot]) -> bool:
     custom_id = str(interaction.data.get("custom_id", ""))
     text = _find_value(interaction.data.get("components", []), "prompt") or ""
     if (remix := REMIX.fullmatch(custom_id)) is not None:
-        await remix_submitted(interaction, int(remix["id"]), text)
+        async with failures_answered(interaction, "the Remix form"):
+            await remix_submitted(interaction, int(remix["id"]), text)
     elif TRY.fullmatch(custom_id) is not None:
-        await run_prompt(interaction, text)
+        async with failures_answered(interaction, "the Try it form"):
+            await run_prompt(interaction, text)
     else:
         return False
     return True

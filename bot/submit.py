@@ -20,7 +20,7 @@ import discord
 from bot.image_intake import allowed_origin, receive_image
 from bot.prompt import PromptDefaults, PromptOverrides, parse_prompt, take_image_url
 from bot.rate_limit import BUSY, too_fast
-from bot.replies import Refusal, refuse
+from bot.replies import Refusal, answer_failure, refuse
 from bot.services import Services
 from storage.community import NSFW_WORDS
 from storage.controls import ControlError
@@ -259,17 +259,6 @@ async def submit_order(
     return submitted
 
 
-async def refuse_failure(interaction: discord.Interaction[ImagineBot], exc: Exception) -> None:
-    """A sentence for a refusal or for a database that cannot answer now; anything else
-    is a fault and propagates."""
-    if isinstance(exc, ImagineError):
-        await refuse(interaction, str(exc))
-    elif is_outage(exc):
-        await refuse(interaction, str(QueueUnavailable()))
-    else:
-        raise exc
-
-
 async def _made_from_private(bot: ImagineBot, parent_image_id: int | None) -> bool:
     if parent_image_id is None:
         return False
@@ -363,6 +352,6 @@ async def run_prompt(
             control_source=structure,
         )
     except Exception as exc:
-        await refuse_failure(interaction, exc)
+        await answer_failure(interaction, exc, "/imagine")
         return
     await submit(interaction, GenerationKind.IMAGINE, recipes, private=private, rate_limited=False)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
+from bot.replies import FAULT
 from generation.engine import Engine
 from generation.tiny import build_tiny_lora
+from storage.errors import QueueUnavailable
 from storage.models import Style
 from storage.style_store import add_style as store_style
 from tests.fake_discord import ALICE, BOB, GUILD_ID, MANAGE_GUILD, MOD
@@ -34,10 +38,12 @@ async def said(harness: Harness, interaction: Any) -> str:
     return text
 
 
-async def click(harness: Harness, custom_id: str) -> Any:
-    """A click on a button with this ``custom_id``, on a message the bot posted."""
+async def click(harness: Harness, custom_id: str, posted: dict[str, Any] | None = None) -> Any:
+    """A click on a button with this ``custom_id``, on a message the bot posted (a
+    ``/gallery`` page unless ``posted`` is given)."""
     fake = harness.fake
-    posted = await harness.result(await fake.slash("gallery", options={"sort": "new"}))
+    if posted is None:
+        posted = await harness.result(await fake.slash("gallery", options={"sort": "new"}))
     button = {"type": 2, "style": 2, "label": "crafted", "custom_id": custom_id}
     message = {**posted, "components": [{"type": 1, "components": [button]}]}
     data = {"custom_id": custom_id, "component_type": 2}
@@ -129,3 +135,52 @@ async def test_a_refused_style_name_keeps_no_upload(
     assert bot_only.fake.downloads == []  # refused before the upload was even fetched
     async with bot_only.database.session() as session:
         assert [s.name for s in await session.scalars(select(Style))] == ["neon"]
+
+
+async def test_a_database_that_cannot_answer_or_a_fault_gets_a_sentence_not_silence(
+    bot_only: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under a button, a slash command or a form: the queue's sentence while the database
+    is away, a logged fault's sentence for a bug, and everything works again after."""
+    fake = bot_only.fake
+    posted = await bot_only.result(await fake.slash("gallery", options={"sort": "new"}))
+    engine = bot_only.services.database.engine
+    dialect = engine.sync_engine.dialect
+    connect = dialect.connect
+
+    async def fail_with(error: Callable[[], Exception]) -> None:
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            raise error()
+
+        await engine.dispose()  # no pooled connection survives: each query connects anew
+        monkeypatch.setattr(dialect, "connect", failing)
+
+    async def answers() -> list[str]:
+        return [
+            await said(bot_only, interaction)
+            for interaction in [
+                await click(bot_only, "img:1:like", posted),
+                await click(bot_only, "gen:1:v1", posted),
+                await click(bot_only, "gim:1:open", posted),
+                await fake.slash("info", options={"generation": 1}),
+                await fake.submit_modal("remix:1", {"prompt": "a boat"}),
+            ]
+        ]
+
+    # As asyncpg says it when PostgreSQL is down.
+    await fail_with(lambda: ConnectionRefusedError(errno.ECONNREFUSED, "Connect call failed"))
+    assert await answers() == [QueueUnavailable.MESSAGE] * 5
+
+    caplog.set_level(logging.ERROR, logger="bot.replies")
+    await fail_with(lambda: RuntimeError("a bug"))
+    said_for_faults = await answers()
+    whats = ["the like button", "the V1 button", "the gallery's open button", "/info"]
+    assert said_for_faults == [FAULT.format(what=what) for what in [*whats, "the Remix form"]]
+    logged = [record for record in caplog.records if record.exc_info is not None]
+    assert len(logged) == 5
+    assert all(str(record.exc_info[1]) == "a bug" for record in logged if record.exc_info)
+
+    monkeypatch.setattr(dialect, "connect", connect)
+    assert "There is no generation 1" in await said(
+        bot_only, await fake.slash("info", options={"generation": 1})
+    )

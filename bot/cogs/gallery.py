@@ -19,9 +19,8 @@ from discord.ext import commands
 from bot.choices import style_choices
 from bot.delivery import Rendered
 from bot.records import load_image
-from bot.replies import refuse, send_rendered
+from bot.replies import failures_answered, send_rendered
 from bot.web_links import gallery_link
-from storage.errors import ImagineError
 from storage.gallery import GalleryEntry, GallerySort, gallery_page, toggle_like
 from storage.generations import get_generation
 from storage.models import utcnow
@@ -69,7 +68,8 @@ class GalleryPageButton(discord.ui.DynamicItem[_BUTTON], template=PAGE_TEMPLATE)
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         target = self.page - 1 if self.action == "prev" else self.page + 1
-        await show_page(interaction, *self.query, max(0, target), edit=True)
+        async with failures_answered(interaction, "the gallery's page button"):
+            await show_page(interaction, *self.query, max(0, target), edit=True)
 
 
 class GalleryImageButton(discord.ui.DynamicItem[_BUTTON], template=IMAGE_TEMPLATE):
@@ -93,13 +93,11 @@ class GalleryImageButton(discord.ui.DynamicItem[_BUTTON], template=IMAGE_TEMPLAT
         return cls(int(match["id"]), match["action"])
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
-        try:
+        async with failures_answered(interaction, f"the gallery's {self.action} button"):
             if self.action == "like":
                 await like(interaction, self.image_id)
             else:
                 await open_image(interaction, self.image_id)
-        except ImagineError as exc:
-            await refuse(interaction, str(exc))
 
 
 def page_view(

@@ -21,7 +21,7 @@ from bot.delivery import MAX_CONTENT
 from bot.modals import RemixModal
 from bot.prompt import PromptOverrides, format_recipe
 from bot.records import load_generation, load_image
-from bot.replies import Refusal, refuse, send_rendered
+from bot.replies import Refusal, failures_answered, refuse, send_rendered
 from bot.submit import (
     Order,
     defer_within_rate_limit,
@@ -128,10 +128,8 @@ class GridButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=GRID_T
         return cls(int(match["id"]), match["action"])
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
-        try:
+        async with failures_answered(interaction, f"the {self.action.upper()} button"):
             await grid_action(interaction, self.generation_id, self.action)
-        except ImagineError as exc:
-            await refuse(interaction, str(exc))
 
 
 async def grid_action(
@@ -213,10 +211,8 @@ class ImageButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=IMAGE
         return cls(int(match["id"]), match["action"])
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
-        try:
+        async with failures_answered(interaction, f"the {self.action} button"):
             await image_action(interaction, self.image_id, self.action)
-        except ImagineError as exc:
-            await refuse(interaction, str(exc))
 
 
 async def image_action(

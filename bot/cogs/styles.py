@@ -23,7 +23,7 @@ from bot.choices import style_choices
 from bot.delivery import Rendered
 from bot.modals import TryModal
 from bot.prompt import PromptOverrides
-from bot.replies import refuse
+from bot.replies import failures_answered, refuse
 from bot.services import Services
 from bot.submit import parse_text, submit
 from bot.uploads import fit_upload
@@ -95,7 +95,8 @@ class StylePageButton(discord.ui.DynamicItem[_BUTTON], template=PAGE_TEMPLATE):
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         page = self.page - 1 if self.action == "prev" else self.page + 1
-        await show_page(interaction, max(0, page), edit=True)
+        async with failures_answered(interaction, "the styles' page button"):
+            await show_page(interaction, max(0, page), edit=True)
 
 
 class TryStyleButton(discord.ui.DynamicItem[_BUTTON], template=TRY_TEMPLATE):
@@ -120,7 +121,8 @@ class TryStyleButton(discord.ui.DynamicItem[_BUTTON], template=TRY_TEMPLATE):
         return cls(match["name"])
 
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
-        await open_try(interaction, self.name)
+        async with failures_answered(interaction, "the Try it button"):
+            await open_try(interaction, self.name)
 
 
 def _page_view(page: int, count: int, name: str | None) -> discord.ui.View:
