@@ -17,7 +17,7 @@ import binascii
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -57,6 +57,9 @@ class Period(StrEnum):
         if self is Period.WEEK:
             return now - timedelta(days=7)
         return None
+
+
+MAX_LIKES = 2**31 - 1  # images.like_count is a 32-bit integer on PostgreSQL
 
 
 class BadCursor(ValueError):
@@ -212,14 +215,20 @@ def decode_cursor(sort: WebSort, cursor: str) -> tuple[int | None, datetime, int
         values = json.loads(raw)
         if not isinstance(values, list) or values[0] != sort.value:
             raise BadCursor(cursor)
-        likes = int(values[1]) if sort is WebSort.TOP else None
+        likes = values[1] if sort is WebSort.TOP else None
+        if likes is not None and not (_an_int(likes) and 0 <= likes <= MAX_LIKES):
+            raise BadCursor(cursor)
         created_text, image_id = values[-2], values[-1]
         created = datetime.fromisoformat(created_text)
-        if created.tzinfo is None or not isinstance(image_id, int) or not 0 < image_id <= MAX_ID:
+        if created.tzinfo is None or not _an_int(image_id) or not 0 < image_id <= MAX_ID:
             raise BadCursor(cursor)
-        return likes, created, image_id
-    except (binascii.Error, ValueError, TypeError, IndexError, UnicodeDecodeError):
+        return likes, created.astimezone(UTC), image_id  # a time past year 9999 in UTC fails
+    except (binascii.Error, ValueError, TypeError, IndexError, UnicodeDecodeError, OverflowError):
         raise BadCursor(cursor) from None
+
+
+def _an_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _after(sort: WebSort, cursor: tuple[int | None, datetime, int]) -> ColumnElement[bool]:

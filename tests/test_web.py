@@ -8,8 +8,10 @@ TestClient would run the app on a second loop, where asyncpg's connections canno
 from __future__ import annotations
 
 import asyncio
+import base64
 import html
 import io
+import json
 import os
 import re
 import signal
@@ -19,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -299,6 +302,37 @@ async def test_pages_go_forward_without_repeating_or_skipping_an_image(site: Sit
 
 
 # -- the pages ----------------------------------------------------------------------------------
+
+
+async def test_crafted_links_get_400_or_404_never_a_server_error(site: Site) -> None:
+    await site.policy(web_enabled=True)
+    await site.make("a quiet harbour")
+    digits = "9" * 5000  # past Python's 4300-digit limit on int()
+    for path in (f"/g/{digits}", f"/i/{digits}", f"/g/{GUILD}/u/{digits}"):
+        assert (await site.get(path)).status_code == 404, path[:40]
+
+    def forged(*values: Any) -> str:
+        raw = json.dumps(list(values), separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    now = "2026-01-01T00:00:00+00:00"
+    cursors = [
+        ("top", forged("top", 10**30, now, 5)),  # past SQLite's and PostgreSQL's integers
+        ("top", forged("top", 2**31, now, 5)),  # past PostgreSQL's 32-bit like count
+        ("top", forged("top", -1, now, 5)),
+        ("top", forged("top", True, now, 5)),
+        ("top", base64.urlsafe_b64encode(b'["top",1e999,"%b",5]' % now.encode()).decode()),
+        ("new", forged("new", "0001-01-01T00:00:00+01:00", 5)),  # before year 1 in UTC
+        ("new", forged("new", "9999-12-31T23:59:59-01:00", 5)),  # after year 9999 in UTC
+    ]
+    for sort, cursor in cursors:
+        response = await site.get(f"/g/{GUILD}?sort={sort}&after={cursor}")
+        assert response.status_code == 400 and "first page" in response.text, cursor
+
+    for style in ("%00", "a" * 65, "neon%20glow"):
+        response = await site.get(f"/g/{GUILD}?style={style}")
+        assert response.status_code == 400 and "a style&#39;s name" in response.text, style
+    assert (await site.get(f"/g/{GUILD}?style={'a' * 64}")).status_code == 200
 
 
 @sqlite_only

@@ -25,6 +25,7 @@ from urllib.parse import urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
+from starlette.convertors import IntegerConvertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -38,6 +39,7 @@ from storage.blobs import BlobStore
 from storage.database import Database
 from storage.errors import BlobNotFound
 from storage.models import MAX_ID
+from storage.style_store import STYLE_NAME
 from storage.web_gallery import (
     BadCursor,
     Period,
@@ -58,6 +60,17 @@ PAGE_SIZE = 768
 IMMUTABLE = "public, max-age=31536000, immutable"
 _MEDIA = re.compile(r"^(?P<key>[0-9a-f]{64})(?:\.png|-(?P<size>[0-9]{1,4})\.webp)$")
 FolderStyle = tuple[str, str, Sequence[str]]
+
+
+class IdConvertor(IntegerConvertor):
+    """A path's id: at most 20 digits (a 64-bit key has 19), so that a path of thousands
+    of digits misses the route (404) instead of failing Python's int() (500). Ids past
+    ``MAX_ID`` are the handlers' to answer with the same 404."""
+
+    regex = "[0-9]{1,20}"
+
+
+register_url_convertor("id", IdConvertor())
 
 
 @dataclass
@@ -131,6 +144,8 @@ async def _images_page(request: Request, guild_id: int, user_id: int | None) -> 
         sort = _choice(request, "sort", WebSort, "new")
         period = _choice(request, "period", Period, "all")
         style = request.query_params.get("style") or None
+        if style is not None and not STYLE_NAME.fullmatch(style):
+            raise HTTPException(400, "style must be a style's name: letters, digits, - and _.")
         after = request.query_params.get("after") or None
         try:
             page = await gallery_page(
@@ -294,10 +309,10 @@ def create_app(
     app = Starlette(
         routes=[
             Route("/healthz", healthz),
-            Route("/g/{guild_id:int}", guild_gallery),
-            Route("/g/{guild_id:int}/styles", guild_styles),
-            Route("/g/{guild_id:int}/u/{user_id:int}", user_gallery),
-            Route("/i/{image_id:int}", image_page),
+            Route("/g/{guild_id:id}", guild_gallery),
+            Route("/g/{guild_id:id}/styles", guild_styles),
+            Route("/g/{guild_id:id}/u/{user_id:id}", user_gallery),
+            Route("/i/{image_id:id}", image_page),
             Route("/media/{name:str}", media),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ],
