@@ -28,7 +28,7 @@ from storage.database import is_outage
 from storage.errors import ImagineError, QueueUnavailable
 from storage.generations import Origin, image_is_private
 from storage.intake import IntakeLimits
-from storage.models import Generation, GenerationKind, NsfwPolicy, utcnow
+from storage.models import Generation, GenerationKind, Guild, NsfwPolicy, utcnow
 from storage.queue import Submission
 from storage.recipe import ImageRef, Recipe
 
@@ -87,12 +87,35 @@ def take_image_link(services: Services, text: str) -> tuple[str | None, str]:
 
 
 def banned_word_in(text: str, banned: Sequence[str]) -> bool:
+    """Whether ``text`` holds one of the words or phrases, in any case, as a whole word or
+    with a plural's s or es: a word ends where letters and digits do, so ``topless_woman``
+    and ``nudes`` hold a banned ``topless`` and ``nude``."""
     lowered = text.lower()
     for word in banned:
         word = word.strip().lower()
-        if word and re.search(rf"(?<!\w){re.escape(word)}(?!\w)", lowered):
+        if word and re.search(rf"(?<![^\W_]){re.escape(word)}(?:e?s)?(?![^\W_])", lowered):
             return True
     return False
+
+
+def nsfw_refusal(interaction: discord.Interaction[ImagineBot], guild: Guild) -> str | None:
+    """Why an NSFW prompt's images may not be made or shown in this channel, if they may
+    not: the server's NSFW policy, and whether the channel is age-restricted."""
+    if guild.nsfw_policy is NsfwPolicy.BLOCK:
+        return "This server does not allow NSFW prompts"
+    channel_nsfw = bool(getattr(interaction.channel, "is_nsfw", lambda: False)())
+    if guild.nsfw_policy is NsfwPolicy.AGE_RESTRICTED_CHANNELS and not channel_nsfw:
+        return "NSFW prompts are allowed only in age-restricted channels here"
+    return None
+
+
+async def nsfw_shown_here(interaction: discord.Interaction[ImagineBot]) -> bool:
+    """Whether images of NSFW prompts may be posted where ``interaction`` came from (in a
+    server; a direct message has no server policy)."""
+    if interaction.guild_id is None:
+        return True
+    guild = await interaction.client.policies.get(interaction.guild_id)
+    return nsfw_refusal(interaction, guild) is None
 
 
 async def check_policy(
@@ -102,7 +125,6 @@ async def check_policy(
     if interaction.guild_id is None:
         return
     guild = await interaction.client.policies.get(interaction.guild_id)
-    channel_nsfw = bool(getattr(interaction.channel, "is_nsfw", lambda: False)())
     roles = {role.id for role in getattr(interaction.user, "roles", [])}
     for recipe in recipes:
         if banned_word_in(recipe.prompt, guild.banned_words or []):
@@ -111,13 +133,10 @@ async def check_policy(
                 "rephrase it (the server's moderators keep the list)."
             )
         if banned_word_in(recipe.prompt, NSFW_WORDS):
-            if guild.nsfw_policy is NsfwPolicy.BLOCK:
-                raise Refusal("This server does not allow NSFW prompts; rephrase it.")
-            if guild.nsfw_policy is NsfwPolicy.AGE_RESTRICTED_CHANNELS and not channel_nsfw:
-                raise Refusal(
-                    "NSFW prompts are allowed only in age-restricted channels here; "
-                    "use one of those, or rephrase it."
-                )
+            why = nsfw_refusal(interaction, guild)
+            if why is not None:
+                blocked = guild.nsfw_policy is NsfwPolicy.BLOCK
+                raise Refusal(f"{why}; {'' if blocked else 'use one of those, or '}rephrase it.")
         for style in recipe.styles:
             allowed = (guild.style_roles or {}).get(style.name)
             if allowed and not roles & set(allowed):

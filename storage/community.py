@@ -31,6 +31,9 @@ NSFW_WORDS = (
     "sex",
     "explicit",
     "topless",
+    "hentai",
+    "porno",
+    "erotic",
 )
 
 

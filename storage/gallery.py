@@ -112,7 +112,11 @@ async def remove_from_gallery(session: AsyncSession, image_id: int, by: int) -> 
 
 
 def _gallery_query(
-    style: str | None, sort: GallerySort, since: datetime | None, guild_id: int | None = None
+    style: str | None,
+    sort: GallerySort,
+    since: datetime | None,
+    guild_id: int | None = None,
+    nsfw: bool = True,
 ) -> Select[Image, Any, Recipe, int]:
     query = (
         select(Image, Image.like_count, Generation.recipe, Generation.requester_id)
@@ -137,6 +141,8 @@ def _gallery_query(
         query = query.where(Image.created_at >= since)
     if guild_id is not None:
         query = query.where(Generation.guild_id == guild_id)
+    if not nsfw:
+        query = query.where(Generation.nsfw.is_(False))
     if sort is GallerySort.TOP:
         query = query.order_by(Image.like_count.desc(), Image.created_at.desc(), Image.id.desc())
     else:
@@ -153,13 +159,17 @@ async def gallery_page(
     page: int = 0,
     page_size: int = 10,
     guild_id: int | None = None,
+    nsfw: bool = True,
 ) -> GalleryPage:
-    """One page of images, most liked (``top``) or newest (``new``) first."""
+    """One page of images, most liked (``top``) or newest (``new``) first; without the
+    images of NSFW prompts unless ``nsfw``."""
     if page < 0:
         raise ValueError("page must be 0 or more")
     page_size = max(1, min(page_size, MAX_PAGE_SIZE))
     rows = await session.execute(
-        _gallery_query(style, sort, since, guild_id).offset(page * page_size).limit(page_size + 1)
+        _gallery_query(style, sort, since, guild_id, nsfw)
+        .offset(page * page_size)
+        .limit(page_size + 1)
     )
     entries = [
         GalleryEntry(

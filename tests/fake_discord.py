@@ -148,6 +148,7 @@ def _error(status: int, code: int, message: str) -> web.Response:
 class FakeDiscord:
     def __init__(self, *, attachment_size_limit: int = 10 * 1024 * 1024) -> None:
         self.attachment_size_limit = attachment_size_limit
+        self.channel_nsfw = False  # whether the one channel is age-restricted
         self.calls: list[Call] = []
         self.messages: dict[int, dict[str, Any]] = {}
         self.files: dict[int, bytes] = {}
@@ -364,6 +365,11 @@ class FakeDiscord:
         """Make an interaction's token invalid, as Discord does after 15 minutes."""
         interaction.expired = True
 
+    async def set_channel_nsfw(self, nsfw: bool) -> None:
+        """Make the channel age-restricted or not, telling the bot as Discord does."""
+        self.channel_nsfw = nsfw
+        await self.dispatch("CHANNEL_UPDATE", self.channel())
+
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
         down = not self._gateway_up.is_set()
         assert self._sockets or down, "no bot is connected to the gateway"
@@ -431,7 +437,7 @@ class FakeDiscord:
             "guild_id": str(GUILD_ID),
             "name": "art",
             "position": 0,
-            "nsfw": False,
+            "nsfw": self.channel_nsfw,
             "permission_overwrites": [],
         }
 

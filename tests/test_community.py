@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import discord
 from sqlalchemy import select
 
 from bot.cogs.community import MAX_BANNED
@@ -13,12 +14,14 @@ from tests.fake_discord import (
     ALICE,
     ARTISTS_ROLE,
     BOB,
+    CHANNEL_ID,
     EPHEMERAL,
     GUILD_ID,
     MANAGE_GUILD,
     MOD,
 )
 from tests.test_bot import Harness, harness, running
+from tests.test_bot_edges import said
 
 __all__ = ["harness", "running"]
 
@@ -133,6 +136,46 @@ async def test_nsfw_prompts_follow_the_server_setting(running: Harness) -> None:
     await running.result(await running.imagine("a nude statue --steps 2"))
     [generation] = await running.generations()
     assert generation.nsfw and not generation.private  # kept off the web gallery by default
+
+
+async def age_restricted(running: Harness, nsfw: bool) -> None:
+    await running.fake.set_channel_nsfw(nsfw)
+    bot = running.bot
+    assert bot is not None
+
+    def updated() -> bool:
+        channel = bot.get_channel(CHANNEL_ID)
+        return isinstance(channel, discord.TextChannel) and channel.is_nsfw() is nsfw
+
+    await running.fake.wait_for(updated, what="the channel update")
+
+
+async def test_nsfw_images_are_shown_only_where_nsfw_prompts_may_go(running: Harness) -> None:
+    """The server's default: NSFW prompts in age-restricted channels only. Their images
+    stay there too: /gallery and /show elsewhere leave them out."""
+    fake = running.fake
+    await running.result(await running.imagine("a quiet harbour --steps 2"))
+    refused = await running.imagine("a topless_woman on a beach --steps 2")  # _ joins words
+    assert "age-restricted" in await said(running, refused)
+    await age_restricted(running, True)
+    await running.result(await running.imagine("two nudes on a beach --steps 2"))  # plural
+    plain, nsfw = await running.generations()
+    assert nsfw.nsfw and not plain.nsfw
+
+    async def gallery_shows() -> str:
+        options = {"sort": "new", "period": "all"}
+        message = await running.result(await fake.slash("gallery", options=options))
+        return str(message["content"])
+
+    assert f"of #{nsfw.id}" in await gallery_shows()
+    await age_restricted(running, False)
+    assert f"of #{plain.id}" in await gallery_shows()
+    shown = await fake.slash("show", options={"generation": nsfw.id})
+    assert await said(running, shown) == (
+        f"Generation {nsfw.id} has an NSFW prompt. "
+        "NSFW prompts are allowed only in age-restricted channels here."
+    )
+    await running.result(await fake.slash("show", options={"generation": plain.id}))
 
 
 async def test_a_style_reserved_for_a_role(running: Harness) -> None:

@@ -20,6 +20,7 @@ from bot.choices import style_choices
 from bot.delivery import Rendered
 from bot.records import load_image
 from bot.replies import failures_answered, send_rendered
+from bot.submit import nsfw_shown_here
 from bot.web_links import gallery_link
 from storage.gallery import GalleryEntry, GallerySort, gallery_page, toggle_like
 from storage.generations import get_generation
@@ -124,8 +125,18 @@ def _caption(style: str, sort: str, period: str, page: int, entry: GalleryEntry)
 
 
 async def render_page(
-    bot: ImagineBot, guild_id: int | None, style: str, sort: str, period: str, page: int, limit: int
+    bot: ImagineBot,
+    guild_id: int | None,
+    style: str,
+    sort: str,
+    period: str,
+    page: int,
+    limit: int,
+    *,
+    nsfw: bool,
 ) -> Rendered:
+    """Page ``page`` of the gallery, one image; the images of NSFW prompts only if ``nsfw``
+    (the channel may show them)."""
     span = PERIODS[period]
     async with bot.services.database.session() as session:
         found = await gallery_page(
@@ -136,6 +147,7 @@ async def render_page(
             page=page,
             page_size=1,
             guild_id=guild_id,
+            nsfw=nsfw,
         )
     if not found.entries:
         text = (
@@ -173,6 +185,7 @@ async def show_page(
         period,
         page,
         interaction.filesize_limit,
+        nsfw=await nsfw_shown_here(interaction),
     )
     if edit:
         await interaction.response.edit_message(

@@ -26,6 +26,7 @@ from bot.submit import (
     Order,
     defer_within_rate_limit,
     from_private_reply,
+    nsfw_refusal,
     run_prompt,
     submit_order,
 )
@@ -350,6 +351,11 @@ class ImagineCog(commands.Cog):
                 "shown.",
             )
             return
+        if found.nsfw and interaction.guild_id is not None:
+            guild = await self.bot.policies.get(interaction.guild_id)
+            if (why := nsfw_refusal(interaction, guild)) is not None:
+                await refuse(interaction, f"Generation {generation} has an NSFW prompt. {why}.")
+                return
         await interaction.response.defer(thinking=True, ephemeral=found.private)
         rendered = await self.bot.delivery.render(found, interaction.filesize_limit)
         await send_rendered(interaction, rendered)
