@@ -490,14 +490,14 @@ async def test_the_styles_page_lists_every_style_with_preview_and_best_images(si
 
 
 @sqlite_only
-async def test_media_is_immutable_with_etags_and_refuses_anything_else(site: Site) -> None:
+async def test_media_is_cached_briefly_with_etags_and_refuses_anything_else(site: Site) -> None:
     await site.policy(web_enabled=True)
     [image] = await site.make()
     key = await site.blob_key(image)
     png = await site.get(f"/media/{key}.png")
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert png.content == await site.blobs.get(key)
-    assert png.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert png.headers["cache-control"] == "public, max-age=300"  # hidden: gone in 5 min
     assert png.headers["etag"] == f'"{key}"'
     again = await site.get(f"/media/{key}.png", **{"If-None-Match": f'"{key}"'})
     assert again.status_code == 304 and again.content == b""
@@ -506,11 +506,17 @@ async def test_media_is_immutable_with_etags_and_refuses_anything_else(site: Sit
         webp = await site.get(f"/media/{key}-{size}.webp")
         assert webp.status_code == 200 and webp.headers["content-type"] == "image/webp"
         etag = webp.headers["etag"]
-        assert etag != f'"{key}"' and "immutable" in webp.headers["cache-control"]
+        assert etag != f'"{key}"' and webp.headers["cache-control"] == "public, max-age=300"
         with PILImage.open(io.BytesIO(webp.content)) as picture:
             assert picture.format == "WEBP" and picture.size == (96, 64)
         cached = await site.get(f"/media/{key}-{size}.webp", **{"If-None-Match": etag})
         assert cached.status_code == 304
+
+    # A cache asking again about an image taken off the gallery is told it is gone.
+    async with site.database.session() as session:
+        await remove_from_gallery(session, image, by=ALICE)
+    gone = await site.get(f"/media/{key}.png", **{"If-None-Match": f'"{key}"'})
+    assert gone.status_code == 404
 
     for path in (
         f"/media/{key}-512.webp",  # no such size

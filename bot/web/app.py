@@ -57,7 +57,10 @@ from storage.web_gallery import (
 HERE = Path(__file__).parent
 CARD_SIZE = 256
 PAGE_SIZE = 768
-IMMUTABLE = "public, max-age=31536000, immutable"
+# Media URLs are content-addressed, but an image can be hidden (deleted from Discord, made
+# private, the server's gallery turned off): caches keep a copy five minutes, then ask
+# again with its ETag, which costs a 304 while it is visible and ends in a 404 after.
+MEDIA_CACHE = "public, max-age=300"
 _MEDIA = re.compile(r"^(?P<key>[0-9a-f]{64})(?:\.png|-(?P<size>[0-9]{1,4})\.webp)$")
 FolderStyle = tuple[str, str, Sequence[str]]
 
@@ -254,7 +257,7 @@ async def media(request: Request) -> Response:
             media_type = "image/webp"
     if served is None:
         raise _not_found()
-    headers = {"Cache-Control": IMMUTABLE, "ETag": f'"{served}"'}
+    headers = {"Cache-Control": MEDIA_CACHE, "ETag": f'"{served}"'}
     if _matches(request.headers.get("if-none-match"), served):
         return Response(status_code=304, headers=headers)
     try:
