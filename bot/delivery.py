@@ -12,7 +12,11 @@ finished while the bot was away, at start and whenever the gateway comes back
 (:meth:`ImagineBot.on_resumed`). While the interaction
 token is fresh the message is edited through the interaction webhook; after
 ``token_lifetime`` (Discord's tokens live 15 minutes) or if the webhook refuses,
-through the channel with the bot token.
+through the channel with the bot token. A result whose message cannot be edited at all
+(deleted, in a channel the bot may no longer use, or private with an expired token) is
+posted anew in the channel or, failing that, sent to its member by direct message; if
+neither can be sent it is recorded as delivered all the same (``/show`` still finds it),
+so that no sweep tries it again.
 """
 
 from __future__ import annotations
@@ -103,6 +107,7 @@ class Delivery:
         self._previews: dict[int, bytes] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._finals: set[int] = set()  # generations whose final edit is pending
+        self._unreachable: set[int] = set()  # generations whose message refuses edits
         self._working = asyncio.Semaphore(DELIVERIES_AT_ONCE)
 
     # -- the event loop ----------------------------------------------------------------------
@@ -125,6 +130,8 @@ class Delivery:
                 self._previews[generation_id] = event.preview
             lock = self._lock(generation_id)
             since = time.monotonic() - self._last_edit.get(generation_id, 0.0)
+            if generation_id in self._unreachable:
+                return  # its result goes elsewhere: see _final
             if lock.locked() or since < self.services.progress_interval:
                 return  # coalesced: the next one shows newer progress anyway
             self._last_edit[generation_id] = time.monotonic()  # also while it waits its turn
@@ -188,6 +195,18 @@ class Delivery:
         """An edit that a later one supersedes: not worth waiting for Discord."""
         try:
             await self.edit(generation, rendered)
+        except discord.HTTPException as error:
+            if transient(error):
+                log.info("%s edit of generation %d dropped: %s", what, generation.id, error)
+                return
+            # The message is gone or the bot may no longer edit it: no later progress edit
+            # can succeed, and the result finds another way (see _final).
+            self._unreachable.add(generation.id)
+            log.info(
+                "generation %d's message refuses edits (HTTP %s); its result goes elsewhere",
+                generation.id,
+                error.status,
+            )
         except Exception as error:
             if not transient(error):
                 raise
@@ -201,17 +220,76 @@ class Delivery:
                 # nothing to keep either.
                 if generation.delivered_at is None and generation.message_id is not None:
                     rendered = await self.render(generation, self._limit(generation_id))
-                    await with_retries(
-                        self.services.retries,
-                        lambda: self.edit(generation, rendered),
-                        f"the result of generation {generation_id}",
-                    )
+                    try:
+                        await with_retries(
+                            self.services.retries,
+                            lambda: self.edit(generation, rendered),
+                            f"the result of generation {generation_id}",
+                        )
+                    except discord.HTTPException as refused:  # not transient: see with_retries
+                        await self._deliver_elsewhere(generation, rendered, refused)
                     await self._mark_delivered(generation_id)
         finally:
             self._finals.discard(generation_id)
         self._forget(generation_id)
 
+    async def _deliver_elsewhere(
+        self, generation: Generation, rendered: Rendered, refused: discord.HTTPException
+    ) -> None:
+        """The result, when its message refused the edit for good (HTTP 4xx): a new message
+        in the channel (not for a private result), else a direct message to its member;
+        transient errors propagate, so that a later sweep tries again."""
+        why = {403: "I may no longer post there", 404: "its message is gone"}.get(
+            refused.status, f"Discord refused the edit (HTTP {refused.status})"
+        )
+        log.warning(
+            "the result of generation %d cannot be edited into its message (%s): %s",
+            generation.id,
+            why,
+            refused,
+        )
+        if not generation.private:
+            channel = self.client.get_partial_messageable(generation.channel_id or 0)
+            try:
+                await channel.send(
+                    content=rendered.content,
+                    files=rendered.files(),
+                    view=rendered.view or discord.utils.MISSING,
+                    allowed_mentions=discord.AllowedMentions(users=True),
+                )
+                return
+            except discord.HTTPException as error:
+                if transient(error):
+                    raise
+                log.warning(
+                    "generation %d: a new message was refused too: %s", generation.id, error
+                )
+        if self._limit(generation.id) > DEFAULT_UPLOAD_LIMIT:  # a direct message's own limit
+            rendered = await self.render(generation, DEFAULT_UPLOAD_LIMIT)
+        intro = f"Your result could not be shown where you asked for it ({why}), so here it is:\n"
+        try:
+            user = self.client.get_user(generation.requester_id) or await self.client.fetch_user(
+                generation.requester_id
+            )
+            await user.send(
+                content=(intro + rendered.content)[:MAX_CONTENT],
+                files=rendered.files(),
+                view=rendered.view or discord.utils.MISSING,
+            )
+        except discord.HTTPException as error:
+            if transient(error):
+                raise
+            log.warning(
+                "generation %d cannot be delivered (%s; a direct message was refused: %s); "
+                "its member can still post it with /show %d",
+                generation.id,
+                why,
+                error,
+                generation.id,
+            )
+
     def _forget(self, generation_id: int) -> None:
+        self._unreachable.discard(generation_id)
         self._locks.pop(generation_id, None)
         self._last_edit.pop(generation_id, None)
         self._previews.pop(generation_id, None)

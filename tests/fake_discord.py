@@ -149,6 +149,9 @@ class FakeDiscord:
     def __init__(self, *, attachment_size_limit: int = 10 * 1024 * 1024) -> None:
         self.attachment_size_limit = attachment_size_limit
         self.channel_nsfw = False  # whether the one channel is age-restricted
+        self.channel_forbidden = False  # the bot lost its permission to post in the channel
+        self.dm_channels: dict[int, int] = {}  # user id -> their direct-message channel
+        self.dms_refused: set[int] = set()  # users whose privacy settings refuse the bot's DMs
         self.calls: list[Call] = []
         self.messages: dict[int, dict[str, Any]] = {}
         self.files: dict[int, bytes] = {}
@@ -360,6 +363,10 @@ class FakeDiscord:
         self.interactions[token] = interaction
         await self.dispatch("INTERACTION_CREATE", payload)
         return interaction
+
+    def delete_message(self, message_id: int) -> None:
+        """Delete a message as a member or moderator would, in Discord's own client."""
+        self._delete(message_id)
 
     def expire(self, interaction: Interaction) -> None:
         """Make an interaction's token invalid, as Discord does after 15 minutes."""
@@ -628,13 +635,26 @@ class FakeDiscord:
                 return self._followup(token, body or {}, files)
             case _, ["webhooks", _, token, "messages", message]:
                 return self._webhook_message(method, token, message, body, files)
+            case "GET", ["users", user_id]:
+                known = {int(u["id"]): u for u in (ALICE, BOB, MOD)}
+                if int(user_id) not in known:
+                    return _error(404, 10013, "Unknown User")
+                return _json(known[int(user_id)])
+            case "POST", ["users", "@me", "channels"]:
+                recipient = int((body or {})["recipient_id"])
+                dm = self.dm_channels.setdefault(recipient, next(self._ids))
+                return _json({"id": str(dm), "type": 1, "recipients": [], "last_message_id": None})
             case "POST", ["channels", channel, "messages"]:
+                if error := self._refused_post(int(channel)):
+                    return error
                 if error := self._too_large(files):
                     return error
                 created = self._create(int(channel), body or {}, files)
                 await self.dispatch("MESSAGE_CREATE", created)
                 return _json(created)
-            case _, ["channels", _, "messages", message]:
+            case _, ["channels", channel, "messages", message]:
+                if int(channel) == CHANNEL_ID and self.channel_forbidden:
+                    return _error(403, 50013, "Missing Permissions")
                 return self._channel_message(method, int(message), body, files)
         return _error(404, 0, f"the fake does not serve {method} /{'/'.join(parts)}")
 
@@ -648,6 +668,19 @@ class FakeDiscord:
             )
         self.commands = commands
         return commands
+
+    def _refused_post(self, channel_id: int) -> web.Response | None:
+        if channel_id == CHANNEL_ID and self.channel_forbidden:
+            return _error(403, 50013, "Missing Permissions")
+        refusing = {dm: user for user, dm in self.dm_channels.items() if user in self.dms_refused}
+        if channel_id in refusing:
+            return _error(403, 50007, "Cannot send messages to this user")
+        return None
+
+    def direct_messages(self, user: dict[str, Any]) -> list[dict[str, Any]]:
+        """What the bot sent ``user`` by direct message, oldest first."""
+        dm = self.dm_channels.get(int(user["id"]))
+        return [m for m in self.messages.values() if dm is not None and m["channel_id"] == str(dm)]
 
     def _too_large(self, files: list[tuple[str, bytes]]) -> web.Response | None:
         for name, data in files:

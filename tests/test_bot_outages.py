@@ -8,13 +8,14 @@ on the tiny model. Each ends with the job run once and its result shown once.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import timedelta
 from itertools import pairwise
 
 from bot.retries import RetryPolicy
 from storage.models import Generation, GenerationStatus
-from tests.fake_discord import Call, FakeDiscord, Fault, Interaction
+from tests.fake_discord import ALICE, Call, FakeDiscord, Fault, Interaction
 from tests.test_bot import Harness, await_queued, harness
 
 __all__ = ["harness"]
@@ -188,3 +189,55 @@ async def test_a_new_session_after_a_lost_one_delivers_what_gave_up(harness: Har
     await fake.wait_for(lambda: fake.identifies == 2, what="a new session")
     await assert_delivered_once(harness, interaction, generation_id)
     assert fake.resumes == 1
+
+
+async def delivered(harness: Harness, number: int) -> Generation:
+    """The ``number``-th generation (from 1), once its result is delivered."""
+    for _ in range(600):
+        made = await harness.generations()
+        if len(made) >= number and made[number - 1].delivered_at is not None:
+            return made[number - 1]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"generation number {number} was not delivered within 60 s")
+
+
+async def test_a_result_whose_message_refuses_edits_goes_elsewhere_once(
+    harness: Harness,
+) -> None:
+    """A message deleted while its job waited: the result is posted anew in the channel.
+    A channel the bot lost, or a private result past its token: a direct message. A
+    member who refuses those: recorded as delivered all the same, for /show."""
+    harness.services.retries = FAST
+    fake = harness.fake
+    deleted = await held_generation(harness, "a boat --steps 2")
+    assert deleted.original_id is not None
+    fake.delete_message(deleted.original_id)  # by its member, say
+    await harness.start_worker()
+    first = await delivered(harness, 1)
+    [posted] = [m for m in fake.messages.values() if f"· #{first.id}" in m["content"]]
+    assert posted["attachments"] and fake.buttons(int(posted["id"]))
+    assert f"<@{ALICE['id']}>" in posted["content"]
+
+    harness.services.token_lifetime = timedelta(0)  # the channel route from now on
+    fake.channel_forbidden = True
+    await harness.imagine("a lighthouse --steps 2")
+    second = await delivered(harness, 2)
+    fake.channel_forbidden = False
+    [dm] = fake.direct_messages(ALICE)
+    assert dm["content"].startswith("Your result could not be shown where you asked for it")
+    assert f"#{second.id}" in dm["content"] and dm["attachments"] and fake.buttons(int(dm["id"]))
+
+    settings = await fake.slash("settings", subcommand="set", options={"private": True})
+    await fake.wait_for(lambda: settings.responses, what="the settings' answer")
+    private = await harness.imagine("a secret garden --steps 2")
+    third = await delivered(harness, 3)
+    assert third.private
+    [_, dm] = fake.direct_messages(ALICE)
+    assert f"#{third.id}" in dm["content"] and dm["attachments"]
+    assert private.original_id is not None and private.original_id not in fake.deleted
+
+    fake.dms_refused.add(int(ALICE["id"]))
+    await harness.imagine("a hidden harbour --steps 2")
+    await delivered(harness, 4)  # recorded all the same: /show finds it
+    assert len(fake.direct_messages(ALICE)) == 2
+    assert [g.attempts for g in await harness.generations()] == [1, 1, 1, 1]
