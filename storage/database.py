@@ -147,6 +147,7 @@ _GONE = {
     "ConnectionFailureError",
     "CrashShutdownError",
     "ClientCannotConnectError",
+    "TooManyConnectionsError",  # asyncpg: every slot taken, as just after a restart
 }
 _NETWORK_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNRESET}
 _GONE_TEXT = (
@@ -170,9 +171,10 @@ def is_unavailable(exc: BaseException) -> bool:
             return False  # a wrong database name or login: waiting will not fix it
         if isinstance(current, DatabaseUnavailable):
             return True
-        if isinstance(current, ConnectionError | TimeoutError) or (
+        if isinstance(current, ConnectionError | TimeoutError | socket.gaierror) or (
             isinstance(current, OSError) and current.errno in _NETWORK_ERRNOS
-        ):  # refused, reset, unreachable; a full disk is not one of these
+        ):  # refused, reset, unreachable, a host name not resolving while its server is
+            # replaced (a container recreated); a full disk is not one of these
             return True
         if type(current).__name__ in _GONE:
             return True

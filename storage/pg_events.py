@@ -175,10 +175,11 @@ async def listen(
             try:
                 for event in await final_events_since(database, swept_from):
                     inbox.put_nowait(event)
-            except Exception as exc:  # the database is away: the next sweep starts as far back
-                if not is_outage(exc):
-                    raise
-                log.warning("could not sweep for finished generations (%s); will retry", exc)
+            except Exception as exc:  # the next sweep starts as far back
+                if is_outage(exc):
+                    log.warning("could not sweep for finished generations (%s); will retry", exc)
+                else:  # never the end of the sweeps: a result whose NOTIFY was lost needs them
+                    log.exception("the sweep for finished generations failed; will retry")
             else:
                 swept_from = started - timedelta(seconds=sweep_seconds)  # overlap: no gap
             # asyncio.wait, not wait_for: on 3.11 wait_for may swallow a cancel that races

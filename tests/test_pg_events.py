@@ -5,13 +5,21 @@ from __future__ import annotations
 import asyncio
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image as PILImage
 
 from storage.database import Database
-from storage.events import JobEvent, JobProgress, JobStarted, JobSucceeded, final_events_since
+from storage.events import (
+    JobEvent,
+    JobFailed,
+    JobProgress,
+    JobStarted,
+    JobSucceeded,
+    final_events_since,
+)
 from storage.generations import NewImage, add_images, mark_delivered, transition
 from storage.models import GenerationKind, GenerationStatus
 from storage.pg_events import PostgresEventBus, decode, encode, listen
@@ -107,3 +115,34 @@ async def test_the_sweep_replays_a_finish_the_listener_missed_until_delivered(
     async with pg_database.session() as session:
         assert await mark_delivered(session, generation.id)
     assert await final_events_since(pg_database, before) == []  # delivered: not replayed
+
+
+async def test_a_sweep_that_fails_unexpectedly_is_logged_and_tried_again(
+    pg_database: Database, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sweep is what finds a result whose NOTIFY was lost: an error no one foresaw
+    must not end it for the life of the bot."""
+    import storage.pg_events
+
+    queue = RowQueue(pg_database, Limits(1, 10))
+    generation = await queue.submit(Submission(GenerationKind.IMAGINE, RECIPE, 1))
+    async with pg_database.session() as session:  # finished with no NOTIFY at all
+        await transition(session, generation.id, S.RUNNING, worker_name="w")
+        await transition(session, generation.id, S.FAILED, error="no room")
+    failures = 0
+
+    async def failing_once(database: Database, since: Any) -> list[JobEvent]:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise RuntimeError("a bug in the sweep")
+        return await final_events_since(database, since)
+
+    monkeypatch.setattr(storage.pg_events, "final_events_since", failing_once)
+    events = listen(pg_database, sweep_seconds=0.2)
+    try:
+        failed = await asyncio.wait_for(next_event(events, JobFailed), 10)
+    finally:
+        await events.aclose()
+    assert failed.generation_id == generation.id and failures == 1
+    assert "the sweep for finished generations failed" in caplog.text

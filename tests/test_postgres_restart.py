@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from asyncpg.exceptions import TooManyConnectionsError
 from sqlalchemy import select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import selectinload
@@ -355,6 +357,8 @@ async def test_the_bot_s_event_stream_listens_and_sweeps_again_after_an_outage()
     [
         (ConnectionRefusedError(111, "Connect call failed"), True),
         (ConnectionResetError(104, "Connection reset by peer"), True),
+        (socket.gaierror(-3, "Temporary failure in name resolution"), True),
+        (TooManyConnectionsError("sorry, too many clients already"), True),
         (OSError(28, "No space left on device"), False),  # a full disk is the job's failure
         (ValueError("bad recipe"), False),
     ],
