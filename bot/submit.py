@@ -268,7 +268,9 @@ async def submit_order(
                 sentence = str(exc) if isinstance(exc, ImagineError) else str(QueueUnavailable())
                 if number == 0:
                     await refuse(interaction, sentence)
-                else:
+                else:  # its "⏳" would wait for nothing
+                    with contextlib.suppress(discord.HTTPException):
+                        await interaction.followup.delete_message(message_id)
                     await interaction.followup.send(sentence, ephemeral=True)
                 break
             submitted.append(generation)

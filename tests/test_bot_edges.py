@@ -184,3 +184,15 @@ async def test_a_database_that_cannot_answer_or_a_fault_gets_a_sentence_not_sile
     assert "There is no generation 1" in await said(
         bot_only, await fake.slash("info", options={"generation": 1})
     )
+
+
+async def test_a_repeat_cut_short_by_the_queue_limit_leaves_no_placeholder(
+    bot_only: Harness,
+) -> None:
+    fake = bot_only.fake
+    await bot_only.imagine("a cat --steps 2")  # no worker: everything stays queued
+    await fake.wait_for(lambda: len(fake.messages) >= 1, what="the first")
+    repeated = await bot_only.imagine("a boat --steps 2 --repeat 10")  # the limit is 10
+    assert "the most allowed here is 10" in await said(bot_only, repeated)
+    assert len(await bot_only.generations()) == 10
+    assert [m for m in fake.messages.values() if m["content"] == "⏳"] == []
