@@ -333,6 +333,7 @@ async def test_crafted_links_get_400_or_404_never_a_server_error(site: Site) -> 
         response = await site.get(f"/g/{GUILD}?style={style}")
         assert response.status_code == 400 and "a style&#39;s name" in response.text, style
     assert (await site.get(f"/g/{GUILD}?style={'a' * 64}")).status_code == 200
+    assert (await site.get(f"/g/{GUILD}?sort=&period=")).status_code == 200  # the defaults
 
 
 @sqlite_only

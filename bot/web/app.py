@@ -123,7 +123,7 @@ def _gallery(request: Request) -> Gallery:
 
 
 def _choice(request: Request, name: str, kind: type[WebSort] | type[Period], default: str) -> Any:
-    value = request.query_params.get(name, default)
+    value = request.query_params.get(name) or default  # ?sort= left empty: the default
     try:
         return kind(value)
     except ValueError:
