@@ -43,9 +43,13 @@ SQLITE_FILE = "database.sqlite3"
 POSTGRES_FILE = "database.pgdump"
 CHUNK = 1 << 20
 # A blob is referenced by any column named like this one (images, grids, LoRAs, ...),
-# and by any field of that name in a recipe (an image prompt's stored image, ...).
+# and by these fields of a recipe: an image prompt's stored image (ImageRef), a control's
+# uploaded image and the map made from it (ControlRef).
 BLOB_KEY_SUFFIX = "blob_key"
-_RECIPE_BLOB_KEY = re.compile(r'"blob_key"\s*:\s*"([0-9a-f]{64})"')
+RECIPE_BLOB_FIELDS = ("blob_key", "source_key", "map_key")
+_RECIPE_BLOB_KEY = re.compile(rf'"(?:{"|".join(RECIPE_BLOB_FIELDS)})"\s*:\s*"([0-9a-f]{{64}})"')
+# Recipes that may name a blob: each of those fields' names ends so.
+_NAMES_A_BLOB = '%key"%'
 _RECIPES = "generations"
 
 
@@ -164,7 +168,7 @@ def sqlite_facts(path: Path) -> DatabaseFacts:
                     facts.blob_keys |= {key for (key,) in connection.execute(_keys(table, column))}
             if table == _RECIPES and "recipe" in columns:
                 rows = connection.execute(
-                    f'SELECT recipe FROM "{table}" WHERE recipe LIKE \'%"blob_key"%\''
+                    f'SELECT recipe FROM "{table}" WHERE recipe LIKE ?', (_NAMES_A_BLOB,)
                 )
                 facts.blob_keys |= recipe_blob_keys(str(text) for (text,) in rows)
         if "alembic_version" in tables:
@@ -193,7 +197,7 @@ async def _postgres_facts(connection: Any) -> DatabaseFacts:
         facts.blob_keys |= {key[0] for key in keys}
     if _RECIPES in tables:
         rows = await connection.fetch(
-            f'SELECT recipe::text FROM "{_RECIPES}" WHERE recipe::text LIKE \'%"blob_key"%\''
+            f'SELECT recipe::text FROM "{_RECIPES}" WHERE recipe::text LIKE $1', _NAMES_A_BLOB
         )
         facts.blob_keys |= recipe_blob_keys(row[0] for row in rows)
     if "alembic_version" in tables:

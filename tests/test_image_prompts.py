@@ -24,6 +24,7 @@ from generation.jobs import image_prompt_source
 from generation.metadata import a1111_parameters, read_recipe
 from generation.previews import latent_preview
 from storage.backup import postgres_facts, sqlite_facts
+from storage.controls import ControlRef
 from storage.database import Database
 from storage.derive import (
     image_prompt_size,
@@ -316,8 +317,12 @@ async def test_bad_images_are_refused_with_a_sentence_before_anything_is_queued(
     assert await running.generations() == []
 
 
-async def test_a_backup_keeps_the_image_a_recipe_names(database: Database) -> None:
+async def test_a_backup_keeps_every_image_a_recipe_names(database: Database) -> None:
+    """An image prompt's image, and a control's uploaded image and map."""
+    source, made = hashlib.sha256(b"a photo").hexdigest(), hashlib.sha256(b"its map").hexdigest()
     [recipe] = parse("a cat --seed 3", image=REF)
+    control = ControlRef(type="depth", source_key=source, map_key=made)
+    recipe = recipe.model_copy(update={"controls": (control,)})
     async with database.session() as session:
         await create_generation(session, kind=GenerationKind.IMAGINE, recipe=recipe, requester_id=1)
     if database.url.get_backend_name() == "sqlite":
@@ -325,7 +330,7 @@ async def test_a_backup_keeps_the_image_a_recipe_names(database: Database) -> No
         facts = await asyncio.to_thread(sqlite_facts, Path(database.url.database))
     else:
         facts = await postgres_facts(database.url)
-    assert REF.blob_key in facts.blob_keys
+    assert {REF.blob_key, source, made} <= facts.blob_keys
 
 
 def test_imagine_show_names_the_image_prompt(
