@@ -126,7 +126,13 @@ def restore_sqlite(snapshot: Path, target: Path) -> None:
 
 
 async def restore_postgres(dump: Path, url: URL, *, replace: bool) -> None:
-    """``pg_restore`` in one transaction; ``replace`` first drops what the target holds."""
+    """``pg_restore`` in one transaction; ``replace`` first drops what the target holds,
+    once ``pg_restore`` has shown it can read the dump (a client older than the dump's
+    format cannot): what fails there leaves the database as it was."""
+    try:
+        await run_tool("pg_restore", "--list", str(dump), url=url)
+    except BackupError as exc:
+        raise BackupError(f"{exc}; nothing in the database was changed.") from None
     if replace:
         connection = await connect(url)
         try:

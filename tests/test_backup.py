@@ -267,3 +267,22 @@ async def test_postgresql_round_trip_with_blobs_in_the_database(
         assert await run("restore", str(backup)) == 2
         assert "add --force" in capsys.readouterr().err
         assert await run("restore", str(backup), "--force") == 0
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+async def test_a_dump_pg_restore_cannot_read_leaves_the_database_as_it_was(
+    database: Database, tmp_path: Path
+) -> None:
+    """--force drops what the database holds only once pg_restore has read the dump (an
+    older pg_restore than the pg_dump that made it cannot)."""
+    from storage.backup import BackupError
+    from storage.restore import restore_postgres
+
+    key = await _one_generation(database, DatabaseBlobStore(database))
+    dump = tmp_path / "database.pgdump"
+    dump.write_bytes(b"PGDMP\x01\x63\x00 a format from the future")
+    with pytest.raises(BackupError, match="nothing in the database was changed"):
+        await restore_postgres(dump, database.url, replace=True)
+    async with database.session() as session:
+        assert len(list(await session.scalars(select(Generation)))) == 1
+    assert await DatabaseBlobStore(database).get(key)
