@@ -119,7 +119,13 @@ def check_lora_fits(pipe: Pipeline, style: StyleSpec) -> CheckedLora:
             misfits.append(key)
             continue
         component, module_name, down = layer
-        module = modules.get(component, {}).get(module_name)
+        found = modules.get(component, {})
+        if module_name not in found and module_name.startswith("text_model."):
+            # transformers 5's CLIP text models hold their layers without the "text_model."
+            # that LoRAs (kohya's lora_te_text_model_..., diffusers' keys) still name.
+            module_name = module_name.removeprefix("text_model.")
+            layer = (component, module_name, down)
+        module = found.get(module_name)
         if module is None or not _shape_fits(module, down, tensor):
             misfits.append(key)
             continue

@@ -282,6 +282,48 @@ def test_a_kohya_lora_changes_the_image_as_the_same_lora_in_peft_form_does(
     assert np.abs(with_kohya - with_peft).max() <= 1 / 255
 
 
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_a_kohya_lora_that_also_trains_the_text_encoder_loads_and_uses_it(
+    name: str, folder_models: dict[str, LoadedModel], tmp_path: Path
+) -> None:
+    """Most LoRAs people download change the text encoder too (``lora_te_text_model_…``)."""
+    from safetensors.torch import load_file
+
+    pipe = folder_models[name].pipe
+    unet_state = load_file(str(build_tiny_lora(pipe.unet, tmp_path / "unet.safetensors", seed=5)))
+    text = pipe.text_encoder.config
+    generator = torch.Generator().manual_seed(6)
+    both = dict(unet_state)
+    for layer in range(text.num_hidden_layers):
+        for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):  # as kohya trains
+            key = f"text_encoder.text_model.encoder.layers.{layer}.self_attn.{projection}"
+            shapes = {"A": (4, text.hidden_size), "B": (text.hidden_size, 4)}
+            for half, shape in shapes.items():
+                both[f"{key}.lora_{half}.weight"] = torch.randn(shape, generator=generator)
+    kohya_file = write_kohya_lora(both, pipe.unet.config, tmp_path / "kohya.safetensors")
+    assert any(
+        key.startswith(("lora_te_text_model_", "lora_te1_text_model_"))
+        for key in load_file(str(kohya_file))
+    )
+    family = FAMILY[name]
+    unet_only = _style(tmp_path, "unetonly", tmp_path / "unet.safetensors", family)
+    with_text = _style(tmp_path, "withtext", kohya_file, family)
+    layers = check_lora_fits(pipe, with_text).layers
+    assert {component for component, _, _ in layers} == {"unet", "text_encoder"}
+
+    loras = LoraSet(pipe, capacity=2)
+    try:
+        loras.activate([(unet_only, 1.0)])
+        without = render(pipe)
+        loras.activate([(with_text, 1.0)])
+        changed = render(pipe)
+    finally:
+        loras.activate([])
+        for adapter in loras.resident:
+            pipe.delete_adapters(adapter)
+    assert np.abs(changed - without).max() > 0.01  # the text encoder's layers count
+
+
 def _loha(path: Path) -> Path:
     name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
     save_file(
