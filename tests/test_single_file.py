@@ -245,6 +245,21 @@ def _style(folder: Path, name: str, lora: Path, family: str) -> StyleSpec:
     return parse_style(write_style(folder, name, lora.name, base_model_family=family))
 
 
+def styled_renders(pipe: Any, styles: list[StyleSpec]) -> list[np.ndarray]:
+    """:func:`render` with each style in turn; the pipeline is left as it was."""
+    loras = LoraSet(pipe, capacity=len(styles))
+    try:
+        renders = []
+        for style in styles:
+            loras.activate([(style, 1.0)])
+            renders.append(render(pipe))
+        return renders
+    finally:
+        loras.activate([])
+        for adapter in loras.resident:
+            pipe.delete_adapters(adapter)
+
+
 @pytest.mark.parametrize("name", list(FAMILY))
 def test_a_kohya_lora_changes_the_image_as_the_same_lora_in_peft_form_does(
     name: str, folder_models: dict[str, LoadedModel], tmp_path: Path
@@ -268,16 +283,7 @@ def test_a_kohya_lora_changes_the_image_as_the_same_lora_in_peft_form_does(
     )
 
     plain = render(pipe)
-    loras = LoraSet(pipe, capacity=2)
-    try:
-        loras.activate([(peft_style, 1.0)])
-        with_peft = render(pipe)
-        loras.activate([(kohya_style, 1.0)])
-        with_kohya = render(pipe)
-    finally:
-        loras.activate([])
-        for adapter in loras.resident:
-            pipe.delete_adapters(adapter)
+    with_peft, with_kohya = styled_renders(pipe, [peft_style, kohya_style])
     assert np.abs(with_kohya - plain).max() > 0.01
     assert np.abs(with_kohya - with_peft).max() <= 1 / 255
 
@@ -311,16 +317,7 @@ def test_a_kohya_lora_that_also_trains_the_text_encoder_loads_and_uses_it(
     layers = check_lora_fits(pipe, with_text).layers
     assert {component for component, _, _ in layers} == {"unet", "text_encoder"}
 
-    loras = LoraSet(pipe, capacity=2)
-    try:
-        loras.activate([(unet_only, 1.0)])
-        without = render(pipe)
-        loras.activate([(with_text, 1.0)])
-        changed = render(pipe)
-    finally:
-        loras.activate([])
-        for adapter in loras.resident:
-            pipe.delete_adapters(adapter)
+    without, changed = styled_renders(pipe, [unet_only, with_text])
     assert np.abs(changed - without).max() > 0.01  # the text encoder's layers count
 
 
