@@ -114,7 +114,10 @@ async def materialize_styles(
         async with database.session() as session:
             style = await find_style(session, generation.guild_id, ref.name)
         if style is None or style.lora_blob_key is None or style.lora_sha256 is None:
-            continue  # a folder style, or unknown: the engine says which
+            # A folder style, or unknown (the engine says which): never another server's
+            # style of that name, nor one this server removed, put there by an earlier job.
+            engine.styles.unshadow(ref.name)
+            continue
         path = folder / f"{style.lora_sha256}.safetensors"
         if not await asyncio.to_thread(path.exists):
             await asyncio.to_thread(_write_atomically, path, await blobs.get(style.lora_blob_key))

@@ -149,6 +149,7 @@ class StyleRegistry:
 
     def __init__(self, styles: Iterable[StyleSpec] = (), problems: Iterable[str] = ()) -> None:
         self._styles = {style.name: style for style in styles}
+        self._own = dict(self._styles)  # as made: what a server's own style only shadows
         self.problems = list(problems)
 
     @classmethod
@@ -177,8 +178,17 @@ class StyleRegistry:
         return {name: style.default_weight for name, style in self._styles.items()}
 
     def put(self, style: StyleSpec) -> None:
-        """Add ``style``, replacing one of the same name (a server's own style, say)."""
+        """Add ``style`` for the jobs that follow, shadowing one of the same name: a server's
+        own style, for that server's jobs. :meth:`unshadow` brings the registry's back."""
         self._styles[style.name] = style
+
+    def unshadow(self, name: str) -> None:
+        """The registry's own style ``name`` again (or none) in place of one :meth:`put`
+        there: for a job of a server that has no style of that name (any more)."""
+        if name in self._own:
+            self._styles[name] = self._own[name]
+        else:
+            self._styles.pop(name, None)
 
     def get(self, name: str) -> StyleSpec:
         try:

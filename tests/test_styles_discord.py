@@ -95,6 +95,32 @@ async def test_a_manager_adds_a_style_and_everyone_can_use_it(
     assert "1500" in said
 
 
+async def test_a_server_style_shadows_a_folder_style_only_while_it_exists(
+    running: Harness, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    """A server's own style named like a folder style is used for that server's jobs; once
+    removed, the folder's is used again (the worker's registry is shared by all servers)."""
+    fake = running.fake
+    lora = build_tiny_lora(tiny_engine.pipe.unet, tmp_path / "own.safetensors", seed=22)
+    own = hashlib.sha256(lora.read_bytes()).hexdigest()
+    folder = hashlib.sha256(tiny_engine.styles.get("style-01").lora_path.read_bytes()).hexdigest()
+    added = await add_style(running, "own.safetensors", lora.read_bytes(), name="style-01")
+    await running.result(added)  # its preview ran with the server's LoRA
+
+    async def used() -> str | None:
+        made = await running.imagine("a city at night --steps 2", style="style-01")
+        await running.result(made)
+        *_, generation = await running.generations()
+        return generation.recipe.styles[0].sha256
+
+    assert await used() == own
+    removed = await fake.slash(
+        "style", subcommand="remove", options={"name": "style-01"}, by=MOD, permissions=MANAGE_GUILD
+    )
+    await fake.wait_for(lambda: removed.responses, what="the removal")
+    assert await used() == folder
+
+
 async def test_uploads_that_cannot_be_styles_are_refused_and_nothing_is_kept(
     running: Harness, tmp_path: Path
 ) -> None:
