@@ -369,6 +369,8 @@ def _load_flux(
         components = flux_components(entry, settings)
         if components is None:
             raise _no_components(path, entry)
+    else:
+        _refuse_without_encoders(path, shapes, entry)  # as describe_single_file does
     config = _flux_config(path, shapes, entry, settings)
     folder = config_folder(entry, settings)
     assert folder is not None  # _flux_config refused a family without configs

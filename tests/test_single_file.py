@@ -454,6 +454,15 @@ def test_a_transformer_only_flux_file_and_a_missing_t5_tokenizer_are_refused_wit
         describe_single_file(schnell, chosen)
     assert "needs the T5 tokenizer" in str(refused.value)
 
+    # An all-in-one file without its T5 encoder: the same sentence from doctor and loading.
+    no_t5 = tmp_path / "schnell-no-t5.safetensors"
+    shapes = {k: v for k, v in SD3_FLUX_SHAPES["flux-schnell"].items() if "t5xxl" not in k}
+    write_header_only(shapes, no_t5)
+    with pytest.raises(ConfigError, match=r"but not the T5 encoder \(text_encoders\.t5xxl"):
+        describe_single_file(no_t5, chosen)
+    with pytest.raises(ConfigError, match=r"but not the T5 encoder \(text_encoders\.t5xxl"):
+        load_model(chosen, str(no_t5))
+
 
 def test_the_components_setting_names_a_flux_folder_or_is_refused_with_a_sentence(
     settings: Settings, no_network: None
