@@ -166,7 +166,21 @@ def detect_family(pipe: Pipeline, source: ModelSource) -> ModelFamily:
     """The family of the loaded pipeline: its class, then its weights, then its name."""
     if source.kind == "tiny":
         return FAMILIES[TINY_FAMILIES[source.model]]
-    base = PIPELINE_FAMILIES.get(type(pipe).__name__, "sd15")
+    base = PIPELINE_FAMILIES.get(type(pipe).__name__)
+    if base is None:
+        raise ConfigError(
+            f"{source.model} loads as a {type(pipe).__name__}, which Imagine does not run; "
+            "use a Stable Diffusion 1.x/2.x, SDXL, SD 3 or FLUX.1 text-to-image model."
+        )
+    unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
+    if unet is not None and vae is not None:
+        takes, latents = unet.config.get("in_channels"), vae.config.get("latent_channels")
+        if takes != latents:  # 9 for inpainting (latents, mask, masked image)
+            raise ConfigError(
+                f"{source.model} is not a text-to-image model: its UNet takes {takes} "
+                f"channels, not its autoencoder's {latents} (an inpainting model takes 9); "
+                "use the base model it was made from."
+            )
     if base == "flux" and not pipe.transformer.config.get("guidance_embeds", True):
         return FAMILIES["flux-schnell"]  # no guidance embedding: the distilled 4-step model
     if base == "sd15":

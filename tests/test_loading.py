@@ -143,3 +143,33 @@ def test_workers_starting_together_build_the_tiny_model_once(tmp_path: Path) -> 
     assert [process.returncode for process in processes] == [0, 0, 0], results
     assert [out.strip() for out, _ in results] == ["loaded"] * 3
     assert sorted(path.name for path in tmp_path.iterdir()) == [".tiny-sd.lock", "tiny-sd"]
+
+
+def test_a_folder_imagine_cannot_run_is_refused_at_load(
+    settings: Settings, tiny_folder: Path, tmp_path: Path
+) -> None:
+    """Not quietly taken for SD 1.5: every job would fail (an inpainting UNet's 9 input
+    channels) or run with another pipeline's defaults."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    inpainting = tmp_path / "tiny-inpainting"
+    shutil.copytree(tiny_folder, inpainting)
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_folder / "unet"))
+    UNet2DConditionModel.from_config({**unet.config, "in_channels": 9}).save_pretrained(
+        str(inpainting / "unet")
+    )
+    index = json.loads((inpainting / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionInpaintPipeline"
+    (inpainting / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="its UNet takes 9 channels, not its autoencoder's 4"):
+        load_model(settings, str(inpainting))
+
+    other = tmp_path / "tiny-lcm"
+    shutil.copytree(tiny_folder, other)
+    index = json.loads((other / "model_index.json").read_text())
+    index["_class_name"] = "LatentConsistencyModelPipeline"
+    (other / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="LatentConsistencyModelPipeline, which Imagine does not"):
+        load_model(settings, str(other))
