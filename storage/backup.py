@@ -79,7 +79,7 @@ class Manifest(BaseModel):
     database_file: FileEntry
     counts: dict[str, int]  # rows per table in the snapshot
     blobs: list[FileEntry]
-    missing_blobs: list[str] = []  # referenced, but absent from the blob folder already
+    missing_blobs: list[str] = []  # referenced, but absent or damaged in the blob folder
     styles: list[FileEntry] = []
 
 
@@ -311,7 +311,9 @@ async def dump_postgres(url: URL, target: Path) -> DatabaseFacts:
 def copy_blobs(
     keys: Iterable[str], source: Path, folder: Path
 ) -> tuple[list[FileEntry], list[str]]:
-    """Copy the blob files of ``keys`` into ``folder``/blobs, checking each against its key."""
+    """Copy the blob files of ``keys`` into ``folder``/blobs, checking each against its key;
+    and the keys left out: missing from the blob folder, or damaged there (bytes that do not
+    match their name), so that one bad file does not stop every backup."""
     here = LocalBlobStore(source)
     there = LocalBlobStore(folder / "blobs")
     entries: list[FileEntry] = []
@@ -324,10 +326,9 @@ def copy_blobs(
         target = there.path_for(key)
         size, sha256 = copy_file(path, target)
         if sha256 != key:
-            raise BackupError(
-                f"The blob file {path} does not hold the bytes its name promises (sha256 "
-                f"{sha256}); the blob folder is damaged: restore that file from an older backup."
-            )
+            target.unlink()
+            missing.append(key)
+            continue
         entries.append(_entry(folder, target, size, sha256))
     return entries, missing
 

@@ -105,8 +105,8 @@ class LocalBlobStore:
 
     def _write(self, key: str, data: bytes) -> None:
         final = self.path_for(key)
-        if final.is_file():
-            return
+        if final.is_file() and _holds(final, key):
+            return  # a damaged file of that name (bit rot, a cut copy) is replaced below
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -134,6 +134,15 @@ class LocalBlobStore:
                 raise BlobStoreFull() from exc
             raise
         _fsync_dir(final.parent)
+
+
+def _holds(path: Path, key: str) -> bool:
+    """Whether the file at ``path`` holds the bytes whose sha256 is ``key``."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest() == key
 
 
 def _fsync_dir(path: Path) -> None:

@@ -8,7 +8,7 @@ import contextlib
 import hashlib
 import io
 import json
-import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -159,12 +159,20 @@ async def test_restore_checks_the_backup_and_the_target_before_it_writes(
     backup = tmp_path / "backup"
     good = source_blob.read_bytes()
 
-    # A damaged blob in the blob folder fails the backup with a sentence, and leaves nothing.
+    # A damaged blob in the blob folder is left out with a warning, not the whole backup;
+    # the same image stored again (the worker makes it anew, say) replaces the bad file.
     source_blob.write_bytes(b"rot")
-    assert await run("backup", str(backup)) == 2
-    assert f"The blob file {source_blob} does not hold the bytes" in capsys.readouterr().err
-    assert os.listdir(tmp_path) == [clean_env.name]  # no backup, no partial folder
-    source_blob.write_bytes(good)
+    damaged = tmp_path / "damaged"
+    assert await run("backup", str(damaged)) == 0
+    assert f"warning: blob {key} is missing from the blob folder, or damaged" in (
+        capsys.readouterr().err
+    )
+    assert json.loads((damaged / "manifest.json").read_text())["missing_blobs"] == [key]
+    assert not [path for path in (damaged / "blobs").rglob("*") if path.is_file()]
+    async with open_deployment(settings) as deployment:
+        assert await deployment.blobs.put(good) == key
+    assert source_blob.read_bytes() == good
+    shutil.rmtree(damaged)
 
     assert await run("backup", str(backup)) == 0
     assert not await asyncio.to_thread(lambda: list(tmp_path.glob(".backup.partial-*")))

@@ -78,7 +78,12 @@ async def backup(settings: Settings, path: Path) -> int:
         await database.dispose()
     manifest = await take_backup(source, path, utcnow())
     for key in manifest.missing_blobs:
-        print(f"warning: blob {key} was already missing from the blob folder", file=sys.stderr)
+        print(
+            f"warning: blob {key} is missing from the blob folder, or damaged there (its "
+            "bytes do not match its name), so it is not in this backup; an older backup may "
+            "hold it",
+            file=sys.stderr,
+        )
     counts = manifest.counts
     print(
         f"backed up {describe_url(database.url)} at revision {manifest.revision}: "
