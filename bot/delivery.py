@@ -114,9 +114,14 @@ class Delivery:
 
     async def run(self) -> None:
         """Deliver what finished while away, then every event as it comes."""
-        await self.sweep()
-        async for event in self.services.events.subscribe():
-            self.handle(event)
+        # Subscribed before the sweep: what finishes while it runs is not lost.
+        events = self.services.events.subscribe()
+        try:
+            await self.sweep()
+            async for event in events:
+                self.handle(event)
+        finally:
+            await events.aclose()
 
     async def sweep(self) -> None:
         """Deliver every result of the last day that is not delivered yet."""

@@ -62,6 +62,16 @@ JobEvent = Annotated[
 ]
 
 
+class Subscription(Protocol):
+    """Events as they come (``async for``), until :meth:`aclose`."""
+
+    def __aiter__(self) -> AsyncIterator[JobEvent]: ...
+
+    async def __anext__(self) -> JobEvent: ...
+
+    async def aclose(self) -> None: ...
+
+
 class EventBus(Protocol):
     """How job events travel from workers to whoever shows them."""
 
@@ -70,7 +80,7 @@ class EventBus(Protocol):
         for by the subscriber's sweep of finished, undelivered generations)."""
         ...
 
-    def subscribe(self) -> AsyncIterator[JobEvent]:
+    def subscribe(self) -> Subscription:
         """Every event from now on, until the iterator is closed; final events may repeat."""
         ...
 
@@ -87,17 +97,37 @@ class LocalEventBus:
         for inbox in self._subscribers:
             inbox.put_nowait(event)
 
-    async def subscribe(self) -> AsyncIterator[JobEvent]:
-        inbox: asyncio.Queue[JobEvent] = asyncio.Queue()
-        self._subscribers.append(inbox)
-        try:
-            while True:
-                yield await inbox.get()
-        finally:
-            self._subscribers.remove(inbox)
+    def subscribe(self) -> _LocalSubscription:
+        """Subscribed at once, not at the first read: an event published in between (while
+        the subscriber sweeps for finished generations, say) waits in its inbox. ``aclose``
+        unsubscribes, read or not."""
+        return _LocalSubscription(self._subscribers)
 
     async def close(self) -> None:
         return None
+
+
+class _LocalSubscription:
+    def __init__(self, subscribers: list[asyncio.Queue[JobEvent]]) -> None:
+        self._subscribers = subscribers
+        self._inbox: asyncio.Queue[JobEvent] = asyncio.Queue()
+        subscribers.append(self._inbox)
+
+    def __aiter__(self) -> _LocalSubscription:
+        return self
+
+    async def __anext__(self) -> JobEvent:
+        if self._inbox not in self._subscribers:
+            raise StopAsyncIteration
+        try:
+            return await self._inbox.get()
+        except asyncio.CancelledError:  # its reader is stopping: as an async generator would
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if self._inbox in self._subscribers:
+            self._subscribers.remove(self._inbox)
 
 
 def final_event(generation: Generation) -> JobEvent | None:

@@ -19,7 +19,7 @@ import contextlib
 import io
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from datetime import timedelta
 
 import asyncpg
@@ -154,7 +154,7 @@ async def listen_for_cancels(url: URL, on_cancel: Callable[[int], object]) -> No
 
 async def listen(
     database: Database, *, sweep_seconds: float = 5.0, lookback: timedelta = timedelta(minutes=15)
-) -> AsyncIterator[JobEvent]:
+) -> AsyncGenerator[JobEvent]:
     """Every event any worker sends, reconnecting as needed; final events may repeat."""
     inbox: asyncio.Queue[JobEvent] = asyncio.Queue()
     swept_from = utcnow() - lookback
@@ -227,7 +227,7 @@ class PostgresEventBus:
         except Exception:  # the subscribers' sweep makes up for a lost final event
             log.exception("could not NOTIFY %s of generation %s", event.kind, event.generation_id)
 
-    def subscribe(self) -> AsyncIterator[JobEvent]:
+    def subscribe(self) -> AsyncGenerator[JobEvent]:
         return listen(self.database, sweep_seconds=self.sweep_seconds)
 
     async def close(self) -> None:

@@ -470,3 +470,25 @@ async def test_cancelling_one_job_of_a_batch_keeps_the_others(
     assert stopped.started_at is not None and finished.started_at is not None
     assert abs(stopped.started_at - finished.started_at).total_seconds() < 1  # one batch
     assert steps[kept.id] == list(range(1, 13)) and steps[doomed.id] == [1]
+
+
+async def test_a_local_subscription_keeps_what_is_published_before_it_is_read() -> None:
+    """The bot subscribes, sweeps for finished generations, then reads: a result finished
+    during the sweep must still reach it."""
+    bus = LocalEventBus()
+    events = bus.subscribe()
+    finished = JobSucceeded(generation_id=7, image_ids=[1])
+    bus.publish(finished)
+    assert await asyncio.wait_for(anext(events), 5) == finished
+    await events.aclose()
+    bus.publish(JobSucceeded(generation_id=8, image_ids=[2]))  # to no one: unsubscribed
+    unread = bus.subscribe()
+    await unread.aclose()  # closed before any read: unsubscribed all the same
+    assert bus._subscribers == []
+    reading = bus.subscribe()
+    waiting = asyncio.ensure_future(anext(reading))
+    await asyncio.sleep(0)
+    waiting.cancel()  # a reader that stops, as the bot's delivery task at shutdown
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert bus._subscribers == []
