@@ -200,10 +200,12 @@ class Delivery:
         """An edit that a later one supersedes: not worth waiting for Discord."""
         try:
             await self.edit(generation, rendered)
-        except discord.HTTPException as error:
+        except Exception as error:
             if transient(error):
                 log.info("%s edit of generation %d dropped: %s", what, generation.id, error)
                 return
+            if not isinstance(error, discord.HTTPException):
+                raise
             # The message is gone or the bot may no longer edit it: no later progress edit
             # can succeed, and the result finds another way (see _final).
             self._unreachable.add(generation.id)
@@ -212,10 +214,6 @@ class Delivery:
                 generation.id,
                 error.status,
             )
-        except Exception as error:
-            if not transient(error):
-                raise
-            log.info("%s edit of generation %d dropped: %s", what, generation.id, error)
 
     async def _final(self, generation_id: int) -> None:
         try:
