@@ -67,6 +67,7 @@ from storage.recipe import (
 )
 from storage.recipe import random_seed as fresh_seed
 from storage.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
+from storage.style_store import STYLE_NAME
 
 MAX_GENERATIONS = 10
 MAX_PROMPT_LENGTH = 1500
@@ -99,7 +100,6 @@ _CONTROL_TUNING = {
 _ALIASES = {"guidance": "cfg", "aspect": "ar"}
 _FLAG = re.compile(r"(?<!\S)--(\S*)")
 _PHONE_DASH = re.compile(r"(?<!\S)—(?=\S)")  # the em dash a phone made of a flag's --
-_STYLE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _RATIO = re.compile(r"^(\d{1,3}):(\d{1,3})$")
 _WHOLE = re.compile(r"^\d{1,10}$")
 _URL = re.compile(r"^<?[A-Za-z][A-Za-z0-9+.-]*://\S*$")
@@ -423,7 +423,7 @@ def _ratio(value: str) -> tuple[int, int]:
 def _style(value: str, defaults: PromptDefaults, known: Collection[str] | None) -> StyleRef:
     allowed = "a style name, optionally :weight from -2 to 2 (for example --style watercolor:0.8)"
     name, colon, weight_text = value.partition(":")
-    if not _STYLE_NAME.fullmatch(name):
+    if not STYLE_NAME.fullmatch(name):
         raise _refuse("style", value, allowed)
     if known is not None and name not in known:
         raise PromptError(

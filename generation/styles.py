@@ -19,7 +19,6 @@ A style file, ``watercolor.toml``::
 from __future__ import annotations
 
 import hashlib
-import re
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,9 +28,7 @@ from typing import Any
 from storage.errors import ImagineError, NotFound
 from storage.families import FAMILIES
 from storage.recipe import StyleRef, search_names, unknown_style_message
-from storage.style_store import lora_rank_of
-
-STYLE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+from storage.style_store import STYLE_NAME, lora_rank_of
 
 
 class StyleError(ImagineError):
