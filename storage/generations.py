@@ -472,8 +472,8 @@ async def request_cancel(session: AsyncSession, generation_id: int) -> Generatio
     """
     generation = await get_generation(session, generation_id)
     if generation.status is S.QUEUED:
-        try:
-            return await transition(session, generation_id, S.CANCELLED)
+        try:  # only while no worker holds it: a queued row has none
+            return await transition(session, generation_id, S.CANCELLED, owner=None)
         except IllegalTransition:  # a worker claimed it meanwhile: flag it below
             generation = await get_generation(session, generation_id)
     if generation.status is S.RUNNING:

@@ -105,6 +105,37 @@ async def test_a_cancelled_queued_job_never_runs(database: Database) -> None:
         assert await claim_next(session, "w", LIMITS) is None
 
 
+async def test_a_cancel_that_crosses_a_claim_stops_the_running_job(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker claims the job between /cancel's read of it (queued) and its write: the
+    job is running then, so it is flagged and its worker stopped, not marked cancelled
+    while the worker runs it to the end and has its result refused."""
+    import storage.generations as generations
+
+    cancellations = Cancellations()
+    queue = RowQueue(database, LIMITS, cancellations=cancellations)
+    job = await queue.submit(submission(ALICE, "raced"))
+    stopped: list[int] = []
+    read = generations.get_generation
+
+    async def read_then_claimed(session: AsyncSession, generation_id: int) -> Generation:
+        found = await read(session, generation_id)
+        if not stopped and found.status is S.QUEUED:  # the claim lands after this read
+            async with database.session() as other:
+                assert await claim_next(other, "w", LIMITS) is not None
+            cancellations.register(generation_id, lambda: stopped.append(generation_id))
+        return found
+
+    monkeypatch.setattr(generations, "get_generation", read_then_claimed)
+    cancelled = await queue.cancel(job.id)
+    monkeypatch.undo()
+    assert cancelled.status is S.RUNNING and cancelled.worker_name == "w"
+    assert stopped == [job.id]  # the worker's run is stopped where it runs
+    async with database.session() as session:
+        assert (await get_generation(session, job.id)).cancel_requested_at is not None
+
+
 async def test_concurrent_claims_never_share_a_job(database: Database) -> None:
     queue = RowQueue(database, Limits(max_running_per_user=10, max_queued_per_user=20))
     for number in range(6):
