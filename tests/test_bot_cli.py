@@ -71,19 +71,8 @@ async def test_imagine_bot_starts_syncs_answers_and_stops_on_sigterm(
     `imagine worker` process elsewhere runs the job."""
     fake = FakeDiscord()
     await fake.start()
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(SHIM)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(shim), str(Path.cwd())]),
-        "FAKE_DISCORD_API": f"{fake.base}/api/v10",
-        "FAKE_DISCORD_GATEWAY": f"ws://127.0.0.1:{fake.port}/gateway",
-        "DISCORD_TOKEN": "fake-token",
-        "IMAGINE_MODEL": "tiny",
-        "IMAGINE_DEVICE": "cpu",
-        "IMAGINE_WEB_PORT": str(free_port()),  # the web gallery inside the bot, in both modes
-    }
+    # The web gallery inside the bot, in both modes
+    env = bot_env(fake, tmp_path, IMAGINE_MODEL="tiny", IMAGINE_WEB_PORT=str(free_port()))
     async with contextlib.AsyncExitStack() as stack:
         worker: subprocess.Popen[str] | None = None
         if mode == "scaled":
@@ -118,8 +107,24 @@ def stop_process(process: subprocess.Popen[str]) -> None:
         process.wait()
 
 
-async def run_the_bot(fake: FakeDiscord, env: dict[str, str], *, scaled: bool) -> None:
-    process = await asyncio.create_subprocess_exec(
+def bot_env(fake: FakeDiscord, tmp_path: Path, **settings: str) -> dict[str, str]:
+    """The environment of an `imagine bot` that talks to ``fake`` (on the CPU)."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(SHIM)
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(shim), str(Path.cwd())]),
+        "FAKE_DISCORD_API": f"{fake.base}/api/v10",
+        "FAKE_DISCORD_GATEWAY": f"ws://127.0.0.1:{fake.port}/gateway",
+        "DISCORD_TOKEN": "fake-token",
+        "IMAGINE_DEVICE": "cpu",
+        **settings,
+    }
+
+
+async def start_bot(env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "bot.cli",
@@ -128,6 +133,10 @@ async def run_the_bot(fake: FakeDiscord, env: dict[str, str], *, scaled: bool) -
         cwd=Path(__file__).parent.parent,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+async def run_the_bot(fake: FakeDiscord, env: dict[str, str], *, scaled: bool) -> None:
+    process = await start_bot(env)
     assert process.stderr is not None
     log: list[str] = []
     try:
@@ -163,3 +172,23 @@ async def run_the_bot(fake: FakeDiscord, env: dict[str, str], *, scaled: bool) -
             await process.wait()
         await fake.stop()
     assert any("commands synced" in line for line in log)
+
+
+async def test_imagine_bot_exits_when_its_worker_cannot_start(
+    clean_env: Path, tmp_path: Path
+) -> None:
+    """A model that does not load leaves no bot online taking jobs that nothing runs: it
+    exits with the reason, so that its supervisor (or its owner) sees it."""
+    fake = FakeDiscord()
+    await fake.start()
+    process = await start_bot(bot_env(fake, tmp_path, IMAGINE_MODEL=str(tmp_path / "missing")))
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), 90)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await fake.stop()
+    text = err.decode()
+    assert process.returncode == 2, text
+    assert "worker" in text and "missing" in text.splitlines()[-1], text

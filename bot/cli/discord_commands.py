@@ -121,13 +121,14 @@ async def run_bot(settings: Settings) -> int:
     background: list[asyncio.Task[None]] = []
     async with open_deployment(settings) as deployment:
         if deployment.bot_runs_worker:
-            background.append(asyncio.create_task(_embedded_worker(deployment, stop)))
+            worker = _embedded_worker(deployment, stop)
+            background.append(asyncio.create_task(worker, name="the embedded worker"))
         if settings.web_port:
             from bot.web.server import gallery_app, serve
 
             app = gallery_app(deployment, registry)
             web = serve(app, settings.web_host, settings.web_port, stop)
-            background.append(asyncio.create_task(web, name="imagine-web"))
+            background.append(asyncio.create_task(web, name="the web gallery"))
             log.info("web gallery on http://%s:%d", settings.web_host, settings.web_port)
         services = Services.for_deployment(
             deployment, registry, configured_family(settings.model, settings.model_family)
@@ -141,14 +142,18 @@ async def run_bot(settings: Settings) -> int:
                 running = asyncio.create_task(bot.start(settings.discord_token))
                 stopping = asyncio.create_task(stop.wait())
                 done, _ = await asyncio.wait(
-                    {running, stopping}, return_when=asyncio.FIRST_COMPLETED
+                    {running, stopping, *background}, return_when=asyncio.FIRST_COMPLETED
                 )
                 if running in done:
                     running.result()  # a login failure surfaces here
                 stopping.cancel()
+                ended = [task for task in background if task in done]
                 log.info("stopping: the job in hand finishes first")
                 stop.set()
-                await asyncio.gather(*background)
+                await asyncio.gather(*background, return_exceptions=True)
+                ended += [t for t in background if not t.cancelled() and t.exception()]
+                if ended:  # no bot stays online taking jobs that nothing runs
+                    raise _ended_early(ended[0])
         except discord.LoginFailure:
             raise ConfigError(
                 "Discord refused the token; copy it again from the Bot page of your application."
@@ -164,6 +169,20 @@ async def run_bot(settings: Settings) -> int:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
     return 0
+
+
+def _ended_early(task: asyncio.Task[None]) -> ImagineError:
+    """Why the bot exits when ``task`` (its worker or web gallery) ended before a stop:
+    its own sentence, or the error (logged with its traceback) and where to look."""
+    failure = None if task.cancelled() else task.exception()
+    if isinstance(failure, ImagineError):
+        reason = str(failure)
+    elif failure is not None:
+        log.error("%s failed", task.get_name(), exc_info=failure)
+        reason = f"{type(failure).__name__}: {failure} (its traceback is in the log above)."
+    else:
+        reason = "It ended without an error."
+    return ImagineError(f"The bot stopped, because {task.get_name()} stopped. {reason}")
 
 
 async def _embedded_worker(deployment: Deployment, stop: asyncio.Event) -> None:
