@@ -101,10 +101,13 @@ def _hub_cache() -> str:
 
 
 def _not_found(model: str, looked: str, reason: str) -> ModelNotFound:
+    fetch = f"Download it on a connected machine with `hf download {model}`, or set"
+    if model.startswith((".", "/", "~")) or model.endswith(".safetensors"):  # a path
+        fetch = "Check the path, or set"
     return ModelNotFound(
-        f"The model {model!r} was not found ({reason}); looked in {looked}. Download it on a "
-        f"connected machine with `hf download {model}`, or set IMAGINE_MODEL to a local "
-        "diffusers folder or .safetensors checkpoint, or try Imagine offline with --model tiny."
+        f"The model {model!r} was not found ({reason}); looked in {looked}. {fetch} "
+        "IMAGINE_MODEL to a local diffusers folder or .safetensors checkpoint, or try "
+        "Imagine offline with --model tiny."
     )
 
 

@@ -191,4 +191,6 @@ async def test_imagine_bot_exits_when_its_worker_cannot_start(
         await fake.stop()
     text = err.decode()
     assert process.returncode == 2, text
-    assert "worker" in text and "missing" in text.splitlines()[-1], text
+    reason = text.splitlines()[-1]
+    assert "worker" in reason and "missing" in reason, text
+    assert "hf download" not in reason  # a path, not a hub id: nothing to download
