@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Select, func, literal, or_, select
+from sqlalchemy import Select, delete, func, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.errors import IllegalTransition, ImagineError
@@ -353,6 +353,11 @@ async def heartbeat(session: AsyncSession, name: str, model: str) -> None:
         worker.heartbeat_at = now
         worker.model = model
     await session.flush()
+
+
+async def forget_worker(session: AsyncSession, name: str) -> None:
+    """Drop worker ``name``'s heartbeat row: it stopped, holding no job."""
+    await session.execute(delete(Worker).where(Worker.name == name))
 
 
 async def requeue_orphans(

@@ -205,3 +205,49 @@ def test_generate_against_the_configured_database_url(database_url: URL, tmp_pat
     assert "seed 9" in shown.stdout
     stored_in_database = database_url.get_backend_name() == "postgresql"
     assert (tmp_path / "blobs").exists() is not stored_in_database
+
+
+def test_generate_beside_a_running_bot_is_neither_taken_over_nor_run_twice(
+    tmp_path: Path,
+) -> None:
+    """`imagine generate` on the data folder of a running bot: the bot's sweep (which
+    takes over the jobs of workers that stopped beating) and its worker leave it alone."""
+    import asyncio
+
+    from sqlalchemy import select
+
+    from storage.database import Database
+    from storage.models import Generation, GenerationStatus, Worker
+    from storage.scheduling import Limits, claim_next, requeue_orphans
+    from storage.settings import Settings
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGINE_")}
+    env |= {"IMAGINE_DATA_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    command = [str(IMAGINE), "generate", "a slow lighthouse --steps 40", "--model", "tiny"]
+    generating = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+
+    async def the_bot_meanwhile() -> list[int]:
+        database = Database.from_settings(Settings(data_dir=tmp_path))
+        moved: list[int] = []
+        try:
+            while generating.poll() is None:
+                await asyncio.sleep(0.3)
+                try:
+                    async with database.session() as session:
+                        moved += await requeue_orphans(session, 3, own_name="the-bot")
+                        taken = await claim_next(session, "the-bot", Limits(1, 20))
+                        moved += [] if taken is None else [-taken.id]
+                except Exception as exc:  # the file or its tables not made yet
+                    if "no such table" not in str(exc):
+                        raise
+            async with database.session() as session:
+                row = await session.scalar(select(Generation))
+                assert row is not None and row.status is GenerationStatus.SUCCEEDED
+                assert row.attempts == 1 and row.worker_name.startswith("cli-")
+                assert await session.scalar(select(Worker)) is None  # its beat is forgotten
+        finally:
+            await database.dispose()
+        return moved
+
+    assert asyncio.run(the_bot_meanwhile()) == []
+    assert generating.wait(60) == 0

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import io
+import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -34,9 +37,10 @@ from storage.derive import (
 )
 from storage.errors import ImagineError
 from storage.families import configured_family
-from storage.generations import create_generation, get_generation, get_image
+from storage.generations import create_generation, get_generation, get_image, transition
 from storage.models import Generation, GenerationKind, GenerationStatus, Image
 from storage.recipe import Outpaint, Recipe
+from storage.scheduling import forget_worker, heartbeat
 from storage.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -44,6 +48,8 @@ if TYPE_CHECKING:
 
 LOCAL_USER_ID = 0  # the requester of generations made from the command line
 OUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+log = logging.getLogger(__name__)
 
 
 def register(commands: Any) -> None:
@@ -183,17 +189,11 @@ async def _run(
     out: Path | None,
     cancel: CancelToken | None = None,
 ) -> Path:
-    from generation.jobs import run_generation
+    from generation.jobs import execute_generation
 
     bar = ProgressBar(f"generation {generation.id}")
-    outcome = await run_generation(
-        deployment.database,
-        deployment.blobs,
-        engine,
-        generation.id,
-        worker_name="cli",
-        progress=bar,
-        cancel=cancel,
+    outcome = await execute_generation(
+        deployment.database, deployment.blobs, engine, generation, progress=bar, cancel=cancel
     )
     bar.finish()
     if outcome.generation.status is GenerationStatus.CANCELLED and cancel and cancel.cancelled:
@@ -240,6 +240,8 @@ async def _submit_and_run(
         check_out(out)
     deployment = await start_deployment(settings)
     loop = asyncio.get_running_loop()
+    name = f"cli-{socket.gethostname()}-{os.getpid()}"
+    beating: asyncio.Task[None] | None = None
     try:
         engine = load_engine(settings, await stored_style_rank(deployment))
         from generation.engine import CancelToken
@@ -248,6 +250,9 @@ async def _submit_and_run(
         # From here a Ctrl-C or SIGTERM stops the engine within a step and cancels the row.
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, cancel.cancel)
+        # A worker of its own, beating as workers do: a bot on the same database takes
+        # over the running jobs of a worker that does not beat (it died, for all it knows).
+        beating = asyncio.create_task(_keep_beating(deployment, name, engine.model_id))
         for number, recipe in enumerate(recipes):
             async with deployment.database.session() as session:
                 generation = await create_generation(
@@ -257,6 +262,11 @@ async def _submit_and_run(
                     requester_id=LOCAL_USER_ID,
                     parent_image_id=parent_image_id,
                 )
+                # Claimed as it is made: no worker of the bot's can take it first.
+                await heartbeat(session, name, engine.model_id)
+                generation = await transition(
+                    session, generation.id, GenerationStatus.RUNNING, worker_name=name
+                )
             target = out
             if out is not None and len(recipes) > 1:
                 target = out.with_name(f"{out.stem}-{number + 1}{out.suffix}")
@@ -264,8 +274,29 @@ async def _submit_and_run(
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+        if beating is not None:
+            await _stop_beating(deployment, name, beating)
         await deployment.close()
     return 0
+
+
+async def _keep_beating(deployment: Deployment, name: str, model: str) -> None:
+    while True:
+        await asyncio.sleep(deployment.settings.worker_heartbeat_seconds)
+        try:
+            async with deployment.database.session() as session:
+                await heartbeat(session, name, model)
+        except Exception as exc:  # the database away a while: beat again next time
+            log.warning("no heartbeat for %s (%s); trying again", name, exc)
+
+
+async def _stop_beating(deployment: Deployment, name: str, beating: asyncio.Task[None]) -> None:
+    """Stop the beats, and forget the worker: its jobs are ended."""
+    beating.cancel()
+    await asyncio.gather(beating, return_exceptions=True)
+    with contextlib.suppress(Exception):  # the database gone: the row just goes stale
+        async with deployment.database.session() as session:
+            await forget_worker(session, name)
 
 
 def _generate(args: argparse.Namespace) -> int:
