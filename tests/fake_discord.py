@@ -39,6 +39,7 @@ EPHEMERAL = 1 << 6
 LOADING = 1 << 7
 BOT_ID = 900_000_000_000_000_001
 GUILD_ID = 900_000_000_000_000_100
+OTHER_GUILD_ID = 900_000_000_000_000_101  # a second server the bot is in, seen only in interactions
 CHANNEL_ID = 900_000_000_000_000_200
 MANAGE_MESSAGES = 1 << 13
 MANAGE_GUILD = 1 << 5
@@ -227,7 +228,9 @@ class FakeDiscord:
         options: dict[str, Any] | None = None,
         subcommand: str | None = None,
         resolved: dict[str, Any] | None = None,
+        guild_id: int | None = GUILD_ID,
     ) -> Interaction:
+        """``guild_id``: the server it is typed in; ``None`` for a direct message."""
         command = next((c for c in self.commands if c["name"] == name), None)
         assert command is not None, f"/{name} was not synced; synced: {self.command_names()}"
         given = [
@@ -240,7 +243,9 @@ class FakeDiscord:
         data: dict[str, Any] = {"id": command["id"], "name": name, "type": 1, "options": given}
         if resolved:
             data["resolved"] = resolved
-        return await self.interact(2, data, by=by, permissions=permissions, roles=roles)
+        return await self.interact(
+            2, data, by=by, permissions=permissions, roles=roles, guild_id=guild_id
+        )
 
     def role_option(self, role_id: int = ARTISTS_ROLE) -> tuple[dict[str, Any], dict[str, Any]]:
         """(option value, resolved data) for a role option."""
@@ -331,6 +336,7 @@ class FakeDiscord:
         permissions: int = 0,
         roles: tuple[int, ...] = (),
         message: dict[str, Any] | None = None,
+        guild_id: int | None = GUILD_ID,
     ) -> Interaction:
         interaction_id = next(self._ids)
         token = f"token-{interaction_id}"
@@ -341,22 +347,31 @@ class FakeDiscord:
             "token": token,
             "version": 1,
             "attachment_size_limit": self.attachment_size_limit,
-            "guild_id": str(GUILD_ID),
-            "channel_id": str(CHANNEL_ID),
-            "channel": self.channel(),
-            "member": {
-                "user": by,
-                "roles": [str(role) for role in roles],
-                "flags": 0,
-                "permissions": str(permissions),
-                "joined_at": "2024-01-01T00:00:00+00:00",
-            },
             "app_permissions": str((1 << 53) - 1),
             "locale": "en-US",
-            "guild_locale": "en-US",
             "entitlements": [],
             "data": data,
         }
+        if guild_id is None:  # a direct message: a user, not a member, and no permissions
+            dm = self.dm_channels.setdefault(int(by["id"]), next(self._ids))
+            payload.update(channel_id=str(dm), channel={"id": str(dm), "type": 1}, user=by)
+        else:
+            channel = self.channel()
+            if guild_id != GUILD_ID:
+                channel = {**channel, "id": str(CHANNEL_ID + 1), "guild_id": str(guild_id)}
+            payload.update(
+                guild_id=str(guild_id),
+                channel_id=channel["id"],
+                channel=channel,
+                guild_locale="en-US",
+                member={
+                    "user": by,
+                    "roles": [str(role) for role in roles],
+                    "flags": 0,
+                    "permissions": str(permissions),
+                    "joined_at": "2024-01-01T00:00:00+00:00",
+                },
+            )
         if message is not None:
             payload["message"] = message
         interaction = Interaction(interaction_id, token, kind, by, time.perf_counter(), payload)

@@ -45,6 +45,7 @@ from tests.fake_discord import (
     GUILD_ID,
     MANAGE_MESSAGES,
     MOD,
+    OTHER_GUILD_ID,
     FakeDiscord,
     Interaction,
 )
@@ -497,6 +498,34 @@ async def test_queue_and_cancel(harness: Harness) -> None:
     )
     async with harness.database.session() as session:
         assert (await get_generation(session, generation.id)).status is S.CANCELLED
+
+
+async def test_a_moderator_cancels_only_jobs_of_their_own_server(harness: Harness) -> None:
+    await harness.start_bot()  # no worker: jobs wait
+    fake = harness.fake
+    queued = await harness.imagine("a boat --steps 2")
+    await fake.wait_for(lambda: await_queued(fake, queued), what="queued")
+    [generation] = await harness.generations()
+
+    elsewhere = await fake.slash(
+        "cancel",
+        by=MOD,
+        permissions=MANAGE_MESSAGES,
+        options={"generation": generation.id},
+        guild_id=OTHER_GUILD_ID,
+    )
+    await fake.wait_for(lambda: elsewhere.responses, what="a refusal")
+    assert "someone else's" in elsewhere.responses[0]["data"]["content"]
+    [generation] = await harness.generations()
+    assert generation.status is S.QUEUED
+
+    here = await fake.slash(
+        "cancel", by=MOD, permissions=MANAGE_MESSAGES, options={"generation": generation.id}
+    )
+    await fake.wait_for(lambda: here.responses, what="the cancel")
+    assert "is cancelled" in here.responses[0]["data"]["content"]
+    [generation] = await harness.generations()
+    assert generation.status is S.CANCELLED
 
 
 async def test_info_and_show(running: Harness) -> None:

@@ -66,6 +66,16 @@ def can_manage_messages(interaction: discord.Interaction[ImagineBot]) -> bool:
     return bool(interaction.permissions.manage_messages)
 
 
+def moderates(interaction: discord.Interaction[ImagineBot], generation: Generation) -> bool:
+    """Whether the member may act on someone else's generation: Manage Messages counts only
+    in the server the generation was made in, never in another one or in a DM."""
+    return (
+        generation.guild_id is not None
+        and generation.guild_id == interaction.guild_id
+        and can_manage_messages(interaction)
+    )
+
+
 def describe(
     generation: Generation, image: Image | None = None, footer: str = ""
 ) -> tuple[str, list[discord.File]]:
@@ -400,10 +410,10 @@ class ImagineCog(commands.Cog):
                 found = active[0]
             else:
                 found = await load_generation(self.services.database, generation)
-            if found.requester_id != interaction.user.id and not can_manage_messages(interaction):
+            if found.requester_id != interaction.user.id and not moderates(interaction, found):
                 raise Refusal(
                     f"Generation {found.id} is someone else's; only they or a member who can "
-                    "manage messages can cancel it."
+                    "manage messages in its server can cancel it."
                 )
             result = await self.services.queue.cancel(found.id)
         except ImagineError as exc:
