@@ -545,6 +545,32 @@ async def test_info_and_show(running: Harness) -> None:
     assert u1["attachments"]
 
 
+async def test_info_and_show_of_another_servers_generation_are_only_for_its_member(
+    running: Harness,
+) -> None:
+    fake = running.fake
+    await running.result(await running.imagine("a secret boat --steps 2 --seed 3"))
+    [generation] = await running.generations()
+    number = {"generation": generation.id}
+
+    for command, where in (("info", OTHER_GUILD_ID), ("show", OTHER_GUILD_ID), ("info", None)):
+        asked = await fake.slash(command, by=BOB, options=number, guild_id=where)
+        sentence = await fake.wait_for(
+            lambda asked=asked: fake.said_privately(asked), what="a refusal"
+        )
+        assert "made in another server" in sentence and "secret" not in sentence, sentence
+    assert len(await running.generations()) == 1
+
+    same_server = await fake.slash("info", by=BOB, options=number)
+    await fake.wait_for(lambda: same_server.responses, what="the info")
+    assert "a secret boat --seed 3" in same_server.responses[0]["data"]["content"]
+    in_a_dm = await fake.slash("info", options=number, guild_id=None)
+    await fake.wait_for(lambda: in_a_dm.responses, what="the info")
+    assert "a secret boat --seed 3" in in_a_dm.responses[0]["data"]["content"]
+    shown = await running.result(await fake.slash("show", options=number, guild_id=OTHER_GUILD_ID))
+    assert len(fake.buttons(int(shown["id"]))) == 10
+
+
 async def test_info_attaches_a_recipe_too_long_for_a_message(running: Harness) -> None:
     fake = running.fake
     prompt = ("a boat on a long calm sea at dawn, " * 40)[:1400].strip(" ,")

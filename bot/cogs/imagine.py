@@ -172,12 +172,21 @@ async def grid_action(
 async def load_visible(
     database: Database, interaction: discord.Interaction[Any], generation_id: int
 ) -> Generation:
-    """A generation by its number for ``/info`` and ``/show``; a private one (made with
+    """A generation by its number for ``/info`` and ``/show``: one made in this server, or
+    any of the member's own (their images follow them); a private one (made with
     ``/settings private``) only for the member who made it."""
     found = await load_generation(database, generation_id)
-    if found.private and found.requester_id != interaction.user.id:
+    if found.requester_id == interaction.user.id:
+        return found
+    if found.private:
         raise Refusal(
             f"Generation {generation_id} is private: only the member who made it can see it."
+        )
+    if found.guild_id is None or found.guild_id != interaction.guild_id:
+        # Ids are sequential: without this, any number would show another server's images.
+        raise Refusal(
+            f"Generation {generation_id} was made in another server or a direct message: only "
+            "the member who made it can see it here."
         )
     return found
 
