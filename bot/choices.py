@@ -8,6 +8,7 @@ import discord
 from discord import app_commands
 
 from storage.families import ASPECT_RATIOS as COMMON_RATIOS
+from storage.recipe import unknown_style_message
 
 if TYPE_CHECKING:
     from bot.app import ImagineBot
@@ -34,3 +35,12 @@ async def style_choices(
     """Autocomplete for any style option: the server's styles matching what was typed."""
     names = interaction.client.services.search_styles(interaction.guild_id, current, limit=25)
     return [app_commands.Choice(name=name, value=name) for name in names[:25]]
+
+
+def style_refusal(interaction: discord.Interaction[ImagineBot], name: str) -> str | None:
+    """Why a style option names no style of this server's (the folder's and its own), or
+    ``None`` when it does."""
+    known = interaction.client.services.known_styles(interaction.guild_id)
+    if name in known:
+        return None
+    return unknown_style_message(name, known)[0]

@@ -167,7 +167,8 @@ def unknown_style_message(name: str, known: Iterable[str]) -> tuple[str, list[st
         hint = "available styles: " + ", ".join(names[:10]) + (", …" if len(names) > 10 else ".")
     else:
         hint = "no styles are installed yet."
-    return f"There is no style {name!r}; {hint}", close
+    shown = name if len(name) <= 64 else f"{name[:61]}..."  # a real name has at most 64
+    return f"There is no style {shown!r}; {hint}", close
 
 
 def search_names(names: Iterable[str], text: str, limit: int = 25) -> list[str]:

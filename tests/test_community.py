@@ -277,3 +277,18 @@ async def test_a_server_waiting_limit_refuses_with_the_count(harness: Harness) -
     said = await fake.wait_for(lambda: fake.said_privately(second), what="the refusal")
     assert "1 of your job is already waiting, the most allowed here is 1" in said
     assert len(await harness.generations()) == 1
+
+
+async def test_a_style_name_too_long_for_a_message_gets_the_refusal(harness: Harness) -> None:
+    await harness.start_bot()  # no worker: nothing here needs one
+    fake = harness.fake
+    long_name = "watercolor" * 210  # 2100 characters: quoted whole, the reply would not fit
+    for asked in (
+        await fake.slash("settings", subcommand="set", options={"style": long_name}),
+        await fake.slash("gallery", options={"style": long_name}),
+    ):
+        sentence = await said(harness, asked)
+        assert len(sentence) <= 2000
+        assert sentence.startswith("There is no style 'watercolorwater") and "..." in sentence
+    shown = await answer(harness, await fake.slash("settings", subcommand="show"))
+    assert "no defaults" in shown["content"]

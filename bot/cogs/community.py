@@ -9,7 +9,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.choices import ASPECT_RATIOS, style_choices
+from bot.choices import ASPECT_RATIOS, style_choices, style_refusal
 from bot.replies import Refusal
 from storage.community import change_policy as record_policy_change
 from storage.community import (
@@ -81,13 +81,8 @@ class SettingsCog(commands.Cog):
         guidance: app_commands.Range[float, 0.0, 30.0] | None = None,
         private: bool | None = None,
     ) -> None:
-        if style is not None and style not in self.services.known_styles(interaction.guild_id):
-            from storage.recipe import unknown_style_message
-
-            message, _ = unknown_style_message(
-                style, self.services.known_styles(interaction.guild_id)
-            )
-            await interaction.response.send_message(message, ephemeral=True)
+        if style is not None and (refusal := style_refusal(interaction, style)) is not None:
+            await interaction.response.send_message(refusal, ephemeral=True)
             return
         if all(v is None for v in (style, aspect_ratio, steps, guidance, private)):
             await interaction.response.send_message(

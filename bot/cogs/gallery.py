@@ -16,7 +16,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.choices import style_choices
+from bot.choices import style_choices, style_refusal
 from bot.delivery import Rendered
 from bot.records import load_image
 from bot.replies import failures_answered, send_rendered
@@ -256,13 +256,8 @@ class GalleryCog(commands.Cog):
         sort: str = "top",
         period: str = "week",
     ) -> None:
-        if style and style not in self.services.known_styles(interaction.guild_id):
-            from storage.recipe import unknown_style_message
-
-            message, _ = unknown_style_message(
-                style, self.services.known_styles(interaction.guild_id)
-            )
-            await interaction.response.send_message(message, ephemeral=True)
+        if style and (refusal := style_refusal(interaction, style)) is not None:
+            await interaction.response.send_message(refusal, ephemeral=True)
             return
         await interaction.response.defer(thinking=True)
         await show_page(interaction, style or "", sort, period, 0, edit=False)
