@@ -292,11 +292,20 @@ class FakeDiscord:
         return f"{self.base}/attachments/{redirect_id}/moved.png"
 
     async def autocomplete(
-        self, name: str, focused: str, typed: str, *, by: dict[str, Any] = ALICE, **others: Any
+        self,
+        name: str,
+        focused: str,
+        typed: str,
+        *,
+        by: dict[str, Any] = ALICE,
+        subcommand: str | None = None,
+        **others: Any,
     ) -> list[dict[str, Any]]:
         command = next(c for c in self.commands if c["name"] == name)
         options = [{"name": k, "type": _option_type(v), "value": v} for k, v in others.items()]
         options.append({"name": focused, "type": 3, "value": typed, "focused": True})
+        if subcommand is not None:
+            options = [{"name": subcommand, "type": 1, "options": options}]
         data = {"id": command["id"], "name": name, "type": 1, "options": options}
         interaction = await self.interact(4, data, by=by)
         await self.wait_for(lambda: interaction.responses, what="an autocomplete answer")

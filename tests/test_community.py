@@ -292,3 +292,39 @@ async def test_a_style_name_too_long_for_a_message_gets_the_refusal(harness: Har
         assert sentence.startswith("There is no style 'watercolorwater") and "..." in sentence
     shown = await answer(harness, await fake.slash("settings", subcommand="show"))
     assert "no defaults" in shown["content"]
+
+
+async def style_role(harness: Harness, style: str, **options: Any) -> Any:
+    role, resolved = harness.fake.role_option(ARTISTS_ROLE)
+    return await harness.fake.slash(
+        "policy",
+        subcommand="style-role",
+        options={"style": style, "role": role, **options},
+        resolved=resolved,
+        by=MOD,
+        permissions=MANAGE_GUILD,
+    )
+
+
+async def test_a_style_reserved_for_a_role_must_be_one_of_the_server(harness: Harness) -> None:
+    await harness.start_bot()  # no worker: nothing here needs one
+    fake = harness.fake
+    offered = await fake.autocomplete("policy", "style", "style-2", by=MOD, subcommand="style-role")
+    assert [choice["value"] for choice in offered][:10] == [f"style-2{n}" for n in range(10)]
+
+    refused = await said(harness, await style_role(harness, "Style-01"))
+    assert refused.startswith("There is no style 'Style-01'; did you mean style-01")
+    async with harness.database.session() as session:
+        assert list(await session.scalars(select(PolicyChange))) == []
+
+    done = await answer(harness, await style_role(harness, "style-01"))
+    assert "style style-01: may use role artists" in done["content"]
+    async with harness.database.session() as session:  # a style since removed from the server
+        guild = await session.get(Guild, GUILD_ID)
+        assert guild is not None
+        guild.style_roles = {**guild.style_roles, "gone": [ARTISTS_ROLE]}
+    undone = await answer(harness, await style_role(harness, "gone", allow=False))
+    assert "style gone: no longer reserved for role artists" in undone["content"]
+    async with harness.database.session() as session:
+        guild = await session.get(Guild, GUILD_ID)
+        assert guild is not None and guild.style_roles == {"style-01": [ARTISTS_ROLE]}

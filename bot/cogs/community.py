@@ -270,6 +270,7 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
         name="style-role", description="Let only a role use a style (or undo it)."
     )
     @app_commands.describe(style="The style", role="The role", allow="Add (true) or remove (false)")
+    @app_commands.autocomplete(style=style_choices)
     async def style_role(
         self,
         interaction: discord.Interaction[ImagineBot],
@@ -279,6 +280,11 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
     ) -> None:
         def apply(guild: Guild) -> None:
             roles = dict(guild.style_roles or {})
+            # Reservations match names exactly: one for no style would reserve nothing. A
+            # reservation of a style since removed can still be undone.
+            refusal = style_refusal(interaction, style)
+            if refusal is not None and (allow or style not in roles):
+                raise Refusal(refusal)
             current = set(roles.get(style, []))
             current = current | {role.id} if allow else current - {role.id}
             if current:
