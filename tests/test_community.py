@@ -328,3 +328,29 @@ async def test_a_style_reserved_for_a_role_must_be_one_of_the_server(harness: Ha
     async with harness.database.session() as session:
         guild = await session.get(Guild, GUILD_ID)
         assert guild is not None and guild.style_roles == {"style-01": [ARTISTS_ROLE]}
+
+
+async def test_a_policy_too_long_for_a_message_is_shortened(harness: Harness) -> None:
+    await harness.start_bot()  # no worker: nothing here needs one
+    policy = partial(harness.fake.slash, "policy", by=MOD, permissions=MANAGE_GUILD)
+    words = ", ".join(f"forbidden-word-{number:03}" for number in range(MAX_BANNED))
+    await answer(harness, await policy(subcommand="ban", options={"words": words}))
+    async with harness.database.session() as session:
+        guild = await session.get(Guild, GUILD_ID)
+        assert guild is not None
+        guild.style_roles = {
+            f"style-{number:02d}": [ARTISTS_ROLE + role for role in range(3)]
+            for number in range(30)
+        }
+
+    for asked in (
+        await policy(subcommand="nsfw", options={"where": "allow"}),
+        await policy(subcommand="show"),
+    ):
+        content = (await answer(harness, asked))["content"]
+        assert len(content) <= 2000
+        assert content.endswith("\n… (shortened to fit a message)")
+        assert "Style `style-00`" in content
+    async with harness.database.session() as session:
+        guild = await session.get(Guild, GUILD_ID)
+        assert guild is not None and guild.nsfw_policy.value == "allow"

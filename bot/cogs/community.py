@@ -10,6 +10,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.choices import ASPECT_RATIOS, style_choices, style_refusal
+from bot.delivery import MAX_CONTENT
 from bot.replies import Refusal
 from storage.community import change_policy as record_policy_change
 from storage.community import (
@@ -115,6 +116,17 @@ def _words(text: str) -> list[str]:
     return [word.strip().lower() for word in re.split(r"[,\n]", text) if word.strip()]
 
 
+def fit_message(text: str) -> str:
+    """``text`` within Discord's limit for a message, cut at a line and saying so."""
+    if len(text) <= MAX_CONTENT:
+        return text
+    note = "\n… (shortened to fit a message)"
+    kept = text[: MAX_CONTENT - len(note)]
+    if "\n" in kept:
+        kept = kept[: kept.rindex("\n")]
+    return kept + note
+
+
 def describe_policy(guild: Guild, public_url: str | None = None) -> str:
     banned = ", ".join(guild.banned_words) if guild.banned_words else "none"
     nsfw = {
@@ -169,7 +181,7 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
             )
             text = describe_policy(guild, self.services.settings.public_url)
         self.bot.policies.forget(interaction.guild_id)  # committed: /imagine reads it afresh
-        await interaction.response.send_message(f"{change}.\n{text}", ephemeral=True)
+        await interaction.response.send_message(fit_message(f"{change}.\n{text}"), ephemeral=True)
 
     @app_commands.command(name="show", description="The server's rules and their latest changes.")
     async def show(self, interaction: discord.Interaction[ImagineBot]) -> None:
@@ -183,7 +195,7 @@ class PolicyCog(commands.GroupCog, group_name="policy", group_description="This 
         text = describe_policy(guild, self.services.settings.public_url) + (
             "\nLatest changes:\n" + history if history else ""
         )
-        await interaction.response.send_message(text[:2000], ephemeral=True)
+        await interaction.response.send_message(fit_message(text), ephemeral=True)
 
     @app_commands.command(name="ban", description="Refuse prompts with these words.")
     @app_commands.describe(words="Words or phrases, separated by commas")
