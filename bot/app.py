@@ -84,11 +84,11 @@ class ImagineBot(commands.Bot):
 
     async def setup_hook(self) -> None:
         from storage.community import all_user_defaults
-        from storage.style_store import all_guild_style_names
+        from storage.style_store import all_guild_style_weights
 
         async with self.services.database.session() as session:
             self.user_defaults = await all_user_defaults(session)
-            self.services.guild_style_names = await all_guild_style_names(session)
+            self.services.guild_style_weights = await all_guild_style_weights(session)
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         if self.sync_commands:

@@ -60,8 +60,9 @@ class Services:
     retries: RetryPolicy = field(default_factory=RetryPolicy)  # for a result Discord refused
     controls: ControlCatalog = field(default_factory=_NoControls)
 
-    # Styles added from Discord, by server; kept current by the /style commands.
-    guild_style_names: dict[int, set[str]] = field(default_factory=dict)
+    # Styles added from Discord, by server, with their default weights; kept current by
+    # the /style commands.
+    guild_style_weights: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @classmethod
     def for_deployment(
@@ -93,8 +94,15 @@ class Services:
         """The folder's styles and, in a server, the ones it added from Discord."""
         names = set(self.styles.names())
         if guild_id is not None:
-            names |= self.guild_style_names.get(guild_id, set())
+            names |= set(self.guild_style_weights.get(guild_id, {}))
         return sorted(names)
+
+    def default_weights(self, guild_id: int | None = None) -> dict[str, float]:
+        """Each style's default weight where a prompt runs: the folder's and, in a server,
+        those of the styles it added from Discord (which shadow folder styles of the same
+        name)."""
+        server = self.guild_style_weights.get(guild_id, {}) if guild_id is not None else {}
+        return {**self.style_weights, **server}
 
     def search_styles(self, guild_id: int | None, text: str, limit: int = 25) -> list[str]:
         return search_names(self.known_styles(guild_id), text, limit)

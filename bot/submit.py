@@ -57,7 +57,7 @@ def parse_text(
     defaults = PromptDefaults(
         model=services.settings.model,
         family=services.family,
-        style_weights=services.style_weights,
+        style_weights=services.default_weights(guild_id),
     )
     recipes = parse_prompt(
         text,

@@ -281,12 +281,15 @@ async def guild_styles(session: AsyncSession, guild_id: int) -> list[Style]:
     return list(rows)
 
 
-async def all_guild_style_names(session: AsyncSession) -> dict[int, set[str]]:
-    rows = await session.execute(select(Style.guild_id, Style.name).where(Style.enabled))
-    names: dict[int, set[str]] = {}
-    for guild_id, name in rows:
-        names.setdefault(guild_id, set()).add(name)
-    return names
+async def all_guild_style_weights(session: AsyncSession) -> dict[int, dict[str, float]]:
+    """Every server's styles added from Discord, by name, with their default weights."""
+    rows = await session.execute(
+        select(Style.guild_id, Style.name, Style.default_weight).where(Style.enabled)
+    )
+    weights: dict[int, dict[str, float]] = {}
+    for guild_id, name, weight in rows:
+        weights.setdefault(guild_id, {})[name] = weight
+    return weights
 
 
 async def find_style(session: AsyncSession, guild_id: int | None, name: str) -> Style | None:

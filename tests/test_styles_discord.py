@@ -262,3 +262,47 @@ async def test_a_server_style_can_be_edited_and_removed(
     assert "removed" in await refusal(running, removed)
     refused = await running.imagine("a city --steps 2", style="neon")
     assert "There is no style 'neon'" in await refusal(running, refused)
+
+
+async def test_a_server_style_applies_at_its_own_default_weight(
+    running: Harness, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    """/style add's and /style edit's weight is the one every prompt naming the style gets
+    (flag, option, preview), unless the prompt gives its own; after a restart too. A
+    server style named like a folder style brings its own weight, not the folder's."""
+    fake = running.fake
+    lora = build_tiny_lora(tiny_engine.pipe.unet, tmp_path / "neon.safetensors", seed=21)
+    await running.result(
+        await add_style(running, "neon.safetensors", lora.read_bytes(), weight=0.5)
+    )
+    *_, preview = await running.generations()
+    assert [s.weight for s in preview.recipe.styles] == [0.5]
+
+    async def weight_of(prompt: str, **options: Any) -> float:
+        await running.result(await running.imagine(f"{prompt} --steps 2", **options))
+        *_, generation = await running.generations()
+        [style] = generation.recipe.styles
+        return style.weight
+
+    assert await weight_of("a city --style neon") == 0.5
+    assert await weight_of("a city", style="neon") == 0.5
+    edited = await fake.slash(
+        "style",
+        subcommand="edit",
+        options={"name": "neon", "weight": 0.7},
+        by=MOD,
+        permissions=MANAGE_GUILD,
+    )
+    assert "updated" in await refusal(running, edited)
+    assert await weight_of("a city --style neon") == 0.7
+    assert await weight_of("a city --style neon:0.9") == 0.9  # the prompt's own wins
+    await running.stop_bot()
+    await running.start_bot()
+    assert await weight_of("a city --style neon") == 0.7
+
+    shadow = build_tiny_lora(tiny_engine.pipe.unet, tmp_path / "own.safetensors", seed=22)
+    added = await add_style(
+        running, "own.safetensors", shadow.read_bytes(), name="style-01", weight=0.3
+    )
+    await running.result(added)
+    assert await weight_of("a city --style style-01") == 0.3

@@ -305,7 +305,7 @@ class StylesCog(commands.Cog):
         except ImagineError as exc:
             await refuse(interaction, str(exc))
             return
-        self.services.guild_style_names.setdefault(interaction.guild_id, set()).add(name)
+        self.services.guild_style_weights.setdefault(interaction.guild_id, {})[name] = weight
         added = f"Style **{name}** is added ({info.tensors} LoRA tensors, checked for {family})"
         options = PromptOverrides(seed=PREVIEW_SEED, styles=(name,))
         try:  # the style is stored: a preview that cannot be made must not hide that
@@ -356,6 +356,9 @@ class StylesCog(commands.Cog):
         except ImagineError as exc:
             await refuse(interaction, str(exc))
             return
+        server = self.services.guild_style_weights.get(interaction.guild_id, {})
+        if weight is not None and name in server:  # committed: the next prompt takes it
+            server[name] = weight
         await interaction.response.send_message(f"Style **{name}** is updated.", ephemeral=True)
 
     @style.command(name="remove", description="Remove a style this server added.")
@@ -369,7 +372,7 @@ class StylesCog(commands.Cog):
         except ImagineError as exc:
             await refuse(interaction, str(exc))
             return
-        self.services.guild_style_names.get(interaction.guild_id, set()).discard(name)
+        self.services.guild_style_weights.get(interaction.guild_id, {}).pop(name, None)
         await interaction.response.send_message(
             f"Style **{name}** is removed; images made with it keep their recipe.",
             ephemeral=True,
