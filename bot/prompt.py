@@ -156,6 +156,16 @@ class PromptOverrides:
         )
 
 
+def unknown_default_style(fallbacks: PromptOverrides, known: Collection[str]) -> str | None:
+    """The member's default style, if it is not one of the ``known`` styles where the prompt
+    runs (defaults are per member, styles per server): the prompt runs without it."""
+    for value in fallbacks.styles:
+        name = value.partition(":")[0].strip()
+        if name not in known:
+            return name
+    return None
+
+
 def _shown(value: str) -> str:
     return value if len(value) <= 40 else value[:37] + "..."
 
@@ -624,8 +634,11 @@ def _parse_one(
             styles.append(ref)
     _refuse_unhonoured(values, defaults.family)
     # Only the defaults that apply are checked: a stale one the text replaces refuses nothing.
-    # A member's default the family cannot honour (their --cfg on FLUX schnell) is left out.
+    # A member's default the family cannot honour (their --cfg on FLUX schnell) is left out,
+    # and so is a default style unknown here (set in another server, or removed since).
     given = set(values) | ({"style"} if styles else set()) | set(defaults.family.refused_flags)
+    if known_styles is not None and unknown_default_style(fallbacks, known_styles) is not None:
+        given.add("style")
     try:
         fallback_values, fallback_styles = _typed(
             fallbacks, defaults, known_styles, _TYPED_FLAGS - given

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING
 import discord
 
 from bot.image_intake import allowed_origin, receive_image
-from bot.prompt import PromptDefaults, PromptOverrides, parse_prompt, take_image_url
+from bot.prompt import (
+    PromptDefaults,
+    PromptOverrides,
+    parse_prompt,
+    take_image_url,
+    unknown_default_style,
+)
 from bot.rate_limit import BUSY, too_fast
 from bot.replies import Refusal, answer_failure, refuse
 from bot.services import Services
@@ -353,7 +359,8 @@ async def run_prompt(
         await refuse(interaction, str(exc))
         return
     if not expected and control is None:
-        await submit(interaction, GenerationKind.IMAGINE, recipes, private=private)
+        made = await submit(interaction, GenerationKind.IMAGINE, recipes, private=private)
+        await _say_default_style_left_out(interaction, fallbacks, recipes, made)
         return
     if not await within_rate_limit(interaction):
         return
@@ -375,4 +382,26 @@ async def run_prompt(
     except Exception as exc:
         await answer_failure(interaction, exc, "/imagine")
         return
-    await submit(interaction, GenerationKind.IMAGINE, recipes, private=private, rate_limited=False)
+    made = await submit(
+        interaction, GenerationKind.IMAGINE, recipes, private=private, rate_limited=False
+    )
+    await _say_default_style_left_out(interaction, fallbacks, recipes, made)
+
+
+async def _say_default_style_left_out(
+    interaction: discord.Interaction[ImagineBot],
+    fallbacks: PromptOverrides,
+    recipes: Sequence[Recipe],
+    made: Sequence[Generation],
+) -> None:
+    """Tell the member, once their prompt is queued, that their default style was left out
+    because it is not a style here (where their prompt named no style of its own)."""
+    known = interaction.client.services.known_styles(interaction.guild_id)
+    name = unknown_default_style(fallbacks, known)
+    if name is None or not made or all(recipe.styles for recipe in recipes):
+        return
+    await interaction.followup.send(
+        f"Your /settings default style {name} is not a style here, so this ran without it; "
+        "pick another with /settings set, or forget it with /settings reset default:style.",
+        ephemeral=True,
+    )

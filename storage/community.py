@@ -63,10 +63,17 @@ async def set_user_defaults(session: AsyncSession, user_id: int, **values: Any) 
     return merged
 
 
-async def reset_user_defaults(session: AsyncSession, user_id: int) -> None:
+async def reset_user_defaults(
+    session: AsyncSession, user_id: int, key: str | None = None
+) -> dict[str, Any]:
+    """Forget the default ``key`` (every default if ``None``); returns those left."""
+    if key is not None and key not in USER_DEFAULTS:
+        raise ValueError(f"unknown default: {key!r}")
     user = await ensure_user(session, user_id)
-    user.settings = {}
+    left = {name: value for name, value in (user.settings or {}).items() if key not in (None, name)}
+    user.settings = left
     await session.flush()
+    return left
 
 
 async def guild_policy(session: AsyncSession, guild_id: int) -> Guild:

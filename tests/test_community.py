@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import discord
 from sqlalchemy import select
 
 from bot.cogs.community import MAX_BANNED
+from generation.engine import Engine
+from generation.tiny import build_tiny_lora
 from storage.models import Guild, PolicyChange
 from tests.fake_discord import (
     ALICE,
@@ -22,6 +25,7 @@ from tests.fake_discord import (
 )
 from tests.test_bot import Harness, harness, running
 from tests.test_bot_edges import said
+from tests.test_styles_discord import add_style
 
 __all__ = ["harness", "running"]
 
@@ -56,6 +60,42 @@ async def test_a_default_aspect_ratio_applies_to_the_next_imagine(running: Harne
     await running.start_bot()
     shown = await answer(running, await fake.slash("settings", subcommand="show"))
     assert "no defaults" in shown["content"]
+
+
+async def test_a_default_style_gone_from_here_is_left_out_and_can_be_forgotten_alone(
+    running: Harness, tiny_engine: Engine, tmp_path: Path
+) -> None:
+    """A default style is a member's, a style a server's: once it is not a style here,
+    /imagine runs without it and says so, and /settings reset forgets only it."""
+    fake = running.fake
+    lora = build_tiny_lora(tiny_engine.pipe.unet, tmp_path / "neon.safetensors", seed=21)
+    await running.result(await add_style(running, "neon.safetensors", lora.read_bytes()))
+    options = {"style": "neon", "private": True}
+    await answer(running, await fake.slash("settings", subcommand="set", options=options))
+    removed = await fake.slash(
+        "style", subcommand="remove", options={"name": "neon"}, by=MOD, permissions=MANAGE_GUILD
+    )
+    await answer(running, removed)
+
+    made = await running.imagine("a boat --steps 2")
+    note = await said(running, made)
+    assert note.startswith("Your /settings default style neon is not a style here")
+    assert "/settings reset default:style" in note
+    await running.result(made)
+    *_, generation = await running.generations()
+    assert generation.recipe.styles == () and generation.private
+
+    forgot = await answer(
+        running, await fake.slash("settings", subcommand="reset", options={"default": "style"})
+    )
+    assert "private replies: `True`" in forgot["content"] and "style" not in forgot["content"]
+    await running.stop_bot()  # forgotten in the database too
+    await running.start_bot()
+    plain = await running.imagine("a boat --steps 2")
+    message = await running.result(plain)
+    assert message["flags"] & EPHEMERAL and fake.said_privately(plain) is None
+    *_, generation = await running.generations()
+    assert generation.recipe.styles == () and generation.private
 
 
 async def test_policy_is_for_managers_and_every_change_is_recorded(running: Harness) -> None:

@@ -17,6 +17,7 @@ from bot.prompt import (
     format_recipe,
     parse_prompt,
     size_for,
+    unknown_default_style,
 )
 from storage.families import FAMILIES
 from storage.recipe import StyleRef, repeat_seed
@@ -363,12 +364,25 @@ def test_a_stale_user_default_refuses_only_where_it_applies() -> None:
     )
     assert [s.name for s in given.styles] == ["inkwash"] and given.aspect_ratio == "1:1"
     default = r"^Your /settings default does not apply here: "
-    with pytest.raises(PromptError, match=default + "There is no style 'deleted-style'"):
-        parse("a boat --ar 1:1", fallbacks=stale, known_styles=STYLES)
     with pytest.raises(PromptError, match=default + "--ar 9:1 is not allowed") as refused:
         parse("a boat --style inkwash", fallbacks=stale, known_styles=STYLES)
     assert str(refused.value).endswith("/settings set, or give the flag in the prompt.")
     assert refused.value.flag == "--ar"
+
+
+def test_a_default_style_unknown_here_is_left_out() -> None:
+    """Defaults are a member's, styles a server's: a default style from another server, or
+    one removed since, is left out and the prompt runs; the other defaults still apply."""
+    elsewhere = PromptOverrides(styles=("deleted-style",), steps=12)
+    assert unknown_default_style(elsewhere, STYLES) == "deleted-style"
+    (plain,) = parse("a boat --ar 1:1", fallbacks=elsewhere, known_styles=STYLES)
+    assert plain.styles == () and plain.steps == 12
+    (own,) = parse("a boat --style inkwash", fallbacks=elsewhere, known_styles=STYLES)
+    assert [s.name for s in own.styles] == ["inkwash"]
+    here = PromptOverrides(styles=("watercolor",))
+    assert unknown_default_style(here, STYLES) is None
+    (styled,) = parse("a boat", fallbacks=here, known_styles=STYLES)
+    assert styled.styles == (StyleRef(name="watercolor", weight=0.8),)
 
 
 typed_overrides = st.builds(

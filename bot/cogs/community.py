@@ -37,17 +37,23 @@ NSFW_CHOICES = [
 ON_OFF = [app_commands.Choice(name="on", value="on"), app_commands.Choice(name="off", value="off")]
 
 
+# The defaults /settings keeps, as members read them.
+SHOWN_DEFAULTS = {
+    "style": "style",
+    "aspect_ratio": "aspect ratio",
+    "steps": "steps",
+    "guidance": "guidance",
+    "private": "private replies",
+}
+DEFAULT_CHOICES = [
+    app_commands.Choice(name=name, value=key) for key, name in SHOWN_DEFAULTS.items()
+]
+
+
 def describe_defaults(values: dict[str, Any]) -> str:
     if not values:
         return "You have no defaults: /imagine uses the server's."
-    shown = {
-        "style": "style",
-        "aspect_ratio": "aspect ratio",
-        "steps": "steps",
-        "guidance": "guidance",
-        "private": "private replies",
-    }
-    lines = [f"• {shown[key]}: `{values[key]}`" for key in shown if key in values]
+    lines = [f"• {name}: `{values[key]}`" for key, name in SHOWN_DEFAULTS.items() if key in values]
     return "Your defaults (a flag in the prompt wins over them):\n" + "\n".join(lines)
 
 
@@ -104,12 +110,19 @@ class SettingsCog(commands.Cog):
         self.bot.user_defaults[interaction.user.id] = values
         await interaction.response.send_message(describe_defaults(values), ephemeral=True)
 
-    @settings.command(name="reset", description="Forget all your defaults.")
-    async def reset(self, interaction: discord.Interaction[ImagineBot]) -> None:
+    @settings.command(name="reset", description="Forget your defaults, or only one of them.")
+    @app_commands.describe(default="Only this default (leave empty to forget them all)")
+    @app_commands.choices(default=DEFAULT_CHOICES)
+    async def reset(
+        self, interaction: discord.Interaction[ImagineBot], default: str | None = None
+    ) -> None:
         async with self.services.database.session() as session:
-            await reset_user_defaults(session, interaction.user.id)
-        self.bot.user_defaults.pop(interaction.user.id, None)
-        await interaction.response.send_message(describe_defaults({}), ephemeral=True)
+            values = await reset_user_defaults(session, interaction.user.id, default)
+        if values:
+            self.bot.user_defaults[interaction.user.id] = values
+        else:
+            self.bot.user_defaults.pop(interaction.user.id, None)
+        await interaction.response.send_message(describe_defaults(values), ephemeral=True)
 
 
 def _words(text: str) -> list[str]:
