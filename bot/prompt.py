@@ -639,6 +639,12 @@ def _parse_one(
     given = set(values) | ({"style"} if styles else set()) | set(defaults.family.refused_flags)
     if known_styles is not None and unknown_default_style(fallbacks, known_styles) is not None:
         given.add("style")
+    # An image prompt gives the picture its shape unless this prompt gives --ar: a default
+    # ratio would crop the image. (One that only gives a control's structure does not.)
+    attached = control_source is not None or control_expected
+    structure_only = bool(values.get("control")) and not attached and "iw" not in values
+    if (image is not None or image_expected) and not structure_only:
+        given.add("ar")
     try:
         fallback_values, fallback_styles = _typed(
             fallbacks, defaults, known_styles, _TYPED_FLAGS - given
@@ -663,7 +669,6 @@ def _parse_one(
             allowed=f"at most {MAX_PROMPT_LENGTH} characters",
         )
     _check_t5_length(prompt, defaults.family)
-    attached = control_source is not None or control_expected
     if values.get("control") and control_source is None and image is not None:
         control_source = image.blob_key  # the one image gives the structure ...
         if "iw" not in values:

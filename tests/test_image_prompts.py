@@ -18,7 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bot.prompt import PromptDefaults, PromptError, format_recipe, parse_prompt, take_image_url
+from bot.prompt import (
+    PromptDefaults,
+    PromptError,
+    PromptOverrides,
+    format_recipe,
+    parse_prompt,
+    take_image_url,
+)
 from generation.engine import Engine
 from generation.jobs import image_prompt_source
 from generation.metadata import a1111_parameters, read_recipe
@@ -110,6 +117,26 @@ def test_the_size_follows_the_image_unless_ar_is_given() -> None:
     sliver = REF.model_copy(update={"width": 1000, "height": 10})
     [wide] = parse("a cat", image=sliver)
     assert abs(wide.width / wide.height - 4) < 0.1  # limited to 4:1, as --ar is
+
+
+def test_a_default_aspect_ratio_does_not_crop_an_image_prompt() -> None:
+    """The picture takes the image's shape unless --ar is given: a member's /settings ratio
+    is not given in the prompt. Typed there, or as the command's option, it still crops."""
+    wide = PromptOverrides(aspect_ratio="16:9")
+    tall = REF.model_copy(update={"width": 1152, "height": 2048})
+    [follows] = parse("a cat", image=tall, fallbacks=wide)
+    assert follows.aspect_ratio is None
+    assert (follows.width, follows.height) == image_prompt_size(tall, FAMILIES["sd15"])
+    assert parse("a cat", image_expected=True, fallbacks=wide)[0].aspect_ratio is None
+    [typed] = parse("a cat --ar 1:1", image=tall, fallbacks=wide)
+    square = PromptOverrides(aspect_ratio="1:1")
+    [option] = parse("a cat", image=tall, fallbacks=wide, overrides=square)
+    assert typed.aspect_ratio == option.aspect_ratio == "1:1"
+    [text_only] = parse("a cat", fallbacks=wide)
+    assert text_only.aspect_ratio == "16:9"
+    # An image that only gives a control's structure sets no shape: the default applies.
+    [structure] = parse("a cat --control canny", image=tall, fallbacks=wide)
+    assert structure.init_image is None and structure.aspect_ratio == "16:9"
 
 
 def test_a_recipe_keeps_its_image_through_text_derivations_and_png_metadata() -> None:
@@ -280,6 +307,20 @@ async def test_a_discord_link_at_the_start_of_the_prompt_is_an_image_prompt(
     assert generation.recipe.prompt == "a harbour"
     assert generation.recipe.init_image is not None
     assert (generation.recipe.width, generation.recipe.height) == (96, 96)  # --ar wins
+
+
+async def test_a_default_aspect_ratio_leaves_an_attached_image_its_shape(
+    running: Harness,
+) -> None:
+    fake = running.fake
+    settings = await fake.slash("settings", subcommand="set", options={"aspect_ratio": "16:9"})
+    await fake.wait_for(lambda: settings.responses, what="the settings' answer")
+    value, resolved = fake.attachment_option("photo.png", photo(100, 150))
+    options = {"prompt": "a harbour --steps 2", "image": value}
+    await running.result(await fake.slash("imagine", options=options, resolved=resolved))
+    [generation] = await running.generations()
+    recipe = generation.recipe
+    assert recipe.aspect_ratio is None and recipe.width * 3 == recipe.height * 2  # 2:3, as sent
 
 
 async def test_bad_images_are_refused_with_a_sentence_before_anything_is_queued(
