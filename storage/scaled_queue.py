@@ -248,6 +248,20 @@ async def advance_turns(session: AsyncSession, queue: str, requester_id: int) ->
     )
 
 
+async def give_back_turn(session: AsyncSession, job_id: int, requester_id: int) -> None:
+    """Waiting job ``job_id`` was cancelled: this user's jobs queued after it move up the
+    turn it held, as if it had never been queued (their priorities counted it)."""
+    await session.execute(
+        text(
+            f"UPDATE procrastinate_jobs AS later SET priority = later.priority + {TURN} "
+            "FROM procrastinate_jobs AS gone WHERE gone.id = :job "
+            "AND later.queue_name = gone.queue_name AND later.status = 'todo' "
+            "AND later.lock LIKE :lock AND later.priority < gone.priority"
+        ),
+        {"job": job_id, "lock": f"imagine-user:{requester_id}:%"},
+    )
+
+
 # procrastinate's choice of the next job in a queue (procrastinate_fetch_job_v2's candidate:
 # waiting, due, its lock neither running nor owed to an earlier job), except that a lock
 # held by a job of the worker's batch (:taken) does not hide a job: that job ends the batch.
@@ -435,8 +449,15 @@ class ProcrastinateQueue:
         generation = await record_cancel(
             self.database, self.events, self.cancellations, generation_id
         )
-        if generation.status is S.CANCELLED and generation.job_id is not None:
-            await self.app.job_manager.cancel_job_by_id_async(generation.job_id)
+        job_id, manager = generation.job_id, self.app.job_manager
+        # Only the call that cancelled the job gives its turn back: once.
+        if (
+            generation.status is S.CANCELLED
+            and job_id is not None
+            and await manager.cancel_job_by_id_async(job_id)
+        ):
+            async with self.database.session() as session:
+                await give_back_turn(session, job_id, generation.requester_id)
         return generation
 
     async def position(self, generation_id: int) -> QueuePosition:

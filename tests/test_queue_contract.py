@@ -36,7 +36,7 @@ from storage.settings import Settings
 from tests.conftest import migrated_database
 
 S = GenerationStatus
-A, B, C = 101, 102, 103
+A, B, C, D = 101, 102, 103, 104
 GUILD = 900
 NOWHERE = Origin()
 LIMITS = Limits(max_running_per_user=1, max_queued_per_user=20)
@@ -275,6 +275,21 @@ async def test_positions_follow_the_fair_order_with_growing_waits(backend: Backe
     waits = [where[i].estimated_wait_seconds for i in (a1, b1, c1, a2, a3)]
     assert waits == sorted(waits) and waits[0] < waits[-1]
     assert all(where[i].status is S.QUEUED for i in ids)
+
+
+async def test_a_cancelled_waiting_job_gives_its_turn_to_the_user_s_next(
+    backend: Backend,
+) -> None:
+    """A's first job is cancelled while it waits: A's second takes its turn, ahead of
+    users who came later, as if the first had never been queued. Twice, so a cancel
+    repeated on the same job moves nothing more."""
+    a1, a2 = [(await backend.queue.submit(submission(A))).id for _ in range(2)]
+    b1 = (await backend.queue.submit(submission(B))).id
+    for _ in range(2):
+        assert (await backend.queue.cancel(a1)).status is S.CANCELLED
+    c1, d1 = [(await backend.queue.submit(submission(user))).id for user in (C, D)]
+    where = {i: (await backend.queue.position(i)).position for i in (a2, b1, c1, d1)}
+    assert [where[i] for i in (a2, b1, c1, d1)] == [1, 2, 3, 4]
 
 
 async def test_a_cancelled_queued_job_never_runs(
