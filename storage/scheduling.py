@@ -303,12 +303,20 @@ async def recent_job_seconds(session: AsyncSession) -> float:
     return sum(durations) / len(durations) if durations else DEFAULT_JOB_SECONDS
 
 
+def beat_clock(session: AsyncSession) -> Any:
+    """What heartbeats are timed by: on PostgreSQL the server's ``now()``, one clock for
+    workers on several machines (one whose clock runs behind is not taken for dead); on
+    SQLite, one machine's, this process's."""
+    if session.get_bind().dialect.name == "postgresql":
+        return func.now()
+    return utcnow()
+
+
 async def live_workers(session: AsyncSession, model: str, stale_after: timedelta) -> int:
     """Workers for ``model`` whose last heartbeat is more recent than ``stale_after``."""
+    recent = Worker.heartbeat_at >= beat_clock(session) - stale_after
     count = await session.scalar(
-        select(func.count())
-        .select_from(Worker)
-        .where(Worker.model == model, Worker.heartbeat_at >= utcnow() - stale_after)
+        select(func.count()).select_from(Worker).where(Worker.model == model, recent)
     )
     return int(count or 0)
 
@@ -346,7 +354,7 @@ async def position_of(
 async def heartbeat(session: AsyncSession, name: str, model: str) -> None:
     """Record that worker ``name`` is alive (creating its row on the first beat)."""
     worker = await session.get(Worker, name)
-    now = utcnow()
+    now = beat_clock(session)
     if worker is None:
         session.add(Worker(name=name, model=model, started_at=now, heartbeat_at=now))
     else:
@@ -374,7 +382,7 @@ async def requeue_orphans(
     never beat). Rows of ``own_name`` are orphans too: that is a restart under the
     same name, and this process holds no job yet.
     """
-    alive = select(Worker.name).where(Worker.heartbeat_at >= utcnow() - stale_after)
+    alive = select(Worker.name).where(Worker.heartbeat_at >= beat_clock(session) - stale_after)
     if own_name is not None:
         alive = alive.where(Worker.name != own_name)
     orphans = list(

@@ -36,7 +36,14 @@ from storage.models import Generation, GenerationKind, GenerationStatus, Image
 from storage.queue import Cancellations, RowJobs, RowQueue, Submission
 from storage.recipe import ImageRef, Outpaint, Recipe
 from storage.results import record_success
-from storage.scheduling import Limits, claim_batch, claim_next, requeue_orphans
+from storage.scheduling import (
+    Limits,
+    claim_batch,
+    claim_next,
+    heartbeat,
+    live_workers,
+    requeue_orphans,
+)
 
 S = GenerationStatus
 ALICE, BOB, CAROL = 1, 2, 3
@@ -134,6 +141,29 @@ async def test_a_cancel_that_crosses_a_claim_stops_the_running_job(
     assert stopped == [job.id]  # the worker's run is stopped where it runs
     async with database.session() as session:
         assert (await get_generation(session, job.id)).cancel_requested_at is not None
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])  # one clock per machine: the server's
+async def test_a_worker_whose_clock_is_behind_is_not_taken_for_dead(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers on several machines share PostgreSQL: their heartbeats are timed by the
+    server's clock, so one whose own clock runs 40 s behind keeps its running job and
+    counts as live."""
+    import storage.scheduling as scheduling
+
+    queue = RowQueue(database, LIMITS)
+    job = await queue.submit(submission(ALICE))
+    real = scheduling.utcnow
+    monkeypatch.setattr(scheduling, "utcnow", lambda: real() - timedelta(seconds=40))
+    async with database.session() as session:  # on the slow machine
+        await heartbeat(session, "slow", "tiny")
+        assert await claim_next(session, "slow", LIMITS) is not None
+    monkeypatch.undo()
+    async with database.session() as session:  # another machine's sweep
+        assert await requeue_orphans(session, 3, stale_after=timedelta(seconds=30)) == []
+        assert await live_workers(session, "tiny", timedelta(seconds=30)) == 1
+        assert (await get_generation(session, job.id)).worker_name == "slow"
 
 
 async def test_concurrent_claims_never_share_a_job(database: Database) -> None:
