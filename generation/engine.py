@@ -419,6 +419,7 @@ class Engine:
         cancel = list(cancel) or [None] * len(recipes)
         if len(recipes) == 1:
             return [self.txt2img(recipes[0], progress=progress[0], cancel=cancel[0], encode=encode)]
+        self._check_size(recipes[0].width, recipes[0].height)  # one size for all (the batch key)
         listeners: list[_Listener] = []
         prompts: list[str] = []
         negatives: list[str] = []
@@ -597,10 +598,12 @@ class Engine:
                 update={"count": 1, "strength": strength, "width": target[0], "height": target[1]}
             )
         )
-        tiles = list(_tiles(target, self.upscale_tile))
+        step = self.family.size_step  # a tile is a generation too: its sides fit the family
+        tile_side = max(step, self.upscale_tile // step * step)
+        tiles = list(_tiles(target, tile_side))
         canvas = np.zeros((target[1], target[0], 3), dtype=np.float64)
         weight = np.zeros((target[1], target[0], 1), dtype=np.float64)
-        overlap = max(8, int(self.upscale_tile * UPSCALE_OVERLAP))
+        overlap = max(8, int(tile_side * UPSCALE_OVERLAP))
         for number, (left, top, right, bottom) in enumerate(tiles):
             tile = resized.crop((left, top, right, bottom))
             tile_recipe = recipe.model_copy(update={"width": right - left, "height": bottom - top})
@@ -631,6 +634,12 @@ class Engine:
         png = encode_png(image, final, sampler) if encode else b""
         return GeneratedImage(0, recipe.seed, image, png, final, sampler)
 
+    def _check_size(self, width: int, height: int) -> None:
+        """Refuses, with a sentence, a size the family's pipelines would refuse or round."""
+        refusal = self.family.size_refusal(width, height)
+        if refusal is not None:
+            raise ImagineError(refusal)
+
     def _run(
         self,
         pipe: Pipeline,
@@ -644,6 +653,7 @@ class Engine:
     ) -> list[GeneratedImage]:
         if cancel is not None and cancel.cancelled:
             raise GenerationCancelled()
+        self._check_size(recipe.width, recipe.height)
         prompt, negative = self._apply_styles(recipe)
         text = self._text_inputs(pipe, prompt, negative)
         sampler = self._use_scheduler(pipe, recipe.sampler)
@@ -1022,7 +1032,8 @@ def _at_least_one_step(recipe: Recipe) -> Recipe:
 
 
 def _tiles(size: tuple[int, int], tile: int) -> Sequence[tuple[int, int, int, int]]:
-    """Tiles of at most ``tile`` pixels (multiples of 8) covering ``size`` with overlap."""
+    """Tiles of ``tile`` pixels a side (the image's side where it is smaller) covering
+    ``size`` with overlap."""
     width, height = size
     overlap = max(8, int(tile * UPSCALE_OVERLAP) // 8 * 8)
 

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from storage.errors import ImagineError
-from storage.families import ModelFamily, size_for
+from storage.families import FAMILIES, ModelFamily, guess_family, size_for
 from storage.models import Image
 from storage.recipe import MAX_IMAGE_WEIGHT, MAX_SIDE, ImageRef, Outpaint, Recipe, random_seed
 
@@ -65,11 +65,19 @@ def with_image_prompt(
     return _derive(recipe, "an image prompt", **update)
 
 
+def family_of(recipe: Recipe) -> ModelFamily:
+    """The family ``recipe`` was made for: the one it names, else the guess from its model."""
+    return FAMILIES.get(recipe.model_family or "") or guess_family(recipe.model)
+
+
 def _derive(parent: Recipe, what: str, **update: Any) -> Recipe:
     try:
         return Recipe.model_validate({**parent.model_dump(), **update})
     except ValidationError as exc:
         problem = exc.errors()[0]
+        if problem["type"] == "value_error":  # the recipe's own check: a whole sentence
+            reason = str(problem["ctx"]["error"]).rstrip(".")
+            raise ImagineError(f"Cannot make {what}: {reason}.") from None
         field = ".".join(str(part) for part in problem["loc"])
         raise ImagineError(f"Cannot make {what}: {field} {problem['msg'].lower()}.") from None
 
@@ -130,27 +138,31 @@ def remix_base(parent: Recipe) -> Recipe:
     )
 
 
-def _multiple_of_8(value: float) -> int:
-    return max(8, round(value / 8) * 8)
+def _steps(value: float, family: ModelFamily) -> int:
+    """``value`` to the nearest multiple of the family's size step (at least one step)."""
+    step = family.size_step
+    return max(step, round(value / step) * step)
 
 
-def zoom_margins(width: int, height: int, factor: float) -> Outpaint:
-    """The source in the middle of a canvas ``factor`` times its size (sides rounded to 8)."""
+def zoom_margins(width: int, height: int, factor: float, family: ModelFamily) -> Outpaint:
+    """The source in the middle of a canvas ``factor`` times its size (sides rounded to the
+    family's size step)."""
     if factor not in ZOOM_FACTORS:
         raise ImagineError(f"Zoom Out goes {' or '.join(f'{f:g}×' for f in ZOOM_FACTORS)}.")
-    add_w = _multiple_of_8(width * factor) - width
-    add_h = _multiple_of_8(height * factor) - height
+    add_w = _steps(width * factor, family) - width
+    add_h = _steps(height * factor, family) - height
     left, top = add_w // 2, add_h // 2
     return Outpaint(
         left=left, top=top, right=add_w - left, bottom=add_h - top, action=f"zoom {factor:g}"
     )
 
 
-def pan_margins(width: int, height: int, direction: str) -> Outpaint:
-    """Half a side more canvas in ``direction``: left, right, up or down."""
+def pan_margins(width: int, height: int, direction: str, family: ModelFamily) -> Outpaint:
+    """Half a side more canvas in ``direction``: left, right, up or down (rounded to the
+    family's size step)."""
     if direction not in PAN_DIRECTIONS:
         raise ImagineError(f"Pan goes {', '.join(PAN_DIRECTIONS)}; not {direction!r}.")
-    half_w, half_h = _multiple_of_8(width / 2), _multiple_of_8(height / 2)
+    half_w, half_h = _steps(width / 2, family), _steps(height / 2, family)
     sides = {
         "left": {"left": half_w},
         "right": {"right": half_w},

@@ -37,6 +37,9 @@ class ModelFamily:
     default_guidance: float
     latent_channels: int
     label: str = ""  # how sentences name it; the name if empty
+    # Sides are multiples of this: the VAE's scale (8), times 2 where the transformer packs
+    # 2x2 latent patches (SD3, FLUX). diffusers refuses other SD3 sizes and rounds FLUX's down.
+    size_step: int = 8
     # FLUX packs 2x2 latent patches into tokens: (batch, tokens, 4 * channels).
     packed_latents: bool = False
     negative_prompt: bool = True
@@ -78,6 +81,21 @@ class ModelFamily:
         article = "an" if done[kind][0] in "aeiou" else "a"
         return f"{refused}, not on {article} {done[kind]}; leave the controls out of this one."
 
+    def snap(self, side: float) -> int:
+        """``side`` to the nearest multiple of the size step, from 64 to 4096 pixels."""
+        step = self.size_step
+        return min(4096 // step * step, max(64, step * round(side / step)))
+
+    def size_refusal(self, width: int, height: int) -> str | None:
+        """Why this family cannot make a ``width`` × ``height`` image, or None if it can."""
+        if width % self.size_step == 0 and height % self.size_step == 0:
+            return None
+        return (
+            f"{self.shown_name} makes images whose sides are multiples of {self.size_step} "
+            f"pixels, and {width}×{height} is not; ask again with /imagine, which sizes "
+            "every --ar to fit."
+        )
+
     def refusal(self, flag: str) -> str | None:
         """Why this family refuses ``--flag``, or None if it honours it."""
         template = self.refused_flags.get(flag)
@@ -97,6 +115,7 @@ _SD3 = ModelFamily(
     4.5,
     16,
     label="SD 3.5",
+    size_step=16,
     max_sequence_length=256,
     t5_tokenizer="tokenizer_3",
     latent_format="sd3",
@@ -132,6 +151,7 @@ _FLUX = ModelFamily(
     3.5,
     16,
     label="FLUX.1 dev",
+    size_step=16,
     packed_latents=True,
     negative_prompt=False,
     max_sequence_length=512,
@@ -175,7 +195,8 @@ FAMILIES: dict[str, ModelFamily] = {
         # The tiny random-weight test models: small enough to run on a CPU in a second.
         ModelFamily("tiny-sd", 96, 4, 5.0, 4),
         ModelFamily("tiny-sdxl", 96, 4, 5.0, 4, latent_format="sdxl"),
-        # Their T5 reads 32 tokens, so a test can pass the limit with a short prompt.
+        # Their T5 reads 32 tokens, so a test can pass the limit with a short prompt. They
+        # keep the size step of 16 (their small VAE needs only 4) so tests meet the real rule.
         replace(
             _SD3,
             name="tiny-sd3",
@@ -231,17 +252,14 @@ ASPECT_RATIOS: tuple[tuple[int, int], ...] = (
 
 
 def size_for(ratio: tuple[int, int] | None, family: ModelFamily) -> tuple[int, int]:
-    """Width and height near the family's pixel budget, multiples of 8, for a ratio."""
+    """Width and height near the family's pixel budget, multiples of its size step, for a
+    ratio."""
     if ratio is None:
-        return family.native_side, family.native_side
+        return family.snap(family.native_side), family.snap(family.native_side)
     aspect = ratio[0] / ratio[1]
     width = math.sqrt(family.pixel_budget * aspect)
     height = width / aspect
-
-    def snap(side: float) -> int:
-        return min(4096, max(64, 8 * round(side / 8)))
-
-    return snap(width), snap(height)
+    return family.snap(width), family.snap(height)
 
 
 def get_family(name: str) -> ModelFamily:

@@ -85,7 +85,7 @@ class RecipeType(TypeDecorator[Recipe]):
         return None if value is None else value.model_dump(mode="json")
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Recipe | None:
-        return None if value is None else Recipe.model_validate(value)
+        return None if value is None else Recipe.as_made(value)
 
 
 class Base(DeclarativeBase):

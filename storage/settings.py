@@ -279,7 +279,10 @@ class Settings(BaseSettings):
     upscale_tile: int = Field(
         default=0,
         ge=0,
-        description="Tile side for the upscale detail pass; 0: twice the model's native side.",
+        description=(
+            "Tile side for the upscale detail pass, rounded down to the model's size step (8, "
+            "or 16 on SD 3 / FLUX); 0: twice the model's native side."
+        ),
     )
     worker_heartbeat_seconds: float = Field(
         default=5.0, gt=0, description="Seconds between two heartbeats of a worker."

@@ -168,6 +168,34 @@ def test_the_exact_t5_count_refuses_what_the_word_count_let_through(
         family_engine.txt2img(_recipe(family_engine, prompt=prompt))
 
 
+def test_a_size_off_the_family_step_is_refused_with_a_sentence_before_the_pipeline(
+    family_engine: Engine,
+) -> None:
+    label = family_engine.family.shown_name
+    busy = family_engine.busy_seconds
+    sentence = rf"^{label} makes images whose sides are multiples of 16 pixels, and 120×80 is not"
+    off_step = _recipe(family_engine, width=120, height=80)
+    with pytest.raises(ImagineError, match=sentence):
+        family_engine.txt2img(off_step)
+    with pytest.raises(ImagineError, match=sentence):
+        family_engine.txt2img_batch([off_step, off_step.model_copy(update={"seed": 9})])
+    source = Image.new("RGB", (120, 80), (90, 120, 200))
+    with pytest.raises(ImagineError, match=sentence):
+        family_engine.img2img(off_step.model_copy(update={"strength": 0.5}), source)
+    assert family_engine.busy_seconds == busy  # no pipeline ran
+
+
+def test_an_upscale_tile_side_is_rounded_down_to_the_size_step(family_engine: Engine) -> None:
+    source = family_engine.txt2img(_recipe(family_engine, count=1))[0].image
+    saved = family_engine.upscale_tile
+    family_engine.upscale_tile = 40  # 40×40 tiles would be refused: 32×32 ones run
+    try:
+        upscaled = family_engine.upscale(_recipe(family_engine, scale=2, count=1), source)
+    finally:
+        family_engine.upscale_tile = saved
+    assert upscaled.image.size == (192, 128)
+
+
 @pytest.mark.parametrize("model", NEW_MODELS)
 def test_a_compiled_worker_style_slots_take_a_transformer_lora(model: str, tmp_path: Path) -> None:
     from generation.lora import LoraSlots
@@ -247,13 +275,13 @@ def test_cli_grid_twice_variation_upscale_and_style(cli: LocalCli) -> None:
     cli("generate", prompt, "--out", str(again))
     assert grid.read_bytes() == again.read_bytes()  # the same recipe, the same bytes
     recipe = read_recipe(grid.read_bytes())
-    assert (recipe.width, recipe.height, recipe.model_family) == (120, 80, family)
-    assert png_size(grid.read_bytes()) == (240, 160)
+    assert (recipe.width, recipe.height, recipe.model_family) == (112, 80, family)  # steps of 16
+    assert png_size(grid.read_bytes()) == (224, 160)
 
     varied, varied_grid = cli.ids("vary", str(image_ids[1]), "--subtle")
-    assert len(varied) == 4 and png_size(varied_grid.read_bytes()) == (240, 160)
+    assert len(varied) == 4 and png_size(varied_grid.read_bytes()) == (224, 160)
     _, upscaled = cli.ids("upscale", str(image_ids[1]))
-    assert png_size(upscaled.read_bytes()) == (240, 160)
+    assert png_size(upscaled.read_bytes()) == (224, 160)
 
     _, styled = cli.ids("generate", f"{prompt} --style grain", "--out", str(styles / "s.png"))
     plain = np.asarray(Image.open(grid), dtype=np.int16)
@@ -300,3 +328,23 @@ async def test_imagine_refuses_before_any_row_then_u2_and_vary_subtle(discord: H
     assert png_size(fake.attachment_bytes(int(subtle["id"]))[0]) == (192, 192)
     first, variation = await discord.generations()
     assert variation.parent_image_id == sorted(first.images, key=lambda i: i.index)[1].id
+
+
+async def test_a_zoom_out_of_an_ar_3_2_image_fits_the_size_step_and_keeps_its_pixels(
+    discord: Harness,
+) -> None:
+    fake = discord.fake
+    grid = await discord.result(await discord.imagine(f"a harbour --ar 3:2 {FAST} --seed 4"))
+    single = await discord.result(await discord.press(grid, "U1"))
+    [tile] = fake.attachment_bytes(int(single["id"]))
+    assert png_size(tile) == (112, 80)  # 3:2 in steps of 16 (steps of 8 made 120×80)
+    zoomed = await discord.result(await discord.press(single, "🔭Zoom Out 1.5×"))
+    [zoomed_grid] = fake.attachment_bytes(int(zoomed["id"]))
+    assert png_size(zoomed_grid) == (320, 256)  # four 160×128 canvases
+    _, zoom_row = await discord.generations()
+    margins = zoom_row.recipe.outpaint
+    assert margins is not None and (margins.left, margins.top) == (24, 24)  # centred
+    [image] = [i for i in zoom_row.images if i.index == 0]
+    pixels = np.asarray(Image.open(io.BytesIO(await discord.services.blobs.get(image.blob_key))))
+    source = np.asarray(Image.open(io.BytesIO(tile)).convert("RGB"))
+    assert np.array_equal(pixels[24 : 24 + 80, 24 : 24 + 112, :3], source)

@@ -12,6 +12,7 @@ from generation.engine import Engine, outpaint_canvas
 from storage.derive import (
     PAN_DIRECTIONS,
     ZOOM_FACTORS,
+    family_of,
     outpaint_recipe,
     pan_margins,
     remix_base,
@@ -20,15 +21,26 @@ from storage.derive import (
     zoom_margins,
 )
 from storage.errors import ImagineError
+from storage.families import FAMILIES, ModelFamily, guess_family
 from storage.models import Image as ImageRow
 from storage.recipe import Outpaint, Recipe
 
-SIDES = st.integers(min_value=8, max_value=512).map(lambda n: n * 8)
+TINY_SD, TINY_FLUX = FAMILIES["tiny-sd"], FAMILIES["tiny-flux"]
+STEPS = st.integers(min_value=4, max_value=256)  # sides in size steps: 32 to 4096 pixels
+# A source of a family's own making: its sides are multiples of the family's size step.
+SOURCES = st.sampled_from([TINY_SD, TINY_FLUX]).flatmap(
+    lambda family: st.tuples(
+        st.just(family),
+        STEPS.map(lambda n: n * family.size_step),
+        STEPS.map(lambda n: n * family.size_step),
+    )
+)
 
 
 def parent(width: int = 64, height: int = 64, model: str = "tiny") -> Recipe:
     return Recipe(
         model=model,
+        model_family=guess_family(model).name,
         prompt="a lighthouse on a cliff",
         seed=3,
         width=width,
@@ -43,42 +55,62 @@ def image_row(width: int, height: int, image_id: int = 11) -> ImageRow:
     return ImageRow(id=image_id, width=width, height=height, seed=3, index=0, blob_key="k")
 
 
-@given(width=SIDES, height=SIDES, factor=st.sampled_from(ZOOM_FACTORS))
+@given(source=SOURCES, factor=st.sampled_from(ZOOM_FACTORS))
 def test_zoom_out_centres_the_source_on_a_larger_canvas(
-    width: int, height: int, factor: float
+    source: tuple[ModelFamily, int, int], factor: float
 ) -> None:
-    margins = zoom_margins(width, height, factor)
+    family, width, height = source
+    step = family.size_step
+    margins = zoom_margins(width, height, factor, family)
     canvas = (width + margins.left + margins.right, height + margins.top + margins.bottom)
-    assert canvas[0] % 8 == 0 and canvas[1] % 8 == 0
-    assert abs(canvas[0] - width * factor) <= 4 and abs(canvas[1] - height * factor) <= 4
+    assert canvas[0] % step == 0 and canvas[1] % step == 0
+    assert abs(canvas[0] - width * factor) <= step / 2
+    assert abs(canvas[1] - height * factor) <= step / 2
     assert abs(margins.left - margins.right) <= 1 and abs(margins.top - margins.bottom) <= 1
 
 
-@given(width=SIDES, height=SIDES, direction=st.sampled_from(PAN_DIRECTIONS))
-def test_pan_adds_half_a_side_in_one_direction(width: int, height: int, direction: str) -> None:
-    margins = pan_margins(width, height, direction)
+@given(source=SOURCES, direction=st.sampled_from(PAN_DIRECTIONS))
+def test_pan_adds_half_a_side_in_one_direction(
+    source: tuple[ModelFamily, int, int], direction: str
+) -> None:
+    family, width, height = source
+    margins = pan_margins(width, height, direction, family)
     added = {"left": margins.left, "right": margins.right, "up": margins.top}
     added["down"] = margins.bottom
     side = width if direction in {"left", "right"} else height
-    assert abs(added.pop(direction) - side / 2) <= 4
-    assert set(added.values()) == {0}
+    step = family.size_step
+    assert abs(added[direction] - side / 2) <= step / 2 and added[direction] % step == 0
+    assert set(added.values()) == {0, added[direction]}
+
+
+def test_a_flux_zoom_out_or_pan_canvas_fits_its_size_step_around_the_centred_source() -> None:
+    # tiny FLUX's --ar 3:2 size: 1.5× of it in steps of 8 was 168×120, which FLUX rounds
+    # down to 160×112, so the source pasted back no longer sat where the canvas had it.
+    first, source = parent(112, 80, model="tiny-flux"), image_row(112, 80)
+    assert family_of(first) is TINY_FLUX
+    zoomed = outpaint_recipe(first, source, zoom_margins(112, 80, 1.5, TINY_FLUX))
+    assert (zoomed.width, zoomed.height) == (160, 128)
+    assert zoomed.outpaint == Outpaint(left=24, top=24, right=24, bottom=24, action="zoom 1.5")
+    for direction in PAN_DIRECTIONS:
+        panned = outpaint_recipe(first, source, pan_margins(112, 80, direction, TINY_FLUX))
+        assert panned.width % 16 == 0 and panned.height % 16 == 0
 
 
 def test_a_canvas_over_the_largest_side_is_refused_with_a_sentence() -> None:
     big = image_row(3072, 3072)
     with pytest.raises(ImagineError, match=r"6144×6144.*at most 4096 pixels a side"):
-        outpaint_recipe(parent(), big, zoom_margins(3072, 3072, 2.0))
+        outpaint_recipe(parent(), big, zoom_margins(3072, 3072, 2.0, TINY_SD))
     with pytest.raises(ImagineError, match="Pan goes left, right, up, down"):
-        pan_margins(64, 64, "sideways")
+        pan_margins(64, 64, "sideways", TINY_SD)
 
 
 def test_outpaint_recipes_and_what_derives_from_them() -> None:
     source = image_row(64, 96)
-    zoomed = outpaint_recipe(parent(64, 96), source, zoom_margins(64, 96, 1.5), seed=5)
+    zoomed = outpaint_recipe(parent(64, 96), source, zoom_margins(64, 96, 1.5, TINY_SD), seed=5)
     assert (zoomed.width, zoomed.height, zoomed.count) == (96, 144, 4)
     assert zoomed.source_image_id == 11 and zoomed.aspect_ratio == "1:1"
     assert zoomed.outpaint is not None and zoomed.outpaint.action == "zoom 1.5"
-    panned = outpaint_recipe(parent(64, 96), source, pan_margins(64, 96, "right"))
+    panned = outpaint_recipe(parent(64, 96), source, pan_margins(64, 96, "right", TINY_SD))
     assert (panned.width, panned.height, panned.aspect_ratio) == (96, 96, None)
     assert Recipe.from_json(zoomed.to_json()) == zoomed  # the margins survive storage
     # A tile of a zoomed grid is varied, upscaled and remixed as an ordinary image.
@@ -106,7 +138,7 @@ def test_the_mask_covers_the_new_area_and_overlaps_the_source_only_where_extende
 def source_and_grid(tiny_engine: Engine) -> tuple[Image.Image, Recipe, list[Image.Image]]:
     first = parent().model_copy(update={"count": 1})
     source = tiny_engine.txt2img(first)[0].image
-    recipe = outpaint_recipe(first, image_row(64, 64), zoom_margins(64, 64, 2.0), seed=9)
+    recipe = outpaint_recipe(first, image_row(64, 64), zoom_margins(64, 64, 2.0, TINY_SD), seed=9)
     return source, recipe, [image.image for image in tiny_engine.outpaint(recipe, source)]
 
 

@@ -19,8 +19,9 @@ from bot.prompt import (
     size_for,
     unknown_default_style,
 )
-from storage.families import FAMILIES
-from storage.recipe import StyleRef, repeat_seed
+from storage.derive import image_prompt_size
+from storage.families import ASPECT_RATIOS, FAMILIES
+from storage.recipe import ImageRef, StyleRef, repeat_seed
 
 SD15 = PromptDefaults(model="sd", family=FAMILIES["sd15"], style_weights={"watercolor": 0.8})
 STYLES = ["watercolor", "inkwash", "pixel-art"]
@@ -183,14 +184,34 @@ def test_unknown_style_suggests_the_closest() -> None:
     assert anything.styles[0].name == "anything"
 
 
-def test_sizes_are_multiples_of_8_near_the_budget_for_every_ratio() -> None:
-    for family in ("sd15", "sd2", "sdxl", "tiny-sd"):
-        budget = FAMILIES[family].pixel_budget
-        for width in range(1, 101):
-            for height in range(max(1, (width + 3) // 4), min(100, width * 4) + 1):
-                w, h = size_for((width, height), FAMILIES[family])
-                assert w % 8 == 0 and h % 8 == 0
-                assert abs(w * h - budget) / budget < 0.1 or family == "tiny-sd"
+# SD3 and FLUX patch 2x2 latents of a VAE that scales by 8; the tiny builds keep their rule.
+SIXTEEN = {"sd3", "sd3-turbo", "flux", "flux-schnell", "tiny-sd3", "tiny-flux"}
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd2", "sdxl", "sd3", "flux", "tiny-sd", "tiny-flux"])
+def test_sizes_fit_the_size_step_near_the_budget_for_every_ratio(name: str) -> None:
+    family = FAMILIES[name]
+    step, budget = 16 if name in SIXTEEN else 8, family.pixel_budget
+    for width in range(1, 101):
+        for height in range(max(1, (width + 3) // 4), min(100, width * 4) + 1):
+            w, h = size_for((width, height), family)
+            assert w % step == 0 and h % step == 0
+            assert abs(w * h - budget) / budget < 0.1 or name.startswith("tiny")
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_ar_choice_and_photo_shape_gets_a_size_the_family_can_make(name: str) -> None:
+    family, step = FAMILIES[name], 16 if name in SIXTEEN else 8
+    defaults = PromptDefaults(model="m", family=family)
+    for ratio in ASPECT_RATIOS:
+        [recipe] = parse(f"a harbour --ar {ratio[0]}:{ratio[1]}", defaults)
+        assert (recipe.width % step, recipe.height % step) == (0, 0), recipe.aspect_ratio
+    for width, height in ((4032, 3024), (1920, 1080)):  # a phone photo (4:3), a screenshot
+        ref = ImageRef(blob_key="a" * 64, sha256="a" * 64, width=width, height=height)
+        [recipe] = parse("a harbour", defaults, image=ref)
+        assert (recipe.width, recipe.height) == image_prompt_size(ref, family)
+        assert (recipe.width % step, recipe.height % step) == (0, 0), (width, height)
+    assert family.size_step == step  # what the engine checks a size against
 
 
 flag_values = {

@@ -7,6 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from storage.database import Database
+from storage.derive import reroll_recipe
+from storage.errors import ImagineError
+from storage.generations import create_generation, get_generation
+from storage.models import GenerationKind
 from storage.recipe import (
     MAX_SEED,
     Recipe,
@@ -70,6 +75,41 @@ def test_out_of_range_values_are_refused(field: str, value: object) -> None:
     values[field] = value
     with pytest.raises(ValidationError, match=field):
         Recipe.model_validate(values)
+
+
+# SD 3.5's 3:2 size before sizes fit the family's step: diffusers refused it at the run.
+OFF_STEP = {
+    "model": "stabilityai/stable-diffusion-3.5-large",
+    "model_family": "sd3",
+    "prompt": "a harbour",
+    "seed": 1,
+    "width": 1256,
+    "height": 840,
+    "steps": 28,
+    "guidance": 4.5,
+}
+
+
+def test_a_size_off_the_family_step_is_refused_but_one_made_so_still_reads_back() -> None:
+    sentence = r"SD 3\.5 makes images whose sides are multiples of 16 pixels, and 1256×840 is not"
+    with pytest.raises(ValidationError, match=sentence):
+        Recipe.model_validate(OFF_STEP)
+    assert Recipe.model_validate(OFF_STEP | {"model_family": "sdxl"}).width == 1256
+    assert Recipe.model_validate(OFF_STEP | {"model_family": None}).width == 1256
+    old = Recipe.as_made(OFF_STEP)  # stored before the check; the engine refuses to run it
+    assert Recipe.from_json(old.to_json()) == old  # its PNG's recipe too
+    with pytest.raises(ImagineError, match=rf"^Cannot make a reroll: {sentence}; ask again"):
+        reroll_recipe(old)
+
+
+async def test_a_stored_recipe_off_its_family_step_still_loads(database: Database) -> None:
+    old = Recipe.as_made(OFF_STEP)
+    async with database.session() as session:
+        made = await create_generation(
+            session, kind=GenerationKind.IMAGINE, recipe=old, requester_id=1
+        )
+    async with database.session() as session:
+        assert (await get_generation(session, made.id)).recipe == old
 
 
 def test_unknown_fields_are_refused() -> None:

@@ -28,6 +28,7 @@ from storage.deployment import Deployment
 from storage.derive import (
     PAN_DIRECTIONS,
     ZOOM_FACTORS,
+    family_of,
     outpaint_recipe,
     pan_margins,
     reroll_recipe,
@@ -36,7 +37,7 @@ from storage.derive import (
     zoom_margins,
 )
 from storage.errors import ImagineError
-from storage.families import configured_family
+from storage.families import ModelFamily, configured_family
 from storage.generations import create_generation, get_generation, get_image, transition
 from storage.models import Generation, GenerationKind, GenerationStatus, Image
 from storage.recipe import Outpaint, Recipe
@@ -355,21 +356,28 @@ def _vary(args: argparse.Namespace) -> int:
     )
 
 
-def _outpaint(args: argparse.Namespace, margins_for: Callable[[Image], Outpaint]) -> int:
+def _outpaint(
+    args: argparse.Namespace, margins_for: Callable[[Image, ModelFamily], Outpaint]
+) -> int:
     settings = _settings(args)
     parent, image = asyncio.run(_parent(settings, args.image_id))
-    recipe = outpaint_recipe(parent, image, margins_for(image))
+    recipe = outpaint_recipe(parent, image, margins_for(image, family_of(parent)))
     return asyncio.run(
         _submit_and_run(settings, GenerationKind.OUTPAINT, [recipe], args.out, args.image_id)
     )
 
 
 def _zoom(args: argparse.Namespace) -> int:
-    return _outpaint(args, lambda image: zoom_margins(image.width, image.height, args.factor))
+    return _outpaint(
+        args, lambda image, family: zoom_margins(image.width, image.height, args.factor, family)
+    )
 
 
 def _pan(args: argparse.Namespace) -> int:
-    return _outpaint(args, lambda image: pan_margins(image.width, image.height, args.direction))
+    return _outpaint(
+        args,
+        lambda image, family: pan_margins(image.width, image.height, args.direction, family),
+    )
 
 
 def _reroll(args: argparse.Namespace) -> int:

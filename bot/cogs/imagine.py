@@ -41,6 +41,7 @@ from bot.views import (
 )
 from bot.web_links import image_link
 from storage.derive import (
+    family_of,
     outpaint_recipe,
     pan_margins,
     remix_base,
@@ -246,10 +247,11 @@ async def image_action(
             if action == "up":
                 kind, recipe = GenerationKind.UPSCALE, upscale_recipe(generation.recipe, image)
             elif action in ZOOMS or action in PANS:
+                family = family_of(generation.recipe)
                 margins = (
-                    zoom_margins(image.width, image.height, ZOOMS[action])
+                    zoom_margins(image.width, image.height, ZOOMS[action], family)
                     if action in ZOOMS
-                    else pan_margins(image.width, image.height, PANS[action])
+                    else pan_margins(image.width, image.height, PANS[action], family)
                 )
                 kind = GenerationKind.OUTPAINT
                 recipe = outpaint_recipe(generation.recipe, image, margins)
