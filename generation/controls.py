@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.controls import CONTROL_TYPES, ControlError
-from storage.families import FAMILIES
+from storage.families import FAMILIES, base_family
 
 CONTROL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -146,15 +146,23 @@ class ControlRegistry:
     def names(self) -> list[str]:
         return sorted(self._controls)
 
+    def _serving(self, family: str) -> list[ControlSpec]:
+        """The controls ``family`` can run: its own first, then its base family's (a FLUX.1
+        dev ControlNet runs on schnell, an SD 3.5 Large one on Large Turbo)."""
+        base, controls = base_family(family), list(self._controls.values())
+        own = [c for c in controls if c.family == family]
+        return own + [c for c in controls if base != family and c.family == base]
+
     def types_for(self, family: str) -> list[str]:
         """The control types the ``family`` can run, in the order of ``CONTROL_TYPES``."""
-        kinds = {c.type for c in self._controls.values() if c.family == family}
+        kinds = {c.type for c in self._serving(family)}
         return [kind for kind in CONTROL_TYPES if kind in kinds]
 
     def find(self, kind: str, family: str) -> ControlSpec:
-        """The control of type ``kind`` for ``family``, or a sentence naming what there is."""
-        for control in self._controls.values():
-            if control.type == kind and control.family == family:
+        """The control of type ``kind`` for ``family`` (or its base family), or a sentence
+        naming what there is."""
+        for control in self._serving(family):
+            if control.type == kind:
                 return control
         offered = self.types_for(family)
         here = (

@@ -272,6 +272,15 @@ def get_family(name: str) -> ModelFamily:
         raise ConfigError(f"Unknown model family {name!r}; known families: {known}.") from None
 
 
+def base_family(name: str) -> str:
+    """The family that variant ``name`` narrows (flux-schnell → flux, sd3-turbo → sd3): what
+    is made for the base (a ControlNet) serves the variant too. Any other family: ``name``."""
+    for base, variants in _VARIANTS.items():
+        if any(variant == name for _word, variant in variants):
+            return base
+    return name
+
+
 def variant_family(base: str, model: str) -> ModelFamily:
     """``base`` (sd3, flux, ...) narrowed by the model's name: FLUX schnell, SD 3.5 Turbo."""
     name = model.lower()

@@ -14,9 +14,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
+from generation.controlnet import ControlNets
 from generation.controls import ControlRegistry, parse_control
 from generation.engine import Engine, Progress
 from generation.jobs import control_maps, run_generation
@@ -218,6 +220,38 @@ def test_a_control_the_family_lacks_is_refused_naming_what_there_is(
     )
     with pytest.raises(ControlError, match="no controls are installed for sd15 models"):
         registry.find("canny", "sd15")
+
+
+def test_flux_schnell_and_sd3_turbo_run_the_controls_of_their_base_family(
+    tmp_path: Path,
+) -> None:
+    def declare(name: str, kind: str, family: str) -> None:
+        (tmp_path / f"{name}.toml").write_text(
+            f'type = "{kind}"\nmodel = "someone/{name}"\nfamily = "{family}"\n'
+        )
+
+    declare("canny-flux", "canny", "flux")
+    declare("depth-flux", "depth", "flux")
+    declare("canny-sd3", "canny", "sd3")
+    declare("canny-schnell", "canny", "flux-schnell")  # a family's own wins over its base's
+    declare("pose-schnell", "pose", "flux-schnell")
+    registry = ControlRegistry.from_folder(tmp_path)
+    assert registry.problems == []
+    assert registry.find("depth", "flux-schnell").name == "depth-flux"
+    assert registry.find("canny", "flux-schnell").name == "canny-schnell"
+    assert registry.types_for("flux-schnell") == ["canny", "depth", "pose"]
+    assert registry.find("canny", "sd3-turbo").name == "canny-sd3"
+    assert registry.types_for("sd3-turbo") == ["canny"]
+    with pytest.raises(ControlError) as refused:  # a variant's control does not serve the base
+        registry.find("pose", "flux")
+    assert str(refused.value) == (
+        "There is no pose control for flux models; controls for flux models here: canny, "
+        "depth. (pose is installed for flux-schnell.)"
+    )
+    # What the engine asks when a job runs (generation/controlnet.py).
+    settings = Settings(data_dir=tmp_path)
+    schnell = ControlNets(registry, settings, "flux-schnell", torch.device("cpu"), torch.float32)
+    assert schnell.spec("depth").name == "depth-flux"
 
 
 def test_bad_flags_are_refused_with_a_sentence() -> None:
