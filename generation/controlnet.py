@@ -53,19 +53,62 @@ CONTROLNET_CLASSES: dict[str, type[Any]] = {
 
 
 class SeededSD3ControlNetPipeline(StableDiffusion3ControlNetPipeline):
-    """SD3's ControlNet pipeline (diffusers 0.42) samples the map's latents from the global
-    random generator; this one seeds that from the call's generator, so that the same recipe
-    gives the same bytes."""
+    """SD3's ControlNet pipeline (diffusers 0.42) encodes the map once for the whole batch
+    and samples its latents from the global random generator, in one draw: image i's map
+    noise would depend on the first image's seed and on i. This one samples each image's
+    map latents from a generator of its own seed, so that an image of a grid is its recipe
+    run alone (count 1), as a batch that ran out of memory reruns it. The call's
+    generators are left as they are, so the noise is the uncontrolled pipeline's."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         generator = kwargs.get("generator")
-        first = generator[0] if isinstance(generator, list) else generator
-        device: torch.device = self.device  # type: ignore[attr-defined]
-        accelerated = [] if device.type == "cpu" else [device]
-        with torch.random.fork_rng(devices=accelerated, device_type=device.type):
-            if first is not None:
-                torch.manual_seed(first.initial_seed())
+        if generator is None:
             return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        given = generator if isinstance(generator, list) else [generator]
+        seeds = [each.initial_seed() for each in given]
+        generators: list[torch.Generator] = []  # one call's: a second map continues them
+        vae: Any = self.vae  # type: ignore[attr-defined]
+        encode = vae.encode
+
+        def encode_per_image(images: torch.Tensor, *rest: Any, **named: Any) -> Any:
+            encoded = encode(images, *rest, **named)
+            encoded.latent_dist = _SeededMapLatents(encoded.latent_dist, seeds, generators)
+            return encoded
+
+        # The pipeline calls ``self.vae.encode(map).latent_dist.sample()`` with no generator;
+        # the VAE is shared with the engine's other pipelines, so only for this call.
+        vae.encode = encode_per_image
+        try:
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            del vae.encode
+
+
+class _SeededMapLatents:
+    """A batch of maps' latent distribution whose ``sample`` draws row j from image
+    j mod n's generator: the pipeline lays out copies of the maps of images 0 … n−1
+    (unconditional ones, then conditional ones), and each image draws all its copies at
+    once, as it does alone. The generators are made at the first map, where it is."""
+
+    def __init__(
+        self, distribution: Any, seeds: Sequence[int], generators: list[torch.Generator]
+    ) -> None:
+        self.distribution = distribution
+        self.seeds = seeds
+        self.generators = generators
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        mean: torch.Tensor = self.distribution.mean
+        if not self.generators:
+            self.generators += [torch.Generator(mean.device).manual_seed(s) for s in self.seeds]
+        images = len(self.generators)
+        shape = (mean.shape[0] // images, *mean.shape[1:])
+        noise = torch.empty_like(mean)
+        for number, each in enumerate(self.generators):
+            noise[number::images] = torch.randn(
+                shape, generator=each, device=mean.device, dtype=mean.dtype
+            )
+        return mean + self.distribution.std * noise
 
 
 class _SameNoise:

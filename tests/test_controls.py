@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from generation.controlnet import ControlNets
 from generation.controls import ControlRegistry, parse_control
-from generation.engine import Engine, Progress
+from generation.engine import TEST_FAULT_ENV, Engine, Progress
 from generation.jobs import control_maps, run_generation
 from generation.metadata import read_recipe
 from generation.preprocess import Canny, Lineart, Scribble, Unchanged, draw_openpose
@@ -382,6 +382,25 @@ def test_sd3_and_flux_run_controls_and_weight_zero_is_no_control(
     first, again = engine.txt2img(made, maps=maps), engine.txt2img(made, maps=maps)
     assert first[0].png == again[0].png
     assert [c.model for c in read_recipe(first[0].png).controls] == [f"{k}-{model}" for k in kinds]
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_each_image_of_a_controlled_grid_is_its_own_recipe_run_alone(
+    model: str, transformer_controls: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_for(model, transformer_controls, tmp_path)
+    made = recipe(control(), model=model, steps=2, guidance=5.0, count=4)
+    maps = [engine.control_map(made.controls[0], photo(), made)[1]]
+    grid = engine.txt2img(made, maps=maps, encode=False)
+    # The map's latents come from each image's own seed, not from its place in the batch;
+    # batched matmuls may round differently (1/255).
+    for image in grid:
+        (alone,) = engine.txt2img(image.recipe, maps=maps, encode=False)
+        assert alone.seed == image.seed
+        assert np.abs(pixels(alone.image) - pixels(image.image)).max() <= 1
+    monkeypatch.setenv(TEST_FAULT_ENV, "oom:lighthouse")  # the grid again, one image at a time
+    for image, again in zip(grid, engine.txt2img(made, maps=maps, encode=False), strict=True):
+        assert np.abs(pixels(again.image) - pixels(image.image)).max() <= 1
 
 
 def test_flux_variations_take_controls_and_sd3_ones_are_refused(

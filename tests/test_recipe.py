@@ -152,9 +152,6 @@ def test_no_module_draws_or_computes_seeds_outside_storage_recipe() -> None:
     # Randomness that is not a seed: the jitter that spreads retries after a Discord outage.
     not_seeds = {
         "bot/retries.py": "random.uniform(backoff / 2, backoff)",
-        # SD3's ControlNet pipeline draws from the global generator: it is seeded with the
-        # call's own seed (no arithmetic) inside a fork, so the recipe's seed stays the one.
-        "generation/controlnet.py": "torch.random.fork_rng(",
     }
     pattern = re.compile(
         r"\bsecrets\b|\brandom\.|randbelow|randint|getrandbits|seed \+|seed\s*%|MAX_SEED \+ 1"
