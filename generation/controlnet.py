@@ -33,6 +33,7 @@ from generation.loading import ModelSource, Pipeline, model_hash, resolve_folder
 from generation.preprocess import Preprocessor, Unchanged, load_preprocessor
 from storage.controls import ControlError, ControlRef, check_controls
 from storage.families import FAMILIES
+from storage.intake import fit_image
 from storage.settings import Settings
 
 CONTROLNET_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
@@ -217,11 +218,13 @@ class ControlNets:
     def make_map(
         self, ref: ControlRef, source: Image.Image, size: tuple[int, int]
     ) -> tuple[ControlRef, Image.Image]:
-        """The map of ``source`` at the generation's ``size``, and ``ref`` naming what made it."""
+        """The map of ``source`` at the generation's ``size``, and ``ref`` naming what made it.
+        ``source`` is cropped about its centre to that shape, as an image prompt is, so the
+        map lines up with the image prompt when the two are one picture."""
         self.spec(ref.type)  # a control this family lacks is refused before any work
-        resized = source.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+        fitted = fit_image(source.convert("RGB"), *size)
         preprocessor = self.preprocessor(ref)
-        made = preprocessor(resized)
+        made = preprocessor(fitted)
         return ref.model_copy(update={"preprocessor": preprocessor.identity}), made
 
     def complete(self, ref: ControlRef) -> ControlRef:

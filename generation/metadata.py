@@ -38,7 +38,7 @@ def a1111_control(control: ControlRef) -> str:
         f"Module: {module}",
         f"Model: {model}",
         f"Weight: {control.weight:g}",
-        "Resize Mode: Just Resize",
+        "Resize Mode: Crop and Resize",  # the source is cropped to the shape (make_map)
         f"Guidance Start: {control.start:g}",
         f"Guidance End: {control.end:g}",
         "Control Mode: Balanced",

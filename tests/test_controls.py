@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from generation.controlnet import ControlNets
 from generation.controls import ControlRegistry, parse_control
 from generation.engine import TEST_FAULT_ENV, Engine, Progress
-from generation.jobs import control_maps, run_generation
+from generation.jobs import control_maps, image_prompt_source, run_generation
 from generation.metadata import read_recipe
 from generation.preprocess import Canny, Lineart, Scribble, Unchanged, draw_openpose
 from generation.tiny import build_tiny_lora, build_tiny_sd, write_tiny_controls
@@ -30,6 +30,7 @@ from storage.controls import ControlError, ControlRef, check_controls, make_cont
 from storage.database import Database
 from storage.families import FAMILIES
 from storage.generations import get_generation
+from storage.intake import IntakeLimits, intake_image, store_image
 from storage.models import GenerationKind, GenerationStatus
 from storage.recipe import Outpaint, Recipe, StyleRef
 from storage.settings import Settings
@@ -58,6 +59,12 @@ def around_shapes(reach: int, *, filled: bool = False) -> np.ndarray:
     draw.rectangle((38, 36, 58, 58), outline=255, fill=255 if filled else None, width=1)
     kernel = np.ones((2 * reach + 1, 2 * reach + 1), dtype=np.uint8)
     return cv2.dilate(np.asarray(mask), kernel) > 0
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -310,7 +317,7 @@ def test_two_controls_and_a_style_in_one_job_reproduce_to_the_byte(
     assert "Lora hashes: " in parameters
     assert (
         f'ControlNet 1: "Module: depth_midas, Model: depth-tiny-sd '
-        f"[{embedded.controls[1].model_hash}], Weight: 0.6, Resize Mode: Just Resize, "
+        f"[{embedded.controls[1].model_hash}], Weight: 0.6, Resize Mode: Crop and Resize, "
         'Guidance Start: 0, Guidance End: 0.8, Control Mode: Balanced"'
     ) in parameters
 
@@ -354,6 +361,28 @@ async def test_the_job_stores_the_map_once_and_then_reuses_it(
     await blobs.delete(source_key)  # a stored map no longer needs its source
     again, maps_again = await control_maps(blobs, control_engine, made)
     assert again == made and np.array_equal(pixels(maps_again[0]), pixels(maps[0]))
+
+
+async def test_the_map_lines_up_with_the_image_prompt_at_another_shape(
+    control_engine: Engine, tmp_path: Path
+) -> None:
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    # A square picture with a dark box above its middle; the generation is 2:1.
+    square = Image.new("RGB", (2 * SIZE, 2 * SIZE), (200, 200, 200))
+    ImageDraw.Draw(square).rectangle((20, 40, 60, 60), fill=(20, 20, 20))
+    kept = intake_image(png_bytes(square), IntakeLimits(max_bytes=2**20, max_pixels=2**20))
+    image = await store_image(blobs, kept)
+    ref = make_control("canny", source_key=image.blob_key)
+    made = recipe(ref, width=2 * SIZE, height=SIZE, init_image=image, image_weight=1, strength=0.6)
+    init = await image_prompt_source(blobs, made)
+    _, (edges,) = await control_maps(blobs, control_engine, made)
+    assert init.size == edges.size == (2 * SIZE, SIZE)
+    box = np.argwhere(pixels(init)[:, :, 0] < 100)
+    drawn = np.argwhere(pixels(edges)[:, :, 0] > 0)
+    # The image prompt is cropped about its centre; the map is made from the same crop,
+    # so its edges are the box's outline, where the box is in the image prompt.
+    assert np.abs(drawn.min(axis=0) - box.min(axis=0)).max() <= 1
+    assert np.abs(drawn.max(axis=0) - box.max(axis=0)).max() <= 1
 
 
 @pytest.fixture(scope="module")
