@@ -7,6 +7,8 @@ ratios measured in this run, never absolute targets:
 
   (a) batched worker / bare eager loop, images per second      (GPU target >= 1.6)
   (b) batched worker / the same worker at IMAGINE_MAX_BATCH=1   (CPU target >= 1.2)
+      read against its ceiling: bare diffusers making IMAGINE_MAX_BATCH images in one
+      call / in calls of one grid, the most any batching gains on this machine and size
   (c) one job's latency: engine grid of 4 / bare call           (GPU target <= 1.02)
   and the graphs compiled during the runs, after the warm-up    (target 0)
 
@@ -145,6 +147,22 @@ class Clock:
         synchronize()
         wall, cpu = self.started
         return Took(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def batching_ceiling(setup: Setup, grid: Recipe, images: int, repeats: int) -> tuple[float, int]:
+    """Seconds of bare diffusers making ``images`` images in calls of one ``grid`` each,
+    over the seconds of one call making them all; and the number of calls. Batching saves
+    only what a call costs beyond its images' work, so no worker gains more than this."""
+    calls = max(1, images // grid.count)
+    together = grid.model_copy(update={"count": calls * grid.count})
+    seconds = interleaved(
+        {
+            "grids": lambda: [bare_call(setup.bare, grid) for _ in range(calls)],
+            "one call": lambda: bare_call(setup.bare, together),
+        },
+        repeats,
+    )
+    return seconds["grids"] / seconds["one call"], calls
 
 
 def bare_loop(setup: Setup, jobs: list[Recipe]) -> Took:
@@ -350,6 +368,12 @@ def main() -> int:
             f"(b) batched / one-at-a-time worker = {ratio(batched, one_by_one)} (CPU target >= 1.2)"
         )
         print(f"    one-at-a-time worker / bare loop = {ratio(one_by_one, bare)}")
+        ceiling, calls = batching_ceiling(setup, jobs[0], max_batch, args.repeats)
+        print(
+            f"    (b)'s ceiling: bare diffusers, {calls * jobs[0].count} images in {calls} "
+            f"calls of {jobs[0].count} / in one call = {ceiling:.3f} (median of "
+            f"{args.repeats}): the most batching can gain at {setup.sizes[0]} here"
+        )
 
     setup.engine.max_batch = max_batch
     latency = interleaved(
