@@ -117,9 +117,24 @@ def upscale_recipe(parent: Recipe, image: Image) -> Recipe:
     )
 
 
+def _made_sides(parent: Recipe) -> dict[str, int]:
+    """The sides the family made of ``parent``'s: a row from before sides were kept to the
+    family's size step (a FLUX 1256×840, which diffusers made 1248×832) is rounded down
+    as the image was, so what derives from it fits the step."""
+    family = FAMILIES.get(parent.model_family or "")
+    if family is None:
+        return {}
+    step = family.size_step
+    return {
+        "width": max(step, parent.width // step * step),
+        "height": max(step, parent.height // step * step),
+    }
+
+
 def reroll_recipe(parent: Recipe, seed: int | None = None) -> Recipe:
     """The same recipe from new noise."""
-    return _derive(parent, "a reroll", seed=random_seed() if seed is None else seed)
+    seed = random_seed() if seed is None else seed
+    return _derive(parent, "a reroll", seed=seed, **_made_sides(parent))
 
 
 def remix_base(parent: Recipe) -> Recipe:
@@ -131,6 +146,7 @@ def remix_base(parent: Recipe) -> Recipe:
     return _derive(
         parent,
         "a remix",
+        **_made_sides(parent),
         strength=strength,
         source_image_id=None,
         scale=None,
