@@ -313,12 +313,20 @@ class FakeDiscord:
         return choices
 
     async def click(
-        self, message_id: int, custom_id: str, *, by: dict[str, Any] = ALICE, permissions: int = 0
+        self,
+        message_id: int,
+        custom_id: str,
+        *,
+        by: dict[str, Any] = ALICE,
+        permissions: int = 0,
+        guild_id: int | None = GUILD_ID,
     ) -> Interaction:
         message = self.messages[message_id]
         assert custom_id in [b["custom_id"] for b in self.buttons(message_id)], custom_id
         data = {"custom_id": custom_id, "component_type": 2}
-        return await self.interact(3, data, by=by, permissions=permissions, message=message)
+        return await self.interact(
+            3, data, by=by, permissions=permissions, message=message, guild_id=guild_id
+        )
 
     async def submit_modal(
         self,

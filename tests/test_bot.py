@@ -569,6 +569,23 @@ async def test_info_and_show_of_another_servers_generation_are_only_for_its_memb
     assert "a secret boat --seed 3" in in_a_dm.responses[0]["data"]["content"]
     shown = await running.result(await fake.slash("show", options=number, guild_id=OTHER_GUILD_ID))
     assert len(fake.buttons(int(shown["id"]))) == 10
+    # A moderator there may delete the message of one image, but not take the image out
+    # of the gallery of the server it was made in.
+    grid_id = int(shown["id"])
+    u1 = fake.click(grid_id, fake.button(grid_id, "U1"), guild_id=OTHER_GUILD_ID)
+    shown = await running.result(await u1)
+    shown_id = int(shown["id"])
+    await fake.click(
+        shown_id,
+        fake.button(shown_id, "Delete"),
+        by=MOD,
+        permissions=MANAGE_MESSAGES,
+        guild_id=OTHER_GUILD_ID,
+    )
+    await fake.wait_for(lambda: shown_id in fake.deleted, what="the deletion")
+    async with running.database.session() as session:
+        removed = select(func.count()).select_from(Image).where(Image.removed_at.is_not(None))
+        assert await session.scalar(removed) == 0
 
 
 async def test_info_attaches_a_recipe_too_long_for_a_message(running: Harness) -> None:

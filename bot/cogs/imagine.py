@@ -295,8 +295,11 @@ async def _delete(
             "Only the person who made this image, or a member who can manage messages, "
             "can delete it."
         )
-    async with interaction.client.services.database.session() as session:
-        await remove_from_gallery(session, image.id, interaction.user.id)
+    # A moderator elsewhere (a /show of it in their server) deletes only the message: the
+    # image stays in the gallery of the server it was made in.
+    if interaction.user.id == generation.requester_id or moderates(interaction, generation):
+        async with interaction.client.services.database.session() as session:
+            await remove_from_gallery(session, image.id, interaction.user.id)
     await interaction.response.defer()
     await interaction.delete_original_response()
 
