@@ -243,6 +243,7 @@ async def _submit_and_run(
     loop = asyncio.get_running_loop()
     name = f"cli-{socket.gethostname()}-{os.getpid()}"
     beating: asyncio.Task[None] | None = None
+    stop_beating = asyncio.Event()
     try:
         engine = load_engine(settings, await stored_style_rank(deployment))
         from generation.engine import CancelToken
@@ -253,7 +254,8 @@ async def _submit_and_run(
             loop.add_signal_handler(signum, cancel.cancel)
         # A worker of its own, beating as workers do: a bot on the same database takes
         # over the running jobs of a worker that does not beat (it died, for all it knows).
-        beating = asyncio.create_task(_keep_beating(deployment, name, engine.model_id))
+        beat = _keep_beating(deployment, name, engine.model_id, stop_beating)
+        beating = asyncio.create_task(beat)
         for number, recipe in enumerate(recipes):
             async with deployment.database.session() as session:
                 generation = await create_generation(
@@ -276,14 +278,18 @@ async def _submit_and_run(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         if beating is not None:
-            await _stop_beating(deployment, name, beating)
+            await _stop_beating(deployment, name, beating, stop_beating)
         await deployment.close()
     return 0
 
 
-async def _keep_beating(deployment: Deployment, name: str, model: str) -> None:
-    while True:
-        await asyncio.sleep(deployment.settings.worker_heartbeat_seconds)
+async def _keep_beating(deployment: Deployment, name: str, model: str, stop: asyncio.Event) -> None:
+    """Heartbeats until ``stop``; a beat under way when it is set finishes first (cancelled
+    mid-query, the connection pool logs a traceback)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), deployment.settings.worker_heartbeat_seconds)
+            return
         try:
             async with deployment.database.session() as session:
                 await heartbeat(session, name, model)
@@ -291,9 +297,11 @@ async def _keep_beating(deployment: Deployment, name: str, model: str) -> None:
             log.warning("no heartbeat for %s (%s); trying again", name, exc)
 
 
-async def _stop_beating(deployment: Deployment, name: str, beating: asyncio.Task[None]) -> None:
+async def _stop_beating(
+    deployment: Deployment, name: str, beating: asyncio.Task[None], stop: asyncio.Event
+) -> None:
     """Stop the beats, and forget the worker: its jobs are ended."""
-    beating.cancel()
+    stop.set()
     await asyncio.gather(beating, return_exceptions=True)
     with contextlib.suppress(Exception):  # the database gone: the row just goes stale
         async with deployment.database.session() as session:
