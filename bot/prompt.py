@@ -63,6 +63,7 @@ from storage.recipe import (
     Recipe,
     StyleRef,
     repeat_seed,
+    shortened,
     unknown_style_message,
 )
 from storage.recipe import random_seed as fresh_seed
@@ -167,7 +168,7 @@ def unknown_default_style(fallbacks: PromptOverrides, known: Collection[str]) ->
 
 
 def _shown(value: str) -> str:
-    return value if len(value) <= 40 else value[:37] + "..."
+    return shortened(value, 40)
 
 
 def _refuse(flag: str, value: str, allowed: str) -> PromptError:

@@ -188,8 +188,13 @@ def unknown_style_message(name: str, known: Iterable[str]) -> tuple[str, list[st
         hint = "available styles: " + ", ".join(names[:10]) + (", …" if len(names) > 10 else ".")
     else:
         hint = "no styles are installed yet."
-    shown = name if len(name) <= 64 else f"{name[:61]}..."  # a real name has at most 64
+    shown = shortened(name, 64)  # a real name has at most 64
     return f"There is no style {shown!r}; {hint}", close
+
+
+def shortened(text: str, limit: int) -> str:
+    """``text`` as a sentence quotes it: at most ``limit`` characters, "..." where cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def search_names(names: Iterable[str], text: str, limit: int = 25) -> list[str]:
