@@ -147,11 +147,15 @@ async def run_bot(settings: Settings) -> int:
                 if running in done:
                     running.result()  # a login failure surfaces here
                 stopping.cancel()
-                ended = [task for task in background if task in done]
                 log.info("stopping: the job in hand finishes first")
                 stop.set()
                 await asyncio.gather(*background, return_exceptions=True)
-                ended += [t for t in background if not t.cancelled() and t.exception()]
+                # Ended before the stop, or failed on the way out.
+                ended = [
+                    task
+                    for task in background
+                    if task in done or (not task.cancelled() and task.exception())
+                ]
                 if ended:  # no bot stays online taking jobs that nothing runs
                     raise _ended_early(ended[0])
         except discord.LoginFailure:
