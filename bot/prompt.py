@@ -55,7 +55,7 @@ from storage.controls import (
 )
 from storage.derive import with_image_prompt
 from storage.errors import ImagineError
-from storage.families import FAMILIES, ModelFamily, size_for
+from storage.families import ModelFamily, size_for
 from storage.recipe import (
     MAX_IMAGE_WEIGHT,
     MAX_SEED,
@@ -767,7 +767,7 @@ def format_recipe(recipe: Recipe) -> str:
     Flags the recipe's family refuses (``--cfg`` on FLUX schnell) are left out: their
     values are the family's defaults, which parsing gives back.
     """
-    family = FAMILIES.get(recipe.model_family or "")
+    family = recipe.family
     refused = family.refused_flags if family is not None else {}
     parts = [recipe.prompt]
     if recipe.aspect_ratio:

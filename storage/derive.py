@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from storage.errors import ImagineError
-from storage.families import FAMILIES, ModelFamily, guess_family, size_for
+from storage.families import ModelFamily, guess_family, size_for
 from storage.models import Image
 from storage.recipe import MAX_IMAGE_WEIGHT, MAX_SIDE, ImageRef, Outpaint, Recipe, random_seed
 
@@ -67,7 +67,7 @@ def with_image_prompt(
 
 def family_of(recipe: Recipe) -> ModelFamily:
     """The family ``recipe`` was made for: the one it names, else the guess from its model."""
-    return FAMILIES.get(recipe.model_family or "") or guess_family(recipe.model)
+    return recipe.family or guess_family(recipe.model)
 
 
 def _derive(parent: Recipe, what: str, **update: Any) -> Recipe:
@@ -121,7 +121,7 @@ def _made_sides(parent: Recipe) -> dict[str, int]:
     """The sides the family made of ``parent``'s: a row from before sides were kept to the
     family's size step (a FLUX 1256×840, which diffusers made 1248×832) is rounded down
     as the image was, so what derives from it fits the step."""
-    family = FAMILIES.get(parent.model_family or "")
+    family = parent.family
     if family is None:
         return {}
     step = family.size_step

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 from storage.controls import MAX_CONTROLS, ControlRef
-from storage.families import FAMILIES
+from storage.families import FAMILIES, ModelFamily
 
 MAX_SEED = 2**32 - 1
 MAX_IMAGE_WEIGHT = 2.0
@@ -140,11 +140,16 @@ class Recipe(BaseModel):
         default_factory=dict, description="Library versions the generation ran with."
     )
 
+    @property
+    def family(self) -> ModelFamily | None:
+        """The family the recipe names (``model_family``), if it is a known one."""
+        return FAMILIES.get(self.model_family or "")
+
     @model_validator(mode="after")
     def _sides_fit_the_family(self, info: ValidationInfo) -> Recipe:
         # A recipe read back is taken as made: rows from before a family's size step was
         # checked still load, and the engine refuses one it cannot make with a sentence.
-        family = FAMILIES.get(self.model_family or "")
+        family = self.family
         if family is None or (info.context or {}).get("as_made"):
             return self
         refusal = family.size_refusal(self.width, self.height)
